@@ -1,0 +1,276 @@
+"""skiptune-search: tune the long-skip coefficients ρ of a diffusion UNet for few-step sampling.
+
+Every command's help text is its manual: `skiptune-search COMMAND --help`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .search import DEFAULT_STORAGE, FAMILIES
+
+
+class UserError(click.ClickException):
+    """A one-line error for bad input; exit code 2."""
+
+    exit_code = 2
+
+
+def _friendly(fn):
+    """Turn the errors a user can cause into one line naming the problem and the fix."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataNotFoundError
+        from .metrics import ReferenceStatsError
+        from .schedule import ScheduleError
+        from .search import StudyMismatchError
+        from .skips import NoSkipsError
+        from .zoo import ModelLoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataNotFoundError, ReferenceStatsError, ScheduleError, StudyMismatchError,
+                NoSkipsError, ModelLoadError, ValueError) as exc:
+            raise UserError(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: every finished trial is saved; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _task_options(fn):
+    """--model, --sampler, --nfe, --seed: the same on every command that samples."""
+    fn = click.option("--seed", default=0, show_default=True, type=int,
+                      help="First seed; sample i uses seed SEED+i (same noise in every trial).")(fn)
+    fn = click.option("--nfe", default=9, show_default=True, type=int,
+                      help="Denoiser evaluations per sample (Heun: 2*steps-1, so odd).")(fn)
+    fn = click.option("--sampler", default="heun", show_default=True, type=click.Choice(["heun", "euler"]),
+                      help="ODE sampler in σ space on the Karras grid (ρ=7).")(fn)
+    fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
+                      help="'fashion-mnist-edm' (bundled) or a model folder written by train-default.")(fn)
+    fn = click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")(fn)
+    return fn
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _storage_option(fn):
+    return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+                        help="Optuna storage: any SQLAlchemy URL (sqlite:///..., postgresql://...).")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="skiptune-search")
+def main() -> None:
+    """Automatic Skip-Tuning (Ma et al., ICML 2024): search the ρ that multiplies each long
+    skip of a diffusion UNet, scored by proxy FID, persisted in an Optuna study, exported as JSON.
+
+    \b
+    Typical day:
+      skiptune-search search                      # tune the bundled model (resumable)
+      skiptune-search export --study NAME -o best.json
+      skiptune-search sample --schedule best.json -n 64 -o grid.png
+    """
+
+
+@main.command()
+@_task_options
+@_storage_option
+@click.option("--study", default=None, help="Study name [default: MODEL-SAMPLER-nfeNFE-FAMILY].")
+@click.option("--family", default="linear", show_default=True, type=click.Choice(FAMILIES),
+              help="ρ parameterization: linear = ρ_inner at the deepest skip to ρ_outer at the outermost.")
+@click.option("--trials", default=20, show_default=True, type=int,
+              help="Finished trials the study should hold; a resumed study runs only the rest.")
+@click.option("--n", "n", default=1000, show_default=True, type=int, help="Samples per trial (proxy FID's N).")
+@click.option("--rho-min", default=0.5, show_default=True, type=float, help="Lower bound of each ρ.")
+@click.option("--rho-max", default=1.5, show_default=True, type=float, help="Upper bound of each ρ.")
+@click.option("--batch", default=250, show_default=True, type=int, help="Sampling and feature batch size.")
+@click.option("--reference", default="bundled", show_default=True,
+              help="Reference statistics (.npz with mu, sigma), or 'bundled' (Fashion-MNIST test set).")
+@click.option("--timeout", default=None, type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Where to export the best schedule [default: studies/STUDY.best.json].")
+@click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
+@_friendly
+def search(model, sampler, nfe, seed, threads, storage, study, family, trials, n, rho_min, rho_max,
+           batch, reference, timeout, out, search_seed) -> None:
+    """Run (or resume) the Optuna study for one model, sampler and NFE.
+
+    The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
+    the same seeds, computes their FID against the reference statistics, and lands in the
+    storage as soon as it ends. At the end the best schedule is exported as JSON.
+    """
+    from . import search as S
+
+    _set_threads(threads)
+    if not 0 < rho_min < rho_max:
+        raise UserError(f"need 0 < --rho-min < --rho-max, got {rho_min} and {rho_max}")
+    if n < 2:
+        raise UserError("--n must be at least 2 (FID needs a covariance)")
+    task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, reference=reference)
+    name = study or S.default_study_name(task, family)
+    evaluator = S.Evaluator(task, batch_size=batch)
+    evaluator.reference  # fail before any trial when the statistics are missing
+    storage_obj = S.make_storage(storage)
+    st = S.open_study(storage_obj, name, task, family, (rho_min, rho_max), evaluator.controller, search_seed)
+    click.echo(f"study {name!r} in {storage}: {len(st.trials)} trials so far; "
+               f"{task.sampler} NFE {task.nfe}, N = {task.n} samples, seeds {task.seed}-{task.seed + task.n - 1}")
+
+    def report(study, trial) -> None:
+        if trial.value is None:
+            click.echo(f"trial {trial.number + 1}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
+            return
+        params = " ".join(f"{k}={v:.3f}" for k, v in trial.params.items())
+        tag = " (baseline)" if trial.user_attrs.get("baseline") else ""
+        click.echo(f"trial {trial.number + 1}: FID {trial.value:.2f}  {params}{tag}  "
+                   f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.2f}]")
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    S.run_search(evaluator, st, family, (rho_min, rho_max), trials, timeout, on_trial=report)
+    base = S.baseline_trial(st)
+    schedule = S.export_best(st, storage)
+    out_path = Path(out) if out else Path("studies") / f"{name}.best.json"
+    schedule.save(out_path)
+    rhos = ", ".join(f"{r[0]:.3f}" for r in schedule.rho)
+    click.echo("")
+    click.echo(f"baseline FID (ρ = 1): {base.value:.2f}" if base else "baseline FID: not finished")
+    click.echo(f"best FID:             {schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
+    if base:
+        gain = 100 * (base.value - schedule.metric["value"]) / base.value
+        click.echo(f"change:               {-gain:+.1f}% FID")
+    click.echo(f"best ρ (outer→inner): {rhos}  {schedule.params}")
+    click.echo(f"study storage:        {storage}  (study {name!r})")
+    click.echo(f"best schedule:        {out_path}")
+
+
+@main.command()
+@_storage_option
+@click.option("--study", required=True, help="Study name (see the 'search' output).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
+@_friendly
+def export(storage, study, out) -> None:
+    """Write the best completed trial of a study as a schedule JSON file."""
+    import optuna
+
+    from . import search as S
+
+    try:
+        st = optuna.load_study(study_name=study, storage=S.make_storage(storage))
+    except KeyError:
+        raise UserError(f"no study {study!r} in {storage}; list them with optuna-dashboard or run 'search'") from None
+    schedule = S.export_best(st, storage)
+    schedule.save(out)
+    click.echo(f"wrote {out}: trial {schedule.source['trial'] + 1}, FID {schedule.metric['value']:.2f} "
+               f"(baseline {schedule.metric['baseline']})")
+
+
+@main.command()
+@_task_options
+@click.option("--schedule", default=None, type=click.Path(dir_okay=False),
+              help="Schedule JSON to apply; without it the untuned model is sampled.")
+@click.option("-n", "n", default=64, show_default=True, type=int, help="Number of images.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
+@_friendly
+def sample(model, sampler, nfe, seed, threads, schedule, n, out) -> None:
+    """Sample a grid of images, with a schedule applied or untuned."""
+    import torch
+    from torchvision.utils import save_image
+
+    from . import search as S
+
+    _set_threads(threads)
+    evaluator = S.Evaluator(S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed))
+    sched = evaluator.controller.identity() if schedule is None else schedule
+    images = evaluator.images(sched)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        nrow = max(1, int(round(n**0.5)))
+        save_image(images.float().div(255), tmp, nrow=nrow, padding=2, format="png")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    what = f"schedule {schedule}" if schedule else "untuned model"
+    click.echo(f"wrote {out}: {n} images, {sampler} NFE {nfe}, seeds {seed}-{seed + n - 1}, {what}")
+
+
+@main.command("train-default")
+@click.option("--steps", default=20000, show_default=True, type=int, help="Total optimizer steps (resume continues to this).")
+@click.option("--batch", default=128, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False),
+              help="Model folder [default: the bundled model's folder].")
+@click.option("--state", default="studies/train-state.pt", show_default=True, type=click.Path(dir_okay=False),
+              help="Full training state (weights, EMA, optimizer) for an exact resume.")
+@click.option("--fresh", is_flag=True, help="Start from random weights instead of resuming.")
+@click.option("--data-dir", default=None, help="Folder with the Fashion-MNIST IDX .gz files.")
+@click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")
+@_friendly
+def train_default(steps, batch, lr, out, state, fresh, data_dir, threads) -> None:
+    """Train (or resume training) the bundled Fashion-MNIST model with EDM's loss.
+
+    Saves the EMA weights (safetensors, diffusers layout) every 250 steps, atomically, so it
+    can be stopped at any time and resumed by running it again.
+    """
+    from .training import TrainConfig
+    from .training import train_default as train
+    from .zoo import DEFAULT_MODEL_DIR
+
+    cfg = TrainConfig(steps=steps, batch=batch, lr=lr, threads=threads)
+    info = train(Path(out) if out else DEFAULT_MODEL_DIR, Path(state), cfg, data_dir, resume=not fresh)
+    click.echo(f"{info['steps']} steps, {info['images_seen']} images, final loss {info['final_loss']:.4f}, "
+               f"{info['wall_seconds'] / 3600:.2f} h")
+
+
+@main.command("model-card")
+@click.option("--model", default="fashion-mnist-edm", show_default=True, help="Model folder to describe.")
+@click.option("--nfe", default=35, show_default=True, type=int, help="Heun NFE of the card's samples.")
+@click.option("-n", "n", default=2000, show_default=True, type=int, help="Samples for the FID.")
+@click.option("--data-dir", default=None, help="Folder with the Fashion-MNIST IDX .gz files (real-data floor).")
+@_friendly
+def model_card(model, nfe, n, data_dir) -> None:
+    """Write MODEL_CARD.md and samples.png into a model folder: training record, FID, floor."""
+    from .model_card import write_model_card
+
+    click.echo(f"wrote {write_model_card(model, nfe=nfe, n=n, data_dir=data_dir)}")
+
+
+@main.command("reference-stats")
+@click.option("--data-dir", default=None, help="Folder with the Fashion-MNIST IDX .gz files.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help=".npz file to write.")
+@_friendly
+def reference_stats(data_dir, split, out) -> None:
+    """Compute FID reference statistics (mu, sigma) of Fashion-MNIST with EfficientNet-Lite0."""
+    import torch
+
+    from .data import load_fashion_mnist
+    from .metrics import DEFAULT_FEATURES, ReferenceStats, extract_features, load_extractor
+
+    images, _ = load_fashion_mnist(split, data_dir)
+    start = time.perf_counter()
+    features = extract_features(torch.from_numpy(images.copy()).unsqueeze(1), load_extractor(), progress=True)
+    ReferenceStats.from_features(features, DEFAULT_FEATURES).save(out)
+    click.echo(f"wrote {out}: {len(images)} {split} images, {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""σ grids, samplers and seeded initial noise, in the style of k-diffusion.
+
+Each sampler is a small function over a denoiser D(x, σ) and a list of σ ending in 0; the
+noise schedule is separate data. Per-sample seeds (as EDM's generate.py): sample i with seed
+s_i gets its noise from a generator seeded with s_i alone, so a sample is the same in every
+trial and every batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5: ``steps`` noise levels from σ_max to σ_min, then 0."""
+    if steps < 1:
+        raise ValueError("need at least one step")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if steps == 1:
+        ramp = torch.zeros(1, dtype=torch.float64)
+    inv = 1.0 / rho
+    sigmas = (sigma_max**inv + ramp * (sigma_min**inv - sigma_max**inv)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE dx/dσ = (x − D(x, σ)) / σ. NFE = steps."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoiser(x, s.to(x.dtype))) / s
+        x = x + (s_next - s) * d
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """EDM's deterministic 2nd-order Heun sampler (Alg. 1, no churn); the last step to σ = 0
+    is plain Euler, so NFE = 2 · steps − 1."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoiser(x, s.to(x.dtype))) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d_next = (x_next - denoiser(x_next, s_next.to(x.dtype))) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+# name -> (function, steps for an NFE or None when impossible, NFE of a number of steps)
+SAMPLERS: dict[str, tuple[Callable, Callable[[int], int | None], Callable[[int], int]]] = {
+    "heun": (sample_heun, lambda nfe: (nfe + 1) // 2 if nfe >= 1 and nfe % 2 == 1 else None,
+             lambda steps: 2 * steps - 1),
+    "euler": (sample_euler, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
+}
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """Steps that spend exactly ``nfe`` evaluations; an impossible NFE lists the nearest valid."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _, to_steps, to_nfe = SAMPLERS[sampler]
+    steps = to_steps(nfe)
+    if steps is None:
+        valid = sorted({to_nfe(s) for s in range(1, 200)}, key=lambda v: (abs(v - nfe), v))[:2]
+        raise ValueError(
+            f"--nfe {nfe} is impossible for {sampler}; nearest valid: {', '.join(map(str, sorted(valid)))}"
+        )
+    return steps
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int], sigma_max: float,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_T = σ_max · ε_i, with ε_i drawn from a generator seeded with seed i alone."""
+    out = torch.empty(len(seeds), *shape, dtype=dtype)
+    for row, seed in zip(out, seeds):
+        row.copy_(torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed))))
+    return out * sigma_max
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 in [0, 255] (EDM's rounding)."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+class NonFiniteSamplesError(FloatingPointError):
+    """The sampler produced NaN or inf (a ρ far from 1 can blow a model up)."""
+
+
+def generate(
+    denoiser: Denoiser,
+    sampler: str,
+    sigmas: torch.Tensor,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    batch_size: int = 250,
+    progress: bool | str = True,
+) -> torch.Tensor:
+    """uint8 images [N, C, H, W] for ``seeds``, sampled in batches of ``batch_size``."""
+    fn = SAMPLERS[sampler][0]
+    sigma_max = float(sigmas[0])
+    chunks: list[torch.Tensor] = []
+    desc = progress if isinstance(progress, str) else "sampling"
+    with torch.inference_mode(), tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress,
+                                      leave=False) as bar:
+        for start in range(0, len(seeds), batch_size):
+            batch_seeds = seeds[start : start + batch_size]
+            x = fn(denoiser, initial_noise(batch_seeds, shape, sigma_max), sigmas)
+            if not torch.isfinite(x).all():
+                raise NonFiniteSamplesError(
+                    f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"
+                )
+            chunks.append(to_uint8(x))
+            bar.update(len(batch_seeds))
+    return torch.cat(chunks)
+
+
+def seed_range(first: int, n: int) -> list[int]:
+    return list(range(first, first + n))
+

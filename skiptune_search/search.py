@@ -1,0 +1,228 @@
+"""The Optuna side: a task (model, sampler, NFE, samples) scored by proxy FID, one study per task
+and ρ family, the ρ = 1 baseline first, every trial persisted as it ends, the best exported.
+
+Only this module talks to Optuna.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import torch
+
+from .metrics import DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, load_extractor
+from .sampling import NonFiniteSamplesError, generate, karras_sigmas, seed_range, steps_for_nfe
+from .schedule import RhoSchedule, SkipInfo
+from .skips import SkipController
+from .zoo import DEFAULT_MODEL_NAME, load_denoiser
+
+DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
+FAMILIES = ("linear",)
+
+
+class StudyMismatchError(ValueError):
+    """An existing study was run with other settings than the ones asked for now."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one trial generates and how it is scored: every trial of a study shares it."""
+
+    model: str = DEFAULT_MODEL_NAME
+    sampler: str = "heun"
+    nfe: int = 9
+    n: int = 1000  # samples per trial
+    seed: int = 0  # trial samples use seeds seed .. seed + n - 1
+    features: str = DEFAULT_FEATURES
+    reference: str = "bundled"  # 'bundled' or a path to an .npz with mu and sigma
+
+    @property
+    def seeds(self) -> list[int]:
+        return seed_range(self.seed, self.n)
+
+    def scoring_key(self) -> dict:
+        """The settings that must match for two FIDs to be comparable."""
+        return {k: v for k, v in asdict(self).items()}
+
+
+class Evaluator:
+    """Loads the model, controller, extractor and reference once; scores schedules by FID."""
+
+    def __init__(self, task: Task, batch_size: int = 250) -> None:
+        self.task = task
+        self.batch_size = batch_size
+        self.steps = steps_for_nfe(task.sampler, task.nfe)
+        self.denoiser, self.model_info = load_denoiser(task.model)
+        self.controller = SkipController(self.denoiser)
+        self.controller.attach()
+        self.sigmas = karras_sigmas(self.steps, self.denoiser.sigma_min, self.denoiser.sigma_max)
+        self.shape = (self.model_info["channels"], self.model_info["resolution"], self.model_info["resolution"])
+        self._extractor = None
+        self._reference = None
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            self._extractor = load_extractor(self.task.features)
+        return self._extractor
+
+    @property
+    def reference(self) -> ReferenceStats:
+        if self._reference is None:
+            path = DEFAULT_REFERENCE if self.task.reference == "bundled" else Path(self.task.reference)
+            self._reference = ReferenceStats.load(path)
+        return self._reference
+
+    def images(self, schedule: RhoSchedule, seeds: list[int] | None = None,
+               progress: bool | str = True) -> torch.Tensor:
+        self.controller.use(schedule)
+        return generate(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
+                        self.shape, self.batch_size, progress)
+
+    def fid(self, schedule: RhoSchedule, progress: bool | str = True) -> tuple[float, torch.Tensor]:
+        images = self.images(schedule, progress=progress)
+        features = extract_features(images, self.extractor, self.batch_size)
+        return fid_from_features(features, self.reference), images
+
+
+# --- ρ families: how trial parameters become a schedule ----------------------------------
+def suggest_linear(trial: optuna.Trial, lo: float, hi: float) -> dict[str, float]:
+    return {"rho_inner": trial.suggest_float("rho_inner", lo, hi),
+            "rho_outer": trial.suggest_float("rho_outer", lo, hi)}
+
+
+def build_schedule(family: str, arch: str, skips: list[SkipInfo], params: dict[str, float],
+                   **meta) -> RhoSchedule:
+    if family == "linear":
+        return RhoSchedule.linear(arch, skips, params["rho_inner"], params["rho_outer"], **meta)
+    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+SUGGEST: dict[str, Callable[[optuna.Trial, float, float], dict[str, float]]] = {"linear": suggest_linear}
+BASELINE_PARAMS = {"linear": {"rho_inner": 1.0, "rho_outer": 1.0}}
+
+
+# --- storage and studies -----------------------------------------------------------------
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a SQLAlchemy URL; SQLite folders are created, with a busy timeout."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+def default_study_name(task: Task, family: str) -> str:
+    model = Path(task.model).name if task.model != DEFAULT_MODEL_NAME else task.model
+    return f"{model}-{task.sampler}-nfe{task.nfe}-{family}"
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, family: str,
+               rho_range: tuple[float, float], controller: SkipController, seed: int) -> optuna.Study:
+    """Create the study, or load it and check it was run with the same task and space."""
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
+                                sampler=sampler, load_if_exists=True)
+    settings = {"task": task.scoring_key(), "family": family, "rho_range": list(rho_range)}
+    layout = {"arch": controller.arch, "skips": [s.as_dict() for s in controller.skips]}
+    old = study.user_attrs.get("settings")
+    if old is None:
+        study.set_user_attr("settings", settings)
+        study.set_user_attr("layout", layout)
+    elif old != json.loads(json.dumps(settings)):
+        flat_old, flat_new = _flatten(old), _flatten(json.loads(json.dumps(settings)))
+        diff = [f"{k}: {flat_old.get(k)} (now {v})" for k, v in flat_new.items() if flat_old.get(k) != v]
+        raise StudyMismatchError(
+            f"study {name!r} exists with other settings ({'; '.join(diff)}); "
+            f"use the same settings to resume it, or pass --study NEW_NAME"
+        )
+    if not study.trials:
+        study.enqueue_trial(BASELINE_PARAMS[family], user_attrs={"baseline": True})
+    return study
+
+
+def _flatten(settings: dict) -> dict:
+    """{'task': {'n': 1}, 'family': 'linear'} -> {'n': 1, 'family': 'linear'}."""
+    flat = dict(settings.get("task", {}))
+    flat.update({k: v for k, v in settings.items() if k != "task"})
+    return flat
+
+
+def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:
+    layout = study.user_attrs.get("layout")
+    if not layout:
+        raise ValueError(f"study {study.study_name!r} was not made by skiptune-search (no skip layout)")
+    return layout["arch"], [SkipInfo(**s) for s in layout["skips"]]
+
+
+def run_search(
+    evaluator: Evaluator,
+    study: optuna.Study,
+    family: str,
+    rho_range: tuple[float, float],
+    trials: int,
+    timeout: float | None = None,
+    on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Run trials until the study holds ``trials`` finished (complete or failed) trials."""
+    arch, skips = evaluator.controller.arch, evaluator.controller.skips
+    task = evaluator.task
+
+    def objective(trial: optuna.Trial) -> float:
+        params = SUGGEST[family](trial, *rho_range)
+        schedule = build_schedule(family, arch, skips, params)
+        start = time.perf_counter()
+        number = trial.number + 1
+        try:
+            fid, _ = evaluator.fid(schedule, progress=f"trial {number}/{trials}")
+        except NonFiniteSamplesError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        trial.set_user_attr("fid", fid)
+        trial.set_user_attr("n", task.n)
+        trial.set_user_attr("seeds", f"{task.seed}-{task.seed + task.n - 1}")
+        trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
+        trial.set_user_attr("rho", [row[0] for row in schedule.rho])
+        return fid
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining > 0:
+        callbacks = [on_trial] if on_trial else []
+        study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
+                       catch=(NonFiniteSamplesError,), gc_after_trial=False)
+    return study
+
+
+def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline"):
+            return t
+    return None
+
+
+def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
+    """The best completed trial of ``study`` as a schedule, with where it came from."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError(f"study {study.study_name!r} has no completed trial yet; run 'skiptune-search search' first")
+    best = min(complete, key=lambda t: t.value)
+    settings = study.user_attrs["settings"]
+    arch, skips = study_layout(study)
+    base = baseline_trial(study)
+    task = settings["task"]
+    return build_schedule(
+        settings["family"], arch, skips, best.params,
+        tuned_for={"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
+                   "sigma_grid": "karras"},
+        metric={"name": "fid", "features": task["features"], "n": task["n"],
+                "seeds": f"{task['seed']}-{task['seed'] + task['n'] - 1}", "value": best.value,
+                "baseline": base.value if base else None},
+        source={"study": study.study_name, "trial": best.number, "storage": storage_url},
+    )

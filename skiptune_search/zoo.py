@@ -1,0 +1,131 @@
+"""The bundled default model: a small diffusers UNet2DModel trained on Fashion-MNIST (EDM loss).
+
+A model directory is diffusers' own layout (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+plus ``skiptune_model.json``: how the raw network is preconditioned and how it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .denoisers import EDMPrecond
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "fashion-mnist-edm"
+DEFAULT_MODEL_NAME = "fashion-mnist-edm"
+MODEL_INFO_FILE = "skiptune_model.json"
+
+# Architecture of the bundled model: 28x28x1, three levels (28, 14, 7), attention at 7x7.
+DEFAULT_UNET_CONFIG = dict(
+    sample_size=28,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=2,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def build_default_unet():
+    """A freshly initialised UNet2DModel with the bundled architecture."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**DEFAULT_UNET_CONFIG)
+
+
+def load_unet(model_dir: Path):
+    """Load a diffusers UNet2DModel from a local folder (safetensors only, no network)."""
+    from diffusers import UNet2DModel
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "diffusion_pytorch_model.safetensors"
+    if not (model_dir / "config.json").is_file() or not weights.is_file():
+        raise ModelLoadError(
+            f"{model_dir} is not a diffusers model folder (needs config.json and "
+            f"diffusion_pytorch_model.safetensors); train one with 'skiptune-search train-default'"
+        )
+    try:
+        return UNet2DModel.from_pretrained(
+            model_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers raises many types for a damaged folder
+        raise ModelLoadError(f"could not load {model_dir}: {exc}") from exc
+
+
+def load_model_info(model_dir: Path) -> dict:
+    path = Path(model_dir) / MODEL_INFO_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: this folder was not written by skiptune-search")
+    return json.loads(path.read_text())
+
+
+def load_denoiser(model: str | os.PathLike | None = None) -> tuple[EDMPrecond, dict]:
+    """The denoiser D(x, σ) of a model folder (default: the bundled model) and its info."""
+    model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"model {model} not found: pass --model {DEFAULT_MODEL_NAME} (bundled) or a model folder "
+            f"written by 'skiptune-search train-default'"
+        )
+    info = load_model_info(model_dir)
+    if info.get("precond") != "edm":
+        raise ModelLoadError(f"{model_dir}: unsupported preconditioning {info.get('precond')!r}")
+    unet = load_unet(model_dir).eval().requires_grad_(False)
+    denoiser = EDMPrecond(
+        unet,
+        sigma_data=info["sigma_data"],
+        sigma_min=info["sigma_min"],
+        sigma_max=info["sigma_max"],
+    )
+    info = dict(info, name=DEFAULT_MODEL_NAME if model_dir == DEFAULT_MODEL_DIR else str(model_dir))
+    return denoiser, info
+
+
+def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5) -> None:
+    """Write a model folder atomically: a temp folder beside it, then a rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        info = {
+            "format": "skiptune-model/1",
+            "precond": "edm",
+            "sigma_data": sigma_data,
+            "sigma_min": 0.002,
+            "sigma_max": 80.0,
+            "dataset": "fashion-mnist",
+            "resolution": int(unet.config.sample_size),
+            "channels": int(unet.config.in_channels),
+            "training": training,
+        }
+        # keep files written next to the weights by hand (model card, sample grids)
+        if out_dir.is_dir():
+            for extra in out_dir.iterdir():
+                if extra.name not in {"config.json", "diffusion_pytorch_model.safetensors", MODEL_INFO_FILE}:
+                    shutil.copy2(extra, tmp / extra.name)
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            out_dir.replace(old)
+        tmp.replace(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from skiptune_search.cli import main
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def _search_args(model_dir):
+    return ["search", "--model", model_dir, "--nfe", 3, "--n", 10, "--trials", 3, "--batch", 5]
+
+
+def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
+    result = run(*_search_args(tiny_model_dir))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "baseline FID (ρ = 1):" in out and "best FID:" in out and "best ρ (outer→inner):" in out
+    assert "sqlite:///studies/skiptune.db" in out
+    exported = tmp_path / "studies" / "tiny-model-heun-nfe3-linear.best.json"
+    assert exported.is_file() and str(exported.relative_to(tmp_path)) in out
+    assert (tmp_path / "studies" / "skiptune.db").is_file()
+
+    # resuming the finished study runs no new trial
+    again = run(*_search_args(tiny_model_dir))
+    assert again.exit_code == 0 and "3 trials so far" in again.output and "trial 4" not in again.output
+
+    result = run("export", "--study", "tiny-model-heun-nfe3-linear", "-o", "best.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "best.json").read_text())
+    assert data["source"]["study"] == "tiny-model-heun-nfe3-linear"
+
+    for extra in (["--schedule", "best.json"], []):
+        result = run("sample", "--model", tiny_model_dir, "--nfe", 3, "-n", 4, "-o", "grid.png", *extra)
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / "grid.png") as img:
+            assert img.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16px, 2px padding
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2
+    message = result.output.strip()
+    assert message.startswith("Error:") and len(message.splitlines()) == 1, message
+    for needle in needles:
+        assert needle in message
+
+
+def test_bad_input_is_a_one_line_error(run, tiny_model_dir, tmp_path):
+    _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 10), "nearest valid: 9, 11")
+    _one_line_error(run("search", "--model", tiny_model_dir, "--rho-min", 2), "--rho-min")
+    _one_line_error(run("search", "--model", tmp_path / "nowhere"), "not found", "--model fashion-mnist-edm")
+    _one_line_error(run("sample", "--model", tiny_model_dir, "--schedule", "missing.json", "-o", "g.png"),
+                    "missing.json not found")
+    _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study 'nope'")
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "g.png").exists()
+
+
+def test_changed_settings_do_not_touch_the_study(run, tiny_model_dir, tmp_path):
+    assert run(*_search_args(tiny_model_dir)[:-4], "--trials", 1, "--batch", 5).exit_code == 0
+    db = (tmp_path / "studies" / "skiptune.db").read_bytes()
+    result = run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 20, "--trials", 2)
+    _one_line_error(result, "n: 10 (now 20)", "--study NEW_NAME")
+    assert (tmp_path / "studies" / "skiptune.db").read_bytes() == db
+
+
+def test_help_is_the_manual(run):
+    result = run("--help")
+    for command in ("search", "export", "sample", "train-default", "reference-stats"):
+        assert command in result.output
+    assert "--nfe" in run("search", "--help").output

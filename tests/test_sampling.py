@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from skiptune_search.sampling import (
+    generate, initial_noise, karras_sigmas, sample_euler, sample_heun, steps_for_nfe,
+)
+
+
+def test_karras_grid_endpoints_and_order():
+    s = karras_sigmas(5, 0.002, 80.0)
+    assert len(s) == 6 and s[-1] == 0
+    assert float(s[0]) == pytest.approx(80.0) and float(s[-2]) == pytest.approx(0.002)
+    assert torch.all(s[:-1][1:] < s[:-1][:-1])
+
+
+class CountingGaussianDenoiser:
+    """Exact denoiser for data ~ N(0, s²): D(x, σ) = x s² / (s² + σ²); counts its calls."""
+
+    def __init__(self, s: float) -> None:
+        self.s2 = s * s
+        self.calls = 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return x * self.s2 / (self.s2 + sigma**2)
+
+
+@pytest.mark.parametrize("sampler, fn, nfe", [("heun", sample_heun, 9), ("heun", sample_heun, 19),
+                                              ("euler", sample_euler, 7)])
+def test_nfe_is_counted_exactly(sampler, fn, nfe):
+    d = CountingGaussianDenoiser(0.5)
+    steps = steps_for_nfe(sampler, nfe)
+    fn(d, torch.randn(2, 1, 4, 4), karras_sigmas(steps, 0.002, 80.0))
+    assert d.calls == nfe
+
+
+def test_heun_solves_the_gaussian_ode():
+    """For Gaussian data the ODE maps x_T to x_T · s / sqrt(s² + σ_max²); Heun converges to it."""
+    s, sigma_max = 0.5, 80.0
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64) * sigma_max
+    exact = x * s / math.sqrt(s * s + sigma_max**2)
+    err_coarse = (sample_heun(CountingGaussianDenoiser(s), x, karras_sigmas(10, 0.002, sigma_max)) - exact).abs().max()
+    err_fine = (sample_heun(CountingGaussianDenoiser(s), x, karras_sigmas(200, 0.002, sigma_max)) - exact).abs().max()
+    assert err_fine < 1e-3 * exact.abs().max()
+    assert err_fine < err_coarse / 100  # second order: 20x the steps, ~400x less error
+
+
+def test_impossible_nfe_lists_nearest_valid():
+    with pytest.raises(ValueError, match="nearest valid: 9, 11"):
+        steps_for_nfe("heun", 10)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        steps_for_nfe("ddim", 10)
+
+
+def test_sample_noise_depends_on_its_seed_only():
+    a = initial_noise([5, 6, 7], (1, 4, 4), 80.0)
+    b = initial_noise([7, 5], (1, 4, 4), 80.0)
+    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+
+
+def test_generate_is_independent_of_batch_size():
+    d = CountingGaussianDenoiser(0.5)
+    sig = karras_sigmas(3, 0.002, 80.0)
+    seeds = list(range(10, 17))
+    one = generate(d, "heun", sig, seeds, (1, 4, 4), batch_size=7, progress=False)
+    many = generate(d, "heun", sig, seeds, (1, 4, 4), batch_size=3, progress=False)
+    assert one.dtype == torch.uint8 and one.shape == (7, 1, 4, 4)
+    assert torch.equal(one, many)
+
+
+def test_non_finite_samples_are_reported():
+    from skiptune_search.sampling import NonFiniteSamplesError
+
+    with pytest.raises(NonFiniteSamplesError, match="seeds 0..1"):
+        generate(lambda x, s: x * float("nan"), "euler", karras_sigmas(2, 0.002, 80.0), [0, 1], (1, 2, 2),
+                 progress=False)

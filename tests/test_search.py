@@ -1,0 +1,84 @@
+import json
+
+import optuna
+import pytest
+
+from skiptune_search.schedule import load_schedule
+from skiptune_search.search import (
+    Evaluator, StudyMismatchError, Task, baseline_trial, default_study_name, export_best, make_storage,
+    open_study, run_search,
+)
+
+
+@pytest.fixture
+def evaluator(tiny_model_dir):
+    return Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=12, seed=100), batch_size=5)
+
+
+def test_search_persists_baseline_first_and_resumes(evaluator, tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    task = evaluator.task
+    name = default_study_name(task, "linear")
+    assert name == "tiny-model-heun-nfe3-linear"
+    study = open_study(make_storage(url), name, task, "linear", (0.5, 1.5), evaluator.controller, seed=0)
+    run_search(evaluator, study, "linear", (0.5, 1.5), trials=3)
+
+    # a fresh process view of the database: everything landed
+    again = optuna.load_study(study_name=name, storage=url)
+    trials = again.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 3
+    first = trials[0]
+    assert first.params == {"rho_inner": 1.0, "rho_outer": 1.0} and first.user_attrs["baseline"]
+    assert baseline_trial(again).number == 0
+    for t in trials:
+        assert t.user_attrs["n"] == 12 and t.user_attrs["seeds"] == "100-111"
+        assert t.user_attrs["fid"] == t.value and t.user_attrs["wall_seconds"] > 0
+        assert len(t.user_attrs["rho"]) == len(evaluator.controller.skips)
+    # the same command again runs nothing more; a larger --trials runs only the rest
+    study = open_study(make_storage(url), name, task, "linear", (0.5, 1.5), evaluator.controller, seed=0)
+    run_search(evaluator, study, "linear", (0.5, 1.5), trials=3)
+    assert len(study.trials) == 3
+    run_search(evaluator, study, "linear", (0.5, 1.5), trials=4)
+    assert len(study.trials) == 4
+
+
+def test_baseline_trial_is_the_untuned_model(evaluator, tmp_path):
+    """Trial 0's FID is the FID of the model with no controller effect (same seeds)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "b", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
+    run_search(evaluator, study, "linear", (0.5, 1.5), trials=1)
+    fid, _ = evaluator.fid(evaluator.controller.identity(), progress=False)
+    assert study.trials[0].value == fid
+
+
+def test_resuming_with_other_settings_is_refused(evaluator, tmp_path):
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    open_study(storage, "x", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
+    other = Task(model=evaluator.task.model, nfe=3, n=24, seed=100)
+    with pytest.raises(StudyMismatchError, match="pass --study NEW_NAME"):
+        open_study(storage, "x", other, "linear", (0.5, 1.5), evaluator.controller, 0)
+
+
+def test_export_writes_the_best_completed_trial(evaluator, tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "e", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
+    run_search(evaluator, study, "linear", (0.5, 1.5), trials=3)
+    schedule = export_best(study, url)
+    best = min(study.trials, key=lambda t: t.value)
+    path = schedule.save(tmp_path / "best.json")
+    loaded = load_schedule(path)
+    assert loaded.source == {"study": "e", "trial": best.number, "storage": url}
+    assert loaded.params == best.params
+    assert loaded.metric["value"] == best.value and loaded.metric["baseline"] == study.trials[0].value
+    assert loaded.tuned_for["nfe"] == 3 and loaded.tuned_for["sampler"] == "heun"
+    assert json.loads(path.read_text())["format"] == "skiptune-schedule/1"
+    # the exported schedule reproduces the trial's FID
+    fid, _ = evaluator.fid(loaded, progress=False)
+    assert fid == pytest.approx(best.value, rel=1e-9)
+
+
+def test_export_without_completed_trials_is_an_error(evaluator, tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "empty", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
+    with pytest.raises(ValueError, match="no completed trial"):
+        export_best(study, url)

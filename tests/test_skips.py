@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from skiptune_search import RhoSchedule, ScheduleError, SkipController, apply
+from skiptune_search.schedule import SkipInfo
+from skiptune_search.skips import NoSkipsError
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 1, 16, 16, generator=g), torch.tensor([0.1, -0.5, 1.0])
+
+
+def _hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def test_discovers_skips_in_encoder_order(tiny_unet):
+    ctl = SkipController(tiny_unet)
+    names = [s.name for s in ctl.skips]
+    assert names == ["conv_in", "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", "down_blocks.1.resnets.0"]
+    assert [s.resolution for s in ctl.skips] == [16, 16, 8, 8]
+    assert [s.channels for s in ctl.skips] == [8, 8, 8, 16]
+    # the deepest skip is consumed first, by the first resnet of the first up block
+    assert ctl.skips[-1].consumer == "up_blocks.0.resnets.0"
+    assert ctl.skips[0].consumer == "up_blocks.1.resnets.1"
+
+
+@torch.no_grad()
+def test_rho_one_is_bit_identical_and_detach_restores(tiny_unet):
+    x, t = _inputs()
+    before_hooks = _hook_counts(tiny_unet)
+    reference = tiny_unet(x, t).sample
+    ctl = SkipController(tiny_unet)
+    with ctl.attached():
+        assert _hook_counts(tiny_unet) != before_hooks
+        assert torch.equal(tiny_unet(x, t).sample, reference)
+        ctl.use(RhoSchedule.linear(ctl.arch, ctl.skips, 0.7, 0.9))
+        changed = tiny_unet(x, t).sample
+    assert not torch.allclose(changed, reference)
+    assert _hook_counts(tiny_unet) == before_hooks
+    assert torch.equal(tiny_unet(x, t).sample, reference)
+
+
+@torch.no_grad()
+def test_each_skip_is_scaled_by_its_own_rho(tiny_unet):
+    """The tensors an up block receives are exactly the saved skips times their ρ."""
+    x, t = _inputs()
+    ctl = SkipController(tiny_unet)
+    rhos = [0.9, 1.0, 0.5, 1.25]
+
+    def capture(store):
+        def hook(module, args, kwargs):
+            tup = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+            store.append(tuple(v.clone() for v in tup))
+        return hook
+
+    plain, tuned = [], []
+    handles = [b.register_forward_pre_hook(capture(plain), with_kwargs=True) for b in tiny_unet.up_blocks]
+    tiny_unet(x, t)
+    for h in handles:
+        h.remove()
+    with apply(tiny_unet, RhoSchedule.constant(ctl.arch, ctl.skips, rhos)):
+        # registered after the controller's hooks, so it sees the scaled tuple
+        handles = [b.register_forward_pre_hook(capture(tuned), with_kwargs=True) for b in tiny_unet.up_blocks]
+        tiny_unet(x, t)
+        for h in handles:
+            h.remove()
+    # up block 0 gets skips 2, 3; up block 1 gets skips 0, 1 (tuple order = encoder order)
+    expected_rhos = [[rhos[2], rhos[3]], [rhos[0], rhos[1]]]
+    for block_plain, block_tuned, block_rhos in zip(plain, tuned, expected_rhos):
+        for a, b, r in zip(block_plain, block_tuned, block_rhos):
+            assert torch.equal(b, a * r) if r != 1.0 else torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_apply_context_accepts_a_json_path_and_wrappers(tiny_unet, tmp_path):
+    x, t = _inputs()
+    ctl = SkipController(tiny_unet)
+    path = RhoSchedule.linear(ctl.arch, ctl.skips, 0.8, 1.0).save(tmp_path / "s.json")
+
+    class Pipeline:
+        unet = tiny_unet
+
+    reference = tiny_unet(x, t).sample
+    with apply(Pipeline(), path) as active:
+        assert active.rhos == pytest.approx([1.0, 1 - 0.2 / 3, 1 - 0.4 / 3, 0.8])
+        tuned = tiny_unet(x, t).sample
+    assert not torch.equal(tuned, reference)
+    assert torch.equal(tiny_unet(x, t).sample, reference)
+
+
+def test_schedule_for_another_layout_is_refused(tiny_unet):
+    ctl = SkipController(tiny_unet)
+    wrong = [SkipInfo(s.name, s.consumer, s.channels * 2, s.resolution) for s in ctl.skips]
+    with pytest.raises(ScheduleError, match="skip 0 differs"):
+        ctl.use(RhoSchedule.identity(ctl.arch, wrong))
+
+
+def test_model_without_skips_is_a_clear_error():
+    with pytest.raises(NoSkipsError, match="UNet2DModel"):
+        SkipController(torch.nn.Linear(2, 2))
