@@ -6,9 +6,7 @@ Every command's help text is its manual: `skiptune-search COMMAND --help`.
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -189,25 +187,14 @@ def export(storage, study, out) -> None:
 @_friendly
 def sample(model, sampler, nfe, seed, threads, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned."""
-    import torch
-    from torchvision.utils import save_image
-
     from . import search as S
+    from .grids import save_grid
 
     _set_threads(threads)
     evaluator = S.Evaluator(S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed))
     sched = evaluator.controller.identity() if schedule is None else schedule
     images = evaluator.images(sched)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        nrow = max(1, int(round(n**0.5)))
-        save_image(images.float().div(255), tmp, nrow=nrow, padding=2, format="png")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    save_grid(images, out)
     what = f"schedule {schedule}" if schedule else "untuned model"
     click.echo(f"wrote {out}: {n} images, {sampler} NFE {nfe}, seeds {seed}-{seed + n - 1}, {what}")
 

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .data import load_fashion_mnist
+from .grids import save_grid
 from .metrics import ReferenceStats, extract_features, fid_from_features
 from .search import Evaluator, Task
 from .zoo import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, count_parameters
-
-
-def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    from torchvision.utils import save_image
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save_image(images[: nrow * nrow].float().div(255), tmp, nrow=nrow, padding=2, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 2000, seed: int = 1_000_000,
@@ -41,7 +27,7 @@ def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 20
     real, _ = load_fashion_mnist("train", data_dir)
     real = torch.from_numpy(real[:n].copy()).unsqueeze(1)
     floor = fid_from_features(extract_features(real, evaluator.extractor), evaluator.reference)
-    _save_grid(images, folder / "samples.png", nrow=10)
+    save_grid(images[:100], folder / "samples.png", nrow=10)
 
     info = evaluator.model_info
     t = info["training"]

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from skiptune_search.training import TrainConfig, _ema_beta, train_default
+from skiptune_search.zoo import MODEL_INFO_FILE, load_denoiser, load_unet
+
+
+def test_train_saves_resumes_and_writes_a_card(tmp_path, tiny_fashion_dir):
+    out, state = tmp_path / "model", tmp_path / "state.pt"
+    cfg = TrainConfig(steps=2, batch=4, save_every=1, warmup_steps=1)
+    info = train_default(out, state, cfg, data_dir=str(tiny_fashion_dir))
+    assert info["steps"] == 2 and info["images_seen"] == 8 and state.is_file()
+    first = load_unet(out).state_dict()
+
+    # resume from the exact state continues the step count and changes the weights
+    info = train_default(out, state, TrainConfig(steps=3, batch=4, save_every=1), data_dir=str(tiny_fashion_dir))
+    assert info["steps"] == 3
+    second = load_unet(out).state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+    # without the state file, resume starts from the shipped EMA weights and step count
+    state.unlink()
+    info = train_default(out, state, TrainConfig(steps=4, batch=4, save_every=1), data_dir=str(tiny_fashion_dir))
+    assert info["steps"] == 4 and info["images_seen"] == 16
+
+    record = json.loads((out / MODEL_INFO_FILE).read_text())
+    assert record["precond"] == "edm" and record["training"]["config"]["batch"] == 4
+    denoiser, meta = load_denoiser(str(out))
+    assert meta["resolution"] == 28 and denoiser.sigma_data == 0.5
+
+    from skiptune_search.model_card import write_model_card
+
+    card = write_model_card(str(out), nfe=3, n=20, data_dir=str(tiny_fashion_dir))
+    text = card.read_text()
+    assert "4 steps" in text and "Proxy FID" in text and "floor" in text
+    assert (out / "samples.png").is_file()
+    # a later checkpoint keeps the card and grid beside the new weights
+    train_default(out, state, TrainConfig(steps=5, batch=4, save_every=1), data_dir=str(tiny_fashion_dir))
+    assert (out / "MODEL_CARD.md").is_file() and (out / "samples.png").is_file()
+
+
+def test_ema_half_life_ramps_up_with_images_seen():
+    cfg = TrainConfig(batch=100, ema_halflife_kimg=10, ema_rampup=0.1)
+    # after 1000 images the half-life is 100 images: one batch of 100 halves the old weight
+    assert _ema_beta(1000, 100, cfg) == pytest.approx(0.5)
+    # far along, the cap of 10k images applies
+    assert _ema_beta(10**7, 100, cfg) == pytest.approx(0.5 ** (100 / 10000))
