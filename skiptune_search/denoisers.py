@@ -54,3 +54,19 @@ def edm_training_sigmas(n: int, p_mean: float = -1.2, p_std: float = 1.2,
     """EDM's log-normal training noise levels: ln σ ~ N(P_mean, P_std²)."""
     return torch.exp(p_mean + p_std * torch.randn(n, generator=generator))
 
+
+
+def timestep_to_sigma_from_scheduler(scheduler) -> "callable":
+    """σ(t) = sqrt((1 − ᾱ_t) / ᾱ_t) of a diffusers DDPM-family scheduler (DDPM, DDIM, ...),
+    interpolated linearly between integer timesteps."""
+    alphas = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+    sigmas = ((1 - alphas) / alphas).sqrt()
+
+    def to_sigma(t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(sigmas) - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=len(sigmas) - 1)
+        w = t - lo
+        return sigmas[lo] * (1 - w) + sigmas[hi] * w
+
+    return to_sigma

@@ -54,6 +54,47 @@ def linear_rhos(n_skips: int, rho_inner: float, rho_outer: float) -> list[float]
     return [rho_outer + (rho_inner - rho_outer) * i / (n_skips - 1) for i in range(n_skips)]
 
 
+FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
+PLACEMENTS = ("input", "normalized", "both")
+
+
+def family_params(family: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> list[str]:
+    """The free parameters of a family on a skip layout.
+
+    linear: ρ_inner, ρ_outer. per_level: one ρ per resolution (``rho_28px``...). per_layer: one
+    ρ per skip (``rho_0`` outermost...). per_noise: a linear pair per σ knot (``rho_inner_k0``...).
+    """
+    if family == "linear":
+        return ["rho_inner", "rho_outer"]
+    if family == "per_level":
+        return [f"rho_{r}px" for r in sorted({s.resolution for s in skips}, reverse=True)]
+    if family == "per_layer":
+        return [f"rho_{i}" for i in range(len(skips))]
+    if family == "per_noise":
+        if n_knots < 2:
+            raise ScheduleError("per_noise needs at least 2 σ knots")
+        return [f"{end}_k{k}" for k in range(n_knots) for end in ("rho_inner", "rho_outer")]
+    raise ScheduleError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def family_table(family: str, skips: Sequence[SkipInfo], params: dict[str, float],
+                 n_knots: int = 3) -> list[list[float]]:
+    """The ρ table [skip][knot] of a family's parameters."""
+    names = family_params(family, skips, n_knots)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ScheduleError(f"{family} schedule needs parameters {', '.join(missing)}")
+    p = {k: float(v) for k, v in params.items()}
+    if family == "linear":
+        return [[r] for r in linear_rhos(len(skips), p["rho_inner"], p["rho_outer"])]
+    if family == "per_level":
+        return [[p[f"rho_{s.resolution}px"]] for s in skips]
+    if family == "per_layer":
+        return [[p[f"rho_{i}"]] for i in range(len(skips))]
+    columns = [linear_rhos(len(skips), p[f"rho_inner_k{k}"], p[f"rho_outer_k{k}"]) for k in range(n_knots)]
+    return [list(row) for row in zip(*columns)]
+
+
 @dataclass
 class RhoSchedule:
     """A full ρ table for one skip layout, plus where it came from."""
@@ -86,9 +127,18 @@ class RhoSchedule:
     @classmethod
     def linear(cls, arch: str, skips: Sequence[SkipInfo], rho_inner: float, rho_outer: float,
                **meta) -> "RhoSchedule":
-        rhos = linear_rhos(len(skips), rho_inner, rho_outer)
-        return cls.constant(arch, skips, rhos, family="linear",
-                            params={"rho_inner": float(rho_inner), "rho_outer": float(rho_outer)}, **meta)
+        return cls.from_family("linear", arch, skips, {"rho_inner": rho_inner, "rho_outer": rho_outer}, **meta)
+
+    @classmethod
+    def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
+                    sigma_knots: Sequence[float] = (), **meta) -> "RhoSchedule":
+        """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``."""
+        knots = [float(k) for k in sigma_knots] if family == "per_noise" else []
+        if family == "per_noise" and not knots:
+            raise ScheduleError("a per_noise schedule needs sigma_knots")
+        table = family_table(family, skips, params, n_knots=len(knots) or 3)
+        return cls(arch=arch, skips=list(skips), rho=table, sigma_knots=knots, family=family,
+                   params={k: float(v) for k, v in params.items()}, **meta)
 
     # --- evaluation --------------------------------------------------------------------
     @property
@@ -136,8 +186,8 @@ class RhoSchedule:
                         f"rho[{i}] = {r!r} ({self.skips[i].name}) is outside ({lo}, {hi}]; "
                         f"use a finite ρ in that range"
                     )
-        if self.placement != "input":
-            raise ScheduleError(f"placement {self.placement!r} is not supported yet; use 'input'")
+        if self.placement not in PLACEMENTS:
+            raise ScheduleError(f"placement {self.placement!r} is unknown; use one of {', '.join(PLACEMENTS)}")
 
     def check_layout(self, arch: str, skips: Sequence[SkipInfo]) -> None:
         """Fail with the first difference when this schedule was made for another layout."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from .schedule import RhoSchedule, SkipInfo, load_schedule
+from .schedule import RhoSchedule, ScheduleError, SkipInfo, load_schedule
 
 
 class NoSkipsError(TypeError):
@@ -68,40 +68,104 @@ def unet2d_skips(unet: nn.Module) -> tuple[list[SkipInfo], list[tuple[nn.Module,
 class SkipController:
     """Scales each long skip of a model by the ρ of the schedule in use.
 
-    >>> ctl = SkipController(unet)          # discovers the skips, hooks nothing yet
+    Placements: ``input`` scales the skip tensor before the consuming block (what the paper
+    does); ``normalized`` scales the skip channels right after that block's first GroupNorm,
+    where normalization cannot cancel ρ; ``both`` does both. A σ-dependent schedule reads the
+    noise level of every UNet call from its ``timestep`` argument, per sample, through
+    ``timestep_to_sigma`` (taken from an EDM-style wrapper's ``sigma_from_timestep`` when the
+    model has one).
+
+    >>> ctl = SkipController(denoiser)      # discovers the skips, hooks nothing yet
     >>> with ctl.attached():                # hooks installed, ρ = 1 (exact no-op)
     ...     ctl.use(schedule)               # any RhoSchedule for this layout
     ...     images = sampler(denoiser, ...)
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, timestep_to_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.unet = find_unet(model)
         self.arch = type(self.unet).__name__
         self.skips, self._routes = unet2d_skips(self.unet)
+        self.timestep_to_sigma = timestep_to_sigma or getattr(model, "sigma_from_timestep", None)
         self._handles: list[Any] = []
-        self._rhos: list[float] = [1.0] * len(self.skips)
+        self._schedule = RhoSchedule.identity(self.arch, self.skips)
+        self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
 
     @property
     def rhos(self) -> list[float]:
-        return list(self._rhos)
+        """ρ per skip of a σ-independent schedule."""
+        return self._schedule.rhos_at()
+
+    @property
+    def placement(self) -> str:
+        return self._schedule.placement
 
     def identity(self) -> RhoSchedule:
         return RhoSchedule.identity(self.arch, self.skips)
+
+    def groupnorm_report(self) -> list[dict]:
+        """For each skip: does the consuming block's GroupNorm cancel a ρ placed on its input?
+
+        The block normalizes cat([hidden, skip]) in groups; a group holding only skip channels
+        undoes any scaling of them, so ``input`` placement reaches the main branch only through
+        groups that mix hidden and skip channels (and the 1x1 shortcut always sees it).
+        """
+        report = []
+        for skip in self.skips:
+            block = self.unet.get_submodule(skip.consumer)
+            norm = block.norm1
+            total, groups = norm.num_channels, norm.num_groups
+            size = total // groups
+            first_skip = total - skip.channels
+            pure = sum(1 for g in range(groups) if g * size >= first_skip)
+            mixed = first_skip % size != 0
+            report.append({
+                "groups": groups, "channels_in": total, "pure_skip_groups": pure, "mixed_group": mixed,
+                "cancelled": not mixed, "shortcut": getattr(block, "conv_shortcut", None) is not None,
+            })
+        return report
 
     def use(self, schedule: RhoSchedule | str | os.PathLike) -> None:
         """Switch to another schedule (checked against this model's skip layout)."""
         schedule = load_schedule(schedule)
         schedule.check_layout(self.arch, self.skips)
-        if not schedule.is_constant:
-            raise NotImplementedError("σ-dependent schedules are applied from skiptune-search 0.2 on")
-        self._rhos = schedule.rhos_at()
+        if not schedule.is_constant and self.timestep_to_sigma is None:
+            raise ScheduleError(
+                "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
+                "pass SkipController(model, timestep_to_sigma=...)"
+            )
+        self._schedule = schedule
+
+    # --- ρ of the current call ---------------------------------------------------------
+    def _rho(self, index: int) -> float | torch.Tensor:
+        """ρ of skip ``index``: a float, or a [B, 1, 1, 1] tensor for σ-dependent schedules."""
+        schedule = self._schedule
+        if schedule.is_constant:
+            return schedule.rho[index][0]
+        if self._sigma is None:
+            raise RuntimeError("σ-dependent schedule used outside a UNet call")
+        knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
+        row = torch.tensor(schedule.rho[index], dtype=torch.float64)
+        x = self._sigma.double().clamp_min(1e-30).log().clamp(knots[0], knots[-1])
+        k = torch.searchsorted(knots, x).clamp(1, len(knots) - 1)
+        w = (x - knots[k - 1]) / (knots[k] - knots[k - 1])
+        rho = row[k - 1] + w * (row[k] - row[k - 1])
+        return rho.reshape(-1, 1, 1, 1)
 
     # --- hooks -------------------------------------------------------------------------
-    def _make_hook(self, indices: list[int]):
+    def _capture_sigma(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._schedule.is_constant:
+            return
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).to(torch.float64)
+        sigma = self.timestep_to_sigma(t)
+        self._sigma = sigma.expand(sample.shape[0]) if sigma.numel() == 1 else sigma
+
+    def _input_hook(self, indices: list[int]):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            rhos = [self._rhos[i] for i in indices]
-            if all(r == 1.0 for r in rhos):
+            if self.placement == "normalized" or self._schedule.is_identity():
                 return None  # exact no-op: the untouched tensors go through
+            rhos = [self._rho(i) for i in indices]
             if "res_hidden_states_tuple" in kwargs:
                 kwargs = dict(kwargs)
                 kwargs["res_hidden_states_tuple"] = _scaled(kwargs["res_hidden_states_tuple"], rhos)
@@ -111,16 +175,35 @@ class SkipController:
 
         return hook
 
+    def _normalized_hook(self, index: int):
+        channels = self.skips[index].channels
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if self.placement == "input" or self._schedule.is_identity():
+                return None
+            rho = self._rho(index)
+            if isinstance(rho, float) and rho == 1.0:
+                return None
+            head, skip = output[:, :-channels], output[:, -channels:]
+            return torch.cat([head, skip * (rho.to(output.dtype) if torch.is_tensor(rho) else rho)], dim=1)
+
+        return hook
+
     def attach(self) -> None:
         if self._handles:
             return
+        self._handles.append(self.unet.register_forward_pre_hook(self._capture_sigma, with_kwargs=True))
         for block, indices in self._routes:
-            self._handles.append(block.register_forward_pre_hook(self._make_hook(indices), with_kwargs=True))
+            self._handles.append(block.register_forward_pre_hook(self._input_hook(indices), with_kwargs=True))
+        for index, skip in enumerate(self.skips):
+            norm = self.unet.get_submodule(skip.consumer).norm1
+            self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._sigma = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["SkipController"]:
@@ -131,18 +214,25 @@ class SkipController:
             self.detach()
 
 
-def _scaled(tensors: tuple[torch.Tensor, ...], rhos: list[float]) -> tuple[torch.Tensor, ...]:
-    return tuple(t if r == 1.0 else t * r for t, r in zip(tensors, rhos))
+def _scaled(tensors: tuple[torch.Tensor, ...], rhos: list) -> tuple[torch.Tensor, ...]:
+    out = []
+    for t, r in zip(tensors, rhos):
+        if torch.is_tensor(r):
+            out.append(t * r.to(device=t.device, dtype=t.dtype))
+        else:
+            out.append(t if r == 1.0 else t * r)
+    return tuple(out)
 
 
 @contextlib.contextmanager
-def apply(model: Any, schedule: RhoSchedule | str | os.PathLike) -> Iterator[SkipController]:
+def apply(model: Any, schedule: RhoSchedule | str | os.PathLike,
+          timestep_to_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[SkipController]:
     """Sample ``model`` with ``schedule`` (a RhoSchedule or a JSON path) inside the block:
 
     >>> with skiptune_search.apply(pipe.unet, "best.json"):
     ...     images = pipe(num_inference_steps=10).images
     """
-    controller = SkipController(model)
+    controller = SkipController(model, timestep_to_sigma)
     controller.use(schedule)
     with controller.attached():
         yield controller
