@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from .search import DEFAULT_STORAGE, FAMILIES
+from .schedule import FAMILIES, PLACEMENTS
+from .search import DEFAULT_STORAGE
 
 
 class UserError(click.ClickException):
@@ -90,7 +91,14 @@ def main() -> None:
 @_storage_option
 @click.option("--study", default=None, help="Study name [default: MODEL-SAMPLER-nfeNFE-FAMILY].")
 @click.option("--family", default="linear", show_default=True, type=click.Choice(FAMILIES),
-              help="ρ parameterization: linear = ρ_inner at the deepest skip to ρ_outer at the outermost.")
+              help="ρ parameterization: linear (ρ_inner at the deepest skip to ρ_outer at the outermost), "
+                   "per_level (one ρ per resolution), per_layer (one per skip), per_noise (a linear pair "
+                   "at each of --knots σ knots, interpolated in log σ).")
+@click.option("--placement", default="input", show_default=True, type=click.Choice([*PLACEMENTS, "search"]),
+              help="Where ρ acts: input (the skip before its block, as in the paper), normalized (the skip "
+                   "channels after the block's GroupNorm, which cannot cancel it), both, or search.")
+@click.option("--knots", default=3, show_default=True, type=int,
+              help="σ knots of per_noise, log-spaced over the sampler's σ range.")
 @click.option("--trials", default=20, show_default=True, type=int,
               help="Finished trials the study should hold; a resumed study runs only the rest.")
 @click.option("--n", "n", default=1000, show_default=True, type=int, help="Samples per trial (proxy FID's N).")
@@ -104,8 +112,8 @@ def main() -> None:
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
 @_friendly
-def search(model, sampler, nfe, seed, threads, storage, study, family, trials, n, rho_min, rho_max,
-           batch, reference, timeout, out, search_seed) -> None:
+def search(model, sampler, nfe, seed, threads, storage, study, family, placement, knots, trials, n,
+           rho_min, rho_max, batch, reference, timeout, out, search_seed) -> None:
     """Run (or resume) the Optuna study for one model, sampler and NFE.
 
     The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
@@ -119,12 +127,18 @@ def search(model, sampler, nfe, seed, threads, storage, study, family, trials, n
         raise UserError(f"need 0 < --rho-min < --rho-max, got {rho_min} and {rho_max}")
     if n < 2:
         raise UserError("--n must be at least 2 (FID needs a covariance)")
+    if family == "per_noise" and knots < 2:
+        raise UserError("--knots must be at least 2 for per_noise")
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, reference=reference)
-    name = study or S.default_study_name(task, family)
     evaluator = S.Evaluator(task, batch_size=batch)
     evaluator.reference  # fail before any trial when the statistics are missing
+    sigma_knots = ()
+    if family == "per_noise":
+        sigma_knots = S.log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), knots)
+    space = S.Space(family, placement, (rho_min, rho_max), sigma_knots)
+    name = study or S.default_study_name(task, space)
     storage_obj = S.make_storage(storage)
-    st = S.open_study(storage_obj, name, task, family, (rho_min, rho_max), evaluator.controller, search_seed)
+    st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed)
     click.echo(f"study {name!r} in {storage}: {len(st.trials)} trials so far; "
                f"{task.sampler} NFE {task.nfe}, N = {task.n} samples, seeds {task.seed}-{task.seed + task.n - 1}")
 
@@ -132,7 +146,7 @@ def search(model, sampler, nfe, seed, threads, storage, study, family, trials, n
         if trial.value is None:
             click.echo(f"trial {trial.number + 1}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
             return
-        params = " ".join(f"{k}={v:.3f}" for k, v in trial.params.items())
+        params = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         tag = " (baseline)" if trial.user_attrs.get("baseline") else ""
         click.echo(f"trial {trial.number + 1}: FID {trial.value:.2f}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.2f}]")
@@ -140,21 +154,48 @@ def search(model, sampler, nfe, seed, threads, storage, study, family, trials, n
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    S.run_search(evaluator, st, family, (rho_min, rho_max), trials, timeout, on_trial=report)
+    S.run_search(evaluator, st, space, trials, timeout, on_trial=report)
     base = S.baseline_trial(st)
     schedule = S.export_best(st, storage)
     out_path = Path(out) if out else Path("studies") / f"{name}.best.json"
     schedule.save(out_path)
-    rhos = ", ".join(f"{r[0]:.3f}" for r in schedule.rho)
+    rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
     click.echo(f"baseline FID (ρ = 1): {base.value:.2f}" if base else "baseline FID: not finished")
     click.echo(f"best FID:             {schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
     if base:
         gain = 100 * (base.value - schedule.metric["value"]) / base.value
         click.echo(f"change:               {-gain:+.1f}% FID")
-    click.echo(f"best ρ (outer→inner): {rhos}  {schedule.params}")
+    knots = f" at σ knots {', '.join(f'{k:.3g}' for k in schedule.sigma_knots)}" if schedule.sigma_knots else ""
+    click.echo(f"best ρ (outer→inner): {rhos}{knots}  [{schedule.placement} placement]")
     click.echo(f"study storage:        {storage}  (study {name!r})")
     click.echo(f"best schedule:        {out_path}")
+
+
+@main.command()
+@click.argument("model", default="fashion-mnist-edm")
+@click.option("--json", "as_json", is_flag=True, help='Print {"skips": [...]} as JSON instead of a table.')
+@_friendly
+def inspect(model, as_json) -> None:
+    """List a model's long skips in encoder order (0 = outermost): name, resolution, channels,
+    the block that consumes it, and whether GroupNorm cancels a ρ placed on its input."""
+    import json
+
+    from .skips import SkipController
+    from .zoo import load_denoiser
+
+    denoiser, _ = load_denoiser(model)
+    ctl = SkipController(denoiser)
+    rows = [{"index": i, **s.as_dict(), **g} for i, (s, g) in enumerate(zip(ctl.skips, ctl.groupnorm_report()))]
+    if as_json:
+        click.echo(json.dumps({"arch": ctl.arch, "skips": rows}, indent=1))
+        return
+    click.echo(f"{ctl.arch}: {len(rows)} long skips (0 = outermost)")
+    click.echo(f"{'#':>2}  {'skip':<30} {'res':>4} {'ch':>4}  {'consumer':<24} input-placement ρ")
+    for r in rows:
+        fate = ("cancelled by GroupNorm (acts via 1x1 shortcut only)" if r["cancelled"]
+                else "reaches the main branch through a mixed group")
+        click.echo(f"{r['index']:>2}  {r['name']:<30} {r['resolution']:>4} {r['channels']:>4}  {r['consumer']:<24} {fate}")
 
 
 @main.command()

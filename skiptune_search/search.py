@@ -7,6 +7,7 @@ Only this module talks to Optuna.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,12 +18,11 @@ import torch
 
 from .metrics import DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, load_extractor
 from .sampling import NonFiniteSamplesError, generate, karras_sigmas, seed_range, steps_for_nfe
-from .schedule import RhoSchedule, SkipInfo
+from .schedule import FAMILIES, PLACEMENTS, RhoSchedule, SkipInfo, family_params
 from .skips import SkipController
 from .zoo import DEFAULT_MODEL_NAME, load_denoiser
 
 DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
-FAMILIES = ("linear",)
 
 
 class StudyMismatchError(ValueError):
@@ -90,21 +90,46 @@ class Evaluator:
         return fid_from_features(features, self.reference), images
 
 
-# --- ρ families: how trial parameters become a schedule ----------------------------------
-def suggest_linear(trial: optuna.Trial, lo: float, hi: float) -> dict[str, float]:
-    return {"rho_inner": trial.suggest_float("rho_inner", lo, hi),
-            "rho_outer": trial.suggest_float("rho_outer", lo, hi)}
+# --- search spaces: how trial parameters become a schedule -------------------------------
+@dataclass(frozen=True)
+class Space:
+    """A family, a placement ('search' to let Optuna pick one), ρ bounds and σ knots."""
+
+    family: str = "linear"
+    placement: str = "input"
+    rho_range: tuple[float, float] = (0.5, 1.5)
+    sigma_knots: tuple[float, ...] = ()  # per_noise only
+
+    def as_dict(self) -> dict:
+        return {"family": self.family, "placement": self.placement, "rho_range": list(self.rho_range),
+                "sigma_knots": list(self.sigma_knots)}
+
+    def baseline(self, skips: list[SkipInfo]) -> dict:
+        """Parameters of ρ = 1 everywhere."""
+        params: dict = {name: 1.0 for name in family_params(self.family, skips, len(self.sigma_knots))}
+        if self.placement == "search":
+            params["placement"] = "input"
+        return params
+
+    def suggest(self, trial: optuna.Trial, skips: list[SkipInfo]) -> tuple[dict[str, float], str]:
+        lo, hi = self.rho_range
+        params = {name: trial.suggest_float(name, lo, hi)
+                  for name in family_params(self.family, skips, len(self.sigma_knots))}
+        placement = (trial.suggest_categorical("placement", list(PLACEMENTS))
+                     if self.placement == "search" else self.placement)
+        return params, placement
+
+    def schedule(self, arch: str, skips: list[SkipInfo], params: dict, **meta) -> RhoSchedule:
+        params = dict(params)
+        placement = params.pop("placement", self.placement)
+        return RhoSchedule.from_family(self.family, arch, skips, params, sigma_knots=self.sigma_knots,
+                                       placement=placement, **meta)
 
 
-def build_schedule(family: str, arch: str, skips: list[SkipInfo], params: dict[str, float],
-                   **meta) -> RhoSchedule:
-    if family == "linear":
-        return RhoSchedule.linear(arch, skips, params["rho_inner"], params["rho_outer"], **meta)
-    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-
-
-SUGGEST: dict[str, Callable[[optuna.Trial, float, float], dict[str, float]]] = {"linear": suggest_linear}
-BASELINE_PARAMS = {"linear": {"rho_inner": 1.0, "rho_outer": 1.0}}
+def log_spaced_knots(sigma_min: float, sigma_max: float, k: int) -> tuple[float, ...]:
+    """``k`` σ knots evenly spaced in log σ from σ_min to σ_max."""
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return tuple(math.exp(lo + (hi - lo) * i / (k - 1)) for i in range(k))
 
 
 # --- storage and studies -----------------------------------------------------------------
@@ -118,18 +143,18 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url)
 
 
-def default_study_name(task: Task, family: str) -> str:
+def default_study_name(task: Task, space: Space) -> str:
     model = Path(task.model).name if task.model != DEFAULT_MODEL_NAME else task.model
-    return f"{model}-{task.sampler}-nfe{task.nfe}-{family}"
+    return f"{model}-{task.sampler}-nfe{task.nfe}-{space.family}-{space.placement}"
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, family: str,
-               rho_range: tuple[float, float], controller: SkipController, seed: int) -> optuna.Study:
+def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space,
+               controller: SkipController, seed: int) -> optuna.Study:
     """Create the study, or load it and check it was run with the same task and space."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
                                 sampler=sampler, load_if_exists=True)
-    settings = {"task": task.scoring_key(), "family": family, "rho_range": list(rho_range)}
+    settings = {"task": task.scoring_key(), **space.as_dict()}
     layout = {"arch": controller.arch, "skips": [s.as_dict() for s in controller.skips]}
     old = study.user_attrs.get("settings")
     if old is None:
@@ -143,8 +168,13 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, fami
             f"use the same settings to resume it, or pass --study NEW_NAME"
         )
     if not study.trials:
-        study.enqueue_trial(BASELINE_PARAMS[family], user_attrs={"baseline": True})
+        study.enqueue_trial(space.baseline(controller.skips), user_attrs={"baseline": True})
     return study
+
+
+def study_space(study: optuna.Study) -> Space:
+    s = study.user_attrs["settings"]
+    return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())))
 
 
 def _flatten(settings: dict) -> dict:
@@ -164,8 +194,7 @@ def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:
 def run_search(
     evaluator: Evaluator,
     study: optuna.Study,
-    family: str,
-    rho_range: tuple[float, float],
+    space: Space,
     trials: int,
     timeout: float | None = None,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
@@ -175,8 +204,8 @@ def run_search(
     task = evaluator.task
 
     def objective(trial: optuna.Trial) -> float:
-        params = SUGGEST[family](trial, *rho_range)
-        schedule = build_schedule(family, arch, skips, params)
+        params, placement = space.suggest(trial, skips)
+        schedule = space.schedule(arch, skips, {**params, "placement": placement})
         start = time.perf_counter()
         number = trial.number + 1
         try:
@@ -188,7 +217,7 @@ def run_search(
         trial.set_user_attr("n", task.n)
         trial.set_user_attr("seeds", f"{task.seed}-{task.seed + task.n - 1}")
         trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
-        trial.set_user_attr("rho", [row[0] for row in schedule.rho])
+        trial.set_user_attr("rho", schedule.rho)
         return fid
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
@@ -213,12 +242,11 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
     if not complete:
         raise ValueError(f"study {study.study_name!r} has no completed trial yet; run 'skiptune-search search' first")
     best = min(complete, key=lambda t: t.value)
-    settings = study.user_attrs["settings"]
+    task = study.user_attrs["settings"]["task"]
     arch, skips = study_layout(study)
     base = baseline_trial(study)
-    task = settings["task"]
-    return build_schedule(
-        settings["family"], arch, skips, best.params,
+    return study_space(study).schedule(
+        arch, skips, best.params,
         tuned_for={"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
                    "sigma_grid": "karras"},
         metric={"name": "fid", "features": task["features"], "n": task["n"],

@@ -28,7 +28,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     out = result.output
     assert "baseline FID (ρ = 1):" in out and "best FID:" in out and "best ρ (outer→inner):" in out
     assert "sqlite:///studies/skiptune.db" in out
-    exported = tmp_path / "studies" / "tiny-model-heun-nfe3-linear.best.json"
+    exported = tmp_path / "studies" / "tiny-model-heun-nfe3-linear-input.best.json"
     assert exported.is_file() and str(exported.relative_to(tmp_path)) in out
     assert (tmp_path / "studies" / "skiptune.db").is_file()
 
@@ -36,10 +36,10 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     again = run(*_search_args(tiny_model_dir))
     assert again.exit_code == 0 and "3 trials so far" in again.output and "trial 4" not in again.output
 
-    result = run("export", "--study", "tiny-model-heun-nfe3-linear", "-o", "best.json")
+    result = run("export", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "best.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "best.json").read_text())
-    assert data["source"]["study"] == "tiny-model-heun-nfe3-linear"
+    assert data["source"]["study"] == "tiny-model-heun-nfe3-linear-input"
 
     for extra in (["--schedule", "best.json"], []):
         result = run("sample", "--model", tiny_model_dir, "--nfe", 3, "-n", 4, "-o", "grid.png", *extra)
@@ -79,3 +79,12 @@ def test_help_is_the_manual(run):
     for command in ("search", "export", "sample", "train-default", "reference-stats"):
         assert command in result.output
     assert "--nfe" in run("search", "--help").output
+
+
+def test_inspect_lists_skips_and_groupnorm_fate(run, tiny_model_dir):
+    result = run("inspect", tiny_model_dir)
+    assert result.exit_code == 0, result.output
+    assert "UNet2DModel: 4 long skips" in result.output and "cancelled by GroupNorm" in result.output
+    data = json.loads(run("inspect", tiny_model_dir, "--json").output)
+    assert [s["name"] for s in data["skips"]][0] == "conv_in"
+    assert {"index", "name", "consumer", "channels", "resolution", "cancelled"} <= set(data["skips"][0])

@@ -19,10 +19,10 @@ def test_search_on_the_bundled_model(tmp_path):
     cmd = _cli() + ["search", "--nfe", "3", "--n", "16", "--trials", "2", "--batch", "8", "--threads", "1"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "study 'fashion-mnist-edm-heun-nfe3-linear'" in result.stdout
+    assert "study 'fashion-mnist-edm-heun-nfe3-linear-input'" in result.stdout
     assert "trial 1:" in result.stdout and "(baseline)" in result.stdout
     assert "trial 1/2" in result.stderr  # the per-trial progress bar
-    best = json.loads((tmp_path / "studies" / "fashion-mnist-edm-heun-nfe3-linear.best.json").read_text())
+    best = json.loads((tmp_path / "studies" / "fashion-mnist-edm-heun-nfe3-linear-input.best.json").read_text())
     assert len(best["skips"]) == 9 and best["tuned_for"]["model"] == "fashion-mnist-edm"
 
 

@@ -5,9 +5,11 @@ import pytest
 
 from skiptune_search.schedule import load_schedule
 from skiptune_search.search import (
-    Evaluator, StudyMismatchError, Task, baseline_trial, default_study_name, export_best, make_storage,
+    Evaluator, Space, StudyMismatchError, Task, baseline_trial, default_study_name, export_best, make_storage,
     open_study, run_search,
 )
+
+SPACE = Space("linear", "input", (0.5, 1.5))
 
 
 @pytest.fixture
@@ -18,10 +20,10 @@ def evaluator(tiny_model_dir):
 def test_search_persists_baseline_first_and_resumes(evaluator, tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     task = evaluator.task
-    name = default_study_name(task, "linear")
-    assert name == "tiny-model-heun-nfe3-linear"
-    study = open_study(make_storage(url), name, task, "linear", (0.5, 1.5), evaluator.controller, seed=0)
-    run_search(evaluator, study, "linear", (0.5, 1.5), trials=3)
+    name = default_study_name(task, SPACE)
+    assert name == "tiny-model-heun-nfe3-linear-input"
+    study = open_study(make_storage(url), name, task, SPACE, evaluator.controller, seed=0)
+    run_search(evaluator, study, SPACE, trials=3)
 
     # a fresh process view of the database: everything landed
     again = optuna.load_study(study_name=name, storage=url)
@@ -35,34 +37,34 @@ def test_search_persists_baseline_first_and_resumes(evaluator, tmp_path):
         assert t.user_attrs["fid"] == t.value and t.user_attrs["wall_seconds"] > 0
         assert len(t.user_attrs["rho"]) == len(evaluator.controller.skips)
     # the same command again runs nothing more; a larger --trials runs only the rest
-    study = open_study(make_storage(url), name, task, "linear", (0.5, 1.5), evaluator.controller, seed=0)
-    run_search(evaluator, study, "linear", (0.5, 1.5), trials=3)
+    study = open_study(make_storage(url), name, task, SPACE, evaluator.controller, seed=0)
+    run_search(evaluator, study, SPACE, trials=3)
     assert len(study.trials) == 3
-    run_search(evaluator, study, "linear", (0.5, 1.5), trials=4)
+    run_search(evaluator, study, SPACE, trials=4)
     assert len(study.trials) == 4
 
 
 def test_baseline_trial_is_the_untuned_model(evaluator, tmp_path):
     """Trial 0's FID is the FID of the model with no controller effect (same seeds)."""
     url = f"sqlite:///{tmp_path}/s.db"
-    study = open_study(make_storage(url), "b", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
-    run_search(evaluator, study, "linear", (0.5, 1.5), trials=1)
+    study = open_study(make_storage(url), "b", evaluator.task, SPACE, evaluator.controller, 0)
+    run_search(evaluator, study, SPACE, trials=1)
     fid, _ = evaluator.fid(evaluator.controller.identity(), progress=False)
     assert study.trials[0].value == fid
 
 
 def test_resuming_with_other_settings_is_refused(evaluator, tmp_path):
     storage = make_storage(f"sqlite:///{tmp_path}/s.db")
-    open_study(storage, "x", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
+    open_study(storage, "x", evaluator.task, SPACE, evaluator.controller, 0)
     other = Task(model=evaluator.task.model, nfe=3, n=24, seed=100)
     with pytest.raises(StudyMismatchError, match="pass --study NEW_NAME"):
-        open_study(storage, "x", other, "linear", (0.5, 1.5), evaluator.controller, 0)
+        open_study(storage, "x", other, SPACE, evaluator.controller, 0)
 
 
 def test_export_writes_the_best_completed_trial(evaluator, tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    study = open_study(make_storage(url), "e", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
-    run_search(evaluator, study, "linear", (0.5, 1.5), trials=3)
+    study = open_study(make_storage(url), "e", evaluator.task, SPACE, evaluator.controller, 0)
+    run_search(evaluator, study, SPACE, trials=3)
     schedule = export_best(study, url)
     best = min(study.trials, key=lambda t: t.value)
     path = schedule.save(tmp_path / "best.json")
@@ -79,6 +81,26 @@ def test_export_writes_the_best_completed_trial(evaluator, tmp_path):
 
 def test_export_without_completed_trials_is_an_error(evaluator, tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    study = open_study(make_storage(url), "empty", evaluator.task, "linear", (0.5, 1.5), evaluator.controller, 0)
+    study = open_study(make_storage(url), "empty", evaluator.task, SPACE, evaluator.controller, 0)
     with pytest.raises(ValueError, match="no completed trial"):
         export_best(study, url)
+
+
+@pytest.mark.parametrize("family, placement, knots", [
+    ("per_level", "normalized", ()), ("per_layer", "both", ()), ("per_noise", "search", (0.01, 1.0, 80.0)),
+])
+def test_every_family_searches_and_exports(evaluator, tmp_path, family, placement, knots):
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = Space(family, placement, (0.5, 1.5), knots)
+    name = default_study_name(evaluator.task, space)
+    assert name.endswith(f"-{family}-{placement}")
+    study = open_study(make_storage(url), name, evaluator.task, space, evaluator.controller, 0)
+    run_search(evaluator, study, space, trials=2)
+    assert study.trials[0].value == pytest.approx(
+        evaluator.fid(evaluator.controller.identity(), progress=False)[0], rel=1e-9)
+    schedule = export_best(study, url)
+    assert schedule.family == family and len(schedule.rho) == len(evaluator.controller.skips)
+    assert schedule.sigma_knots == list(knots) and all(len(row) == max(len(knots), 1) for row in schedule.rho)
+    assert schedule.placement in ("input", "normalized", "both")
+    best = min(study.trials, key=lambda t: t.value)
+    assert evaluator.fid(schedule, progress=False)[0] == pytest.approx(best.value, rel=1e-9)
