@@ -1,8 +1,9 @@
-"""SkipController: multiply a UNet's long skip tensors by ρ through forward pre-hooks.
+"""SkipController: multiply a UNet's long skip tensors by ρ through forward hooks.
 
 It never edits model code or weights: it finds the ordered skips through an adapter for the
-model's architecture, hooks the modules that consume them, and removes every hook on exit.
-Imports neither Optuna, torch-fidelity nor the CLI; diffusers only when a model needs it.
+model's architecture (``adapters.py``), hooks the blocks that consume them, and removes every
+hook on exit. Imports neither Optuna, torch-fidelity nor the CLI; diffusers only when a model
+needs it.
 """
 
 from __future__ import annotations
@@ -14,66 +15,20 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .schedule import RhoSchedule, ScheduleError, SkipInfo, load_schedule
+from .adapters import NoSkipsError, find_layout
+from .schedule import RhoSchedule, ScheduleError, load_schedule
 
-
-class NoSkipsError(TypeError):
-    """The model has no long skips this tool knows how to find."""
-
-
-def find_unet(model: Any) -> nn.Module:
-    """The diffusers UNet2DModel inside ``model`` (itself, a pipeline's ``.unet``, a wrapper's ``.net``)."""
-    from diffusers import UNet2DModel
-
-    seen = model
-    for _ in range(4):
-        if isinstance(seen, UNet2DModel):
-            return seen
-        seen = getattr(seen, "unet", None) or getattr(seen, "net", None) or getattr(seen, "model", None)
-        if seen is None:
-            break
-    raise NoSkipsError(
-        f"no supported UNet found in {type(model).__name__}: supported is diffusers UNet2DModel "
-        f"(bare, a pipeline's .unet, or a wrapper's .net/.model)"
-    )
-
-
-def unet2d_skips(unet: nn.Module) -> tuple[list[SkipInfo], list[tuple[nn.Module, list[int]]]]:
-    """The skips of a diffusers UNet2DModel in the order the encoder saves them, and for each
-    up block the indices (in ``res_hidden_states_tuple`` order) of the skips it receives."""
-    res = int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0])
-    producers: list[tuple[str, int, int]] = [("conv_in", unet.conv_in.out_channels, res)]
-    for i, block in enumerate(unet.down_blocks):
-        for j, resnet in enumerate(block.resnets):
-            producers.append((f"down_blocks.{i}.resnets.{j}", resnet.out_channels, res))
-        if getattr(block, "downsamplers", None):
-            res = (res + 1) // 2 if block.downsamplers[0].padding else res // 2
-            producers.append((f"down_blocks.{i}.downsamplers.0", block.downsamplers[0].out_channels, res))
-    # up blocks take the last len(resnets) of the remaining tuple; resnet k pops from its end
-    remaining = list(range(len(producers)))
-    consumers: dict[int, str] = {}
-    routes: list[tuple[nn.Module, list[int]]] = []
-    for b, block in enumerate(unet.up_blocks):
-        n = len(block.resnets)
-        taken, remaining = remaining[-n:], remaining[:-n]
-        for k, idx in enumerate(reversed(taken)):
-            consumers[idx] = f"up_blocks.{b}.resnets.{k}"
-        routes.append((block, taken))
-    if remaining or not producers:
-        raise NoSkipsError("UNet2DModel skip bookkeeping does not add up; unsupported variant")
-    skips = [SkipInfo(name, consumers[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
-    return skips, routes
+__all__ = ["NoSkipsError", "SkipController", "apply"]
 
 
 class SkipController:
     """Scales each long skip of a model by the ρ of the schedule in use.
 
-    Placements: ``input`` scales the skip tensor before the consuming block (what the paper
-    does); ``normalized`` scales the skip channels right after that block's first GroupNorm,
-    where normalization cannot cancel ρ; ``both`` does both. A σ-dependent schedule reads the
-    noise level of every UNet call from its ``timestep`` argument, per sample, through
-    ``timestep_to_sigma`` (taken from an EDM-style wrapper's ``sigma_from_timestep`` when the
-    model has one).
+    Placements: ``input`` scales the skip channels of the consuming block's input (what the
+    paper does); ``normalized`` scales them right after that block's first normalization, which
+    therefore cannot cancel ρ; ``both`` does both. A σ-dependent schedule needs each call's
+    noise level, per sample: from the ``sigma`` argument of an EDM-style ``*Precond`` wrapper
+    around the UNet, else from the UNet's timestep through ``timestep_to_sigma``.
 
     >>> ctl = SkipController(denoiser)      # discovers the skips, hooks nothing yet
     >>> with ctl.attached():                # hooks installed, ρ = 1 (exact no-op)
@@ -82,10 +37,12 @@ class SkipController:
     """
 
     def __init__(self, model: Any, timestep_to_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        self.unet = find_unet(model)
-        self.arch = type(self.unet).__name__
-        self.skips, self._routes = unet2d_skips(self.unet)
-        self.timestep_to_sigma = timestep_to_sigma or getattr(model, "sigma_from_timestep", None)
+        self.layout, wrappers = find_layout(model)
+        self.unet = self.layout.unet
+        self.arch = self.layout.arch
+        self.skips = self.layout.skips
+        self._precond = next((w for w in wrappers if type(w).__name__.endswith("Precond")), None)
+        self.timestep_to_sigma = timestep_to_sigma
         self._handles: list[Any] = []
         self._schedule = RhoSchedule.identity(self.arch, self.skips)
         self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
@@ -107,20 +64,19 @@ class SkipController:
 
         The block normalizes cat([hidden, skip]) in groups; a group holding only skip channels
         undoes any scaling of them, so ``input`` placement reaches the main branch only through
-        groups that mix hidden and skip channels (and the 1x1 shortcut always sees it).
+        groups that mix hidden and skip channels (and a 1x1 shortcut conv always sees it).
         """
         report = []
-        for skip in self.skips:
-            block = self.unet.get_submodule(skip.consumer)
-            norm = block.norm1
+        for skip, block, norm in zip(self.skips, self.layout.consumers, self.layout.norms):
             total, groups = norm.num_channels, norm.num_groups
             size = total // groups
             first_skip = total - skip.channels
-            pure = sum(1 for g in range(groups) if g * size >= first_skip)
             mixed = first_skip % size != 0
             report.append({
-                "groups": groups, "channels_in": total, "pure_skip_groups": pure, "mixed_group": mixed,
-                "cancelled": not mixed, "shortcut": getattr(block, "conv_shortcut", None) is not None,
+                "groups": groups, "channels_in": total,
+                "pure_skip_groups": sum(1 for g in range(groups) if g * size >= first_skip),
+                "mixed_group": mixed, "cancelled": not mixed,
+                "shortcut": any(isinstance(getattr(block, a, None), nn.Module) for a in ("conv_shortcut", "skip")),
             })
         return report
 
@@ -128,10 +84,10 @@ class SkipController:
         """Switch to another schedule (checked against this model's skip layout)."""
         schedule = load_schedule(schedule)
         schedule.check_layout(self.arch, self.skips)
-        if not schedule.is_constant and self.timestep_to_sigma is None:
+        if not schedule.is_constant and self._precond is None and self.timestep_to_sigma is None:
             raise ScheduleError(
                 "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
-                "pass SkipController(model, timestep_to_sigma=...)"
+                "pass SkipController(model, timestep_to_sigma=...) or the model inside its Precond wrapper"
             )
         self._schedule = schedule
 
@@ -142,61 +98,70 @@ class SkipController:
         if schedule.is_constant:
             return schedule.rho[index][0]
         if self._sigma is None:
-            raise RuntimeError("σ-dependent schedule used outside a UNet call")
+            raise RuntimeError("σ-dependent schedule used outside a model call")
         knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
         row = torch.tensor(schedule.rho[index], dtype=torch.float64)
-        x = self._sigma.double().clamp_min(1e-30).log().clamp(knots[0], knots[-1])
+        x = self._sigma.double().cpu().clamp_min(1e-30).log().clamp(knots[0], knots[-1])
         k = torch.searchsorted(knots, x).clamp(1, len(knots) - 1)
         w = (x - knots[k - 1]) / (knots[k] - knots[k - 1])
-        rho = row[k - 1] + w * (row[k] - row[k - 1])
-        return rho.reshape(-1, 1, 1, 1)
+        return (row[k - 1] + w * (row[k] - row[k - 1])).reshape(-1, 1, 1, 1)
+
+    def _scale_trailing(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
+        """x with its last ``channels`` channels (skip ``index``) times ρ; None when ρ is 1."""
+        rho = self._rho(index)
+        if not torch.is_tensor(rho):
+            if rho == 1.0:
+                return None
+            rho = torch.tensor(rho)
+        c = self.skips[index].channels
+        return torch.cat([x[:, :-c], x[:, -c:] * rho.to(device=x.device, dtype=x.dtype)], dim=1)
 
     # --- hooks -------------------------------------------------------------------------
-    def _capture_sigma(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._schedule.is_constant:
-            return
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).to(torch.float64)
-        sigma = self.timestep_to_sigma(t)
-        self._sigma = sigma.expand(sample.shape[0]) if sigma.numel() == 1 else sigma
+    def _capture_sigma(self, source: str):
+        position, name = (1, "sigma") if source == "precond" else self.layout.noise_arg
 
-    def _input_hook(self, indices: list[int]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._schedule.is_constant:
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            value = kwargs[name] if name in kwargs else args[position]
+            value = torch.as_tensor(value, device=x.device).reshape(-1).to(torch.float64)
+            sigma = value if source == "precond" else self.timestep_to_sigma(value)
+            self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+
+        return hook
+
+    def _input_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if self.placement == "normalized" or self._schedule.is_identity():
                 return None  # exact no-op: the untouched tensors go through
-            rhos = [self._rho(i) for i in indices]
-            if "res_hidden_states_tuple" in kwargs:
-                kwargs = dict(kwargs)
-                kwargs["res_hidden_states_tuple"] = _scaled(kwargs["res_hidden_states_tuple"], rhos)
-            else:
-                args = (args[0], _scaled(args[1], rhos), *args[2:])
-            return args, kwargs
+            if args:
+                scaled = self._scale_trailing(args[0], index)
+                return None if scaled is None else ((scaled, *args[1:]), kwargs)
+            key = next(iter(kwargs))  # called with keywords only: the first one is the input
+            scaled = self._scale_trailing(kwargs[key], index)
+            return None if scaled is None else (args, {**kwargs, key: scaled})
 
         return hook
 
     def _normalized_hook(self, index: int):
-        channels = self.skips[index].channels
-
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             if self.placement == "input" or self._schedule.is_identity():
                 return None
-            rho = self._rho(index)
-            if isinstance(rho, float) and rho == 1.0:
-                return None
-            head, skip = output[:, :-channels], output[:, -channels:]
-            return torch.cat([head, skip * (rho.to(output.dtype) if torch.is_tensor(rho) else rho)], dim=1)
+            return self._scale_trailing(output, index)
 
         return hook
 
     def attach(self) -> None:
         if self._handles:
             return
-        self._handles.append(self.unet.register_forward_pre_hook(self._capture_sigma, with_kwargs=True))
-        for block, indices in self._routes:
-            self._handles.append(block.register_forward_pre_hook(self._input_hook(indices), with_kwargs=True))
-        for index, skip in enumerate(self.skips):
-            norm = self.unet.get_submodule(skip.consumer).norm1
+        if self._precond is not None:
+            self._handles.append(self._precond.register_forward_pre_hook(self._capture_sigma("precond"),
+                                                                        with_kwargs=True))
+        elif self.timestep_to_sigma is not None:
+            self._handles.append(self.unet.register_forward_pre_hook(self._capture_sigma("unet"), with_kwargs=True))
+        for index, (block, norm) in enumerate(zip(self.layout.consumers, self.layout.norms)):
+            self._handles.append(block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
             self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))
 
     def detach(self) -> None:
@@ -212,16 +177,6 @@ class SkipController:
             yield self
         finally:
             self.detach()
-
-
-def _scaled(tensors: tuple[torch.Tensor, ...], rhos: list) -> tuple[torch.Tensor, ...]:
-    out = []
-    for t, r in zip(tensors, rhos):
-        if torch.is_tensor(r):
-            out.append(t * r.to(device=t.device, dtype=t.dtype))
-        else:
-            out.append(t if r == 1.0 else t * r)
-    return tuple(out)
 
 
 @contextlib.contextmanager

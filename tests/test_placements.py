@@ -90,22 +90,19 @@ def test_sigma_dependent_schedule_is_applied_per_sample(tiny_unet):
     sigma = torch.tensor([0.01, 1.0, 50.0])  # below, between (log-midpoint), above the knots
     expected = torch.tensor([0.5, 1.0, 1.5]).reshape(-1, 1, 1, 1)
     x = torch.randn(3, 1, 16, 16)
-
-    def capture(store):
-        def hook(module, args, kwargs):
-            store.append(kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None))
-        return hook
-
+    deepest = ctl.skips[-1]  # consumed first, so the rest of its block's input is untouched
+    consumer = tiny_unet.get_submodule(deepest.consumer)
     plain, tuned = [], []
-    handle = tiny_unet.up_blocks[0].register_forward_pre_hook(capture(plain), with_kwargs=True)
+    handle = consumer.register_forward_pre_hook(lambda m, a: plain.append(a[0]))
     denoiser(x, sigma)
     handle.remove()
     with apply(denoiser, schedule):
-        handle = tiny_unet.up_blocks[0].register_forward_pre_hook(capture(tuned), with_kwargs=True)
+        handle = consumer.register_forward_pre_hook(lambda m, a: tuned.append(a[0]))
         denoiser(x, sigma)
         handle.remove()
-    for a, b in zip(plain[0], tuned[0]):
-        assert torch.allclose(b, a * expected, rtol=1e-6)
+    c = deepest.channels
+    assert torch.equal(tuned[0][:, :-c], plain[0][:, :-c])
+    assert torch.allclose(tuned[0][:, -c:], plain[0][:, -c:] * expected, rtol=1e-6)
 
 
 def test_sigma_dependent_schedule_needs_a_timestep_map(tiny_unet):

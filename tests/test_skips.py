@@ -18,7 +18,7 @@ def _hook_counts(model):
 def test_discovers_skips_in_encoder_order(tiny_unet):
     ctl = SkipController(tiny_unet)
     names = [s.name for s in ctl.skips]
-    assert names == ["conv_in", "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", "down_blocks.1.resnets.0"]
+    assert names == ["conv_in", "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0", "down_blocks.1.attentions.0"]
     assert [s.resolution for s in ctl.skips] == [16, 16, 8, 8]
     assert [s.channels for s in ctl.skips] == [8, 8, 8, 16]
     # the deepest skip is consumed first, by the first resnet of the first up block
@@ -42,35 +42,36 @@ def test_rho_one_is_bit_identical_and_detach_restores(tiny_unet):
     assert torch.equal(tiny_unet(x, t).sample, reference)
 
 
+def check_skip_routing(model, unet, call):
+    """For each skip i: the producer's output is the trailing channels of its consumer's input,
+    and a schedule with ρ_i = 0.5 scales exactly those channels of exactly that input."""
+    ctl = SkipController(model)
+    for i, skip in enumerate(ctl.skips):
+        produced, plain, tuned = [], [], []
+        producer = unet.get_submodule(skip.name)
+        consumer = unet.get_submodule(skip.consumer)
+        h1 = producer.register_forward_hook(lambda m, a, out: produced.append(out.clone()))
+        h2 = consumer.register_forward_pre_hook(lambda m, a: plain.append(a[0].clone()))
+        call()
+        h1.remove(), h2.remove()
+        rhos = [1.0] * len(ctl.skips)
+        rhos[i] = 0.5
+        with apply(model, RhoSchedule.constant(ctl.arch, ctl.skips, rhos)):
+            h = consumer.register_forward_pre_hook(lambda m, a: tuned.append(a[0].clone()))
+            call()
+            h.remove()
+        c = skip.channels
+        assert len(plain) == len(tuned) == 1, skip.consumer
+        assert torch.equal(plain[0][:, -c:], produced[0]), f"skip {i} is not the tail of {skip.consumer}'s input"
+        assert tuple(produced[0].shape[-2:]) == (skip.resolution, skip.resolution)
+        assert torch.equal(tuned[0][:, :-c], plain[0][:, :-c])
+        assert torch.equal(tuned[0][:, -c:], plain[0][:, -c:] * 0.5)
+
+
 @torch.no_grad()
 def test_each_skip_is_scaled_by_its_own_rho(tiny_unet):
-    """The tensors an up block receives are exactly the saved skips times their ρ."""
     x, t = _inputs()
-    ctl = SkipController(tiny_unet)
-    rhos = [0.9, 1.0, 0.5, 1.25]
-
-    def capture(store):
-        def hook(module, args, kwargs):
-            tup = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
-            store.append(tuple(v.clone() for v in tup))
-        return hook
-
-    plain, tuned = [], []
-    handles = [b.register_forward_pre_hook(capture(plain), with_kwargs=True) for b in tiny_unet.up_blocks]
-    tiny_unet(x, t)
-    for h in handles:
-        h.remove()
-    with apply(tiny_unet, RhoSchedule.constant(ctl.arch, ctl.skips, rhos)):
-        # registered after the controller's hooks, so it sees the scaled tuple
-        handles = [b.register_forward_pre_hook(capture(tuned), with_kwargs=True) for b in tiny_unet.up_blocks]
-        tiny_unet(x, t)
-        for h in handles:
-            h.remove()
-    # up block 0 gets skips 2, 3; up block 1 gets skips 0, 1 (tuple order = encoder order)
-    expected_rhos = [[rhos[2], rhos[3]], [rhos[0], rhos[1]]]
-    for block_plain, block_tuned, block_rhos in zip(plain, tuned, expected_rhos):
-        for a, b, r in zip(block_plain, block_tuned, block_rhos):
-            assert torch.equal(b, a * r) if r != 1.0 else torch.equal(a, b)
+    check_skip_routing(tiny_unet, tiny_unet, lambda: tiny_unet(x, t))
 
 
 @torch.no_grad()
