@@ -68,7 +68,8 @@ class SkipController:
         """
         report = []
         for skip, block, norm in zip(self.skips, self.layout.consumers, self.layout.norms):
-            total, groups = norm.num_channels, norm.num_groups
+            total = int(getattr(norm, "num_channels", None) or norm.weight.shape[0])  # EDM's GroupNorm has no num_channels
+            groups = int(norm.num_groups)
             size = total // groups
             first_skip = total - skip.channels
             mixed = first_skip % size != 0

@@ -42,6 +42,13 @@ def test_rho_one_is_bit_identical_and_detach_restores(tiny_unet):
     assert torch.equal(tiny_unet(x, t).sample, reference)
 
 
+def _tensor(output):
+    """A module's output tensor (transformer blocks return a tuple or an output object)."""
+    if isinstance(output, tuple):
+        return output[0]
+    return getattr(output, "sample", output)
+
+
 def check_skip_routing(model, unet, call):
     """For each skip i: the producer's output is the trailing channels of its consumer's input,
     and a schedule with ρ_i = 0.5 scales exactly those channels of exactly that input."""
@@ -50,7 +57,7 @@ def check_skip_routing(model, unet, call):
         produced, plain, tuned = [], [], []
         producer = unet.get_submodule(skip.name)
         consumer = unet.get_submodule(skip.consumer)
-        h1 = producer.register_forward_hook(lambda m, a, out: produced.append(out.clone()))
+        h1 = producer.register_forward_hook(lambda m, a, out: produced.append(_tensor(out).clone()))
         h2 = consumer.register_forward_pre_hook(lambda m, a: plain.append(a[0].clone()))
         call()
         h1.remove(), h2.remove()
@@ -101,3 +108,25 @@ def test_schedule_for_another_layout_is_refused(tiny_unet):
 def test_model_without_skips_is_a_clear_error():
     with pytest.raises(NoSkipsError, match="UNet2DModel"):
         SkipController(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_unet2d_condition_model_with_cross_attention():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=4,
+    ).eval()
+    ctl = SkipController(unet)
+    assert ctl.arch == "UNet2DConditionModel"
+    assert [s.name for s in ctl.skips] == ["conv_in", "down_blocks.0.attentions.0", "down_blocks.0.downsamplers.0",
+                                         "down_blocks.1.resnets.0"]
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+    check_skip_routing(unet, unet, lambda: unet(x, t, encoder_hidden_states=text))
+    reference = unet(x, t, encoder_hidden_states=text).sample
+    for placement in ("input", "normalized", "both"):
+        with apply(unet, RhoSchedule.constant(ctl.arch, ctl.skips, [1.0] * 4, placement=placement)):
+            assert torch.equal(unet(x, t, encoder_hidden_states=text).sample, reference)

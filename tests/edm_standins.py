@@ -1,0 +1,147 @@
+"""Stand-ins for NVlabs/edm's networks (training/networks.py), written here for the tests.
+
+Same class names and module structure as EDM's, which is all the adapter relies on: ``enc`` and
+``dec`` ModuleDicts keyed '{res}x{res}_...', UNetBlock with GroupNorm ``norm0``, ``conv0``,
+``norm1``, ``conv1`` and a 1x1 ``skip`` conv when the channel count or resolution changes, and a
+decoder that concatenates ``skips.pop()`` to x before any block whose ``in_channels`` differ.
+Layers are plain torch ones (no custom resampling filters or init): enough to run, not to train.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """EDM's rule: 32 groups, but at least 4 channels per group."""
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-5)
+
+
+class UNetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down = up, down
+        self.norm0 = group_norm(in_channels)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.affine = nn.Linear(emb_channels, out_channels * 2)
+        self.norm1 = group_norm(out_channels)
+        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if (in_channels != out_channels or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = group_norm(out_channels)
+            self.qkv = nn.Conv2d(out_channels, out_channels * 3, 1)
+            self.proj = nn.Conv2d(out_channels, out_channels, 1)
+
+    def _resample(self, x):
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, 2)
+        return x
+
+    def forward(self, x, emb):
+        orig = x
+        x = self.conv0(self._resample(F.silu(self.norm0(x))))
+        scale, shift = self.affine(emb).unsqueeze(2).unsqueeze(3).chunk(2, dim=1)
+        x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        x = self.conv1(x)
+        x = x + (self.skip(self._resample(orig)) if self.skip is not None else orig)
+        x = x * np.sqrt(0.5)
+        if self.attention:
+            b, c, h, w = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(b, 3, c, h * w).unbind(1)
+            a = torch.softmax(q.transpose(1, 2) @ k / np.sqrt(c), dim=-1)
+            x = (x + self.proj((v @ a.transpose(1, 2)).reshape(b, c, h, w))) * np.sqrt(0.5)
+        return x
+
+
+class _EDMUNet(nn.Module):
+    """The shared skeleton of SongUNet and DhariwalUNet (standard encoder and decoder)."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, model_channels, channel_mult,
+                 num_blocks, attn_resolutions, first_conv_mult):
+        super().__init__()
+        emb = model_channels * 4
+        self.model_channels = model_channels
+        self.map_layer0 = nn.Linear(model_channels, emb)
+        self.map_layer1 = nn.Linear(emb, emb)
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * (mult if first_conv_mult else 1)
+                self.enc[f"{res}x{res}_conv"] = nn.Conv2d(cin, cout, 3, padding=1)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, emb, down=True)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
+        skips = [block.out_channels for block in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, emb, attention=True)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, emb)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, emb, up=True)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
+        self.out_norm = group_norm(cout)
+        self.out_conv = nn.Conv2d(cout, out_channels, 3, padding=1)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        half = self.model_channels // 2
+        freqs = torch.exp(-np.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        angle = noise_labels.float().reshape(-1, 1) * freqs.reshape(1, -1)
+        emb = torch.cat([angle.cos(), angle.sin()], dim=1)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+class SongUNet(_EDMUNet):
+    """DDPM++ layout (EDM's CIFAR-10 net): first conv at model_channels, attention at 16x16."""
+
+    def __init__(self, img_resolution=32, in_channels=3, out_channels=3, model_channels=128,
+                 channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,)):
+        super().__init__(img_resolution, in_channels, out_channels, model_channels, channel_mult,
+                         num_blocks, attn_resolutions, first_conv_mult=False)
+
+
+class DhariwalUNet(_EDMUNet):
+    """ADM layout (EDM's ImageNet-64 net): first conv at model_channels * mult[0]."""
+
+    def __init__(self, img_resolution=64, in_channels=3, out_channels=3, model_channels=192,
+                 channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8)):
+        super().__init__(img_resolution, in_channels, out_channels, model_channels, channel_mult,
+                         num_blocks, attn_resolutions, first_conv_mult=True)
+
+
+class EDMPrecond(nn.Module):
+    """EDM's wrapper: D(x, σ) = c_skip x + c_out F(c_in x, ln(σ)/4); the net lives at .model."""
+
+    def __init__(self, model, sigma_data=0.5):
+        super().__init__()
+        self.model, self.sigma_data = model, sigma_data
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        sigma = sigma.reshape(-1, 1, 1, 1)
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        f = self.model(c_in * x, (sigma.log() / 4).flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * f

@@ -1,0 +1,99 @@
+"""EDM SongUNet / DhariwalUNet (stand-ins with EDM's structure), bare and inside EDMPrecond."""
+
+import pytest
+import torch
+
+from edm_standins import DhariwalUNet, EDMPrecond, SongUNet
+from skiptune_search import RhoSchedule, SkipController, apply
+from skiptune_search.schedule import PLACEMENTS
+from test_skips import check_skip_routing
+
+
+def cifar_like():
+    """DDPM++ at EDM's CIFAR-10 layout (3 levels, 4 blocks, attention at 16) at reduced width."""
+    torch.manual_seed(0)
+    return SongUNet(img_resolution=16, model_channels=16, channel_mult=(2, 2, 2), num_blocks=2,
+                    attn_resolutions=(8,)).eval()
+
+
+def imagenet_like():
+    """ADM at EDM's ImageNet-64 layout (mult 1,2,3,4; 3 blocks) at reduced width and size."""
+    torch.manual_seed(0)
+    return DhariwalUNet(img_resolution=16, model_channels=16, channel_mult=(1, 2, 3, 4), num_blocks=3,
+                        attn_resolutions=(8, 4, 2)).eval()
+
+
+def _call(net):
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return lambda: net(x, torch.tensor([0.3, -0.7]))
+
+
+@pytest.mark.parametrize("make", [cifar_like, imagenet_like])
+@torch.no_grad()
+def test_edm_skips_are_routed_to_their_decoder_blocks(make):
+    net = make()
+    ctl = SkipController(net)
+    assert ctl.arch == type(net).__name__
+    assert ctl.skips[0].name.endswith("_conv") and ctl.skips[0].resolution == 16
+    assert ctl.skips[-1].consumer.endswith("_block0")  # the deepest skip meets the first decoder block
+    check_skip_routing(net, net, _call(net))
+
+
+@pytest.mark.parametrize("make", [cifar_like, imagenet_like])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@torch.no_grad()
+def test_edm_rho_one_is_exact_and_unhooks(make, placement):
+    net = make()
+    precond = EDMPrecond(net)
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0])
+    before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in precond.modules()]
+    reference = precond(x, sigma)
+    ctl = SkipController(precond)
+    n = len(ctl.skips)
+    with apply(precond, RhoSchedule.constant(ctl.arch, ctl.skips, [1.0] * n, placement=placement)):
+        assert torch.equal(precond(x, sigma), reference)
+    with apply(precond, RhoSchedule.linear(ctl.arch, ctl.skips, 0.7, 0.95, placement=placement)):
+        assert not torch.allclose(precond(x, sigma), reference)
+    assert before == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in precond.modules()]
+    assert torch.equal(precond(x, sigma), reference)
+
+
+@torch.no_grad()
+def test_edm_precond_gives_sigma_per_sample():
+    net = imagenet_like()
+    precond = EDMPrecond(net)
+    ctl = SkipController(precond)
+    params = {"rho_inner_k0": 0.5, "rho_outer_k0": 0.5, "rho_inner_k1": 1.5, "rho_outer_k1": 1.5}
+    schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 10.0])
+    deepest = ctl.skips[-1]
+    consumer = net.get_submodule(deepest.consumer)
+    x, sigma = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 1.0, 50.0])
+    plain, tuned = [], []
+    h = consumer.register_forward_pre_hook(lambda m, a: plain.append(a[0]))
+    precond(x, sigma)
+    h.remove()
+    with apply(precond, schedule):
+        h = consumer.register_forward_pre_hook(lambda m, a: tuned.append(a[0]))
+        precond(x, sigma)
+        h.remove()
+    c = deepest.channels
+    expected = torch.tensor([0.5, 1.0, 1.5]).reshape(-1, 1, 1, 1)
+    assert torch.allclose(tuned[0][:, -c:], plain[0][:, -c:] * expected, rtol=1e-6)
+
+
+def test_edm_imagenet64_layout_groupnorm_cancellation():
+    """EDM's ImageNet-64 ADM at full width: 16 skips, and in 10 of the 16 concatenations the
+    skip channels fill whole GroupNorm groups, so ρ on the input is normalized away."""
+    with torch.device("meta"):
+        net = DhariwalUNet(img_resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3)
+    report = SkipController(EDMPrecond(net)).groupnorm_report()
+    assert len(report) == 16
+    assert sum(r["cancelled"] for r in report) == 10
+    assert all(r["shortcut"] for r in report)  # every consuming block has a 1x1 skip conv
+
+
+def test_edm_cifar10_layout_has_15_skips():
+    with torch.device("meta"):
+        net = SongUNet(img_resolution=32, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4)
+    ctl = SkipController(EDMPrecond(net))
+    assert len(ctl.skips) == 15 and {s.resolution for s in ctl.skips} == {32, 16, 8}
