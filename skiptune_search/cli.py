@@ -54,9 +54,20 @@ def _task_options(fn):
                       help="Denoiser evaluations per sample (Heun: 2*steps-1, so odd).")(fn)
     fn = click.option("--sampler", default="heun", show_default=True, type=click.Choice(["heun", "euler"]),
                       help="ODE sampler in σ space on the Karras grid (ρ=7).")(fn)
-    fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
-                      help="'fashion-mnist-edm' (bundled) or a model folder written by train-default.")(fn)
+    fn = _model_options(fn)
     fn = click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")(fn)
+    return fn
+
+
+def _model_options(fn):
+    """--model, --trust-pickle, --edm-path: which model, and consent to run a pickle's code."""
+    fn = click.option("--edm-path", default=None, type=click.Path(file_okay=False),
+                      help="Checkout of NVlabs/edm, needed to unpickle EDM networks.")(fn)
+    fn = click.option("--trust-pickle", is_flag=True,
+                      help="Allow loading an EDM .pkl (unpickling runs code from the file).")(fn)
+    fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
+                      help="'fashion-mnist-edm' (bundled), a model folder written by train-default, "
+                           "or an EDM network pickle (.pkl, with --trust-pickle).")(fn)
     return fn
 
 
@@ -112,8 +123,8 @@ def main() -> None:
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
 @_friendly
-def search(model, sampler, nfe, seed, threads, storage, study, family, placement, knots, trials, n,
-           rho_min, rho_max, batch, reference, timeout, out, search_seed) -> None:
+def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, study, family, placement,
+           knots, trials, n, rho_min, rho_max, batch, reference, timeout, out, search_seed) -> None:
     """Run (or resume) the Optuna study for one model, sampler and NFE.
 
     The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
@@ -130,7 +141,7 @@ def search(model, sampler, nfe, seed, threads, storage, study, family, placement
     if family == "per_noise" and knots < 2:
         raise UserError("--knots must be at least 2 for per_noise")
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, reference=reference)
-    evaluator = S.Evaluator(task, batch_size=batch)
+    evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path)
     evaluator.reference  # fail before any trial when the statistics are missing
     sigma_knots = ()
     if family == "per_noise":
@@ -173,10 +184,10 @@ def search(model, sampler, nfe, seed, threads, storage, study, family, placement
 
 
 @main.command()
-@click.argument("model", default="fashion-mnist-edm")
+@_model_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"skips": [...]} as JSON instead of a table.')
 @_friendly
-def inspect(model, as_json) -> None:
+def inspect(model, trust_pickle, edm_path, as_json) -> None:
     """List a model's long skips in encoder order (0 = outermost): name, resolution, channels,
     the block that consumes it, and whether GroupNorm cancels a ρ placed on its input."""
     import json
@@ -184,7 +195,7 @@ def inspect(model, as_json) -> None:
     from .skips import SkipController
     from .zoo import load_denoiser
 
-    denoiser, _ = load_denoiser(model)
+    denoiser, _ = load_denoiser(model, trust_pickle, edm_path)
     ctl = SkipController(denoiser)
     rows = [{"index": i, **s.as_dict(), **g} for i, (s, g) in enumerate(zip(ctl.skips, ctl.groupnorm_report()))]
     if as_json:
@@ -226,13 +237,14 @@ def export(storage, study, out) -> None:
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @_friendly
-def sample(model, sampler, nfe, seed, threads, schedule, n, out) -> None:
+def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned."""
     from . import search as S
     from .grids import save_grid
 
     _set_threads(threads)
-    evaluator = S.Evaluator(S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed))
+    evaluator = S.Evaluator(S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed),
+                            trust_pickle=trust_pickle, edm_path=edm_path)
     sched = evaluator.controller.identity() if schedule is None else schedule
     images = evaluator.images(sched)
     save_grid(images, out)

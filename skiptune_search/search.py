@@ -53,14 +53,15 @@ class Task:
 class Evaluator:
     """Loads the model, controller, extractor and reference once; scores schedules by FID."""
 
-    def __init__(self, task: Task, batch_size: int = 250) -> None:
+    def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
+                 edm_path: str | None = None) -> None:
         self.task = task
         self.batch_size = batch_size
         self.steps = steps_for_nfe(task.sampler, task.nfe)
-        self.denoiser, self.model_info = load_denoiser(task.model)
+        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
         self.controller = SkipController(self.denoiser)
         self.controller.attach()
-        self.sigmas = karras_sigmas(self.steps, self.denoiser.sigma_min, self.denoiser.sigma_max)
+        self.sigmas = karras_sigmas(self.steps, self.model_info["sigma_min"], self.model_info["sigma_max"])
         self.shape = (self.model_info["channels"], self.model_info["resolution"], self.model_info["resolution"])
         self._extractor = None
         self._reference = None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,13 +73,20 @@ def load_model_info(model_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_denoiser(model: str | os.PathLike | None = None) -> tuple[EDMPrecond, dict]:
-    """The denoiser D(x, σ) of a model folder (default: the bundled model) and its info."""
+def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = False,
+                  edm_path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
+    """The denoiser D(x, σ) of ``model`` and its info (name, resolution, channels, σ range).
+
+    ``model`` is 'fashion-mnist-edm' (bundled), a model folder written by train-default, or an
+    EDM network pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``.
+    """
+    if model not in (None, DEFAULT_MODEL_NAME) and str(model).endswith(".pkl"):
+        return load_edm_pickle(Path(model), trust_pickle, edm_path)
     model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
     if not model_dir.is_dir():
         raise ModelLoadError(
-            f"model {model} not found: pass --model {DEFAULT_MODEL_NAME} (bundled) or a model folder "
-            f"written by 'skiptune-search train-default'"
+            f"model {model} not found: pass --model {DEFAULT_MODEL_NAME} (bundled), a model folder "
+            f"written by 'skiptune-search train-default', or an EDM .pkl with --trust-pickle"
         )
     info = load_model_info(model_dir)
     if info.get("precond") != "edm":
@@ -91,6 +100,46 @@ def load_denoiser(model: str | os.PathLike | None = None) -> tuple[EDMPrecond, d
     )
     info = dict(info, name=DEFAULT_MODEL_NAME if model_dir == DEFAULT_MODEL_DIR else str(model_dir))
     return denoiser, info
+
+
+def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike | None) -> tuple[torch.nn.Module, dict]:
+    """An EDM network pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``): its ``ema`` Precond net.
+
+    Unpickling executes code named in the file and needs EDM's own modules (``torch_utils``,
+    ``training``) importable: pass ``edm_path``, a checkout of NVlabs/edm.
+    """
+    if not trust_pickle:
+        raise ModelLoadError(
+            f"{path} is a pickle, and loading a pickle runs code from it: pass --trust-pickle if you "
+            f"trust its source (e.g. NVlabs' own EDM checkpoints)"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"EDM pickle {path} not found")
+    if edm_path is not None:
+        if not Path(edm_path).is_dir():
+            raise ModelLoadError(f"--edm-path {edm_path} is not a folder; point it at a checkout of NVlabs/edm")
+        if str(edm_path) not in sys.path:
+            sys.path.insert(0, str(edm_path))
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)  # noqa: S301 - the user said --trust-pickle
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"{path} needs the module {exc.name!r} of the EDM code base: pass --edm-path pointing at a "
+            f"checkout of NVlabs/edm"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable network pickle ({exc}); download it again") from None
+    net = data["ema"] if isinstance(data, dict) and "ema" in data else data
+    missing = [a for a in ("sigma_min", "sigma_max", "img_resolution", "img_channels") if not hasattr(net, a)]
+    if not isinstance(net, torch.nn.Module) or missing:
+        raise ModelLoadError(f"{path} holds no EDM Precond network (missing {', '.join(missing) or 'nn.Module'})")
+    if getattr(net, "label_dim", 0):
+        raise ModelLoadError(f"{path} is class-conditional; conditional EDM models are not supported yet")
+    net = net.eval().requires_grad_(False)
+    info = {"name": str(path), "precond": type(net).__name__, "resolution": int(net.img_resolution),
+            "channels": int(net.img_channels), "sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}
+    return net, info
 
 
 def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5) -> None:

@@ -65,7 +65,7 @@ class _EDMUNet(nn.Module):
                  num_blocks, attn_resolutions, first_conv_mult):
         super().__init__()
         emb = model_channels * 4
-        self.model_channels = model_channels
+        self.model_channels, self.img_resolution = model_channels, img_resolution
         self.map_layer0 = nn.Linear(model_channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
         self.enc = nn.ModuleDict()
@@ -133,9 +133,12 @@ class DhariwalUNet(_EDMUNet):
 class EDMPrecond(nn.Module):
     """EDM's wrapper: D(x, σ) = c_skip x + c_out F(c_in x, ln(σ)/4); the net lives at .model."""
 
-    def __init__(self, model, sigma_data=0.5):
+    def __init__(self, model, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
         super().__init__()
         self.model, self.sigma_data = model, sigma_data
+        self.sigma_min, self.sigma_max, self.label_dim = sigma_min, sigma_max, 0
+        self.img_resolution = model.img_resolution
+        self.img_channels = model.out_conv.out_channels
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         sigma = sigma.reshape(-1, 1, 1, 1)

@@ -82,9 +82,9 @@ def test_help_is_the_manual(run):
 
 
 def test_inspect_lists_skips_and_groupnorm_fate(run, tiny_model_dir):
-    result = run("inspect", tiny_model_dir)
+    result = run("inspect", "--model", tiny_model_dir)
     assert result.exit_code == 0, result.output
     assert "UNet2DModel: 4 long skips" in result.output and "cancelled by GroupNorm" in result.output
-    data = json.loads(run("inspect", tiny_model_dir, "--json").output)
+    data = json.loads(run("inspect", "--model", tiny_model_dir, "--json").output)
     assert [s["name"] for s in data["skips"]][0] == "conv_in"
     assert {"index", "name", "consumer", "channels", "resolution", "cancelled"} <= set(data["skips"][0])

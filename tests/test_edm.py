@@ -97,3 +97,71 @@ def test_edm_cifar10_layout_has_15_skips():
         net = SongUNet(img_resolution=32, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4)
     ctl = SkipController(EDMPrecond(net))
     assert len(ctl.skips) == 15 and {s.resolution for s in ctl.skips} == {32, 16, 8}
+
+
+@pytest.fixture
+def edm_pickle(tmp_path, monkeypatch):
+    """(path, repo) of a pickled EDM-style net; sys.path and sys.modules are restored after."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", sys.path[:])
+    yield _edm_pickle(tmp_path)
+    sys.modules.pop("edm_nets_checkout", None)
+
+
+def _edm_pickle(tmp_path):
+    """A pickle like EDM's ({'ema': EDMPrecond(...)}) whose classes live in a module that only
+    --edm-path makes importable, as EDM's 'training.networks' does."""
+    import pickle
+    import shutil
+    import sys
+    from pathlib import Path
+
+    repo = tmp_path / "edm-checkout"
+    repo.mkdir()
+    shutil.copy(Path(__file__).parent / "edm_standins.py", repo / "edm_nets_checkout.py")
+    sys.path.insert(0, str(repo))
+    try:
+        import edm_nets_checkout as nets
+
+        torch.manual_seed(0)
+        net = nets.EDMPrecond(nets.DhariwalUNet(img_resolution=16, model_channels=16, channel_mult=(1, 2),
+                                                num_blocks=1, attn_resolutions=()))
+        path = tmp_path / "edm-tiny.pkl"
+        path.write_bytes(pickle.dumps({"ema": net, "augment_pipe": None}))
+    finally:
+        sys.path.remove(str(repo))
+        sys.modules.pop("edm_nets_checkout", None)
+    return path, repo
+
+
+def test_edm_pickle_needs_trust_and_the_edm_code(edm_pickle):
+    from skiptune_search.zoo import ModelLoadError, load_denoiser
+
+    path, repo = edm_pickle
+    with pytest.raises(ModelLoadError, match="--trust-pickle"):
+        load_denoiser(str(path))
+    with pytest.raises(ModelLoadError, match="--edm-path"):
+        load_denoiser(str(path), trust_pickle=True)
+    denoiser, info = load_denoiser(str(path), trust_pickle=True, edm_path=str(repo))
+    assert info["resolution"] == 16 and info["channels"] == 3 and info["sigma_max"] == 80.0
+    assert len(SkipController(denoiser).skips) == 4
+
+
+def test_edm_pickle_through_the_cli(edm_pickle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from skiptune_search.cli import main
+
+    path, repo = edm_pickle
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    refused = runner.invoke(main, ["inspect", "--model", str(path)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    result = runner.invoke(main, ["inspect", "--model", str(path), "--trust-pickle", "--edm-path", str(repo)])
+    assert result.exit_code == 0, result.output
+    assert "DhariwalUNet: 4 long skips" in result.output
+    result = runner.invoke(main, ["sample", "--model", str(path), "--trust-pickle", "--edm-path", str(repo),
+                                  "--nfe", "3", "-n", "4", "-o", "edm.png"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "edm.png").is_file()
