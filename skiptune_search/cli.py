@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .sampling import SAMPLERS
 from .schedule import FAMILIES, PLACEMENTS
 from .search import DEFAULT_STORAGE
 
@@ -52,8 +53,9 @@ def _task_options(fn):
                       help="First seed; sample i uses seed SEED+i (same noise in every trial).")(fn)
     fn = click.option("--nfe", default=9, show_default=True, type=int,
                       help="Denoiser evaluations per sample (Heun: 2*steps-1, so odd).")(fn)
-    fn = click.option("--sampler", default="heun", show_default=True, type=click.Choice(["heun", "euler"]),
-                      help="ODE sampler in σ space on the Karras grid (ρ=7).")(fn)
+    fn = click.option("--sampler", default="heun", show_default=True, type=click.Choice(list(SAMPLERS)),
+                      help="ODE sampler in σ space on the Karras grid (ρ=7): EDM's Heun (NFE = 2*steps-1), "
+                           "Euler or DPM-Solver++(2M) (NFE = steps).")(fn)
     fn = _model_options(fn)
     fn = click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")(fn)
     return fn
@@ -131,8 +133,11 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     the same seeds, computes their FID against the reference statistics, and lands in the
     storage as soon as it ends. At the end the best schedule is exported as JSON.
     """
+    import optuna
+
     from . import search as S
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     _set_threads(threads)
     if not 0 < rho_min < rho_max:
         raise UserError(f"need 0 < --rho-min < --rho-max, got {rho_min} and {rho_max}")
@@ -150,7 +155,7 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     name = study or S.default_study_name(task, space)
     storage_obj = S.make_storage(storage)
     st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed)
-    click.echo(f"study {name!r} in {storage}: {len(st.trials)} trials so far; "
+    click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe}, N = {task.n} samples, seeds {task.seed}-{task.seed + task.n - 1}")
 
     def report(study, trial) -> None:
@@ -162,9 +167,6 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
         click.echo(f"trial {trial.number + 1}: FID {trial.value:.2f}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.2f}]")
 
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     S.run_search(evaluator, st, space, trials, timeout, on_trial=report)
     base = S.baseline_trial(st)
     schedule = S.export_best(st, storage)
@@ -175,8 +177,8 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     click.echo(f"baseline FID (ρ = 1): {base.value:.2f}" if base else "baseline FID: not finished")
     click.echo(f"best FID:             {schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
     if base:
-        gain = 100 * (base.value - schedule.metric["value"]) / base.value
-        click.echo(f"change:               {-gain:+.1f}% FID")
+        change = 100 * (schedule.metric["value"] - base.value) / base.value
+        click.echo(f"FID change:           {change:+.1f}% vs baseline")
     knots = f" at σ knots {', '.join(f'{k:.3g}' for k in schedule.sigma_knots)}" if schedule.sigma_knots else ""
     click.echo(f"best ρ (outer→inner): {rhos}{knots}  [{schedule.placement} placement]")
     click.echo(f"study storage:        {storage}  (study {name!r})")

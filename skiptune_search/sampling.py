@@ -51,11 +51,32 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> to
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) in σ space: a multistep second-order solver in
+    t = −log σ that reuses the previous denoised estimate. NFE = steps."""
+    old_denoised = None
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoiser(x, s.to(x.dtype))
+        if s_next == 0:
+            x = denoised
+            break
+        h = (s.log() - s_next.log()).to(x.dtype)
+        d = denoised
+        if old_denoised is not None:
+            r = (sigmas[i - 1].log() - s.log()).to(x.dtype) / h
+            d = (1 + 1 / (2 * r)) * denoised - old_denoised / (2 * r)
+        x = (s_next / s).to(x.dtype) * x - torch.expm1(-h) * d
+        old_denoised = denoised
+    return x
+
+
 # name -> (function, steps for an NFE or None when impossible, NFE of a number of steps)
 SAMPLERS: dict[str, tuple[Callable, Callable[[int], int | None], Callable[[int], int]]] = {
     "heun": (sample_heun, lambda nfe: (nfe + 1) // 2 if nfe >= 1 and nfe % 2 == 1 else None,
              lambda steps: 2 * steps - 1),
     "euler": (sample_euler, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
+    "dpmpp_2m": (sample_dpmpp_2m, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
 }
 
 

@@ -221,13 +221,18 @@ def run_search(
         trial.set_user_attr("rho", schedule.rho)
         return fid
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
+    remaining = trials - finished_trials(study)
     if remaining > 0:
         callbacks = [on_trial] if on_trial else []
         study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
                        catch=(NonFiniteSamplesError,), gc_after_trial=False)
     return study
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that ended, completed or failed (not the enqueued or running ones)."""
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=finished))
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

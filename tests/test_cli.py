@@ -34,7 +34,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
 
     # resuming the finished study runs no new trial
     again = run(*_search_args(tiny_model_dir))
-    assert again.exit_code == 0 and "3 trials so far" in again.output and "trial 4" not in again.output
+    assert again.exit_code == 0 and "3 finished trials so far" in again.output and "trial 4" not in again.output
 
     result = run("export", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "best.json")
     assert result.exit_code == 0, result.output

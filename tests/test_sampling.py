@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from skiptune_search.sampling import (
-    generate, initial_noise, karras_sigmas, sample_euler, sample_heun, steps_for_nfe,
+    generate, initial_noise, karras_sigmas, sample_dpmpp_2m, sample_euler, sample_heun, steps_for_nfe,
 )
 
 
@@ -28,7 +28,7 @@ class CountingGaussianDenoiser:
 
 
 @pytest.mark.parametrize("sampler, fn, nfe", [("heun", sample_heun, 9), ("heun", sample_heun, 19),
-                                              ("euler", sample_euler, 7)])
+                                              ("euler", sample_euler, 7), ("dpmpp_2m", sample_dpmpp_2m, 10)])
 def test_nfe_is_counted_exactly(sampler, fn, nfe):
     d = CountingGaussianDenoiser(0.5)
     steps = steps_for_nfe(sampler, nfe)
@@ -45,6 +45,17 @@ def test_heun_solves_the_gaussian_ode():
     err_fine = (sample_heun(CountingGaussianDenoiser(s), x, karras_sigmas(200, 0.002, sigma_max)) - exact).abs().max()
     assert err_fine < 1e-3 * exact.abs().max()
     assert err_fine < err_coarse / 100  # second order: 20x the steps, ~400x less error
+
+
+@pytest.mark.parametrize("fn, order", [(sample_euler, 1), (sample_dpmpp_2m, 2)])
+def test_solvers_converge_at_their_order(fn, order):
+    """Error on the Gaussian ODE falls like steps^-order (x4 steps: /4 or /16)."""
+    s, sigma_max = 0.5, 80.0
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64) * sigma_max
+    exact = x * s / math.sqrt(s * s + sigma_max**2)
+    errors = [(fn(CountingGaussianDenoiser(s), x, karras_sigmas(n, 0.002, sigma_max)) - exact).abs().max()
+              for n in (25, 100)]
+    assert errors[1] < errors[0] / (4**order * 0.6)
 
 
 def test_impossible_nfe_lists_nearest_valid():
