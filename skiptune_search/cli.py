@@ -80,6 +80,26 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: the file's values become this command's defaults (the command line wins)."""
+    if value is None:
+        return None
+    from .config import ConfigError, read_config
+
+    allowed = [p.name for p in ctx.command.params if p.name not in ("config", "help")]
+    try:
+        ctx.default_map = {**(ctx.default_map or {}), **read_config(value, allowed)}
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    return value
+
+
+def _config_option(fn):
+    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+                        callback=_load_config,
+                        help="TOML file of option values (keys as the long options, e.g. nfe = 19).")(fn)
+
+
 def _storage_option(fn):
     return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
                         help="Optuna storage: any SQLAlchemy URL (sqlite:///..., postgresql://...).")(fn)
@@ -100,9 +120,10 @@ def main() -> None:
 
 
 @main.command()
+@_config_option
 @_task_options
 @_storage_option
-@click.option("--study", default=None, help="Study name [default: MODEL-SAMPLER-nfeNFE-FAMILY].")
+@click.option("--study", default=None, help="Study name [default: MODEL-SAMPLER-nfeNFE-FAMILY-PLACEMENT].")
 @click.option("--family", default="linear", show_default=True, type=click.Choice(FAMILIES),
               help="ρ parameterization: linear (ρ_inner at the deepest skip to ρ_outer at the outermost), "
                    "per_level (one ρ per resolution), per_layer (one per skip), per_noise (a linear pair "

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -88,3 +89,34 @@ def test_inspect_lists_skips_and_groupnorm_fate(run, tiny_model_dir):
     data = json.loads(run("inspect", "--model", tiny_model_dir, "--json").output)
     assert [s["name"] for s in data["skips"]][0] == "conv_in"
     assert {"index", "name", "consumer", "channels", "resolution", "cancelled"} <= set(data["skips"][0])
+
+
+def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir, tmp_path):
+    (tmp_path / "c.toml").write_text(f'model = "{tiny_model_dir}"\nnfe = 3\nn = 8\ntrials = 1\nbatch = 4\n')
+    result = run("search", "--config", "c.toml", "--n", 6)  # the command line wins over the file
+    assert result.exit_code == 0, result.output
+    assert "heun NFE 3, N = 6 samples" in result.output
+    (tmp_path / "bad.toml").write_text("nfee = 3\n")
+    _one_line_error(run("search", "--config", "bad.toml"), "unknown key 'nfee'", "did you mean 'nfe'?")
+    (tmp_path / "broken.toml").write_text("nfe = \n")
+    _one_line_error(run("search", "--config", "broken.toml"), "not valid TOML")
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_parse_and_build(config):
+    """Every shipped config names only known options and builds its model, sampler and space."""
+    from dataclasses import fields
+
+    from skiptune_search.cli import search
+    from skiptune_search.config import read_config
+    from skiptune_search.search import Evaluator, Space, Task
+
+    values = read_config(config, [p.name for p in search.params])
+    task = Task(**{f.name: values[f.name] for f in fields(Task) if f.name in values})
+    evaluator = Evaluator(task)  # loads the model, attaches the controller, builds the σ grid
+    assert len(evaluator.sigmas) == evaluator.steps + 1
+    assert evaluator.reference.mu.shape == (1280,)
+    Space(values["family"], values["placement"], (values["rho_min"], values["rho_max"]))
+    ctx = search.make_context("search", ["--config", str(config)], resilient_parsing=True)
+    assert ctx.default_map == values
