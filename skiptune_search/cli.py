@@ -29,7 +29,7 @@ def _friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .data import DataNotFoundError
-        from .metrics import ReferenceStatsError
+        from .metrics import FeatureWeightsError, ReferenceStatsError
         from .schedule import ScheduleError
         from .search import StudyMismatchError
         from .skips import NoSkipsError
@@ -37,7 +37,7 @@ def _friendly(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DataNotFoundError, ReferenceStatsError, ScheduleError, StudyMismatchError,
+        except (DataNotFoundError, FeatureWeightsError, ReferenceStatsError, ScheduleError, StudyMismatchError,
                 NoSkipsError, ModelLoadError, ValueError) as exc:
             raise UserError(str(exc)) from None
         except KeyboardInterrupt:
@@ -139,15 +139,22 @@ def main() -> None:
 @click.option("--rho-min", default=0.5, show_default=True, type=float, help="Lower bound of each ρ.")
 @click.option("--rho-max", default=1.5, show_default=True, type=float, help="Upper bound of each ρ.")
 @click.option("--batch", default=250, show_default=True, type=int, help="Sampling and feature batch size.")
+@click.option("--features", default="efficientnet-lite0", show_default=True,
+              type=click.Choice(["efficientnet-lite0", "inception-v3-compat"]),
+              help="FID feature extractor: EfficientNet-Lite0 (offline) or the standard Inception-v3.")
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+              help="Local Inception-v3 weights (torch-fidelity's .pth), for machines without internet.")
 @click.option("--reference", default="bundled", show_default=True,
-              help="Reference statistics (.npz with mu, sigma), or 'bundled' (Fashion-MNIST test set).")
+              help="Reference statistics (.npz with mu, sigma; EDM's reference files work), or 'bundled' "
+                   "(Fashion-MNIST test set, EfficientNet-Lite0 features).")
 @click.option("--timeout", default=None, type=float, help="Stop starting new trials after this many seconds.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
 @_friendly
 def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, study, family, placement,
-           knots, trials, n, rho_min, rho_max, batch, reference, timeout, out, search_seed) -> None:
+           knots, trials, n, rho_min, rho_max, batch, features, inception_weights, reference, timeout, out,
+           search_seed) -> None:
     """Run (or resume) the Optuna study for one model, sampler and NFE.
 
     The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
@@ -158,6 +165,8 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
 
     from . import search as S
 
+    import torch
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _set_threads(threads)
     if not 0 < rho_min < rho_max:
@@ -166,9 +175,12 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
         raise UserError("--n must be at least 2 (FID needs a covariance)")
     if family == "per_noise" and knots < 2:
         raise UserError("--knots must be at least 2 for per_noise")
-    task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, reference=reference)
-    evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path)
-    evaluator.reference  # fail before any trial when the statistics are missing
+    task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference)
+    evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
+                            feature_weights=inception_weights)
+    # fail before any trial when the statistics or the extractor's weights are missing
+    if evaluator.reference.mu.shape[0] != evaluator.extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))[0].shape[1]:
+        raise UserError(f"--reference {reference} does not hold {features} statistics (feature sizes differ)")
     sigma_knots = ()
     if family == "per_noise":
         sigma_knots = S.log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), knots)

