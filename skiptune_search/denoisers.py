@@ -70,3 +70,42 @@ def timestep_to_sigma_from_scheduler(scheduler) -> "callable":
         return sigmas[lo] * (1 - w) + sigmas[hi] * w
 
     return to_sigma
+
+
+class DiffusersVPPrecond(nn.Module):
+    """A DDPM-family diffusers UNet (ε-, v- or sample-prediction) as D(x, σ) in EDM's σ-space.
+
+    The VP model sees x_t = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε, i.e. x_σ / sqrt(1 + σ²) for
+    σ = sqrt((1 − ᾱ)/ᾱ); its timestep is found by interpolating the scheduler's σ table in log σ.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> None:
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.register_buffer("log_sigmas", ((1 - alphas) / alphas).sqrt().log(), persistent=False)
+        self.sigma_min = float(self.log_sigmas[0].exp())
+        self.sigma_max = float(self.log_sigmas[-1].exp())
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The continuous timestep whose σ is ``sigma`` (linear in log σ between integers)."""
+        log_sigma = sigma.double().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        lo_val, hi_val = self.log_sigmas[hi - 1], self.log_sigmas[hi]
+        return (hi - 1) + (log_sigma - lo_val) / (hi_val - lo_val)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
+        c_in = 1 / (1 + s**2).sqrt()
+        out = self.unet(x * c_in, self.timestep(sigma).to(x.dtype))
+        out = out.sample if hasattr(out, "sample") else out
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            return c_in**2 * x - s * c_in * out
+        return out

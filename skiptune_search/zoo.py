@@ -83,6 +83,10 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
     if model not in (None, DEFAULT_MODEL_NAME) and str(model).endswith(".pkl"):
         return load_edm_pickle(Path(model), trust_pickle, edm_path)
     model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
+    if not (model_dir / MODEL_INFO_FILE).is_file() and (
+        (model_dir / "model_index.json").is_file() or (not model_dir.exists() and _looks_like_repo_id(str(model)))
+    ):
+        return load_diffusers_pipeline(str(model))
     if not model_dir.is_dir():
         raise ModelLoadError(
             f"model {model} not found: pass --model {DEFAULT_MODEL_NAME} (bundled), a model folder "
@@ -99,6 +103,37 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
         sigma_max=info["sigma_max"],
     )
     info = dict(info, name=DEFAULT_MODEL_NAME if model_dir == DEFAULT_MODEL_DIR else str(model_dir))
+    return denoiser, info
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
+    """A diffusers DDPM-family pipeline (a local folder or a Hugging Face repo id already in the
+    local cache): its UNet2DModel and scheduler, as a denoiser in σ-space. Never downloads."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(source, subfolder="unet", local_files_only=True,
+                                           low_cpu_mem_usage=False)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        where = "is not in the local Hugging Face cache" if not Path(source).exists() else "could not be read"
+        raise ModelLoadError(
+            f"diffusers model {source} {where} ({str(exc).splitlines()[0][:160]}); on a machine with internet "
+            f"run: huggingface-cli download {source}"
+        ) from None
+    from .denoisers import DiffusersVPPrecond
+
+    denoiser = DiffusersVPPrecond(unet.eval().requires_grad_(False), scheduler.alphas_cumprod,
+                                  scheduler.config.prediction_type)
+    size = unet.config.sample_size
+    info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type,
+            "resolution": int(size if isinstance(size, int) else size[0]), "channels": int(unet.config.in_channels),
+            "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
     return denoiser, info
 
 
