@@ -6,6 +6,7 @@ import torch
 from edm_standins import DhariwalUNet, EDMPrecond, SongUNet
 from skiptune_search import RhoSchedule, SkipController, apply
 from skiptune_search.schedule import PLACEMENTS
+from test_placements import check_sigma_per_sample
 from test_skips import check_skip_routing
 
 
@@ -61,24 +62,7 @@ def test_edm_rho_one_is_exact_and_unhooks(make, placement):
 @torch.no_grad()
 def test_edm_precond_gives_sigma_per_sample():
     net = imagenet_like()
-    precond = EDMPrecond(net)
-    ctl = SkipController(precond)
-    params = {"rho_inner_k0": 0.5, "rho_outer_k0": 0.5, "rho_inner_k1": 1.5, "rho_outer_k1": 1.5}
-    schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 10.0])
-    deepest = ctl.skips[-1]
-    consumer = net.get_submodule(deepest.consumer)
-    x, sigma = torch.randn(3, 3, 16, 16), torch.tensor([0.01, 1.0, 50.0])
-    plain, tuned = [], []
-    h = consumer.register_forward_pre_hook(lambda m, a: plain.append(a[0]))
-    precond(x, sigma)
-    h.remove()
-    with apply(precond, schedule):
-        h = consumer.register_forward_pre_hook(lambda m, a: tuned.append(a[0]))
-        precond(x, sigma)
-        h.remove()
-    c = deepest.channels
-    expected = torch.tensor([0.5, 1.0, 1.5]).reshape(-1, 1, 1, 1)
-    assert torch.allclose(tuned[0][:, -c:], plain[0][:, -c:] * expected, rtol=1e-6)
+    check_sigma_per_sample(EDMPrecond(net), net, channels=3, size=16)
 
 
 def test_edm_imagenet64_layout_groupnorm_cancellation():

@@ -83,22 +83,27 @@ def test_every_placement_is_exact_at_rho_one_and_unhooks(tiny_unet, placement):
 @torch.no_grad()
 def test_sigma_dependent_schedule_is_applied_per_sample(tiny_unet):
     """In an EDM-style wrapper the controller reads σ from each call, one ρ per sample."""
-    denoiser = EDMPrecond(tiny_unet)
-    ctl = SkipController(denoiser)
+    check_sigma_per_sample(EDMPrecond(tiny_unet), tiny_unet, channels=1, size=16)
+
+
+def check_sigma_per_sample(precond, unet, channels, size):
+    """A per_noise schedule with ρ 0.5 at σ = 0.1 and 1.5 at σ = 10 scales the deepest skip of
+    samples at σ = 0.01, 1 and 50 by 0.5 (clamped), 1 (log-midpoint) and 1.5 (clamped)."""
+    ctl = SkipController(precond)
     params = {"rho_inner_k0": 0.5, "rho_outer_k0": 0.5, "rho_inner_k1": 1.5, "rho_outer_k1": 1.5}
     schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 10.0])
-    sigma = torch.tensor([0.01, 1.0, 50.0])  # below, between (log-midpoint), above the knots
+    sigma = torch.tensor([0.01, 1.0, 50.0])
     expected = torch.tensor([0.5, 1.0, 1.5]).reshape(-1, 1, 1, 1)
-    x = torch.randn(3, 1, 16, 16)
+    x = torch.randn(3, channels, size, size)
     deepest = ctl.skips[-1]  # consumed first, so the rest of its block's input is untouched
-    consumer = tiny_unet.get_submodule(deepest.consumer)
+    consumer = unet.get_submodule(deepest.consumer)
     plain, tuned = [], []
     handle = consumer.register_forward_pre_hook(lambda m, a: plain.append(a[0]))
-    denoiser(x, sigma)
+    precond(x, sigma)
     handle.remove()
-    with apply(denoiser, schedule):
+    with apply(precond, schedule):
         handle = consumer.register_forward_pre_hook(lambda m, a: tuned.append(a[0]))
-        denoiser(x, sigma)
+        precond(x, sigma)
         handle.remove()
     c = deepest.channels
     assert torch.equal(tuned[0][:, :-c], plain[0][:, :-c])
