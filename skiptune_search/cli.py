@@ -287,6 +287,91 @@ def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, schedule,
     click.echo(f"wrote {out}: {n} images, {sampler} NFE {nfe}, seeds {seed}-{seed + n - 1}, {what}")
 
 
+@main.command()
+@_config_option
+@click.option("--schedule", required=True, type=click.Path(dir_okay=False), help="Schedule JSON to evaluate.")
+@_model_options
+@click.option("--sampler", default=None, type=click.Choice(list(SAMPLERS)), help="[default: the schedule's]")
+@click.option("--nfe", default=None, type=int, help="[default: the schedule's]")
+@click.option("--n", "n", default=5000, show_default=True, type=int, help="Held-out samples per variant.")
+@click.option("--blocks", default=5, show_default=True, type=int, help="Independent seed blocks for the interval.")
+@click.option("--seed", default=1_000_000, show_default=True, type=int,
+              help="First held-out seed (the search uses seeds from 0 by default).")
+@click.option("--features", default=None, help="[default: the schedule's]")
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False))
+@click.option("--reference", default="bundled", show_default=True, help="Reference statistics (.npz) or 'bundled'.")
+@click.option("--batch", default=250, show_default=True, type=int)
+@click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_friendly
+def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, seed, features, inception_weights,
+             reference, batch, threads, as_json) -> None:
+    """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
+    on the same N new samples, with a 95% interval from independent seed blocks."""
+    import json
+
+    from . import search as S
+    from .evaluate import evaluate_schedule
+    from .schedule import load_schedule
+
+    _set_threads(threads)
+    sched = load_schedule(schedule)
+    tuned = sched.tuned_for
+    model = tuned.get("model", model) if model == "fashion-mnist-edm" else model
+    searched = sched.metric.get("seeds", "")
+    if searched and "-" in searched:
+        first, last = (int(v) for v in searched.split("-"))
+        if seed <= last and seed + n - 1 >= first:
+            raise UserError(f"seeds {seed}-{seed + n - 1} overlap the search's seeds {searched}; pick another --seed")
+    task = S.Task(model=model, sampler=sampler or tuned.get("sampler", "heun"), nfe=nfe or tuned.get("nfe", 9),
+                  n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
+                  reference=reference)
+    evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
+                            feature_weights=inception_weights)
+    result = evaluate_schedule(evaluator, sched, task.seeds, blocks)
+    result["schedule"] = str(schedule)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    b, t, d = result["baseline"], result["tuned"], result["difference"]
+    click.echo(f"held-out seeds {result['seeds']} ({result['n']} samples, {blocks} blocks of {result['block_size']}), "
+               f"{task.sampler} NFE {task.nfe}, {task.features} features")
+    click.echo(f"untuned  FID {b['fid']:.2f}  (per block {b['block_fid']['mean']:.2f}, "
+               f"95% CI {b['block_fid']['low']:.2f}..{b['block_fid']['high']:.2f})")
+    click.echo(f"tuned    FID {t['fid']:.2f}  (per block {t['block_fid']['mean']:.2f}, "
+               f"95% CI {t['block_fid']['low']:.2f}..{t['block_fid']['high']:.2f})")
+    click.echo(f"tuned - untuned per block: {d['mean']:+.2f} (95% CI {d['low']:+.2f}..{d['high']:+.2f})")
+    click.echo("the gain holds on held-out seeds" if result["gain_holds"]
+               else "the gain does NOT hold: the interval reaches zero or above")
+
+
+@main.command()
+@_storage_option
+@_friendly
+def studies(storage) -> None:
+    """List the studies in a storage: trials, baseline FID and best FID."""
+    import optuna
+
+    from . import search as S
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summaries = optuna.get_all_study_summaries(S.make_storage(storage), include_best_trial=False)
+    if not summaries:
+        click.echo(f"no studies in {storage}; run 'skiptune-search search'")
+        return
+    click.echo(f"{'study':<48} {'done':>5} {'failed':>6} {'baseline':>9} {'best':>9} {'change':>7}")
+    for summary in sorted(summaries, key=lambda s: s.study_name):
+        st = optuna.load_study(study_name=summary.study_name, storage=S.make_storage(storage))
+        complete = st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        failed = len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+        base = S.baseline_trial(st)
+        best = min((t.value for t in complete), default=None)
+        fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'-':>9}"  # noqa: E731
+        change = f"{100 * (best - base.value) / base.value:+6.1f}%" if base and best is not None else f"{'-':>7}"
+        click.echo(f"{summary.study_name:<48} {len(complete):>5} {failed:>6} {fmt(base.value if base else None)} "
+                   f"{fmt(best)} {change}")
+
+
 @main.command("train-default")
 @click.option("--steps", default=20000, show_default=True, type=int, help="Total optimizer steps (resume continues to this).")
 @click.option("--batch", default=128, show_default=True, type=int)

@@ -96,9 +96,14 @@ class Evaluator:
         return generate(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
                         self.shape, self.batch_size, progress)
 
+    def features(self, schedule: RhoSchedule, seeds: list[int] | None = None,
+                 progress: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature vectors and uint8 images of the samples of ``seeds`` (default: the task's)."""
+        images = self.images(schedule, seeds, progress=progress)
+        return extract_features(images, self.extractor, self.batch_size), images
+
     def fid(self, schedule: RhoSchedule, progress: bool | str = True) -> tuple[float, torch.Tensor]:
-        images = self.images(schedule, progress=progress)
-        features = extract_features(images, self.extractor, self.batch_size)
+        features, images = self.features(schedule, progress=progress)
         return fid_from_features(features, self.reference), images
 
 

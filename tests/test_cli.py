@@ -37,6 +37,11 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     again = run(*_search_args(tiny_model_dir))
     assert again.exit_code == 0 and "3 finished trials so far" in again.output and "trial 4" not in again.output
 
+    listing = run("studies")
+    assert listing.exit_code == 0 and "tiny-model-heun-nfe3-linear-input" in listing.output
+    row = next(line for line in listing.output.splitlines() if line.startswith("tiny-model"))
+    assert row.split()[1:3] == ["3", "0"]
+
     result = run("export", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "best.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "best.json").read_text())
@@ -120,3 +125,22 @@ def test_shipped_configs_parse_and_build(config):
     Space(values["family"], values["placement"], (values["rho_min"], values["rho_max"]))
     ctx = search.make_context("search", ["--config", str(config)], resilient_parsing=True)
     assert ctx.default_map == values
+
+
+def test_evaluate_on_held_out_seeds(run, tiny_model_dir, tmp_path):
+    assert run(*_search_args(tiny_model_dir)).exit_code == 0
+    best = tmp_path / "studies" / "tiny-model-heun-nfe3-linear-input.best.json"
+    result = run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--n", 12, "--blocks", 3,
+                 "--batch", 6, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["n"] == 12 and data["seeds"] == "1000000-1000011" and data["nfe"] == 3
+    assert len(data["baseline"]["block_fids"]) == 3
+    diffs = [t - b for t, b in zip(data["tuned"]["block_fids"], data["baseline"]["block_fids"])]
+    assert data["difference"]["mean"] == pytest.approx(sum(diffs) / 3)
+    assert data["difference"]["low"] <= data["difference"]["mean"] <= data["difference"]["high"]
+    assert data["gain_holds"] == (data["difference"]["high"] < 0)
+    text = run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--n", 12, "--blocks", 3, "--batch", 6)
+    assert "untuned  FID" in text.output and ("gain holds" in text.output or "does NOT hold" in text.output)
+    _one_line_error(run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--seed", 5, "--n", 12),
+                    "overlap the search's seeds 0-9")
