@@ -136,6 +136,12 @@ def main() -> None:
 @click.option("--trials", default=20, show_default=True, type=int,
               help="Finished trials the study should hold; a resumed study runs only the rest.")
 @click.option("--n", "n", default=1000, show_default=True, type=int, help="Samples per trial (proxy FID's N).")
+@click.option("--rungs", default=None,
+              help="Sample counts at which a trial reports FID and may be pruned (successive halving), "
+                   "ending at N, e.g. 250,1000 [default: N/4,N]; a single number turns pruning off.")
+@click.option("--objective", default="fid", show_default=True, type=click.Choice(["fid", "fid_inf"]),
+              help="What the study minimizes: FID at N, or FID extrapolated to N -> inf over the rungs "
+                   "(removes most of FID's small-N bias).")
 @click.option("--rho-min", default=0.5, show_default=True, type=float, help="Lower bound of each ρ.")
 @click.option("--rho-max", default=1.5, show_default=True, type=float, help="Upper bound of each ρ.")
 @click.option("--batch", default=250, show_default=True, type=int, help="Sampling and feature batch size.")
@@ -153,8 +159,8 @@ def main() -> None:
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
 @_friendly
 def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, study, family, placement,
-           knots, trials, n, rho_min, rho_max, batch, features, inception_weights, reference, timeout, out,
-           search_seed) -> None:
+           knots, trials, n, rungs, objective, rho_min, rho_max, batch, features, inception_weights, reference,
+           timeout, out, search_seed) -> None:
     """Run (or resume) the Optuna study for one model, sampler and NFE.
 
     The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
@@ -175,7 +181,12 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
         raise UserError("--n must be at least 2 (FID needs a covariance)")
     if family == "per_noise" and knots < 2:
         raise UserError("--knots must be at least 2 for per_noise")
-    task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference)
+    try:
+        rung_sizes = tuple(int(r) for r in rungs.split(",")) if rungs else ((n // 4, n) if n // 4 >= 2 else (n,))
+    except ValueError:
+        raise UserError(f"--rungs {rungs!r} is not a comma-separated list of sample counts, e.g. 250,1000") from None
+    task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
+                  rungs=rung_sizes, objective=objective)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights)
     # fail before any trial when the statistics or the extractor's weights are missing
@@ -189,9 +200,14 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     storage_obj = S.make_storage(storage)
     st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed)
     click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
-               f"{task.sampler} NFE {task.nfe}, N = {task.n} samples, seeds {task.seed}-{task.seed + task.n - 1}")
+               f"{task.sampler} NFE {task.nfe}, N = {task.n} samples (rungs {','.join(map(str, task.rungs))}), "
+               f"seeds {task.seed}-{task.seed + task.n - 1}, objective {task.objective}")
 
     def report(study, trial) -> None:
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            step = trial.last_step
+            click.echo(f"trial {trial.number + 1}: pruned at N={step} (FID {trial.intermediate_values[step]:.2f})")
+            return
         if trial.value is None:
             click.echo(f"trial {trial.number + 1}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
             return
@@ -207,8 +223,9 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     schedule.save(out_path)
     rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
-    click.echo(f"baseline FID (ρ = 1): {base.value:.2f}" if base else "baseline FID: not finished")
-    click.echo(f"best FID:             {schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
+    label = "FID" if objective == "fid" else "FID∞"
+    click.echo(f"baseline {label} (ρ = 1): {base.value:.2f}" if base else f"baseline {label}: not finished")
+    click.echo(f"{f'best {label}:':<22}{schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
     if base:
         change = 100 * (schedule.metric["value"] - base.value) / base.value
         click.echo(f"FID change:           {change:+.1f}% vs baseline")

@@ -26,6 +26,7 @@ from .skips import SkipController
 from .zoo import DEFAULT_MODEL_NAME, load_denoiser
 
 DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
+OBJECTIVES = ("fid", "fid_inf")
 
 
 class StudyMismatchError(ValueError):
@@ -43,6 +44,18 @@ class Task:
     seed: int = 0  # trial samples use seeds seed .. seed + n - 1
     features: str = DEFAULT_FEATURES
     reference: str = "bundled"  # 'bundled' or a path to an .npz with mu and sigma
+    rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
+    objective: str = "fid"  # 'fid' (at n) or 'fid_inf' (FID extrapolated to N -> inf over the rungs)
+
+    def __post_init__(self) -> None:
+        rungs = tuple(self.rungs) or (self.n,)
+        if list(rungs) != sorted(set(rungs)) or rungs[0] < 2 or rungs[-1] != self.n:
+            raise ValueError(f"rungs {','.join(map(str, rungs))} must increase from at least 2 up to n = {self.n}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "fid_inf" and len(rungs) < 2:
+            raise ValueError("objective fid_inf needs at least two rungs (e.g. --rungs 250,1000)")
+        object.__setattr__(self, "rungs", rungs)
 
     @property
     def seeds(self) -> list[int]:
@@ -50,7 +63,16 @@ class Task:
 
     def scoring_key(self) -> dict:
         """The settings that must match for two FIDs to be comparable."""
-        return {k: v for k, v in asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def fid_inf(ns: list[int], fids: list[float]) -> float:
+    """FID extrapolated to N -> inf: the intercept of a least-squares line of FID against 1/N
+    (Chong & Forsyth 2020); FID's bias is close to linear in 1/N."""
+    xs = [1.0 / n for n in ns]
+    mx, my = sum(xs) / len(xs), sum(fids) / len(fids)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, fids)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx
 
 
 class Evaluator:
@@ -169,8 +191,10 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
                controller: SkipController, seed: int) -> optuna.Study:
     """Create the study, or load it and check it was run with the same task and space."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=task.rungs[0], reduction_factor=3)
+              if len(task.rungs) > 1 else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
-                                sampler=sampler, load_if_exists=True)
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
     settings = {"task": task.scoring_key(), **space.as_dict()}
     layout = {"arch": controller.arch, "skips": [s.as_dict() for s in controller.skips]}
     old = study.user_attrs.get("settings")
@@ -224,18 +248,30 @@ def run_search(
         params, placement = space.suggest(trial, skips)
         schedule = space.schedule(arch, skips, {**params, "placement": placement})
         start = time.perf_counter()
-        number = trial.number + 1
-        try:
-            fid, _ = evaluator.fid(schedule, progress=f"trial {number}/{trials}")
-        except NonFiniteSamplesError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            raise
-        trial.set_user_attr("fid", fid)
+        trial.set_user_attr("rho", schedule.rho)
+        features, done, fids = [], 0, {}
+        for k, rung in enumerate(task.rungs):
+            # each rung adds samples to the previous ones: no image is generated twice
+            try:
+                more, _ = evaluator.features(schedule, task.seeds[done:rung],
+                                             progress=f"trial {trial.number + 1}/{trials}, N={rung}")
+            except NonFiniteSamplesError as exc:
+                trial.set_user_attr("fail_reason", str(exc))
+                raise
+            features.append(more)
+            done = rung
+            fids[rung] = fid_from_features(torch.cat(features), evaluator.reference)
+            trial.set_user_attr("fid_at", {str(n): v for n, v in fids.items()})
+            trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
+            trial.report(fids[rung], step=rung)
+            if k < len(task.rungs) - 1 and trial.should_prune():
+                raise optuna.TrialPruned(f"FID {fids[rung]:.2f} at N={rung}")
+        trial.set_user_attr("fid", fids[task.n])
         trial.set_user_attr("n", task.n)
         trial.set_user_attr("seeds", f"{task.seed}-{task.seed + task.n - 1}")
-        trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
-        trial.set_user_attr("rho", schedule.rho)
-        return fid
+        if len(fids) > 1:
+            trial.set_user_attr("fid_inf", fid_inf(list(fids), list(fids.values())))
+        return trial.user_attrs["fid_inf"] if task.objective == "fid_inf" else fids[task.n]
 
     remaining = trials - finished_trials(study)
     if remaining > 0:
@@ -246,8 +282,8 @@ def run_search(
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that ended, completed or failed (not the enqueued or running ones)."""
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    """Trials that ended: completed, pruned or failed (not the enqueued or running ones)."""
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     return len(study.get_trials(deepcopy=False, states=finished))
 
 
@@ -271,7 +307,7 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
         arch, skips, best.params,
         tuned_for={"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
                    "sigma_grid": "karras"},
-        metric={"name": "fid", "features": task["features"], "n": task["n"],
+        metric={"name": task.get("objective", "fid"), "features": task["features"], "n": task["n"],
                 "seeds": f"{task['seed']}-{task['seed'] + task['n'] - 1}", "value": best.value,
                 "baseline": base.value if base else None},
         source={"study": study.study_name, "trial": best.number, "storage": storage_url},

@@ -20,7 +20,7 @@ def run(tmp_path, monkeypatch):
 
 
 def _search_args(model_dir):
-    return ["search", "--model", model_dir, "--nfe", 3, "--n", 10, "--trials", 3, "--batch", 5]
+    return ["search", "--model", model_dir, "--nfe", 3, "--n", 10, "--rungs", 10, "--trials", 3, "--batch", 5]
 
 
 def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_bad_input_is_a_one_line_error(run, tiny_model_dir, tmp_path):
 
 
 def test_changed_settings_do_not_touch_the_study(run, tiny_model_dir, tmp_path):
-    assert run(*_search_args(tiny_model_dir)[:-4], "--trials", 1, "--batch", 5).exit_code == 0
+    assert run(*_search_args(tiny_model_dir)[:-4], "--trials", 1, "--batch", 5).exit_code == 0, "setup"
     db = (tmp_path / "studies" / "skiptune.db").read_bytes()
     result = run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 20, "--trials", 2)
     _one_line_error(result, "n: 10 (now 20)", "--study NEW_NAME")

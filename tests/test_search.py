@@ -104,3 +104,45 @@ def test_every_family_searches_and_exports(evaluator, tmp_path, family, placemen
     assert schedule.placement in ("input", "normalized", "both")
     best = min(study.trials, key=lambda t: t.value)
     assert evaluator.fid(schedule, progress=False)[0] == pytest.approx(best.value, rel=1e-9)
+
+
+def test_fid_inf_recovers_the_intercept():
+    from skiptune_search.search import fid_inf
+
+    ns = [250, 1000, 4000]
+    assert fid_inf(ns, [40.0 + 9000.0 / n for n in ns]) == pytest.approx(40.0)
+
+
+class PruneAllButBaseline(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number > 0
+
+
+def test_rungs_reuse_samples_report_and_prune(tiny_model_dir, tmp_path):
+    evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=12, seed=100, rungs=(6, 12), objective="fid_inf"),
+                          batch_size=5)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "r", evaluator.task, SPACE, evaluator.controller, 0)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    study.pruner = PruneAllButBaseline()
+    run_search(evaluator, study, SPACE, trials=3)
+    base, *others = study.trials
+    assert base.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(base.intermediate_values) == [6, 12]
+    # the 12-sample FID, from 6 + 6 samples, equals the FID of the 12 seeds sampled at once
+    fid12, _ = evaluator.fid(evaluator.controller.identity(), progress=False)
+    assert base.user_attrs["fid"] == pytest.approx(fid12, rel=1e-6)  # batches differ: float rounding only
+    assert base.user_attrs["fid_at"]["6"] == base.intermediate_values[6]
+    from skiptune_search.search import fid_inf
+
+    assert base.value == pytest.approx(fid_inf([6, 12], [base.intermediate_values[6], fid12]))
+    assert [t.state for t in others] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [6] for t in others)
+    assert export_best(study, url).source["trial"] == 0  # an export never points at a pruned trial
+
+
+def test_rungs_must_end_at_n():
+    with pytest.raises(ValueError, match="up to n = 12"):
+        Task(n=12, rungs=(6, 10))
+    with pytest.raises(ValueError, match="two rungs"):
+        Task(n=12, objective="fid_inf")
