@@ -389,6 +389,42 @@ def studies(storage) -> None:
                    f"{fmt(best)} {change}")
 
 
+@main.command()
+@_storage_option
+@click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--samples", default=64, show_default=True, type=int,
+              help="Sample the model for baseline and best grids (0: no grids, no model needed).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading an EDM .pkl to sample the grids.")
+@click.option("--edm-path", default=None, type=click.Path(file_okay=False), help="Checkout of NVlabs/edm.")
+@_friendly
+def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
+    """Write one self-contained HTML report of a study: optimization history, ρ heatmap of the
+    best schedule, parameter importances, FID at each rung, FID vs NFE across sibling studies,
+    and baseline vs best sample grids."""
+    import optuna
+
+    from . import search as S
+    from .report import write_report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_obj = S.make_storage(storage)
+    try:
+        st = optuna.load_study(study_name=study, storage=storage_obj)
+    except KeyError:
+        raise UserError(f"no study {study!r} in {storage}; list them with 'skiptune-search studies'") from None
+    grids = None
+    if samples > 0:
+        task = st.user_attrs["settings"]["task"]
+        evaluator = S.Evaluator(S.Task(model=task["model"], sampler=task["sampler"], nfe=task["nfe"], n=samples,
+                                       seed=task["seed"]), trust_pickle=trust_pickle, edm_path=edm_path)
+        best = S.export_best(st, storage)
+        grids = (evaluator.images(evaluator.controller.identity(), progress="baseline grid"),
+                 evaluator.images(best, progress="best grid"))
+    path = write_report(st, storage_obj, storage, out, grids)
+    click.echo(f"wrote {path}")
+
+
 @main.command("train-default")
 @click.option("--steps", default=20000, show_default=True, type=int, help="Total optimizer steps (resume continues to this).")
 @click.option("--batch", default=128, show_default=True, type=int)

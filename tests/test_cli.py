@@ -42,6 +42,13 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     row = next(line for line in listing.output.splitlines() if line.startswith("tiny-model"))
     assert row.split()[1:3] == ["3", "0"]
 
+    result = run("report", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "report.html", "--samples", 4)
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report.html").read_text()
+    for part in ("Optimization history", "Best schedule", "Parameter importances", "data:image/png;base64,"):
+        assert part in page
+    assert "<script src=" not in page and page.count("<script") >= 3  # plotly inlined: works offline
+
     result = run("export", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "best.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "best.json").read_text())
