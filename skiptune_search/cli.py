@@ -216,7 +216,7 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
         click.echo(f"trial {trial.number + 1}: FID {trial.value:.2f}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.2f}]")
 
-    S.run_search(evaluator, st, space, trials, timeout, on_trial=report)
+    S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage))
     base = S.baseline_trial(st)
     schedule = S.export_best(st, storage)
     out_path = Path(out) if out else Path("studies") / f"{name}.best.json"
@@ -360,6 +360,24 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, s
     click.echo(f"tuned - untuned per block: {d['mean']:+.2f} (95% CI {d['low']:+.2f}..{d['high']:+.2f})")
     click.echo("the gain holds on held-out seeds" if result["gain_holds"]
                else "the gain does NOT hold: the interval reaches zero or above")
+
+
+@main.command()
+@_storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=int)
+@_friendly
+def dashboard(storage, host, port) -> None:
+    """Serve optuna-dashboard on the storage, with each trial's sample grid (its artifacts)."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    from . import search as S
+
+    folder = S.artifact_dir(storage)
+    folder.mkdir(parents=True, exist_ok=True)
+    click.echo(f"optuna-dashboard on {storage} (artifacts in {folder}): http://{host}:{port}/  (Ctrl-C stops)")
+    run_server(S.make_storage(storage), host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
 
 
 @main.command()

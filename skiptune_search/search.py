@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable
 import optuna
 import torch
 
+from .grids import save_grid
 from .metrics import (
     DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, ReferenceStatsError, extract_features, fid_from_features,
     load_extractor,
@@ -182,6 +184,13 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url)
 
 
+def artifact_dir(storage_url: str) -> Path:
+    """Where trial artifacts (sample grids) go: beside a SQLite file, else studies/artifacts."""
+    if storage_url.startswith("sqlite:///") and storage_url != "sqlite:///:memory:":
+        return Path(storage_url[len("sqlite:///"):]).parent / "artifacts"
+    return Path("studies") / "artifacts"
+
+
 def default_study_name(task: Task, space: Space) -> str:
     model = Path(task.model).name if task.model != DEFAULT_MODEL_NAME else task.model
     return f"{model}-{task.sampler}-nfe{task.nfe}-{space.family}-{space.placement}"
@@ -239,8 +248,18 @@ def run_search(
     trials: int,
     timeout: float | None = None,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    artifacts: Path | None = None,
 ) -> optuna.Study:
-    """Run trials until the study holds ``trials`` finished (complete or failed) trials."""
+    """Run trials until the study holds ``trials`` finished (complete, pruned or failed) trials.
+
+    With ``artifacts`` (a folder), each completed trial uploads a grid of its first 64 samples as
+    an Optuna artifact, which optuna-dashboard shows on the trial's page."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    store = None
+    if artifacts is not None:
+        artifacts.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(artifacts))
     arch, skips = evaluator.controller.arch, evaluator.controller.skips
     task = evaluator.task
 
@@ -253,12 +272,13 @@ def run_search(
         for k, rung in enumerate(task.rungs):
             # each rung adds samples to the previous ones: no image is generated twice
             try:
-                more, _ = evaluator.features(schedule, task.seeds[done:rung],
-                                             progress=f"trial {trial.number + 1}/{trials}, N={rung}")
+                more, images = evaluator.features(schedule, task.seeds[done:rung],
+                                                  progress=f"trial {trial.number + 1}/{trials}, N={rung}")
             except NonFiniteSamplesError as exc:
                 trial.set_user_attr("fail_reason", str(exc))
                 raise
             features.append(more)
+            grid = images[:64] if done == 0 else grid
             done = rung
             fids[rung] = fid_from_features(torch.cat(features), evaluator.reference)
             trial.set_user_attr("fid_at", {str(n): v for n, v in fids.items()})
@@ -271,6 +291,10 @@ def run_search(
         trial.set_user_attr("seeds", f"{task.seed}-{task.seed + task.n - 1}")
         if len(fids) > 1:
             trial.set_user_attr("fid_inf", fid_inf(list(fids), list(fids.values())))
+        if store is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_grid(grid, Path(tmp) / f"trial-{trial.number + 1}-samples.png", nrow=8)
+                upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
         return trial.user_attrs["fid_inf"] if task.objective == "fid_inf" else fids[task.n]
 
     remaining = trials - finished_trials(study)
