@@ -156,11 +156,13 @@ def main() -> None:
 @click.option("--timeout", default=None, type=float, help="Stop starting new trials after this many seconds.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
-@click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the TPE sampler.")
+@click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(["tpe", "cmaes", "gp", "random", "grid"]),
+              help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
+@click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the optimizer.")
 @_friendly
 def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, study, family, placement,
            knots, trials, n, rungs, objective, rho_min, rho_max, batch, features, inception_weights, reference,
-           timeout, out, search_seed) -> None:
+           timeout, out, optimizer, search_seed) -> None:
     """Run (or resume) the Optuna study for one model, sampler and NFE.
 
     The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
@@ -198,7 +200,7 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     space = S.Space(family, placement, (rho_min, rho_max), sigma_knots)
     name = study or S.default_study_name(task, space)
     storage_obj = S.make_storage(storage)
-    st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed)
+    st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer)
     click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe}, N = {task.n} samples (rungs {','.join(map(str, task.rungs))}), "
                f"seeds {task.seed}-{task.seed + task.n - 1}, objective {task.objective}")
@@ -212,7 +214,8 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
             click.echo(f"trial {trial.number + 1}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
             return
         params = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        tag = " (baseline)" if trial.user_attrs.get("baseline") else ""
+        tag = (" (baseline)" if trial.user_attrs.get("baseline")
+               else " (paper-style ramp)" if trial.user_attrs.get("paper_ramp") else "")
         click.echo(f"trial {trial.number + 1}: FID {trial.value:.2f}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.2f}]")
 

@@ -196,10 +196,36 @@ def default_study_name(task: Task, space: Space) -> str:
     return f"{model}-{task.sampler}-nfe{task.nfe}-{space.family}-{space.placement}"
 
 
+OPTIMIZERS = ("tpe", "cmaes", "gp", "random", "grid")
+PAPER_RAMP = {"rho_inner": 0.8, "rho_outer": 1.0}  # the paper's shape: deep skips damped, outer kept
+
+
+def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
+                 grid_points: int = 11) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler that proposes trials; 'grid' spans each ρ with ``grid_points`` values."""
+    if optimizer == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    if optimizer == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, x0={n: 1.0 for n in space.baseline(skips) if n != "placement"})
+    if optimizer == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if optimizer == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if optimizer == "grid":
+        lo, hi = space.rho_range
+        values = [lo + (hi - lo) * i / (grid_points - 1) for i in range(grid_points)]
+        grid: dict[str, list] = {n: values for n in family_params(space.family, skips, len(space.sigma_knots))}
+        if space.placement == "search":
+            grid["placement"] = list(PLACEMENTS)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space,
-               controller: SkipController, seed: int) -> optuna.Study:
-    """Create the study, or load it and check it was run with the same task and space."""
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+               controller: SkipController, seed: int, optimizer: str = "tpe") -> optuna.Study:
+    """Create the study, or load it and check it was run with the same task and space. A new
+    study gets the ρ = 1 baseline first, then (linear family) the paper-style ramp."""
+    sampler = make_sampler(optimizer, space, controller.skips, seed)
     pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=task.rungs[0], reduction_factor=3)
               if len(task.rungs) > 1 else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
@@ -219,6 +245,10 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
         )
     if not study.trials:
         study.enqueue_trial(space.baseline(controller.skips), user_attrs={"baseline": True})
+        lo, hi = space.rho_range
+        if space.family == "linear" and optimizer != "grid" and all(lo <= v <= hi for v in PAPER_RAMP.values()):
+            ramp = dict(PAPER_RAMP, **({"placement": "input"} if space.placement == "search" else {}))
+            study.enqueue_trial(ramp, user_attrs={"paper_ramp": True})
     return study
 
 

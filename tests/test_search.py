@@ -146,3 +146,16 @@ def test_rungs_must_end_at_n():
         Task(n=12, rungs=(6, 10))
     with pytest.raises(ValueError, match="two rungs"):
         Task(n=12, objective="fid_inf")
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "gp", "random", "grid"])
+def test_every_optimizer_runs(evaluator, tmp_path, optimizer):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), optimizer, evaluator.task, SPACE, evaluator.controller, 0, optimizer)
+    run_search(evaluator, study, SPACE, trials=3)
+    assert len(study.trials) == 3 and study.trials[0].params == {"rho_inner": 1.0, "rho_outer": 1.0}
+    if optimizer == "grid":
+        grid = {0.5 + 0.1 * i for i in range(11)}
+        assert all(any(abs(v - g) < 1e-9 for g in grid) for t in study.trials for v in t.params.values())
+    else:  # the paper-style ramp is the second trial
+        assert study.trials[1].params == {"rho_inner": 0.8, "rho_outer": 1.0}
