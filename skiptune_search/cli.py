@@ -139,9 +139,9 @@ def main() -> None:
 @click.option("--rungs", default=None,
               help="Sample counts at which a trial reports FID and may be pruned (successive halving), "
                    "ending at N, e.g. 250,1000 [default: N/4,N]; a single number turns pruning off.")
-@click.option("--objective", default="fid", show_default=True, type=click.Choice(["fid", "fid_inf"]),
-              help="What the study minimizes: FID at N, or FID extrapolated to N -> inf over the rungs "
-                   "(removes most of FID's small-N bias).")
+@click.option("--objective", default="fid", show_default=True, type=click.Choice(["fid", "fid_inf", "kid"]),
+              help="What the study minimizes: FID at N, FID extrapolated to N -> inf over the rungs "
+                   "(removes most of FID's small-N bias), or KID (unbiased; needs reference features).")
 @click.option("--rho-min", default=0.5, show_default=True, type=float, help="Lower bound of each ρ.")
 @click.option("--rho-max", default=1.5, show_default=True, type=float, help="Upper bound of each ρ.")
 @click.option("--batch", default=250, show_default=True, type=int, help="Sampling and feature batch size.")
@@ -151,8 +151,9 @@ def main() -> None:
 @click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
               help="Local Inception-v3 weights (torch-fidelity's .pth), for machines without internet.")
 @click.option("--reference", default="bundled", show_default=True,
-              help="Reference statistics (.npz with mu, sigma; EDM's reference files work), or 'bundled' "
-                   "(Fashion-MNIST test set, EfficientNet-Lite0 features).")
+              help="Reference: 'bundled' (Fashion-MNIST test set, EfficientNet-Lite0 statistics and KID "
+                   "features), an .npz with mu and sigma (EDM's reference files work), 'fashion-mnist:test', "
+                   "or a folder of images (features cached under studies/cache by content hash).")
 @click.option("--timeout", default=None, type=float, help="Stop starting new trials after this many seconds.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
@@ -205,10 +206,12 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
                f"{task.sampler} NFE {task.nfe}, N = {task.n} samples (rungs {','.join(map(str, task.rungs))}), "
                f"seeds {task.seed}-{task.seed + task.n - 1}, objective {task.objective}")
 
+    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
+
     def report(study, trial) -> None:
         if trial.state == optuna.trial.TrialState.PRUNED:
             step = trial.last_step
-            click.echo(f"trial {trial.number + 1}: pruned at N={step} (FID {trial.intermediate_values[step]:.2f})")
+            click.echo(f"trial {trial.number + 1}: pruned at N={step} ({label} {trial.intermediate_values[step]:.4g})")
             return
         if trial.value is None:
             click.echo(f"trial {trial.number + 1}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
@@ -216,8 +219,8 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
         params = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         tag = (" (baseline)" if trial.user_attrs.get("baseline")
                else " (paper-style ramp)" if trial.user_attrs.get("paper_ramp") else "")
-        click.echo(f"trial {trial.number + 1}: FID {trial.value:.2f}  {params}{tag}  "
-                   f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.2f}]")
+        click.echo(f"trial {trial.number + 1}: {label} {trial.value:.4g}  {params}{tag}  "
+                   f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 
     S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage))
     base = S.baseline_trial(st)
@@ -226,7 +229,6 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     schedule.save(out_path)
     rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
-    label = "FID" if objective == "fid" else "FID∞"
     click.echo(f"baseline {label} (ρ = 1): {base.value:.2f}" if base else f"baseline {label}: not finished")
     click.echo(f"{f'best {label}:':<22}{schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
     if base:
@@ -493,7 +495,8 @@ def model_card(model, nfe, n, data_dir) -> None:
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help=".npz file to write.")
 @_friendly
 def reference_stats(data_dir, split, out) -> None:
-    """Compute FID reference statistics (mu, sigma) of Fashion-MNIST with EfficientNet-Lite0."""
+    """Compute reference statistics of Fashion-MNIST with EfficientNet-Lite0: mu and sigma of all
+    images (FID) and the features of the first 2,000 (KID)."""
     import torch
 
     from .data import load_fashion_mnist
@@ -502,7 +505,7 @@ def reference_stats(data_dir, split, out) -> None:
     images, _ = load_fashion_mnist(split, data_dir)
     start = time.perf_counter()
     features = extract_features(torch.from_numpy(images.copy()).unsqueeze(1), load_extractor(), progress=True)
-    ReferenceStats.from_features(features, DEFAULT_FEATURES).save(out)
+    ReferenceStats.from_features(features, DEFAULT_FEATURES, kid_samples=2000).save(out)
     click.echo(f"wrote {out}: {len(images)} {split} images, {time.perf_counter() - start:.0f}s")
 
 

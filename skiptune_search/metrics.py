@@ -6,9 +6,10 @@ PyPI wheel) is registered here. Reference statistics are (mu, sigma) in an ``.np
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,19 +84,24 @@ def extract_features(images: torch.Tensor, extractor, batch_size: int = 250,
 
 @dataclass
 class ReferenceStats:
-    """Mean and covariance of reference features, and what they were computed with."""
+    """Mean and covariance of reference features, what they were computed with, and optionally
+    a sample of the features themselves (KID compares feature sets, not statistics)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     features: str
     n: int
+    kid_features: np.ndarray | None = None
+    _kernel: np.ndarray | None = field(default=None, repr=False, compare=False)  # KID's K_YY, once
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, name: str) -> "ReferenceStats":
+    def from_features(cls, features: torch.Tensor, name: str, kid_samples: int | None = None) -> "ReferenceStats":
+        """Statistics of ``features``; keeps the first ``kid_samples`` of them (all when None)."""
         from torch_fidelity.metric_fid import fid_features_to_statistics
 
         stats = fid_features_to_statistics(features.double().cpu())
-        return cls(stats["mu"], stats["sigma"], name, len(features))
+        kept = features[:kid_samples] if kid_samples is not None else features
+        return cls(stats["mu"], stats["sigma"], name, len(features), kept.float().cpu().numpy())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStats":
@@ -110,27 +116,99 @@ class ReferenceStats:
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 features = str(data["features"]) if "features" in data else "unknown"
                 n = int(data["n"]) if "n" in data else 0
+                kid = data["kid_features"].astype(np.float32) if "kid_features" in data else None
         except (OSError, ValueError, KeyError) as exc:
             raise ReferenceStatsError(f"{path} is not a reference-statistics .npz with mu and sigma: {exc}") from None
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise ReferenceStatsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-        return cls(mu, sigma, features, n)
+        return cls(mu, sigma, features, n, kid)
 
-    def save(self, path: str | os.PathLike, dtype=np.float32) -> Path:
-        """Write atomically; float32 halves the size at no cost to FID's precision here."""
+    def save(self, path: str | os.PathLike, dtype=np.float32, kid_dtype=np.float16) -> Path:
+        """Write atomically; float32 statistics and float16 KID features keep the file small at
+        no cost to FID's or KID's precision here."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         os.close(fd)
+        arrays = {"mu": self.mu.astype(dtype), "sigma": self.sigma.astype(dtype),
+                  "features": np.array(self.features), "n": np.array(self.n)}
+        if self.kid_features is not None:
+            arrays["kid_features"] = self.kid_features.astype(kid_dtype)
         try:
             os.chmod(tmp, 0o644)
-            np.savez(tmp, mu=self.mu.astype(dtype), sigma=self.sigma.astype(dtype),
-                     features=np.array(self.features), n=np.array(self.n))
+            np.savez(tmp, **arrays)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:
+    """uint8 images [N, C, H, W] of 'fashion-mnist:test' / 'fashion-mnist:train' or a folder of
+    PNG/JPEG files (all of one size)."""
+    if source.startswith("fashion-mnist:"):
+        from .data import load_fashion_mnist
+
+        images, _ = load_fashion_mnist(source.split(":", 1)[1], data_dir)
+        return torch.from_numpy(images.copy()).unsqueeze(1)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ReferenceStatsError(
+            f"reference {source!r} is neither 'bundled', an .npz file, 'fashion-mnist:test' nor a folder of images"
+        )
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise ReferenceStatsError(f"no .png or .jpg images in {folder}")
+    arrays = []
+    for f in files:
+        with Image.open(f) as img:
+            arrays.append(np.asarray(img.convert("RGB")))
+    if len({a.shape for a in arrays}) > 1:
+        raise ReferenceStatsError(f"images in {folder} differ in size; resize them to one size first")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def reference_from_images(images: torch.Tensor, extractor, name: str, cache_dir: Path,
+                          progress: bool | str = "reference features") -> ReferenceStats:
+    """Statistics and features of reference images, cached by content hash and extractor name."""
+    digest = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode()).hexdigest()[:16]
+    cached = Path(cache_dir) / f"reference-{digest}-{name}.npz"
+    if cached.is_file():
+        return ReferenceStats.load(cached)
+    features = extract_features(images, extractor, progress=progress)
+    stats = ReferenceStats.from_features(features, name)
+    stats.save(cached, kid_dtype=np.float32)
+    return stats
+
+
+def kid_from_features(features: torch.Tensor, reference: ReferenceStats, subsets: int = 100,
+                      subset_size: int = 1000, seed: int = 2024) -> float:
+    """KID: torch-fidelity's unbiased polynomial-kernel MMD², averaged over ``subsets`` random
+    subsets drawn exactly as its ``kid_features_to_metric`` draws them (a fixed seed: the same
+    subsets every trial). The kernel matrices are computed once and indexed per subset, which
+    is what makes KID affordable on every trial."""
+    from torch_fidelity.metric_kid import kernel_poly, mmd2
+
+    if reference.kid_features is None:
+        raise ReferenceStatsError("KID needs reference features; these reference statistics hold only mu and sigma")
+    x = features.float().cpu().numpy()
+    y = reference.kid_features
+    size = min(subset_size, len(x), len(y))
+    options = {"kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None, "kid_kernel_poly_coef0": 1}
+    k_xx, k_xy = kernel_poly(x, x, **options), kernel_poly(x, y, **options)
+    if reference._kernel is None:  # the reference's own kernel matrix is the same for every trial
+        reference._kernel = kernel_poly(y, y, **options)
+    k_yy = reference._kernel
+    rng = np.random.RandomState(seed)
+    values = []
+    for _ in range(subsets):
+        i = rng.choice(len(x), size, replace=False)
+        j = rng.choice(len(y), size, replace=False)
+        values.append(mmd2(k_xx[np.ix_(i, i)], k_xy[np.ix_(i, j)], k_yy[np.ix_(j, j)]))
+    return float(np.mean(values))
 
 
 def fid_from_features(features: torch.Tensor, reference: ReferenceStats) -> float:

@@ -20,7 +20,7 @@ import torch
 from .grids import save_grid
 from .metrics import (
     DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, ReferenceStatsError, extract_features, fid_from_features,
-    load_extractor,
+    kid_from_features, load_extractor, load_images, reference_from_images,
 )
 from .sampling import NonFiniteSamplesError, generate, karras_sigmas, seed_range, steps_for_nfe
 from .schedule import FAMILIES, PLACEMENTS, RhoSchedule, SkipInfo, family_params
@@ -28,7 +28,8 @@ from .skips import SkipController
 from .zoo import DEFAULT_MODEL_NAME, load_denoiser
 
 DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
-OBJECTIVES = ("fid", "fid_inf")
+CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
+OBJECTIVES = ("fid", "fid_inf", "kid")
 
 
 class StudyMismatchError(ValueError):
@@ -45,9 +46,10 @@ class Task:
     n: int = 1000  # samples per trial
     seed: int = 0  # trial samples use seeds seed .. seed + n - 1
     features: str = DEFAULT_FEATURES
-    reference: str = "bundled"  # 'bundled' or a path to an .npz with mu and sigma
+    reference: str = "bundled"  # 'bundled', an .npz (mu, sigma), 'fashion-mnist:test' or an image folder
     rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
-    objective: str = "fid"  # 'fid' (at n) or 'fid_inf' (FID extrapolated to N -> inf over the rungs)
+    objective: str = "fid"  # 'fid' (at n), 'fid_inf' (extrapolated to N -> inf over the rungs) or 'kid'
+
 
     def __post_init__(self) -> None:
         rungs = tuple(self.rungs) or (self.n,)
@@ -110,8 +112,16 @@ class Evaluator:
                         f"with --features {self.task.features} pass --reference STATS.npz"
                     )
                 self._reference = ReferenceStats.load(DEFAULT_REFERENCE)
-            else:
+            elif self.task.reference.endswith(".npz"):
                 self._reference = ReferenceStats.load(self.task.reference)
+            else:
+                images = load_images(self.task.reference)
+                self._reference = reference_from_images(images, self.extractor, self.task.features, CACHE_DIR)
+            if self.task.objective == "kid" and self._reference.kid_features is None:
+                raise ReferenceStatsError(
+                    f"objective kid needs reference features, and {self.task.reference} holds only mu and sigma: "
+                    f"pass --reference fashion-mnist:test or a folder of reference images"
+                )
         return self._reference
 
     def images(self, schedule: RhoSchedule, seeds: list[int] | None = None,
@@ -298,7 +308,7 @@ def run_search(
         schedule = space.schedule(arch, skips, {**params, "placement": placement})
         start = time.perf_counter()
         trial.set_user_attr("rho", schedule.rho)
-        features, done, fids = [], 0, {}
+        features, done, fids, kids = [], 0, {}, {}
         for k, rung in enumerate(task.rungs):
             # each rung adds samples to the previous ones: no image is generated twice
             try:
@@ -310,22 +320,28 @@ def run_search(
             features.append(more)
             grid = images[:64] if done == 0 else grid
             done = rung
-            fids[rung] = fid_from_features(torch.cat(features), evaluator.reference)
+            so_far = torch.cat(features)
+            fids[rung] = fid_from_features(so_far, evaluator.reference)
             trial.set_user_attr("fid_at", {str(n): v for n, v in fids.items()})
+            if evaluator.reference.kid_features is not None:
+                kids[rung] = kid_from_features(so_far, evaluator.reference)
+                trial.set_user_attr("kid_at", {str(n): v for n, v in kids.items()})
             trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
-            trial.report(fids[rung], step=rung)
+            trial.report(kids[rung] if task.objective == "kid" else fids[rung], step=rung)
             if k < len(task.rungs) - 1 and trial.should_prune():
-                raise optuna.TrialPruned(f"FID {fids[rung]:.2f} at N={rung}")
+                raise optuna.TrialPruned(f"{task.objective} {fids[rung]:.2f} at N={rung}")
         trial.set_user_attr("fid", fids[task.n])
         trial.set_user_attr("n", task.n)
         trial.set_user_attr("seeds", f"{task.seed}-{task.seed + task.n - 1}")
+        if kids:
+            trial.set_user_attr("kid", kids[task.n])
         if len(fids) > 1:
             trial.set_user_attr("fid_inf", fid_inf(list(fids), list(fids.values())))
         if store is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_grid(grid, Path(tmp) / f"trial-{trial.number + 1}-samples.png", nrow=8)
                 upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
-        return trial.user_attrs["fid_inf"] if task.objective == "fid_inf" else fids[task.n]
+        return {"fid": fids[task.n], "fid_inf": trial.user_attrs.get("fid_inf"), "kid": kids.get(task.n)}[task.objective]
 
     remaining = trials - finished_trials(study)
     if remaining > 0:

@@ -54,6 +54,7 @@ def test_bundled_reference_statistics():
     assert ref.mu.shape == (1280,) and ref.sigma.shape == (1280, 1280)
     assert ref.features == "efficientnet-lite0" and ref.n == 10000
     assert np.allclose(ref.sigma, ref.sigma.T)
+    assert ref.kid_features.shape == (2000, 1280)  # the first 2,000 test images, for KID
 
 
 def test_reference_round_trip_and_errors(tmp_path):
@@ -65,3 +66,59 @@ def test_reference_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(ReferenceStatsError, match="not a reference-statistics"):
         ReferenceStats.load(tmp_path / "bad.npz")
+
+
+def test_kid_matches_an_independent_unbiased_mmd():
+    from skiptune_search.metrics import kid_from_features
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 8))
+    y = rng.normal(0.5, 1.0, size=(50, 8))
+    ref = ReferenceStats.from_features(torch.from_numpy(y), "t")
+
+    def k(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3
+
+    def mmd2(a, b):
+        kaa, kbb = k(a, a), k(b, b)
+        m, n = len(a), len(b)
+        return ((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
+                - 2 * k(a, b).mean())
+
+    # one subset of all 50 samples of each side: no randomness left but which 50 of x
+    ours = kid_from_features(torch.from_numpy(x[:50]), ref, subsets=1, subset_size=50)
+    assert ours == pytest.approx(mmd2(x[:50].astype(np.float32), y.astype(np.float32)), rel=1e-4)
+    # the same value as torch-fidelity's own KID, subset for subset
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+
+    theirs = kid_features_to_metric(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32)),
+                                    kid_subsets=7, kid_subset_size=30, rng_seed=5, verbose=False)
+    assert kid_from_features(torch.from_numpy(x), ref, subsets=7, subset_size=30, seed=5) == pytest.approx(
+        theirs[KEY_METRIC_KID_MEAN], rel=1e-5)
+    fresh = rng.normal(0.5, 1.0, size=(50, 8))  # new samples of the reference's distribution
+    assert abs(kid_from_features(torch.from_numpy(fresh), ref, subsets=1, subset_size=50)) < ours / 5
+
+
+def test_reference_from_an_image_folder_is_cached(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import skiptune_search.metrics as M
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    images = M.load_images(str(folder))
+    assert images.shape == (6, 3, 20, 20) and images.dtype == torch.uint8
+    ext = load_extractor()
+    first = M.reference_from_images(images, ext, "efficientnet-lite0", tmp_path / "cache", progress=False)
+    assert first.kid_features.shape == (6, 1280) and len(list((tmp_path / "cache").iterdir())) == 1
+    monkeypatch.setattr(M, "extract_features", lambda *a, **k: pytest.fail("cache not used"))
+    again = M.reference_from_images(images, ext, "efficientnet-lite0", tmp_path / "cache")
+    assert np.allclose(again.mu, first.mu, atol=1e-5) and again.kid_features.shape == (6, 1280)
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(folder / "odd.png")
+    with pytest.raises(ReferenceStatsError, match="differ in size"):
+        M.load_images(str(folder))
+    with pytest.raises(ReferenceStatsError, match="neither"):
+        M.load_images(str(tmp_path / "nowhere"))

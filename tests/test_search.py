@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import optuna
 import pytest
 
@@ -159,3 +160,26 @@ def test_every_optimizer_runs(evaluator, tmp_path, optimizer):
         assert all(any(abs(v - g) < 1e-9 for g in grid) for t in study.trials for v in t.params.values())
     else:  # the paper-style ramp is the second trial
         assert study.trials[1].params == {"rho_inner": 0.8, "rho_outer": 1.0}
+
+
+def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import skiptune_search.search as S
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.setattr(S, "CACHE_DIR", tmp_path / "cache")
+    evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=8, objective="kid", reference=str(folder)),
+                          batch_size=8)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "k", evaluator.task, SPACE, evaluator.controller, 0)
+    run_search(evaluator, study, SPACE, trials=2)
+    for t in study.trials:
+        assert t.value == t.user_attrs["kid"] and "fid" in t.user_attrs
+    stats_only = S.ReferenceStats(np.zeros(1280), np.eye(1280), "efficientnet-lite0", 1).save(tmp_path / "mu.npz")
+    with pytest.raises(S.ReferenceStatsError, match="objective kid needs reference features"):
+        Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=8, objective="kid", reference=str(stats_only))).reference
