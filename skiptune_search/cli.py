@@ -12,9 +12,10 @@ from pathlib import Path
 
 import click
 
+from .metrics import FEATURE_LAYERS
 from .sampling import SAMPLERS
 from .schedule import FAMILIES, PLACEMENTS
-from .search import DEFAULT_STORAGE
+from .search import DEFAULT_STORAGE, OBJECTIVES, OPTIMIZERS
 
 
 class UserError(click.ClickException):
@@ -68,8 +69,9 @@ def _model_options(fn):
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Allow loading an EDM .pkl (unpickling runs code from the file).")(fn)
     fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
-                      help="'fashion-mnist-edm' (bundled), a model folder written by train-default, "
-                           "or an EDM network pickle (.pkl, with --trust-pickle).")(fn)
+                      help="'fashion-mnist-edm' (bundled), a model folder written by train-default, a "
+                           "diffusers DDPM-family pipeline (folder, or repo id in the local cache), or an "
+                           "EDM network pickle (.pkl, with --trust-pickle).")(fn)
     return fn
 
 
@@ -98,6 +100,16 @@ def _config_option(fn):
     return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                         callback=_load_config,
                         help="TOML file of option values (keys as the long options, e.g. nfe = 19).")(fn)
+
+
+def _parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
+    """'250,1000' -> (250, 1000); none given -> (N/4, N), or just (N) when N/4 < 2."""
+    if not text:
+        return (n // 4, n) if n // 4 >= 2 else (n,)
+    try:
+        return tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise UserError(f"--rungs {text!r} is not a comma-separated list of sample counts, e.g. 250,1000") from None
 
 
 def _storage_option(fn):
@@ -139,14 +151,14 @@ def main() -> None:
 @click.option("--rungs", default=None,
               help="Sample counts at which a trial reports FID and may be pruned (successive halving), "
                    "ending at N, e.g. 250,1000 [default: N/4,N]; a single number turns pruning off.")
-@click.option("--objective", default="fid", show_default=True, type=click.Choice(["fid", "fid_inf", "kid"]),
+@click.option("--objective", default="fid", show_default=True, type=click.Choice(OBJECTIVES),
               help="What the study minimizes: FID at N, FID extrapolated to N -> inf over the rungs "
                    "(removes most of FID's small-N bias), or KID (unbiased; needs reference features).")
 @click.option("--rho-min", default=0.5, show_default=True, type=float, help="Lower bound of each ρ.")
 @click.option("--rho-max", default=1.5, show_default=True, type=float, help="Upper bound of each ρ.")
 @click.option("--batch", default=250, show_default=True, type=int, help="Sampling and feature batch size.")
 @click.option("--features", default="efficientnet-lite0", show_default=True,
-              type=click.Choice(["efficientnet-lite0", "inception-v3-compat"]),
+              type=click.Choice(list(FEATURE_LAYERS)),
               help="FID feature extractor: EfficientNet-Lite0 (offline) or the standard Inception-v3.")
 @click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
               help="Local Inception-v3 weights (torch-fidelity's .pth), for machines without internet.")
@@ -157,24 +169,27 @@ def main() -> None:
 @click.option("--timeout", default=None, type=float, help="Stop starting new trials after this many seconds.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
-@click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(["tpe", "cmaes", "gp", "random", "grid"]),
+@click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
               help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the optimizer.")
 @_friendly
 def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, study, family, placement,
            knots, trials, n, rungs, objective, rho_min, rho_max, batch, features, inception_weights, reference,
            timeout, out, optimizer, search_seed) -> None:
-    """Run (or resume) the Optuna study for one model, sampler and NFE.
+    """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
-    The first trial is the untuned model (ρ = 1 everywhere). Each trial samples N images from
-    the same seeds, computes their FID against the reference statistics, and lands in the
-    storage as soon as it ends. At the end the best schedule is exported as JSON.
+    The first trial is the untuned model (ρ = 1 everywhere); for the linear family the second
+    is a paper-style ramp. Each trial samples N images from the same seeds (seed SEED+i for
+    sample i), scores them against the reference at each rung (FID, KID, and FID∞ over the
+    rungs), and may be pruned at a lower rung by successive halving. Every trial lands in the
+    storage when it ends, with its sample grid as an artifact; rerunning the same command
+    resumes the study until it holds --trials finished trials. At the end the best completed
+    trial is exported as a schedule JSON (apply it with skiptune_search.apply).
     """
     import optuna
+    import torch
 
     from . import search as S
-
-    import torch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _set_threads(threads)
@@ -184,12 +199,8 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
         raise UserError("--n must be at least 2 (FID needs a covariance)")
     if family == "per_noise" and knots < 2:
         raise UserError("--knots must be at least 2 for per_noise")
-    try:
-        rung_sizes = tuple(int(r) for r in rungs.split(",")) if rungs else ((n // 4, n) if n // 4 >= 2 else (n,))
-    except ValueError:
-        raise UserError(f"--rungs {rungs!r} is not a comma-separated list of sample counts, e.g. 250,1000") from None
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
-                  rungs=rung_sizes, objective=objective)
+                  rungs=_parse_rungs(rungs, n), objective=objective)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights)
     # fail before any trial when the statistics or the extractor's weights are missing
@@ -229,11 +240,11 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     schedule.save(out_path)
     rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
-    click.echo(f"baseline {label} (ρ = 1): {base.value:.2f}" if base else f"baseline {label}: not finished")
-    click.echo(f"{f'best {label}:':<22}{schedule.metric['value']:.2f} (trial {schedule.source['trial'] + 1})")
+    click.echo(f"baseline {label} (ρ = 1): {base.value:.4g}" if base else f"baseline {label}: not finished")
+    click.echo(f"{f'best {label}:':<22}{schedule.metric['value']:.4g} (trial {schedule.source['trial'] + 1})")
     if base:
         change = 100 * (schedule.metric["value"] - base.value) / base.value
-        click.echo(f"FID change:           {change:+.1f}% vs baseline")
+        click.echo(f"{f'{label} change:':<22}{change:+.1f}% vs baseline")
     knots = f" at σ knots {', '.join(f'{k:.3g}' for k in schedule.sigma_knots)}" if schedule.sigma_knots else ""
     click.echo(f"best ρ (outer→inner): {rhos}{knots}  [{schedule.placement} placement]")
     click.echo(f"study storage:        {storage}  (study {name!r})")
@@ -319,7 +330,7 @@ def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, schedule,
 @click.option("--blocks", default=5, show_default=True, type=int, help="Independent seed blocks for the interval.")
 @click.option("--seed", default=1_000_000, show_default=True, type=int,
               help="First held-out seed (the search uses seeds from 0 by default).")
-@click.option("--features", default=None, help="[default: the schedule's]")
+@click.option("--features", default=None, type=click.Choice(list(FEATURE_LAYERS)), help="[default: the schedule's]")
 @click.option("--inception-weights", default=None, type=click.Path(dir_okay=False))
 @click.option("--reference", default="bundled", show_default=True, help="Reference statistics (.npz) or 'bundled'.")
 @click.option("--batch", default=250, show_default=True, type=int)
