@@ -59,6 +59,8 @@ def _task_options(fn):
                            "Euler or DPM-Solver++(2M) (NFE = steps).")(fn)
     fn = _model_options(fn)
     fn = click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")(fn)
+    fn = click.option("--device", default="auto", show_default=True,
+                      help="'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")(fn)
     return fn
 
 
@@ -172,10 +174,13 @@ def main() -> None:
 @click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
               help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the optimizer.")
+@click.option("--heartbeat", default=60, show_default=True, type=int,
+              help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
+                   "after two missed beats (0: off).")
 @_friendly
-def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, study, family, placement,
+def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, storage, study, family, placement,
            knots, trials, n, rungs, objective, rho_min, rho_max, batch, features, inception_weights, reference,
-           timeout, out, optimizer, search_seed) -> None:
+           timeout, out, optimizer, search_seed, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
     The first trial is the untuned model (ρ = 1 everywhere); for the linear family the second
@@ -202,16 +207,17 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, storage, 
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                   rungs=_parse_rungs(rungs, n), objective=objective)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
-                            feature_weights=inception_weights)
+                            feature_weights=inception_weights, device=device)
     # fail before any trial when the statistics or the extractor's weights are missing
-    if evaluator.reference.mu.shape[0] != evaluator.extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))[0].shape[1]:
+    probe = torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=evaluator.device)
+    if evaluator.reference.mu.shape[0] != evaluator.extractor(probe)[0].shape[1]:
         raise UserError(f"--reference {reference} does not hold {features} statistics (feature sizes differ)")
     sigma_knots = ()
     if family == "per_noise":
         sigma_knots = S.log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), knots)
     space = S.Space(family, placement, (rho_min, rho_max), sigma_knots)
     name = study or S.default_study_name(task, space)
-    storage_obj = S.make_storage(storage)
+    storage_obj = S.make_storage(storage, heartbeat)
     st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer)
     click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe}, N = {task.n} samples (rungs {','.join(map(str, task.rungs))}), "
@@ -305,14 +311,14 @@ def export(storage, study, out) -> None:
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @_friendly
-def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, schedule, n, out) -> None:
+def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned."""
     from . import search as S
     from .grids import save_grid
 
     _set_threads(threads)
     evaluator = S.Evaluator(S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed),
-                            trust_pickle=trust_pickle, edm_path=edm_path)
+                            trust_pickle=trust_pickle, edm_path=edm_path, device=device)
     sched = evaluator.controller.identity() if schedule is None else schedule
     images = evaluator.images(sched)
     save_grid(images, out)
@@ -335,10 +341,11 @@ def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, schedule,
 @click.option("--reference", default="bundled", show_default=True, help="Reference statistics (.npz) or 'bundled'.")
 @click.option("--batch", default=250, show_default=True, type=int)
 @click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")
+@click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_friendly
 def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, seed, features, inception_weights,
-             reference, batch, threads, as_json) -> None:
+             reference, batch, threads, device, as_json) -> None:
     """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
     on the same N new samples, with a 95% interval from independent seed blocks."""
     import json
@@ -360,7 +367,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, s
                   n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
                   reference=reference)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
-                            feature_weights=inception_weights)
+                            feature_weights=inception_weights, device=device)
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)
     result["schedule"] = str(schedule)
     if as_json:

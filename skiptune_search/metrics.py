@@ -68,7 +68,9 @@ def load_extractor(name: str = DEFAULT_FEATURES, weights_path: str | os.PathLike
 
 def extract_features(images: torch.Tensor, extractor, batch_size: int = 250,
                      progress: bool | str = False) -> torch.Tensor:
-    """Features [N, D] (float64) of uint8 images [N, C, H, W]."""
+    """Features [N, D] (float64, on the CPU) of uint8 images [N, C, H, W], computed on the
+    extractor's device."""
+    device = next(extractor.parameters()).device
     out = []
     desc = progress if isinstance(progress, str) else "features"
     with torch.inference_mode(), tqdm(total=len(images), desc=desc, unit="img",
@@ -77,7 +79,7 @@ def extract_features(images: torch.Tensor, extractor, batch_size: int = 250,
             batch = images[start : start + batch_size]
             if batch.shape[1] == 1:  # grayscale: the extractors take RGB
                 batch = batch.expand(-1, 3, -1, -1)
-            out.append(extractor(batch)[0].double())
+            out.append(extractor(batch.to(device))[0].double().cpu())
             bar.update(len(batch))
     return torch.cat(out)
 

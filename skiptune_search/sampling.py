@@ -120,8 +120,10 @@ def generate(
     shape: Sequence[int],
     batch_size: int = 250,
     progress: bool | str = True,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """uint8 images [N, C, H, W] for ``seeds``, sampled in batches of ``batch_size``."""
+    """uint8 images [N, C, H, W] (on the CPU) for ``seeds``, sampled on ``device`` in batches of
+    ``batch_size``. The noise is drawn on the CPU, so a seed gives the same noise on any device."""
     fn = SAMPLERS[sampler][0]
     sigma_max = float(sigmas[0])
     chunks: list[torch.Tensor] = []
@@ -130,12 +132,12 @@ def generate(
                                       leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             batch_seeds = seeds[start : start + batch_size]
-            x = fn(denoiser, initial_noise(batch_seeds, shape, sigma_max), sigmas)
+            x = fn(denoiser, initial_noise(batch_seeds, shape, sigma_max).to(device), sigmas)
             if not torch.isfinite(x).all():
                 raise NonFiniteSamplesError(
                     f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"
                 )
-            chunks.append(to_uint8(x))
+            chunks.append(to_uint8(x).cpu())
             bar.update(len(batch_seeds))
     return torch.cat(chunks)
 

@@ -10,6 +10,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,16 +80,27 @@ def fid_inf(ns: list[int], fids: list[float]) -> float:
     return my - slope * mx
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' is the first CUDA GPU when there is one (CUDA_VISIBLE_DEVICES applies), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+    return torch.device(device)
+
+
 class Evaluator:
     """Loads the model, controller, extractor and reference once; scores schedules by FID."""
 
     def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
-                 edm_path: str | None = None, feature_weights: str | None = None) -> None:
+                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto") -> None:
         self.task = task
         self.feature_weights = feature_weights
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.steps = steps_for_nfe(task.sampler, task.nfe)
         self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
+        self.denoiser.to(self.device)
         self.controller = SkipController(self.denoiser)
         self.controller.attach()
         self.sigmas = karras_sigmas(self.steps, self.model_info["sigma_min"], self.model_info["sigma_max"])
@@ -99,7 +111,7 @@ class Evaluator:
     @property
     def extractor(self):
         if self._extractor is None:
-            self._extractor = load_extractor(self.task.features, self.feature_weights)
+            self._extractor = load_extractor(self.task.features, self.feature_weights).to(self.device)
         return self._extractor
 
     @property
@@ -128,7 +140,7 @@ class Evaluator:
                progress: bool | str = True) -> torch.Tensor:
         self.controller.use(schedule)
         return generate(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
-                        self.shape, self.batch_size, progress)
+                        self.shape, self.batch_size, progress, self.device)
 
     def features(self, schedule: RhoSchedule, seeds: list[int] | None = None,
                  progress: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,14 +196,24 @@ def log_spaced_knots(sigma_min: float, sigma_max: float, k: int) -> tuple[float,
 
 
 # --- storage and studies -----------------------------------------------------------------
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a SQLAlchemy URL; SQLite folders are created, with a busy timeout."""
+def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a SQLAlchemy URL; SQLite folders are created, with a busy timeout.
+
+    With ``heartbeat`` (seconds), a running trial beats; one whose worker died (killed, machine
+    lost) is marked failed after two missed beats by the next worker that starts, and retried
+    with the same parameters (up to 3 times). Completed trials are never touched."""
+    kwargs: dict = {}
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():  # heartbeats and retries are 'experimental' in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if heartbeat:
+            kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+        return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def artifact_dir(storage_url: str) -> Path:
@@ -213,6 +235,13 @@ PAPER_RAMP = {"rho_inner": 0.8, "rho_outer": 1.0}  # the paper's shape: deep ski
 def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
                  grid_points: int = 11) -> optuna.samplers.BaseSampler:
     """The Optuna sampler that proposes trials; 'grid' spans each ρ with ``grid_points`` values."""
+    with warnings.catch_warnings():  # multivariate TPE and GP are 'experimental' in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _make_sampler(optimizer, space, skips, seed, grid_points)
+
+
+def _make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
+                  grid_points: int) -> optuna.samplers.BaseSampler:
     if optimizer == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
     if optimizer == "cmaes":
@@ -352,9 +381,11 @@ def run_search(
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that ended: completed, pruned or failed (not the enqueued or running ones)."""
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=finished))
+    """Trials that ran to an end: completed, pruned, or failed for a reason of their own (NaN
+    samples). A trial failed because its worker died does not count: it is retried."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states)
+               if t.state != optuna.trial.TrialState.FAIL or "fail_reason" in t.user_attrs)
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

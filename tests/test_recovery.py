@@ -1,0 +1,77 @@
+"""A worker killed mid-trial, and Ctrl-C: nothing lost, nothing corrupted, the study goes on."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+EXE = str(Path(sys.executable).parent / "skiptune-search")
+STATES = optuna.trial.TrialState
+
+
+def _search(model_dir, *extra):
+    # N = 400 samples at NFE 3 with batch 20: long enough per trial to be interrupted mid-way
+    return [EXE, "search", "--model", str(model_dir), "--nfe", "3", "--n", "400", "--rungs", "400",
+            "--batch", "20", "--threads", "1", *map(str, extra)]
+
+
+def _wait_for(predicate, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _study(tmp_path):
+    names = optuna.get_all_study_names(f"sqlite:///{tmp_path}/studies/skiptune.db")
+    return optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path}/studies/skiptune.db")
+
+
+def _running_after_complete(tmp_path):
+    try:
+        trials = _study(tmp_path).trials
+    except Exception:
+        return False
+    return any(t.state == STATES.COMPLETE for t in trials) and trials[-1].state == STATES.RUNNING
+
+
+def test_killed_worker_trial_is_marked_failed_and_retried(tiny_model_dir, tmp_path):
+    worker = subprocess.Popen(_search(tiny_model_dir, "--trials", 5, "--heartbeat", 1), cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: _running_after_complete(tmp_path)), "no trial got under way"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        worker.kill()
+    before = _study(tmp_path).trials
+    killed = before[-1]
+    assert killed.state == STATES.RUNNING  # what a dead worker leaves behind
+    done = {t.number: t.value for t in before if t.state == STATES.COMPLETE}
+    time.sleep(3)  # two missed heartbeats
+    result = subprocess.run(_search(tiny_model_dir, "--trials", len(done) + 1, "--heartbeat", 1), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = _study(tmp_path).trials
+    assert after[killed.number].state == STATES.FAIL
+    retry = after[-1]
+    assert retry.state == STATES.COMPLETE and retry.params == killed.params
+    assert retry.system_attrs.get("failed_trial") == killed.number
+    assert {t.number: t.value for t in after if t.number in done} == done  # completed trials untouched
+
+
+def test_ctrl_c_stops_cleanly_with_exit_code_130(tiny_model_dir, tmp_path):
+    worker = subprocess.Popen(_search(tiny_model_dir, "--trials", 5), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: _running_after_complete(tmp_path)), "no trial got under way"
+    worker.send_signal(signal.SIGINT)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    states = [t.state for t in _study(tmp_path).trials]
+    assert STATES.RUNNING not in states and states[0] == STATES.COMPLETE
