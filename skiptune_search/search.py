@@ -1,5 +1,6 @@
-"""The Optuna side: a task (model, sampler, NFE, samples) scored by proxy FID, one study per task
-and ρ family, the ρ = 1 baseline first, every trial persisted as it ends, the best exported.
+"""The Optuna side: a task (model, sampler, NFE, samples) scored by proxy FID/KID at growing
+sample counts (rungs, with pruning), one study per task, family and placement, the ρ = 1
+baseline first, every trial persisted as it ends, the best completed trial exported.
 
 Only this module talks to Optuna.
 """
@@ -50,7 +51,6 @@ class Task:
     reference: str = "bundled"  # 'bundled', an .npz (mu, sigma), 'fashion-mnist:test' or an image folder
     rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
     objective: str = "fid"  # 'fid' (at n), 'fid_inf' (extrapolated to N -> inf over the rungs) or 'kid'
-
 
     def __post_init__(self) -> None:
         rungs = tuple(self.rungs) or (self.n,)
