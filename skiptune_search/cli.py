@@ -174,13 +174,16 @@ def main() -> None:
 @click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
               help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
 @click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the optimizer.")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Worker processes sharing the study on this machine (one per GPU when there are GPUs). "
+                   "On other machines, run the same command with the same --storage.")
 @click.option("--heartbeat", default=60, show_default=True, type=int,
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
                    "after two missed beats (0: off).")
 @_friendly
 def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, storage, study, family, placement,
            knots, trials, n, rungs, objective, rho_min, rho_max, batch, features, inception_weights, reference,
-           timeout, out, optimizer, search_seed, heartbeat) -> None:
+           timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
     The first trial is the untuned model (ρ = 1 everywhere); for the linear family the second
@@ -195,8 +198,11 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, s
     import torch
 
     from . import search as S
+    from . import workers as W
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if workers > 1 and W.worker_share() is None:
+        W.own_setup(workers)
     _set_threads(threads)
     if not 0 < rho_min < rho_max:
         raise UserError(f"need 0 < --rho-min < --rho-max, got {rho_min} and {rho_max}")
@@ -239,7 +245,22 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, s
         click.echo(f"trial {trial.number + 1}: {label} {trial.value:.4g}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 
-    S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage))
+    share = W.worker_share()
+    if share is not None:  # a worker started by another search command: its trials only
+        S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage),
+                     share=share, progress=False)
+        return
+    children = []
+    if workers > 1:
+        shares = W.split(max(0, trials - S.finished_trials(st)), workers)
+        click.echo(f"{workers} workers: {', '.join(map(str, shares))} trials")
+        children = W.spawn(shares)
+        share = shares[0]
+    S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage),
+                 share=share, progress=workers == 1)
+    failed = [c.args for c in children if c.wait() != 0]
+    if failed:
+        raise UserError(f"{len(failed)} worker(s) failed; rerun the same command to finish the study")
     base = S.baseline_trial(st)
     schedule = S.export_best(st, storage)
     out_path = Path(out) if out else Path("studies") / f"{name}.best.json"

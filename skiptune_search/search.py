@@ -7,8 +7,10 @@ Only this module talks to Optuna.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sqlite3
 import tempfile
 import time
 import warnings
@@ -208,6 +210,9 @@ def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        if str(path) != ":memory:":  # write-ahead log: readers never block the writer (persists in the file)
+            with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
     with warnings.catch_warnings():  # heartbeats and retries are 'experimental' in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat:
@@ -318,8 +323,11 @@ def run_search(
     timeout: float | None = None,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     artifacts: Path | None = None,
+    share: int | None = None,
+    progress: bool = True,
 ) -> optuna.Study:
-    """Run trials until the study holds ``trials`` finished (complete, pruned or failed) trials.
+    """Run trials until the study holds ``trials`` finished (complete, pruned or failed) trials,
+    or, for one of several workers, exactly ``share`` trials.
 
     With ``artifacts`` (a folder), each completed trial uploads a grid of its first 64 samples as
     an Optuna artifact, which optuna-dashboard shows on the trial's page."""
@@ -342,7 +350,7 @@ def run_search(
             # each rung adds samples to the previous ones: no image is generated twice
             try:
                 more, images = evaluator.features(schedule, task.seeds[done:rung],
-                                                  progress=f"trial {trial.number + 1}/{trials}, N={rung}")
+                                                  progress=progress and f"trial {trial.number + 1}/{trials}, N={rung}")
             except NonFiniteSamplesError as exc:
                 trial.set_user_attr("fail_reason", str(exc))
                 raise
@@ -372,7 +380,7 @@ def run_search(
                 upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
         return {"fid": fids[task.n], "fid_inf": trial.user_attrs.get("fid_inf"), "kid": kids.get(task.n)}[task.objective]
 
-    remaining = trials - finished_trials(study)
+    remaining = trials - finished_trials(study) if share is None else share
     if remaining > 0:
         callbacks = [on_trial] if on_trial else []
         study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,

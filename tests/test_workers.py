@@ -1,0 +1,41 @@
+"""Several workers on one study: exactly the trials asked for, no lock errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from skiptune_search.workers import split
+
+EXE = str(Path(sys.executable).parent / "skiptune-search")
+
+
+def test_split_is_even():
+    assert split(10, 4) == [3, 3, 2, 2] and sum(split(7, 3)) == 7 and split(0, 2) == [0, 0]
+
+
+def _run_workers(model_dir, tmp_path, workers, trials):
+    cmd = [EXE, "search", "--model", str(model_dir), "--nfe", "1", "--n", "4", "--rungs", "4", "--batch", "4",
+           "--workers", str(workers), "--trials", str(trials)]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "locked" not in output.lower() and "Traceback" not in output
+    url = f"sqlite:///{tmp_path}/studies/skiptune.db"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == trials and len(states) == trials
+    assert sum(t.user_attrs.get("baseline", False) for t in study.trials) == 1
+    return result
+
+
+def test_two_workers_share_one_study(tiny_model_dir, tmp_path):
+    result = _run_workers(tiny_model_dir, tmp_path, workers=2, trials=6)
+    assert "2 workers: 3, 3 trials" in result.stdout
+
+
+@pytest.mark.slow
+def test_four_workers_times_25_trials(tiny_model_dir, tmp_path):
+    _run_workers(tiny_model_dir, tmp_path, workers=4, trials=100)
