@@ -216,8 +216,12 @@ def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
     with warnings.catch_warnings():  # heartbeats and retries are 'experimental' in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat:
-            kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            if retry is not None:  # Optuna >= 4.9
+                kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
+            else:
+                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+            kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
         return optuna.storages.RDBStorage(url, **kwargs)
 
 

@@ -39,3 +39,50 @@ def test_two_workers_share_one_study(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_four_workers_times_25_trials(tiny_model_dir, tmp_path):
     _run_workers(tiny_model_dir, tmp_path, workers=4, trials=100)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's postgresql binaries)."""
+    import glob
+    import os
+    import shutil
+    import socket
+    import tempfile
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL binaries absent: apt-get install postgresql (.ci/run installs it)")
+    bindir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="skiptune-pg-"))  # under /tmp: the postgres user can reach it
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: use the package's postgres user
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=50"
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l",
+                    str(root / "log"), "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_four_workers_on_postgresql(tiny_model_dir, tmp_path, postgres_url):
+    cmd = [EXE, "search", "--model", str(tiny_model_dir), "--nfe", "1", "--n", "4", "--rungs", "4", "--batch", "4",
+           "--workers", "4", "--trials", "20", "--storage", postgres_url]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name=optuna.get_all_study_names(postgres_url)[0], storage=postgres_url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 20
+    assert "4 workers: 5, 5, 5, 5 trials" in result.stdout
