@@ -32,13 +32,14 @@ def _friendly(fn):
         from .data import DataNotFoundError
         from .metrics import FeatureWeightsError, ReferenceStatsError
         from .schedule import ScheduleError
-        from .search import StudyMismatchError
+        from .search import StorageError, StudyMismatchError
         from .skips import NoSkipsError
         from .zoo import ModelLoadError
 
         try:
             return fn(*args, **kwargs)
-        except (DataNotFoundError, FeatureWeightsError, ReferenceStatsError, ScheduleError, StudyMismatchError,
+        except (DataNotFoundError, FeatureWeightsError, ReferenceStatsError, ScheduleError, StorageError,
+                StudyMismatchError,
                 NoSkipsError, ModelLoadError, ValueError) as exc:
             raise UserError(str(exc)) from None
         except KeyboardInterrupt:

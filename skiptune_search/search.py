@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import sqlalchemy
 import torch
 
 from .grids import save_grid
@@ -34,6 +35,10 @@ from .zoo import DEFAULT_MODEL_NAME, load_denoiser
 DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
 CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
 OBJECTIVES = ("fid", "fid_inf", "kid")
+
+
+class StorageError(ValueError):
+    """The storage cannot be opened or written."""
 
 
 class StudyMismatchError(ValueError):
@@ -207,12 +212,24 @@ def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
     kwargs: dict = {}
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
-        if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
         if str(path) != ":memory:":  # write-ahead log: readers never block the writer (persists in the file)
-            with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
-                db.execute("PRAGMA journal_mode=WAL")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+                    db.execute("PRAGMA journal_mode=WAL")
+            except (OSError, sqlite3.Error) as exc:
+                raise StorageError(f"cannot open storage {url} ({exc}); check that the folder exists and is "
+                                   f"writable, or pass another --storage") from None
+    try:
+        return _rdb_storage(url, heartbeat, kwargs)
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise StorageError(f"cannot open storage {url} ({reason}); check that the path or server exists, "
+                           f"is reachable and is writable") from None
+
+
+def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeats and retries are 'experimental' in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat:

@@ -151,3 +151,48 @@ def test_evaluate_on_held_out_seeds(run, tiny_model_dir, tmp_path):
     assert "untuned  FID" in text.output and ("gain holds" in text.output or "does NOT hold" in text.output)
     _one_line_error(run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--seed", 5, "--n", 12),
                     "overlap the search's seeds 0-9")
+
+
+def test_more_bad_input_each_one_line(run, tiny_model_dir, tmp_path):
+    # a corrupt checkpoint
+    broken = tmp_path / "broken-model"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 100)
+    _one_line_error(run("search", "--model", broken, "--nfe", 3), "could not load")
+    # missing reference statistics
+    _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--reference", "nope.npz"),
+                    "nope.npz not found")
+    # a storage path that cannot be written (a file where a folder should be)
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--storage", "sqlite:///afile/s.db"),
+                    "cannot open storage")
+    # an impossible NFE and an unknown sampler for evaluate's schedule
+    _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "euler", "--nfe", 0), "impossible")
+    assert not (tmp_path / "studies").exists()  # nothing was created by any of these
+
+
+def test_nan_samples_fail_that_trial_and_the_study_goes_on(tiny_model_dir, tmp_path, monkeypatch):
+    import skiptune_search.search as S
+    from skiptune_search.sampling import NonFiniteSamplesError
+
+    evaluator = S.Evaluator(S.Task(model=str(tiny_model_dir), nfe=3, n=6), batch_size=6)
+    real = evaluator.features
+    calls = []
+
+    def sometimes_nan(schedule, seeds=None, progress=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise NonFiniteSamplesError("non-finite values in samples of seeds 0..5")
+        return real(schedule, seeds, progress)
+
+    monkeypatch.setattr(evaluator, "features", sometimes_nan)
+    space = S.Space("linear", "input", (0.5, 1.5))
+    study = S.open_study(S.make_storage(f"sqlite:///{tmp_path}/s.db"), "nan", evaluator.task, space,
+                         evaluator.controller, 0)
+    S.run_search(evaluator, study, space, trials=4)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert "non-finite" in study.trials[1].user_attrs["fail_reason"]
+    assert S.export_best(study, "x").source["trial"] != 1
