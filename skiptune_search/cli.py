@@ -39,8 +39,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (DataNotFoundError, FeatureWeightsError, ReferenceStatsError, ScheduleError, StorageError,
-                StudyMismatchError,
-                NoSkipsError, ModelLoadError, ValueError) as exc:
+                StudyMismatchError, NoSkipsError, ModelLoadError, ValueError) as exc:
             raise UserError(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted: every finished trial is saved; rerun the same command to resume", err=True)
