@@ -97,10 +97,22 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], sigma_max: float,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x_T = σ_max · ε_i, with ε_i drawn from a generator seeded with seed i alone."""
-    out = torch.empty(len(seeds), *shape, dtype=dtype)
-    for row, seed in zip(out, seeds):
-        row.copy_(torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed))))
-    return out * sigma_max
+    return seeded_inputs(seeds, shape, 0)[0].to(dtype) * sigma_max
+
+
+def seeded_inputs(seeds: Sequence[int], shape: Sequence[int], label_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unit noise [N, *shape] and, for a class-conditional model, one-hot labels [N, label_dim]:
+    sample i draws its noise, then its class, from a generator seeded with seed i alone (as
+    EDM's generate.py does), so both are the same in every trial and every batch size."""
+    noise = torch.empty(len(seeds), *shape)
+    classes = torch.empty(len(seeds), dtype=torch.long)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(seed))
+        noise[i] = torch.randn(*shape, generator=gen)
+        if label_dim:
+            classes[i] = torch.randint(label_dim, (1,), generator=gen)
+    labels = torch.nn.functional.one_hot(classes, label_dim).float() if label_dim else None
+    return noise, labels
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +133,11 @@ def generate(
     batch_size: int = 250,
     progress: bool | str = True,
     device: torch.device | str = "cpu",
+    label_dim: int = 0,
 ) -> torch.Tensor:
     """uint8 images [N, C, H, W] (on the CPU) for ``seeds``, sampled on ``device`` in batches of
-    ``batch_size``. The noise is drawn on the CPU, so a seed gives the same noise on any device."""
+    ``batch_size``. The noise (and the class of a ``label_dim``-class model) is drawn on the CPU,
+    so a seed gives the same sample inputs on any device."""
     fn = SAMPLERS[sampler][0]
     sigma_max = float(sigmas[0])
     chunks: list[torch.Tensor] = []
@@ -132,7 +146,12 @@ def generate(
                                       leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             batch_seeds = seeds[start : start + batch_size]
-            x = fn(denoiser, initial_noise(batch_seeds, shape, sigma_max).to(device), sigmas)
+            noise, labels = seeded_inputs(batch_seeds, shape, label_dim)
+            model = denoiser
+            if labels is not None:  # class-conditional: the same labels at every step
+                labels = labels.to(device)
+                model = lambda x, sigma: denoiser(x, sigma, class_labels=labels)  # noqa: E731
+            x = fn(model, noise.to(device) * sigma_max, sigmas)
             if not torch.isfinite(x).all():
                 raise NonFiniteSamplesError(
                     f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"

@@ -147,7 +147,7 @@ class Evaluator:
                progress: bool | str = True) -> torch.Tensor:
         self.controller.use(schedule)
         return generate(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
-                        self.shape, self.batch_size, progress, self.device)
+                        self.shape, self.batch_size, progress, self.device, self.model_info.get("label_dim", 0))
 
     def features(self, schedule: RhoSchedule, seeds: list[int] | None = None,
                  progress: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:

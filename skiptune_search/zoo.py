@@ -169,11 +169,10 @@ def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike 
     missing = [a for a in ("sigma_min", "sigma_max", "img_resolution", "img_channels") if not hasattr(net, a)]
     if not isinstance(net, torch.nn.Module) or missing:
         raise ModelLoadError(f"{path} holds no EDM Precond network (missing {', '.join(missing) or 'nn.Module'})")
-    if getattr(net, "label_dim", 0):
-        raise ModelLoadError(f"{path} is class-conditional; conditional EDM models are not supported yet")
     net = net.eval().requires_grad_(False)
     info = {"name": str(path), "precond": type(net).__name__, "resolution": int(net.img_resolution),
-            "channels": int(net.img_channels), "sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}
+            "channels": int(net.img_channels), "sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max),
+            "label_dim": int(getattr(net, "label_dim", 0) or 0)}
     return net, info
 
 

@@ -62,10 +62,11 @@ class _EDMUNet(nn.Module):
     """The shared skeleton of SongUNet and DhariwalUNet (standard encoder and decoder)."""
 
     def __init__(self, img_resolution, in_channels, out_channels, model_channels, channel_mult,
-                 num_blocks, attn_resolutions, first_conv_mult):
+                 num_blocks, attn_resolutions, first_conv_mult, label_dim=0):
         super().__init__()
         emb = model_channels * 4
-        self.model_channels, self.img_resolution = model_channels, img_resolution
+        self.model_channels, self.img_resolution, self.label_dim = model_channels, img_resolution, label_dim
+        self.map_label = nn.Linear(label_dim, model_channels) if label_dim else None
         self.map_layer0 = nn.Linear(model_channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
         self.enc = nn.ModuleDict()
@@ -100,6 +101,8 @@ class _EDMUNet(nn.Module):
         freqs = torch.exp(-np.log(10000) * torch.arange(half, dtype=torch.float32) / half)
         angle = noise_labels.float().reshape(-1, 1) * freqs.reshape(1, -1)
         emb = torch.cat([angle.cos(), angle.sin()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
         for block in self.enc.values():
@@ -116,18 +119,18 @@ class SongUNet(_EDMUNet):
     """DDPM++ layout (EDM's CIFAR-10 net): first conv at model_channels, attention at 16x16."""
 
     def __init__(self, img_resolution=32, in_channels=3, out_channels=3, model_channels=128,
-                 channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,)):
+                 channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), label_dim=0):
         super().__init__(img_resolution, in_channels, out_channels, model_channels, channel_mult,
-                         num_blocks, attn_resolutions, first_conv_mult=False)
+                         num_blocks, attn_resolutions, first_conv_mult=False, label_dim=label_dim)
 
 
 class DhariwalUNet(_EDMUNet):
     """ADM layout (EDM's ImageNet-64 net): first conv at model_channels * mult[0]."""
 
     def __init__(self, img_resolution=64, in_channels=3, out_channels=3, model_channels=192,
-                 channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8)):
+                 channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8), label_dim=0):
         super().__init__(img_resolution, in_channels, out_channels, model_channels, channel_mult,
-                         num_blocks, attn_resolutions, first_conv_mult=True)
+                         num_blocks, attn_resolutions, first_conv_mult=True, label_dim=label_dim)
 
 
 class EDMPrecond(nn.Module):
@@ -136,7 +139,7 @@ class EDMPrecond(nn.Module):
     def __init__(self, model, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
         super().__init__()
         self.model, self.sigma_data = model, sigma_data
-        self.sigma_min, self.sigma_max, self.label_dim = sigma_min, sigma_max, 0
+        self.sigma_min, self.sigma_max, self.label_dim = sigma_min, sigma_max, model.label_dim
         self.img_resolution = model.img_resolution
         self.img_channels = model.out_conv.out_channels
 

@@ -84,16 +84,16 @@ def test_edm_cifar10_layout_has_15_skips():
 
 
 @pytest.fixture
-def edm_pickle(tmp_path, monkeypatch):
+def edm_pickle(tmp_path, monkeypatch, request):
     """(path, repo) of a pickled EDM-style net; sys.path and sys.modules are restored after."""
     import sys
 
     monkeypatch.setattr(sys, "path", sys.path[:])
-    yield _edm_pickle(tmp_path)
+    yield _edm_pickle(tmp_path, getattr(request, "param", 0))
     sys.modules.pop("edm_nets_checkout", None)
 
 
-def _edm_pickle(tmp_path):
+def _edm_pickle(tmp_path, label_dim=0):
     """A pickle like EDM's ({'ema': EDMPrecond(...)}) whose classes live in a module that only
     --edm-path makes importable, as EDM's 'training.networks' does."""
     import pickle
@@ -110,7 +110,7 @@ def _edm_pickle(tmp_path):
 
         torch.manual_seed(0)
         net = nets.EDMPrecond(nets.DhariwalUNet(img_resolution=16, model_channels=16, channel_mult=(1, 2),
-                                                num_blocks=1, attn_resolutions=()))
+                                                num_blocks=1, attn_resolutions=(), label_dim=label_dim))
         path = tmp_path / "edm-tiny.pkl"
         path.write_bytes(pickle.dumps({"ema": net, "augment_pipe": None}))
     finally:
@@ -149,3 +149,25 @@ def test_edm_pickle_through_the_cli(edm_pickle, tmp_path, monkeypatch):
                                   "--nfe", "3", "-n", "4", "-o", "edm.png"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "edm.png").is_file()
+
+
+@pytest.mark.parametrize("edm_pickle", [10], indirect=True)
+def test_class_conditional_edm_gets_one_label_per_seed(edm_pickle):
+    """Labels come from each sample's seed (after its noise), the same in any batch and trial."""
+    from skiptune_search.sampling import seeded_inputs
+    from skiptune_search.search import Evaluator, Task
+
+    path, repo = edm_pickle
+    evaluator = Evaluator(Task(model=str(path), nfe=3, n=6, seed=40), batch_size=4, trust_pickle=True,
+                          edm_path=str(repo))
+    assert evaluator.model_info["label_dim"] == 10
+    seen = []
+    handle = evaluator.denoiser.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["class_labels"].argmax(1).tolist()), with_kwargs=True)
+    evaluator.images(evaluator.controller.identity(), progress=False)
+    handle.remove()
+    _, labels = seeded_inputs(list(range(40, 46)), (3, 16, 16), 10)
+    expected = labels.argmax(1).tolist()
+    assert seen[0] == expected[:4] and seen[-1] == expected[4:]  # two batches, every step the same labels
+    _, again = seeded_inputs([44, 41], (3, 16, 16), 10)
+    assert again.argmax(1).tolist() == [expected[4], expected[1]]
