@@ -56,20 +56,24 @@ def edm_training_sigmas(n: int, p_mean: float = -1.2, p_std: float = 1.2,
 
 
 
+def _log_sigma_table(alphas_cumprod) -> torch.Tensor:
+    alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return ((1 - alphas) / alphas).sqrt().log()
+
+
+def _sigma_at(log_sigmas: torch.Tensor, timestep) -> torch.Tensor:
+    """σ of a (possibly fractional) timestep: the table interpolated in log σ."""
+    t = torch.as_tensor(timestep, dtype=torch.float64, device=log_sigmas.device).clamp(0, len(log_sigmas) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(log_sigmas) - 1)
+    return (log_sigmas[lo] + (t - lo) * (log_sigmas[hi] - log_sigmas[lo])).exp()
+
+
 def timestep_to_sigma_from_scheduler(scheduler) -> "callable":
     """σ(t) = sqrt((1 − ᾱ_t) / ᾱ_t) of a diffusers DDPM-family scheduler (DDPM, DDIM, ...),
-    interpolated linearly between integer timesteps."""
-    alphas = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
-    sigmas = ((1 - alphas) / alphas).sqrt()
-
-    def to_sigma(t: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(sigmas) - 1)
-        lo = t.floor().long()
-        hi = (lo + 1).clamp(max=len(sigmas) - 1)
-        w = t - lo
-        return sigmas[lo] * (1 - w) + sigmas[hi] * w
-
-    return to_sigma
+    interpolated in log σ between integer timesteps."""
+    log_sigmas = _log_sigma_table(scheduler.alphas_cumprod)
+    return lambda t: _sigma_at(log_sigmas, t)
 
 
 class DiffusersVPPrecond(nn.Module):
@@ -79,14 +83,15 @@ class DiffusersVPPrecond(nn.Module):
     σ = sqrt((1 − ᾱ)/ᾱ); its timestep is found by interpolating the scheduler's σ table in log σ.
     """
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> None:
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 scheduler_config: dict | None = None) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         self.unet = unet
         self.prediction_type = prediction_type
-        alphas = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        self.register_buffer("log_sigmas", ((1 - alphas) / alphas).sqrt().log(), persistent=False)
+        self.scheduler_config = dict(scheduler_config or {})  # for sampling with diffusers' own schedulers
+        self.register_buffer("log_sigmas", _log_sigma_table(alphas_cumprod), persistent=False)
         self.sigma_min = float(self.log_sigmas[0].exp())
         self.sigma_max = float(self.log_sigmas[-1].exp())
 
@@ -96,6 +101,10 @@ class DiffusersVPPrecond(nn.Module):
         hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
         lo_val, hi_val = self.log_sigmas[hi - 1], self.log_sigmas[hi]
         return (hi - 1) + (log_sigma - lo_val) / (hi_val - lo_val)
+
+    def sigma_from_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """σ of a (possibly fractional) timestep: the σ table interpolated in log σ."""
+        return _sigma_at(self.log_sigmas, timestep)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)

@@ -71,12 +71,37 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -
     return x
 
 
+# diffusers' own schedulers, for DDPM-family diffusers models: NFE = steps
+NATIVE_SCHEDULERS = {"ddim": "DDIMScheduler", "dpmsolver": "DPMSolverMultistepScheduler",
+                     "unipc": "UniPCMultistepScheduler"}
+
+
+@torch.no_grad()
+def sample_native(precond, noise: torch.Tensor, steps: int, sampler: str) -> torch.Tensor:
+    """Sample a diffusers DDPM-family model with one of diffusers' own schedulers, built from the
+    model's scheduler config, calling its UNet directly (the skip controller sees each call)."""
+    import diffusers
+
+    config = getattr(precond, "scheduler_config", None)
+    if not config:
+        raise ValueError(f"sampler {sampler} needs a diffusers pipeline model (its scheduler config)")
+    scheduler = getattr(diffusers, NATIVE_SCHEDULERS[sampler]).from_config(config)
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = precond.unet(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out.sample if hasattr(out, "sample") else out, t, x).prev_sample
+    return x
+
+
 # name -> (function, steps for an NFE or None when impossible, NFE of a number of steps)
 SAMPLERS: dict[str, tuple[Callable, Callable[[int], int | None], Callable[[int], int]]] = {
     "heun": (sample_heun, lambda nfe: (nfe + 1) // 2 if nfe >= 1 and nfe % 2 == 1 else None,
              lambda steps: 2 * steps - 1),
     "euler": (sample_euler, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
     "dpmpp_2m": (sample_dpmpp_2m, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
+    **{name: (sample_native, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps)
+       for name in NATIVE_SCHEDULERS},
 }
 
 
@@ -151,7 +176,10 @@ def generate(
             if labels is not None:  # class-conditional: the same labels at every step
                 labels = labels.to(device)
                 model = lambda x, sigma: denoiser(x, sigma, class_labels=labels)  # noqa: E731
-            x = fn(model, noise.to(device) * sigma_max, sigmas)
+            if sampler in NATIVE_SCHEDULERS:
+                x = sample_native(denoiser, noise.to(device), len(sigmas) - 1, sampler)
+            else:
+                x = fn(model, noise.to(device) * sigma_max, sigmas)
             if not torch.isfinite(x).all():
                 raise NonFiniteSamplesError(
                     f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"

@@ -42,7 +42,9 @@ class SkipController:
         self.arch = self.layout.arch
         self.skips = self.layout.skips
         self._precond = next((w for w in wrappers if type(w).__name__.endswith("Precond")), None)
-        self.timestep_to_sigma = timestep_to_sigma
+        # σ from the UNet's own timestep when the map is known (so loops that call the UNet
+        # directly work too), else from the sigma argument of the Precond wrapper
+        self.timestep_to_sigma = timestep_to_sigma or getattr(self._precond, "sigma_from_timestep", None)
         self._handles: list[Any] = []
         self._schedule = RhoSchedule.identity(self.arch, self.skips)
         self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
@@ -156,11 +158,11 @@ class SkipController:
     def attach(self) -> None:
         if self._handles:
             return
-        if self._precond is not None:
+        if self.timestep_to_sigma is not None:
+            self._handles.append(self.unet.register_forward_pre_hook(self._capture_sigma("unet"), with_kwargs=True))
+        elif self._precond is not None:
             self._handles.append(self._precond.register_forward_pre_hook(self._capture_sigma("precond"),
                                                                         with_kwargs=True))
-        elif self.timestep_to_sigma is not None:
-            self._handles.append(self.unet.register_forward_pre_hook(self._capture_sigma("unet"), with_kwargs=True))
         for index, (block, norm) in enumerate(zip(self.layout.consumers, self.layout.norms)):
             self._handles.append(block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
             self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))

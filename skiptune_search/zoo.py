@@ -129,7 +129,7 @@ def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
     from .denoisers import DiffusersVPPrecond
 
     denoiser = DiffusersVPPrecond(unet.eval().requires_grad_(False), scheduler.alphas_cumprod,
-                                  scheduler.config.prediction_type)
+                                  scheduler.config.prediction_type, dict(scheduler.config))
     size = unet.config.sample_size
     info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type,
             "resolution": int(size if isinstance(size, int) else size[0]), "channels": int(unet.config.in_channels),

@@ -51,3 +51,35 @@ def test_uncached_repo_id_is_a_clear_offline_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="huggingface-cli download google/ddpm-cifar10-32"):
         load_denoiser("google/ddpm-cifar10-32")
+
+
+@torch.no_grad()
+def test_native_ddim_with_a_per_noise_schedule(ddpm_dir):
+    """diffusers' DDIM at 5 steps: 5 UNet calls, each with the ρ of its own timestep's σ."""
+    from skiptune_search.schedule import RhoSchedule
+    from skiptune_search.search import Evaluator, Task
+
+    evaluator = Evaluator(Task(model=str(ddpm_dir), sampler="ddim", nfe=5, n=2), batch_size=2)
+    ctl = evaluator.controller
+    params = {"rho_inner_k0": 0.6, "rho_outer_k0": 0.9, "rho_inner_k1": 1.3, "rho_outer_k1": 1.1}
+    schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 50.0])
+    calls = []
+    unet = evaluator.denoiser.unet
+    handle = unet.up_blocks[0].register_forward_pre_hook(
+        lambda m, a: calls.append((float(ctl._sigma[0]), float(ctl._rho(len(ctl.skips) - 1).flatten()[0]))))
+    images = evaluator.images(schedule, progress=False)
+    handle.remove()
+    assert images.shape == (2, 1, 16, 16) and len(calls) == 5
+    for sigma, rho in calls:
+        assert rho == pytest.approx(schedule.rhos_at(sigma)[-1], rel=1e-6)
+    assert calls[0][0] > calls[-1][0]  # from high noise to low
+
+
+def test_native_sampler_needs_a_diffusers_model(tmp_path):
+    from click.testing import CliRunner
+
+    from skiptune_search.cli import main
+
+    result = CliRunner().invoke(main, ["sample", "--sampler", "ddim", "--nfe", "3", "-n", "2", "-o",
+                                       str(tmp_path / "g.png")])
+    assert result.exit_code == 2 and "needs a diffusers pipeline model" in result.output
