@@ -62,7 +62,7 @@ def test_impossible_nfe_lists_nearest_valid():
     with pytest.raises(ValueError, match="nearest valid: 9, 11"):
         steps_for_nfe("heun", 10)
     with pytest.raises(ValueError, match="unknown sampler"):
-        steps_for_nfe("ddim", 10)
+        steps_for_nfe("lms", 10)
 
 
 def test_sample_noise_depends_on_its_seed_only():
