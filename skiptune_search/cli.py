@@ -487,6 +487,21 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="A small run (a minute or two) that only keeps the command working.")
+@click.option("--out", "out", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--model", default="fashion-mnist-edm", show_default=True)
+@click.option("--nfe", default=9, show_default=True, type=int)
+@_friendly
+def bench(quick, out, model, nfe) -> None:
+    """Measure the controller's overhead per placement and where a trial's time goes, and write
+    the tables, with the machine and this command, to BENCHMARKS.md."""
+    from .bench import run_bench
+
+    command = f"skiptune-search bench{' --quick' if quick else ''} --out {out} --model {model} --nfe {nfe}"
+    click.echo(f"wrote {run_bench(quick, Path(out), model, nfe, command)}")
+
+
 @main.command("train-default")
 @click.option("--steps", default=20000, show_default=True, type=int, help="Total optimizer steps (resume continues to this).")
 @click.option("--batch", default=128, show_default=True, type=int)

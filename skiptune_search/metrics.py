@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import efficientnet_lite
+from .files import atomic_path
 
 DEFAULT_FEATURES = efficientnet_lite.NAME
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -128,22 +128,13 @@ class ReferenceStats:
     def save(self, path: str | os.PathLike, dtype=np.float32, kid_dtype=np.float16) -> Path:
         """Write atomically; float32 statistics and float16 KID features keep the file small at
         no cost to FID's or KID's precision here."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
         arrays = {"mu": self.mu.astype(dtype), "sigma": self.sigma.astype(dtype),
                   "features": np.array(self.features), "n": np.array(self.n)}
         if self.kid_features is not None:
             arrays["kid_features"] = self.kid_features.astype(kid_dtype)
-        try:
-            os.chmod(tmp, 0o644)
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return Path(path)
 
 
 def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .data import load_fashion_mnist
+from .files import write_text_atomic
 from .grids import save_grid
 from .metrics import ReferenceStats, extract_features, fid_from_features
 from .search import Evaluator, Task
@@ -54,6 +55,4 @@ def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 20
 Retrain or continue training: `skiptune-search train-default --steps N` (resumes from
 `studies/train-state.pt` when present, else from these weights), then `skiptune-search model-card`.
 """
-    path = folder / "MODEL_CARD.md"
-    path.write_text(text)
-    return path
+    return write_text_atomic(folder / "MODEL_CARD.md", text)

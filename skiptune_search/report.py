@@ -7,12 +7,12 @@ import datetime as _dt
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import optuna
 import plotly.graph_objects as go
 
+from .files import write_text_atomic
 from .schedule import RhoSchedule
 from .search import baseline_trial, export_best
 
@@ -108,14 +108,4 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
         parts.append("</div>")
     parts.append("</body></html>")
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".html", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(parts))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out
+    return write_text_atomic(out, "\n".join(parts))

@@ -14,10 +14,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from .files import atomic_path
 
 FORMAT = "skiptune-schedule/1"
 RHO_LIMITS = (0.0, 4.0)  # a ρ outside is almost surely a typo, not a schedule
@@ -241,19 +242,10 @@ class RhoSchedule:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temp file in the same folder, then a rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.chmod(tmp, 0o644)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+        return Path(path)
 
 
 def load_schedule(source: "str | os.PathLike | RhoSchedule") -> RhoSchedule:

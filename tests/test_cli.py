@@ -207,3 +207,13 @@ def test_nan_samples_fail_that_trial_and_the_study_goes_on(tiny_model_dir, tmp_p
     assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "non-finite" in study.trials[1].user_attrs["fail_reason"]
     assert S.export_best(study, "x").source["trial"] != 1
+
+
+def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
+    result = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "B.md").read_text()
+    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3`" in text
+    for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
+                 "images/s", "Machine:"):
+        assert part in text
