@@ -147,7 +147,7 @@ def main() -> None:
                    "channels after the block's GroupNorm, which cannot cancel it), both, or search.")
 @click.option("--knots", default=3, show_default=True, type=int,
               help="σ knots of per_noise, log-spaced over the sampler's σ range.")
-@click.option("--trials", default=20, show_default=True, type=int,
+@click.option("--trials", default=16, show_default=True, type=int,
               help="Finished trials the study should hold; a resumed study runs only the rest.")
 @click.option("--n", "n", default=1000, show_default=True, type=int, help="Samples per trial (proxy FID's N).")
 @click.option("--rungs", default=None,
