@@ -33,3 +33,23 @@ def test_default_search_command(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ("baseline FID (ρ = 1):", "best FID:", "best ρ (outer→inner):", "best schedule:"):
         assert line in result.stdout
+
+
+def test_shipped_schedules_apply_to_their_model():
+    """Every schedule in configs/schedules loads, validates and fits the bundled model's layout."""
+    import torch
+
+    from skiptune_search import apply, load_schedule
+    from skiptune_search.zoo import load_denoiser
+
+    denoiser, _ = load_denoiser("fashion-mnist-edm")
+    files = sorted((Path(__file__).parent.parent / "configs" / "schedules").glob("*.json"))
+    assert files
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        plain = denoiser(x, torch.tensor([2.0, 2.0]))
+        for path in files:
+            schedule = load_schedule(path)
+            assert schedule.tuned_for["model"] == "fashion-mnist-edm"
+            with apply(denoiser, path):
+                assert not torch.equal(denoiser(x, torch.tensor([2.0, 2.0])), plain)
