@@ -34,6 +34,7 @@ from .zoo import DEFAULT_MODEL_NAME, load_denoiser
 
 DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
 CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
+SQLITE_BUSY_TIMEOUT = 60.0  # seconds a worker waits for another's write lock before giving up
 OBJECTIVES = ("fid", "fid_inf", "kid")
 
 
@@ -212,11 +213,11 @@ def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
     kwargs: dict = {}
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
         if str(path) != ":memory:":  # write-ahead log: readers never block the writer (persists in the file)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+                with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT)) as db:
                     db.execute("PRAGMA journal_mode=WAL")
             except (OSError, sqlite3.Error) as exc:
                 raise StorageError(f"cannot open storage {url} ({exc}); check that the folder exists and is "

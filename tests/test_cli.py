@@ -217,3 +217,30 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
                  "images/s", "Machine:"):
         assert part in text
+
+
+def test_locked_storage_is_a_one_line_error(run, tiny_model_dir, tmp_path, monkeypatch):
+    import sqlite3
+
+    import skiptune_search.search as S
+
+    monkeypatch.setattr(S, "SQLITE_BUSY_TIMEOUT", 0.5)
+    (tmp_path / "studies").mkdir()
+    holder = sqlite3.connect(tmp_path / "studies" / "skiptune.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock and never lets go
+    try:
+        _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 4), "cannot open storage",
+                        "locked")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_report_plots_fid_against_nfe_across_sibling_studies(run, tiny_model_dir, tmp_path):
+    for nfe in (1, 3):
+        args = ["search", "--model", tiny_model_dir, "--nfe", nfe, "--n", 4, "--rungs", 4, "--trials", 2]
+        assert run(*args).exit_code == 0
+    result = run("report", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "r.html", "--samples", 0)
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert "FID vs NFE" in page and "tuned (best trial)" in page and "Samples (same seeds)" not in page
