@@ -153,7 +153,7 @@ def write_markdown(out: Path, overhead: list[dict], breakdown: dict, evaluator: 
 def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str) -> Path:
     from .search import Task
 
-    n, repeats = (64, 2) if quick else (500, 5)
+    n, repeats = (64, 2) if quick else (250, 5)
     evaluator = Evaluator(Task(model=model, nfe=nfe, n=n), batch_size=min(250, n))
     overhead = controller_overhead(evaluator, n, repeats)
     breakdown = trial_breakdown(evaluator, max(1, repeats // 2))

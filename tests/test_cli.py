@@ -45,7 +45,8 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     result = run("report", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "report.html", "--samples", 4)
     assert result.exit_code == 0, result.output
     page = (tmp_path / "report.html").read_text()
-    for part in ("Optimization history", "Best schedule", "Parameter importances", "data:image/png;base64,"):
+    for part in ("Optimization history", "Best schedule", "Parameter importances", "Samples (same seeds)",
+                 "<img src='data:image/png;base64,"):
         assert part in page
     assert "<script src=" not in page and page.count("<script") >= 3  # plotly inlined: works offline
 

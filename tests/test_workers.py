@@ -86,3 +86,25 @@ def test_four_workers_on_postgresql(tiny_model_dir, tmp_path, postgres_url):
     study = optuna.load_study(study_name=optuna.get_all_study_names(postgres_url)[0], storage=postgres_url)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 20
     assert "4 workers: 5, 5, 5, 5 trials" in result.stdout
+
+
+def test_each_worker_gets_its_own_gpu(monkeypatch):
+    """With GPUs visible, worker i is pinned to GPU i (CUDA_VISIBLE_DEVICES), the caller to the first."""
+    import skiptune_search.workers as W
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, argv, env):
+            started.append((argv, env))
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    monkeypatch.setattr(W, "visible_gpus", lambda: ["3", "5", "7"])
+    monkeypatch.setattr(W.subprocess, "Popen", FakePopen)
+    W.spawn([4, 4, 3], argv=["skiptune-search", "search"])
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "7"]
+    assert [env[W.SHARE_ENV] for _, env in started] == ["4", "3"]
+    W.own_setup(3)
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
