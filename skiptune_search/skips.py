@@ -46,8 +46,9 @@ class SkipController:
         # directly work too), else from the sigma argument of the Precond wrapper
         self.timestep_to_sigma = timestep_to_sigma or getattr(self._precond, "sigma_from_timestep", None)
         self._handles: list[Any] = []
-        self._schedule = RhoSchedule.identity(self.arch, self.skips)
         self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # its knot index and weight
+        self._set(RhoSchedule.identity(self.arch, self.skips))
 
     @property
     def rhos(self) -> list[float]:
@@ -92,7 +93,14 @@ class SkipController:
                 "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
                 "pass SkipController(model, timestep_to_sigma=...) or the model inside its Precond wrapper"
             )
+        self._set(schedule)
+
+    def _set(self, schedule: RhoSchedule) -> None:
+        """Take a schedule, with what the hooks need of it computed once, not at every call."""
         self._schedule = schedule
+        self._identity = schedule.is_identity()
+        self._log_knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
+        self._table = torch.tensor(schedule.rho, dtype=torch.float64)  # [skip, knot]
 
     # --- ρ of the current call ---------------------------------------------------------
     def _rho(self, index: int) -> float | torch.Tensor:
@@ -100,13 +108,10 @@ class SkipController:
         schedule = self._schedule
         if schedule.is_constant:
             return schedule.rho[index][0]
-        if self._sigma is None:
+        if self._weights is None:
             raise RuntimeError("σ-dependent schedule used outside a model call")
-        knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
-        row = torch.tensor(schedule.rho[index], dtype=torch.float64)
-        x = self._sigma.double().cpu().clamp_min(1e-30).log().clamp(knots[0], knots[-1])
-        k = torch.searchsorted(knots, x).clamp(1, len(knots) - 1)
-        w = (x - knots[k - 1]) / (knots[k] - knots[k - 1])
+        k, w = self._weights
+        row = self._table[index]
         return (row[k - 1] + w * (row[k] - row[k - 1])).reshape(-1, 1, 1, 1)
 
     def _scale_trailing(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
@@ -131,12 +136,18 @@ class SkipController:
             value = torch.as_tensor(value, device=x.device).reshape(-1).to(torch.float64)
             sigma = value if source == "precond" else self.timestep_to_sigma(value)
             self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+            # where each sample's σ falls between the knots (interpolation in log σ, clamped outside);
+            # the same for every skip, so once per call
+            knots = self._log_knots
+            log_sigma = self._sigma.double().cpu().clamp_min(1e-30).log().clamp(knots[0], knots[-1])
+            k = torch.searchsorted(knots, log_sigma).clamp(1, len(knots) - 1)
+            self._weights = (k, (log_sigma - knots[k - 1]) / (knots[k] - knots[k - 1]))
 
         return hook
 
     def _input_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self.placement == "normalized" or self._schedule.is_identity():
+            if self.placement == "normalized" or self._identity:
                 return None  # exact no-op: the untouched tensors go through
             if args:
                 scaled = self._scale_trailing(args[0], index)
@@ -149,7 +160,7 @@ class SkipController:
 
     def _normalized_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-            if self.placement == "input" or self._schedule.is_identity():
+            if self.placement == "input" or self._identity:
                 return None
             return self._scale_trailing(output, index)
 
@@ -171,7 +182,7 @@ class SkipController:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._sigma = None
+        self._sigma = self._weights = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["SkipController"]:
