@@ -1,8 +1,12 @@
-"""Benchmarks that users size a search by: controller overhead and where a trial's time goes.
+"""Benchmarks that users size a search by, and the command that writes BENCHMARKS.md.
 
-Numbers are medians over repeats in one process, with the compared variants interleaved;
-ratios, not absolute times, unless on a GPU. The tables go to BENCHMARKS.md with the machine,
-the versions and the exact command that produced them.
+Tables 1-2 (here): controller overhead and where a trial's time goes. Numbers are medians over
+repeats in one process, with the compared variants interleaved; ratios, not absolute times,
+unless on a GPU. Tables 3-4 (search quality) live in bench_search.py.
+
+Each table's raw results go to a JSON file in a work folder (``studies/bench``) as they are
+measured, with the machine and the exact command; BENCHMARKS.md is rendered from all of them,
+so tables measured by different runs (hours apart, or on another machine) sit side by side.
 """
 
 from __future__ import annotations
@@ -106,55 +110,157 @@ def machine() -> str:
             f"torch {torch.__version__}, optuna {optuna.__version__}, torch threads {torch.get_num_threads()}")
 
 
-def write_markdown(out: Path, overhead: list[dict], breakdown: dict, evaluator: Evaluator, command: str,
-                   n: int, repeats: int) -> Path:
-    task = evaluator.task
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Written by `{command}` on {time.strftime('%Y-%m-%d')}.",
-        f"Machine: {machine()}; device {evaluator.device}.",
-        f"Task: model {task.model}, {task.sampler} NFE {task.nfe}, batch {evaluator.batch_size}, "
-        f"{task.features} features.",
-        "",
-        "## 1. Controller overhead (target ≤ 1.02x)",
-        "",
-        f"Sampling {n} images, medians of {repeats} interleaved repeats.",
-        "",
-        "| variant | median seconds | ratio to no controller |",
-        "| --- | ---: | ---: |",
-        *[f"| {r['variant']} | {r['median_s']:.3f} | {r['ratio']:.3f}x |" for r in overhead],
-        "",
-        "## 2. Where a trial's time goes (target ≥ 90% in UNet + feature forwards)",
-        "",
-        f"One trial of N = {task.n} samples, medians.",
-        "",
-        "| part | seconds | share |",
-        "| --- | ---: | ---: |",
-    ]
-    total = breakdown["total"] + breakdown["Optuna and storage"]
-    for key in ("sampling", "features", "FID", "KID", "Optuna and storage"):  # storage: a trial via Optuna minus scoring
-        lines.append(f"| {key} | {breakdown[key]:.2f} | {100 * breakdown[key] / total:.1f}% |")
-    lines += [
-        f"| whole trial | {total:.2f} | 100% |",
-        "",
-        f"Sampling runs at {breakdown['images/s sampling']:.1f} images/s; the same UNet forwards without the "
-        f"sampler around them would give {breakdown['images/s bare forwards']:.1f} images/s "
-        f"({100 * breakdown['images/s sampling'] / breakdown['images/s bare forwards']:.0f}%).",
-        "",
-        "## 3-6. Proxy fidelity, search efficiency, the headline table, GPU scaling",
-        "",
-        "Not measured yet: they need hours of sampling (see the benchmarks issue).",
-        "",
-    ]
-    return write_text_atomic(out, "\n".join(lines))
+
+# --- the run: which tables, at which sizes ----------------------------------------------------
+# full: the sizes the tables' targets are stated for; quick: a minute or two, to keep it working
+SIZES = {
+    False: dict(n=250, repeats=5, grid_points=11, search_n=1000, rungs=(250, 1000), seeds=5, trials=60,
+                schedules=20, truth_n=10_000, batch=250),
+    True: dict(n=64, repeats=2, grid_points=3, search_n=16, rungs=(4, 16), seeds=2, trials=6,
+               schedules=4, truth_n=32, batch=64),
+}
+OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
+ALL_TABLES = (1, 2, 3, 4)
 
 
-def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str) -> Path:
+def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables: tuple[int, ...] = ALL_TABLES,
+              work: Path | None = None, truth_n: int | None = None, progress: bool = True) -> Path:
+    """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
+    render BENCHMARKS.md from everything ``work`` holds."""
+    from . import bench_search as BS
     from .search import Task
 
-    n, repeats = (64, 2) if quick else (250, 5)
-    evaluator = Evaluator(Task(model=model, nfe=nfe, n=n), batch_size=min(250, n))
-    overhead = controller_overhead(evaluator, n, repeats)
-    breakdown = trial_breakdown(evaluator, max(1, repeats // 2))
-    return write_markdown(out, overhead, breakdown, evaluator, command, n, repeats)
+    size = SIZES[quick]
+    work = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
+    stamp = {"command": command, "date": time.strftime("%Y-%m-%d")}
+    if 1 in tables or 2 in tables:
+        evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
+        stamp["machine"] = f"{machine()}; device {evaluator.device}"
+        task = {"model": model, "sampler": evaluator.task.sampler, "nfe": nfe, "batch": evaluator.batch_size,
+                "features": evaluator.task.features}
+        if 1 in tables:
+            rows = controller_overhead(evaluator, size["n"], size["repeats"])
+            BS.save_results(work / "table1.json", {**stamp, "task": task, "n": size["n"],
+                                                    "repeats": size["repeats"], "rows": rows})
+        if 2 in tables:
+            parts = trial_breakdown(evaluator, max(1, size["repeats"] // 2))
+            BS.save_results(work / "table2.json", {**stamp, "task": task, "parts": parts})
+    if 3 in tables or 4 in tables:
+        evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
+                              batch_size=min(size["batch"], size["search_n"]))
+        results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command, progress)
+        if 3 in tables:
+            tpe = [BS.replay_search(results["grid"], size["grid_points"], size["rungs"], "tpe", s, size["trials"], True)
+                   for s in range(size["seeds"])]
+            keys = BS.pick_schedules(results, tpe, size["schedules"])
+            BS.run_truth(evaluator, work / "truth.json", keys, truth_n or size["truth_n"], command, progress)
+    return write_markdown(out, work, size)
+
+
+# --- BENCHMARKS.md ----------------------------------------------------------------------------
+def _header(r: dict) -> str:
+    return f"Written by `{r['command']}` on {r['date'] if 'date' in r else '?'}. Machine: {r['machine']}."
+
+
+def _table1(r: dict) -> list[str]:
+    t = r["task"]
+    return [
+        _header(r), "",
+        f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}: sampling {r['n']} images, "
+        f"medians of {r['repeats']} interleaved repeats.", "",
+        "| variant | median seconds | ratio to no controller |",
+        "| --- | ---: | ---: |",
+        *[f"| {x['variant']} | {x['median_s']:.3f} | {x['ratio']:.3f}x |" for x in r["rows"]],
+    ]
+
+
+def _table2(r: dict) -> list[str]:
+    p, t = r["parts"], r["task"]
+    total = p["total"] + p["Optuna and storage"]
+    lines = [_header(r), "", f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}, "
+             f"{t['features']} features: one trial, medians.", "",
+             "| part | seconds | share |", "| --- | ---: | ---: |"]
+    for key in ("sampling", "features", "FID", "KID", "Optuna and storage"):
+        lines.append(f"| {key} | {p[key]:.2f} | {100 * p[key] / total:.1f}% |")
+    lines += [f"| whole trial | {total:.2f} | 100% |", "",
+              f"Sampling runs at {p['images/s sampling']:.1f} images/s; the same UNet forwards without the "
+              f"sampler around them would give {p['images/s bare forwards']:.1f} images/s "
+              f"({100 * p['images/s sampling'] / p['images/s bare forwards']:.0f}%)."]
+    return lines
+
+
+def _fmt(v, spec: str = ".4g") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
+    from . import bench_search as BS
+
+    rungs = tuple(grid["settings"]["task"]["rungs"])
+    keys = list(truth["truth"])
+    rows = BS.proxy_fidelity(grid["grid"], truth["truth"], rungs, keys)
+    s = truth["settings"]
+    done = f"{len(keys)} of {size['schedules']}" if len(keys) < size["schedules"] else str(len(keys))
+    lines = [_header(truth), "",
+             f"{done} schedules of the linear grid (the baseline, the best points the TPE replays found, the "
+             f"rest at random). Proxies on the search's seeds {s['task']['seed']}-"
+             f"{s['task']['seed'] + s['task']['n'] - 1}; truth: FID on {s['truth_n']:,} held-out samples "
+             f"(seeds from {s['held_out_seed']:,}). Spread: std of the proxy over the held-out blocks of "
+             f"{s['task']['n']} samples (median over schedules), next to its std across the schedules.", "",
+             "| proxy | Spearman, all | Spearman, better half | seed-to-seed spread | spread across schedules |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['proxy']} | {r['spearman']:.3f} | {r['spearman_better_half']:.3f} | {_fmt(r['seed_spread'])} | "
+              f"{_fmt(r['schedule_spread'])} |" for r in rows]
+    return lines
+
+
+def _table4(grid: dict, size: dict) -> list[str]:
+    from . import bench_search as BS
+
+    s = grid["settings"]
+    points = s["points"]
+    n = str(s["task"]["rungs"][-1])
+    if len(grid["grid"]) < points * points:
+        return [_header(grid), "", f"Grid incomplete: {len(grid['grid'])} of {points * points} points so far; "
+                "rerun the same command to finish it."]
+    best_key = min(grid["grid"], key=lambda k: grid["grid"][k]["fid"][n])
+    best = grid["grid"][best_key]["fid"][n]
+    base = grid["grid"][BS.point_key(1.0, 1.0)]["fid"][n]
+    rows, _ = BS.search_efficiency(grid, OPTIMIZERS, size["seeds"], size["trials"])
+    lines = [_header(grid), "",
+             f"Ground truth: all {points}x{points} (ρ_inner, ρ_outer) of the linear family in [0.5, 1.5], "
+             f"{s['placement']} placement, FID at N = {n} on seeds {s['task']['seed']}-"
+             f"{s['task']['seed'] + int(n) - 1} ({s['task']['sampler']} NFE {s['task']['nfe']}). "
+             f"Baseline (1, 1): {base:.4g}; grid best {best:.4g} at ({best_key}); target ≤ {1.01 * best:.4g} (1%).",
+             f"Each optimizer is replayed {size['seeds']} times (search seeds 0-{size['seeds'] - 1}) for up to "
+             f"{size['trials']} trials on the same grid, baseline and paper ramp first, rungs "
+             f"{','.join(map(str, s['task']['rungs']))}; medians over the seeds that reached the target.", "",
+             "| optimizer | pruning | seeds reaching 1% | median trials | median samples | "
+             "median best after 16 trials | median samples in 16 trials |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['optimizer']} | {'on' if r['pruning'] else 'off'} | {r['reached']}/{r['seeds']} | "
+              f"{_fmt(r['median_trials'], 'g')} | {_fmt(r['median_samples'], ',.0f')} | "
+              f"{r['median_best_at_default']:.4g} | {r['median_samples_at_default']:,.0f} |" for r in rows]
+    return lines
+
+
+def write_markdown(out: Path, work: Path, size: dict) -> Path:
+    """BENCHMARKS.md from the results files in ``work``: each table says which command and machine
+    measured it; a table with no results says so."""
+    from .bench_search import load_results
+
+    r1, r2 = load_results(work / "table1.json"), load_results(work / "table2.json")
+    grid, truth = load_results(work / "grid.json"), load_results(work / "truth.json")
+    todo = ["Not measured yet: run the command above with `--tables N`."]
+    lines = ["# Benchmarks", "",
+             "Written by `skiptune-search bench`, table by table: each says the command and machine that measured it.",
+             "", "## 1. Controller overhead (target ≤ 1.02x)", "", *(_table1(r1) if r1 else todo),
+             "", "## 2. Where a trial's time goes (target ≥ 90% in UNet + feature forwards)", "",
+             *(_table2(r2) if r2 else todo),
+             "", "## 3. Proxy fidelity (target: Spearman ≥ 0.9 for the default objective and rung)", "",
+             *(_table3(grid, truth, size) if grid and truth.get("truth") else todo),
+             "", "## 4. Search efficiency (trials to come within 1% of the grid's best)", "",
+             *(_table4(grid, size) if grid.get("grid") else todo),
+             "", "## 5. Headline: held-out FID of each family's best schedule", "", *todo,
+             "", "## 6. GPU scaling", "", "Not measured yet: needs a GPU.", ""]
+    return write_text_atomic(out, "\n".join(lines))

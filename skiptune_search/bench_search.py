@@ -1,0 +1,261 @@
+"""Benchmarks of the search itself (BENCHMARKS.md tables 3 and 4).
+
+Table 4, search efficiency: an exhaustive grid of the ``linear`` family (ρ_inner × ρ_outer) on the
+default task is the ground truth; each optimizer is then replayed on the same grid (its trials
+answered from the grid's table, rungs and pruning as in a real search) for several search seeds.
+
+Table 3, proxy fidelity: for schedules drawn from the grid (random points and points the TPE
+replays found), does each proxy objective (FID at each rung, FID∞, KID, all on the search's
+seeds) rank them like FID on many held-out samples? And how much does each proxy move from one
+block of seeds to another?
+
+Sampling is the whole cost, so every evaluated point is written to a JSON file as soon as it
+is done: an interrupted run resumes where it stopped, and the tables render from whatever
+the file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+
+from .files import write_text_atomic
+from .metrics import fid_from_features, kid_from_features
+from .search import PAPER_RAMP, Evaluator, Space, fid_inf, make_sampler
+
+HELD_OUT_SEED = 2_000_000  # held-out samples of table 3: far from the search's and evaluate's seeds
+
+
+# --- the results file: one JSON per table, rewritten atomically after each evaluated point --------
+def load_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def save_results(path: Path, results: dict) -> None:
+    write_text_atomic(path, json.dumps(results, indent=1) + "\n")
+
+
+def grid_values(points: int, lo: float = 0.5, hi: float = 1.5) -> list[float]:
+    return [round(lo + (hi - lo) * i / (points - 1), 6) for i in range(points)]
+
+
+def point_key(inner: float, outer: float) -> str:
+    return f"{inner:g},{outer:g}"
+
+
+def _scores(features, evaluator: Evaluator, rungs: tuple[int, ...]) -> dict:
+    """FID and KID at each rung (the first ``rung`` samples), and FID∞ over the rungs."""
+    ref = evaluator.reference
+    fid = {str(r): fid_from_features(features[:r], ref) for r in rungs}
+    out = {"fid": fid}
+    if ref.kid_features is not None:
+        out["kid"] = {str(r): kid_from_features(features[:r], ref) for r in rungs}
+    if len(rungs) > 1:
+        out["fid_inf"] = fid_inf(list(rungs), [fid[str(r)] for r in rungs])
+    return out
+
+
+def _same_settings(old: dict | None, new: dict) -> bool:
+    """Results saved under ``old`` settings can be extended under ``new`` ones: every setting both
+    name is equal (a task field added to the tool since keeps its default, so it is not compared)."""
+    if old is None:
+        return True
+    new = json.loads(json.dumps(new))
+    old_task, new_task = old.get("task", {}), new.get("task", {})
+    return (all(old_task[k] == v for k, v in new_task.items() if k in old_task)
+            and all(old.get(k) == v for k, v in new.items() if k != "task"))
+
+
+# --- table 4, part 1: the exhaustive grid -------------------------------------------------------
+def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, progress: bool = True) -> dict:
+    """Evaluate every (ρ_inner, ρ_outer) of a ``points`` × ``points`` grid on the task's seeds,
+    in a seeded random order (a partial grid is still an even sample of it)."""
+    task = evaluator.task
+    results = load_results(path)
+    settings = {"task": task.scoring_key(), "points": points, "placement": Space().placement}
+    if not _same_settings(results.get("settings"), settings):
+        raise ValueError(f"{path} holds a grid of other settings; pass another --work folder or delete it")
+    grid = results.setdefault("grid", {})
+    values = grid_values(points)
+    order = [(i, o) for i in values for o in values]
+    random.Random(0).shuffle(order)
+    ctl = evaluator.controller
+    todo = [(i, o) for i, o in order if point_key(i, o) not in grid]
+    if todo:  # the grid's header names the run that finished it
+        results.update(settings=settings, command=command, machine=_machine(evaluator), date=time.strftime("%Y-%m-%d"))
+    for k, (inner, outer) in enumerate(todo):
+        schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
+        features, _ = evaluator.features(
+            schedule, progress=progress and f"grid {len(grid) + 1}/{points * points} ρ=({inner:g},{outer:g})")
+        grid[point_key(inner, outer)] = _scores(features, evaluator, task.rungs)
+        save_results(path, results)
+    return results
+
+
+# --- table 4, part 2: optimizers replayed on the grid ---------------------------------------------
+def replay_search(grid: dict, points: int, rungs: tuple[int, ...], optimizer: str, seed: int, trials: int,
+                  prune: bool) -> list[dict]:
+    """One search of ``trials`` trials whose ρ are restricted to the grid and whose scores are
+    looked up in it: the same enqueued baseline and paper ramp, rungs and successive-halving
+    pruner as a real search. Returns each trial's score (None when pruned) and samples spent."""
+    values = grid_values(points)
+    step = round(values[1] - values[0], 6)
+    space = Space()
+    sampler = make_sampler(optimizer, space, [], seed)
+    pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0], reduction_factor=3)
+              if prune and len(rungs) > 1 else optuna.pruners.NopPruner())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
+    study.enqueue_trial({"rho_inner": 1.0, "rho_outer": 1.0})
+    if all(v in values for v in PAPER_RAMP.values()):
+        study.enqueue_trial(PAPER_RAMP)
+    log: list[dict] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        inner = round(trial.suggest_float("rho_inner", values[0], values[-1], step=step), 6)
+        outer = round(trial.suggest_float("rho_outer", values[0], values[-1], step=step), 6)
+        fids = grid[point_key(inner, outer)]["fid"]
+        for k, rung in enumerate(rungs):
+            trial.report(fids[str(rung)], step=rung)
+            if k < len(rungs) - 1 and trial.should_prune():
+                log.append({"point": point_key(inner, outer), "value": None, "samples": rung})
+                raise optuna.TrialPruned()
+        log.append({"point": point_key(inner, outer), "value": fids[str(rungs[-1])], "samples": rungs[-1]})
+        return fids[str(rungs[-1])]
+
+    study.optimize(objective, n_trials=trials)
+    return log
+
+
+def _reach(log: list[dict], target: float) -> tuple[int | None, int | None]:
+    """Trials and samples spent until a completed trial scores ≤ ``target``."""
+    samples = 0
+    for k, t in enumerate(log):
+        samples += t["samples"]
+        if t["value"] is not None and t["value"] <= target:
+            return k + 1, samples
+    return None, None
+
+
+def search_efficiency(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int,
+                      default_trials: int = 16) -> list[dict]:
+    """Per optimizer, with and without pruning: median trials and samples to come within 1% of the
+    grid's best, how many seeds got there, and the median best after ``default_trials`` trials."""
+    grid, points = results["grid"], results["settings"]["points"]
+    rungs = tuple(results["settings"]["task"]["rungs"])
+    n = str(rungs[-1])
+    best = min(r["fid"][n] for r in grid.values())
+    target = 1.01 * best
+    rows, runs = [], {}
+    for optimizer in optimizers:
+        for prune in (True, False):
+            logs = [replay_search(grid, points, rungs, optimizer, s, trials, prune) for s in range(seeds)]
+            runs[(optimizer, prune)] = logs
+            reached = [_reach(log, target) for log in logs]
+            hit = [r for r in reached if r[0] is not None]
+            at_default = [min((t["value"] for t in log[:default_trials] if t["value"] is not None), default=None)
+                          for log in logs]
+            rows.append({
+                "optimizer": optimizer, "pruning": prune, "seeds": seeds, "reached": len(hit),
+                "median_trials": statistics.median(r[0] for r in hit) if hit else None,
+                "median_samples": statistics.median(r[1] for r in hit) if hit else None,
+                "median_best_at_default": statistics.median(v for v in at_default if v is not None),
+                "median_samples_at_default": statistics.median(sum(t["samples"] for t in log[:default_trials])
+                                                               for log in logs),
+            })
+    return rows, runs
+
+
+# --- table 3: proxy fidelity ------------------------------------------------------------------
+def pick_schedules(results: dict, tpe_logs: list[list[dict]], count: int, seed: int = 0) -> list[str]:
+    """``count`` grid points: the baseline, the best distinct points the TPE replays completed
+    (half of the set), and the rest drawn at random from the grid."""
+    grid = results["grid"]
+    n = str(results["settings"]["task"]["rungs"][-1])
+    chosen = [point_key(1.0, 1.0)]
+    found = sorted({t["point"] for log in tpe_logs for t in log if t["value"] is not None},
+                   key=lambda p: grid[p]["fid"][n])
+    for p in found:
+        if len(chosen) >= count // 2:
+            break
+        if p not in chosen:
+            chosen.append(p)
+    rest = [p for p in sorted(grid) if p not in chosen]
+    random.Random(seed).shuffle(rest)
+    return chosen + rest[: count - len(chosen)]
+
+
+def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, command: str,
+              progress: bool = True) -> dict:
+    """FID of each schedule on ``truth_n`` held-out samples, plus every proxy computed on each
+    block of N (the task's samples per trial) of them: the seed-to-seed spread of the proxies."""
+    task = evaluator.task
+    if truth_n < 2 * task.n or truth_n % task.n:
+        raise ValueError(f"--truth-n {truth_n} must be a multiple of N = {task.n}, at least twice it")
+    results = load_results(path)
+    settings = {"task": task.scoring_key(), "truth_n": truth_n, "held_out_seed": HELD_OUT_SEED}
+    if not _same_settings(results.get("settings"), settings):
+        raise ValueError(f"{path} holds held-out results of other settings; pass another --work folder or delete it")
+    truth = results.setdefault("truth", {})
+    if any(k not in truth for k in keys):
+        results.update(settings=settings, command=command, machine=_machine(evaluator), date=time.strftime("%Y-%m-%d"))
+    ctl = evaluator.controller
+    seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
+    for k, key in enumerate(keys):
+        if key in truth:
+            continue
+        inner, outer = (float(v) for v in key.split(","))
+        schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
+        features, _ = evaluator.features(schedule, seeds, progress=progress and f"held-out {k + 1}/{len(keys)} ρ=({key})")
+        blocks = [_scores(features[b:b + task.n], evaluator, task.rungs) for b in range(0, truth_n, task.n)]
+        truth[key] = {"fid": fid_from_features(features, evaluator.reference), "blocks": blocks}
+        save_results(path, results)
+    return results
+
+
+def _proxy(scores: dict, name: str) -> float | None:
+    if name == "fid_inf":
+        return scores.get("fid_inf")
+    kind, rung = name.split("@")
+    return scores.get(kind, {}).get(rung)
+
+
+def proxy_fidelity(grid: dict, truth: dict, rungs: tuple[int, ...], keys: list[str]) -> list[dict]:
+    """Spearman ρ of each proxy (on the search's seeds) vs held-out FID, over all ``keys`` and over
+    their better half; and each proxy's seed-to-seed spread (std over held-out blocks, median over
+    schedules) next to its spread across schedules."""
+    from scipy.stats import spearmanr
+
+    keys = [k for k in keys if k in truth]
+    names = ([f"fid@{r}" for r in rungs] + (["fid_inf"] if len(rungs) > 1 else []) + [f"kid@{r}" for r in rungs])
+    rows = []
+    good = sorted(keys, key=lambda k: truth[k]["fid"])[: max(3, len(keys) // 2)]
+    for name in names:
+        vals = [_proxy(grid[k], name) for k in keys]
+        if any(v is None for v in vals):
+            continue
+        rho_all = spearmanr(vals, [truth[k]["fid"] for k in keys]).statistic if len(keys) > 2 else float("nan")
+        good_vals = [_proxy(grid[k], name) for k in good]
+        rho_good = spearmanr(good_vals, [truth[k]["fid"] for k in good]).statistic if len(good) > 2 else float("nan")
+        # the same proxy on each held-out block of N samples
+        spreads = []
+        for k in keys:
+            per_block = [_proxy(b, name) for b in truth[k]["blocks"]]
+            if len(per_block) > 1 and None not in per_block:
+                spreads.append(statistics.stdev(per_block))
+        rows.append({"proxy": name, "spearman": float(rho_all), "spearman_better_half": float(rho_good),
+                     "seed_spread": statistics.median(spreads) if spreads else None,
+                     "schedule_spread": statistics.stdev(vals) if len(vals) > 1 else None,
+                     "schedules": len(keys), "better_half": len(good)})
+    return rows
+
+
+def _machine(evaluator: Evaluator) -> str:
+    from .bench import machine
+
+    return f"{machine()}; device {evaluator.device}"
