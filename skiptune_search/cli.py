@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .metrics import FEATURE_LAYERS
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, SIGMA_GRIDS
 from .schedule import FAMILIES, PLACEMENTS
 from .search import DEFAULT_STORAGE, OBJECTIVES, OPTIMIZERS
 
@@ -55,12 +55,32 @@ def _task_options(fn):
     fn = click.option("--nfe", default=9, show_default=True, type=int,
                       help="Denoiser evaluations per sample (Heun: 2*steps-1, so odd).")(fn)
     fn = click.option("--sampler", default="heun", show_default=True, type=click.Choice(list(SAMPLERS)),
-                      help="ODE sampler in σ space on the Karras grid (ρ=7): EDM's Heun (NFE = 2*steps-1), "
-                           "Euler or DPM-Solver++(2M) (NFE = steps).")(fn)
+                      help="ODE sampler in σ space on --sigma-grid: EDM's Heun (NFE = 2*steps-1), Euler or "
+                           "DPM-Solver++(2M) (NFE = steps); or, for diffusers pipelines, diffusers' own DDIM, "
+                           "DPM-Solver multistep or UniPC on the model's timesteps (NFE = steps).")(fn)
+    fn = _text_options(_grid_option(fn))
     fn = _model_options(fn)
     fn = click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")(fn)
     fn = click.option("--device", default="auto", show_default=True,
                       help="'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")(fn)
+    return fn
+
+
+def _grid_option(fn, default_help: str = "karras; model for ddim, dpmsolver, unipc"):
+    return click.option("--sigma-grid", default=None, type=click.Choice(SIGMA_GRIDS),
+                        help="σ steps of heun/euler/dpmpp_2m: karras (Karras et al. ρ = 7, σ_max to σ_min) or "
+                             "model (the model's own training timesteps, evenly spaced, rounded; diffusers "
+                             f"DDPM-family and text models only). [default: {default_help}]")(fn)
+
+
+def _text_options(fn, default: str = "none; required for text-to-image models",
+                  guidance_default: str = "7.5 with --prompts"):
+    fn = click.option("--guidance", default=None, type=float,
+                      help="Classifier-free guidance scale of a text-to-image model: uncond + G*(cond - uncond) "
+                           f"in one batched UNet call; 1 = no guidance (one call). [default: {guidance_default}]")(fn)
+    fn = click.option("--prompts", default=None, type=click.Path(dir_okay=False),
+                      help="Prompt file of a text-to-image model (Stable Diffusion style): one prompt per line, "
+                           f"blank lines ignored; the sample of seed s uses prompt s mod P. [default: {default}]")(fn)
     return fn
 
 
@@ -72,8 +92,8 @@ def _model_options(fn):
                       help="Allow loading an EDM .pkl (unpickling runs code from the file).")(fn)
     fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
                       help="'fashion-mnist-edm' (bundled), a model folder written by train-default, a "
-                           "diffusers DDPM-family pipeline (folder, or repo id in the local cache), or an "
-                           "EDM network pickle (.pkl, with --trust-pickle).")(fn)
+                           "diffusers DDPM-family or Stable-Diffusion-style pipeline (folder, or repo id in the "
+                           "local cache), or an EDM network pickle (.pkl, with --trust-pickle).")(fn)
     return fn
 
 
@@ -181,9 +201,9 @@ def main() -> None:
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
                    "after two missed beats (0: off).")
 @_friendly
-def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, storage, study, family, placement,
-           knots, trials, n, rungs, objective, rho_min, rho_max, batch, features, inception_weights, reference,
-           timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
+def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler, nfe, seed, threads, device, storage,
+           study, family, placement, knots, trials, n, rungs, objective, rho_min, rho_max, batch, features,
+           inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
     The first trial is the untuned model (ρ = 1 everywhere); for the linear family the second
@@ -211,7 +231,8 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, s
     if family == "per_noise" and knots < 2:
         raise UserError("--knots must be at least 2 for per_noise")
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
-                  rungs=_parse_rungs(rungs, n), objective=objective)
+                  rungs=_parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
+                  guidance=guidance)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights, device=device)
     # fail before any trial when the statistics or the extractor's weights are missing
@@ -226,8 +247,9 @@ def search(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, s
     storage_obj = S.make_storage(storage, heartbeat)
     st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer)
     click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
-               f"{task.sampler} NFE {task.nfe}, N = {task.n} samples (rungs {','.join(map(str, task.rungs))}), "
-               f"seeds {task.seed}-{task.seed + task.n - 1}, objective {task.objective}")
+               f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
+               f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed}-{task.seed + task.n - 1}, "
+               f"objective {task.objective}")
 
     label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
 
@@ -332,19 +354,22 @@ def export(storage, study, out) -> None:
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @_friendly
-def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, schedule, n, out) -> None:
+def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler, nfe, seed, threads, device,
+           schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned."""
     from . import search as S
     from .grids import save_grid
 
     _set_threads(threads)
-    evaluator = S.Evaluator(S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed),
-                            trust_pickle=trust_pickle, edm_path=edm_path, device=device)
+    task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, sigma_grid=sigma_grid, prompts=prompts,
+                  guidance=guidance)
+    evaluator = S.Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device)
     sched = evaluator.controller.identity() if schedule is None else schedule
     images = evaluator.images(sched)
     save_grid(images, out)
     what = f"schedule {schedule}" if schedule else "untuned model"
-    click.echo(f"wrote {out}: {n} images, {sampler} NFE {nfe}, seeds {seed}-{seed + n - 1}, {what}")
+    click.echo(f"wrote {out}: {n} images, {sampler} NFE {nfe} ({task.sigma_grid} σ grid), "
+               f"seeds {seed}-{seed + n - 1}, {what}")
 
 
 @main.command()
@@ -353,6 +378,8 @@ def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, s
 @_model_options
 @click.option("--sampler", default=None, type=click.Choice(list(SAMPLERS)), help="[default: the schedule's]")
 @click.option("--nfe", default=None, type=int, help="[default: the schedule's]")
+@functools.partial(_grid_option, default_help="the schedule's")
+@functools.partial(_text_options, default="the schedule's", guidance_default="the schedule's")
 @click.option("--n", "n", default=5000, show_default=True, type=int, help="Held-out samples per variant.")
 @click.option("--blocks", default=5, show_default=True, type=int, help="Independent seed blocks for the interval.")
 @click.option("--seed", default=1_000_000, show_default=True, type=int,
@@ -365,8 +392,8 @@ def sample(model, trust_pickle, edm_path, sampler, nfe, seed, threads, device, s
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_friendly
-def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, seed, features, inception_weights,
-             reference, batch, threads, device, as_json) -> None:
+def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, prompts, guidance, n, blocks, seed,
+             features, inception_weights, reference, batch, threads, device, as_json) -> None:
     """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
     on the same N new samples, with a 95% interval from independent seed blocks."""
     import json
@@ -384,9 +411,13 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, s
         first, last = (int(v) for v in searched.split("-"))
         if seed <= last and seed + n - 1 >= first:
             raise UserError(f"seeds {seed}-{seed + n - 1} overlap the search's seeds {searched}; pick another --seed")
-    task = S.Task(model=model, sampler=sampler or tuned.get("sampler", "heun"), nfe=nfe or tuned.get("nfe", 9),
+    sampler = sampler or tuned.get("sampler", "heun")
+    if sigma_grid is None and sampler == tuned.get("sampler"):  # another sampler: its own default grid
+        sigma_grid = tuned.get("sigma_grid")
+    task = S.Task(model=model, sampler=sampler, nfe=nfe or tuned.get("nfe", 9),
                   n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
-                  reference=reference)
+                  reference=reference, sigma_grid=sigma_grid, prompts=prompts or tuned.get("prompts"),
+                  guidance=guidance if guidance is not None else tuned.get("guidance"))
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights, device=device)
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)
@@ -396,7 +427,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, n, blocks, s
         return
     b, t, d = result["baseline"], result["tuned"], result["difference"]
     click.echo(f"held-out seeds {result['seeds']} ({result['n']} samples, {blocks} blocks of {result['block_size']}), "
-               f"{task.sampler} NFE {task.nfe}, {task.features} features")
+               f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), {task.features} features")
     click.echo(f"untuned  FID {b['fid']:.2f}  (per block {b['block_fid']['mean']:.2f}, "
                f"95% CI {b['block_fid']['low']:.2f}..{b['block_fid']['high']:.2f})")
     click.echo(f"tuned    FID {t['fid']:.2f}  (per block {t['block_fid']['mean']:.2f}, "

@@ -28,6 +28,35 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
+def model_sigmas(steps: int, sigma_table: torch.Tensor) -> torch.Tensor:
+    """The model's own discrete grid: the σ of ``steps`` of its training timesteps, evenly
+    spaced from the last (σ_max) to the first (σ_min) and rounded to whole timesteps (k-diffusion's
+    ``get_sigmas`` on a discrete schedule, without interpolating between timesteps), then 0.
+    ``sigma_table[t]`` is the σ of training timestep t (ascending)."""
+    table = torch.as_tensor(sigma_table, dtype=torch.float64).flatten().cpu()
+    if not 1 <= steps <= len(table):
+        raise ValueError(f"the model's own σ grid has {len(table)} timesteps; cannot take {steps} steps on it")
+    timesteps = torch.linspace(len(table) - 1, 0, steps, dtype=torch.float64).round().long()
+    return torch.cat([table[timesteps], torch.zeros(1, dtype=torch.float64)])
+
+
+SIGMA_GRIDS = ("karras", "model")
+
+
+def sigma_grid(name: str, steps: int, sigma_min: float, sigma_max: float,
+               sigma_table: torch.Tensor | None = None, model: str = "this model") -> torch.Tensor:
+    """σ grid ``name`` for ``steps`` steps: 'karras' (ρ = 7 from σ_max to σ_min) or 'model' (the
+    model's own discrete timesteps; only models trained on discrete timesteps have one)."""
+    if name == "karras":
+        return karras_sigmas(steps, sigma_min, sigma_max)
+    if name == "model":
+        if sigma_table is None:
+            raise ValueError(f"--sigma-grid model: {model} is continuous in σ (EDM preconditioning) and has no "
+                             f"discrete grid of its own; use --sigma-grid karras")
+        return model_sigmas(steps, sigma_table)
+    raise ValueError(f"unknown σ grid {name!r}; choose one of {', '.join(SIGMA_GRIDS)}")
+
+
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Euler steps of the probability-flow ODE dx/dσ = (x − D(x, σ)) / σ. NFE = steps."""
@@ -76,21 +105,34 @@ NATIVE_SCHEDULERS = {"ddim": "DDIMScheduler", "dpmsolver": "DPMSolverMultistepSc
                      "unipc": "UniPCMultistepScheduler"}
 
 
-@torch.no_grad()
-def sample_native(precond, noise: torch.Tensor, steps: int, sampler: str) -> torch.Tensor:
-    """Sample a diffusers DDPM-family model with one of diffusers' own schedulers, built from the
-    model's scheduler config, calling its UNet directly (the skip controller sees each call)."""
+def native_scheduler(precond, sampler: str, steps: int, device: torch.device | str = "cpu"):
+    """diffusers' scheduler ``sampler`` built from the model's own scheduler config, set to ``steps``."""
     import diffusers
 
     config = getattr(precond, "scheduler_config", None)
     if not config:
         raise ValueError(f"sampler {sampler} needs a diffusers pipeline model (its scheduler config)")
     scheduler = getattr(diffusers, NATIVE_SCHEDULERS[sampler]).from_config(config)
-    scheduler.set_timesteps(steps, device=noise.device)
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+def native_sigmas(precond, sampler: str, steps: int) -> torch.Tensor:
+    """The σ of each timestep a native scheduler visits (its spacing is the model's config's), then 0."""
+    timesteps = native_scheduler(precond, sampler, steps).timesteps
+    return torch.cat([precond.sigma_from_timestep(timesteps).double().cpu(), torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def sample_native(precond, noise: torch.Tensor, steps: int, sampler: str, cond: dict | None = None) -> torch.Tensor:
+    """Sample a diffusers DDPM-family model with one of diffusers' own schedulers, built from the
+    model's scheduler config, calling its UNet directly (the skip controller sees each call);
+    ``cond`` goes to every call (a text model's prompt embeddings)."""
+    scheduler = native_scheduler(precond, sampler, steps, noise.device)
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        out = precond.unet(scheduler.scale_model_input(x, t), t)
-        x = scheduler.step(out.sample if hasattr(out, "sample") else out, t, x).prev_sample
+        out = precond.unet_output(scheduler.scale_model_input(x, t), t, **(cond or {}))
+        x = scheduler.step(out, t, x).prev_sample
     return x
 
 
@@ -103,6 +145,20 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], int | None], Callable[[int],
     **{name: (sample_native, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps)
        for name in NATIVE_SCHEDULERS},
 }
+
+
+def default_sigma_grid(sampler: str) -> str:
+    """'model' for diffusers' own schedulers (they step on the model's timesteps), else 'karras'."""
+    return "model" if sampler in NATIVE_SCHEDULERS else "karras"
+
+
+def check_sigma_grid(sampler: str, grid: str) -> None:
+    """A σ grid the sampler can step on; a one-line error otherwise."""
+    if grid not in SIGMA_GRIDS:
+        raise ValueError(f"unknown σ grid {grid!r}; choose one of {', '.join(SIGMA_GRIDS)}")
+    if sampler in NATIVE_SCHEDULERS and grid != "model":
+        raise ValueError(f"--sampler {sampler} steps on its scheduler's own timesteps: use --sigma-grid model, "
+                         f"or a σ-space sampler (heun, euler, dpmpp_2m) on the Karras grid")
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
@@ -140,6 +196,13 @@ def seeded_inputs(seeds: Sequence[int], shape: Sequence[int], label_dim: int) ->
     return noise, labels
 
 
+def prompt_indices(seeds: Sequence[int], n_prompts: int) -> list[int]:
+    """The prompt of each seed's sample: seed s uses prompt s mod P (the (s mod P)-th non-blank
+    line of the prompt file), so it is the same in every trial and every batch, and P
+    consecutive seeds use every prompt once."""
+    return [int(seed) % n_prompts for seed in seeds]
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> uint8 in [0, 255] (EDM's rounding)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -162,28 +225,37 @@ def generate(
 ) -> torch.Tensor:
     """uint8 images [N, C, H, W] (on the CPU) for ``seeds``, sampled on ``device`` in batches of
     ``batch_size``. The noise (and the class of a ``label_dim``-class model) is drawn on the CPU,
-    so a seed gives the same sample inputs on any device."""
+    so a seed gives the same sample inputs on any device. A text model (a denoiser with
+    ``num_prompts``) gets prompt ``prompt_indices(seeds)``, encoded once per batch; a latent
+    model (a denoiser with ``decode``) has its latents decoded into images."""
     fn = SAMPLERS[sampler][0]
     sigma_max = float(sigmas[0])
     chunks: list[torch.Tensor] = []
     desc = progress if isinstance(progress, str) else "sampling"
+    n_prompts = int(getattr(denoiser, "num_prompts", 0))
+    decode = getattr(denoiser, "decode", None)
     with torch.inference_mode(), tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress,
                                       leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             batch_seeds = seeds[start : start + batch_size]
             noise, labels = seeded_inputs(batch_seeds, shape, label_dim)
-            model = denoiser
-            if labels is not None:  # class-conditional: the same labels at every step
-                labels = labels.to(device)
-                model = lambda x, sigma: denoiser(x, sigma, class_labels=labels)  # noqa: E731
+            # conditioning of the batch, the same at every step: class labels or prompt embeddings
+            cond: dict = {}
+            if labels is not None:
+                cond["class_labels"] = labels.to(device)
+            if n_prompts:
+                cond.update(denoiser.condition(prompt_indices(batch_seeds, n_prompts)))
+            model = (lambda x, sigma: denoiser(x, sigma, **cond)) if cond else denoiser  # noqa: E731
             if sampler in NATIVE_SCHEDULERS:
-                x = sample_native(denoiser, noise.to(device), len(sigmas) - 1, sampler)
+                x = sample_native(denoiser, noise.to(device), len(sigmas) - 1, sampler, cond)
             else:
                 x = fn(model, noise.to(device) * sigma_max, sigmas)
             if not torch.isfinite(x).all():
                 raise NonFiniteSamplesError(
                     f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"
                 )
+            if decode is not None:
+                x = decode(x)
             chunks.append(to_uint8(x).cpu())
             bar.update(len(batch_seeds))
     return torch.cat(chunks)

@@ -27,7 +27,10 @@ from .metrics import (
     DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, ReferenceStatsError, extract_features, fid_from_features,
     kid_from_features, load_extractor, load_images, reference_from_images,
 )
-from .sampling import NonFiniteSamplesError, generate, karras_sigmas, seed_range, steps_for_nfe
+from .sampling import (
+    NATIVE_SCHEDULERS, NonFiniteSamplesError, check_sigma_grid, default_sigma_grid, generate, native_sigmas,
+    seed_range, sigma_grid, steps_for_nfe,
+)
 from .schedule import FAMILIES, PLACEMENTS, RhoSchedule, SkipInfo, family_params
 from .skips import SkipController
 from .zoo import DEFAULT_MODEL_NAME, load_denoiser
@@ -36,6 +39,7 @@ DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
 CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
 SQLITE_BUSY_TIMEOUT = 60.0  # seconds a worker waits for another's write lock before giving up
 OBJECTIVES = ("fid", "fid_inf", "kid")
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of text models when none is given (diffusers' SD default)
 
 
 class StorageError(ValueError):
@@ -59,6 +63,9 @@ class Task:
     reference: str = "bundled"  # 'bundled', an .npz (mu, sigma), 'fashion-mnist:test' or an image folder
     rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
     objective: str = "fid"  # 'fid' (at n), 'fid_inf' (extrapolated to N -> inf over the rungs) or 'kid'
+    sigma_grid: str | None = None  # 'karras' or 'model'; None: the sampler's default (default_sigma_grid)
+    prompts: str | None = None  # a text model's prompt file (one per line); seed s uses prompt s mod P
+    guidance: float | None = None  # classifier-free guidance scale of a text model (1: none)
 
     def __post_init__(self) -> None:
         rungs = tuple(self.rungs) or (self.n,)
@@ -69,14 +76,36 @@ class Task:
         if self.objective == "fid_inf" and len(rungs) < 2:
             raise ValueError("objective fid_inf needs at least two rungs (e.g. --rungs 250,1000)")
         object.__setattr__(self, "rungs", rungs)
+        grid = self.sigma_grid or default_sigma_grid(self.sampler)
+        check_sigma_grid(self.sampler, grid)
+        object.__setattr__(self, "sigma_grid", grid)
+        if self.prompts is None and self.guidance is not None:
+            raise ValueError("--guidance applies to text-to-image models: pass --prompts FILE too")
+        if self.prompts is not None:
+            guidance = DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)
+            if not guidance >= 0:
+                raise ValueError(f"--guidance {self.guidance} must be at least 0 (1 is no guidance)")
+            object.__setattr__(self, "guidance", guidance)
 
     @property
     def seeds(self) -> list[int]:
         return seed_range(self.seed, self.n)
 
     def scoring_key(self) -> dict:
-        """The settings that must match for two FIDs to be comparable."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The settings that must match for two FIDs to be comparable (with the prompts' digest,
+        so an edited prompt file is another task)."""
+        key = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.prompts is not None:
+            from .prompts import prompts_digest
+
+            key["prompts_sha256"] = prompts_digest(self.prompts)
+        return key
+
+
+def with_legacy_defaults(task_key: dict) -> dict:
+    """A stored task key with the fields added since it was written, at the values it ran with."""
+    defaults = {"sigma_grid": default_sigma_grid(task_key.get("sampler", "heun")), "prompts": None, "guidance": None}
+    return {**defaults, **task_key}
 
 
 def fid_inf(ns: list[int], fids: list[float]) -> float:
@@ -108,13 +137,32 @@ class Evaluator:
         self.batch_size = batch_size
         self.steps = steps_for_nfe(task.sampler, task.nfe)
         self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
+        self._set_prompts()
         self.denoiser.to(self.device)
         self.controller = SkipController(self.denoiser)
         self.controller.attach()
-        self.sigmas = karras_sigmas(self.steps, self.model_info["sigma_min"], self.model_info["sigma_max"])
+        if task.sampler in NATIVE_SCHEDULERS:  # the σ of the scheduler's own timesteps
+            self.sigmas = native_sigmas(self.denoiser, task.sampler, self.steps)
+        else:
+            self.sigmas = sigma_grid(task.sigma_grid, self.steps, self.model_info["sigma_min"],
+                                     self.model_info["sigma_max"], getattr(self.denoiser, "sigma_table", None),
+                                     self.model_info["name"])
         self.shape = (self.model_info["channels"], self.model_info["resolution"], self.model_info["resolution"])
         self._extractor = None
         self._reference = None
+
+    def _set_prompts(self) -> None:
+        """Give a text model its prompts and guidance; refuse prompts for any other model."""
+        from .prompts import read_prompts
+
+        if hasattr(self.denoiser, "set_prompts"):
+            if self.task.prompts is None:
+                raise ValueError(f"{self.task.model} is a text-to-image model: pass --prompts FILE (one prompt "
+                                 f"per line; seed s uses prompt s mod P)")
+            self.denoiser.set_prompts(read_prompts(self.task.prompts), self.task.guidance)
+        elif self.task.prompts is not None:
+            raise ValueError(f"--prompts: {self.task.model} takes no text; --prompts and --guidance are for "
+                             f"text-to-image pipelines (Stable Diffusion style)")
 
     @property
     def extractor(self):
@@ -252,7 +300,9 @@ def artifact_dir(storage_url: str) -> Path:
 
 def default_study_name(task: Task, space: Space) -> str:
     model = Path(task.model).name if task.model != DEFAULT_MODEL_NAME else task.model
-    return f"{model}-{task.sampler}-nfe{task.nfe}-{space.family}-{space.placement}"
+    grid = "" if task.sigma_grid == default_sigma_grid(task.sampler) else f"-{task.sigma_grid}grid"
+    cfg = f"-cfg{task.guidance:g}" if task.prompts is not None else ""
+    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}-{space.family}-{space.placement}"
 
 
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random", "grid")
@@ -302,7 +352,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     if old is None:
         study.set_user_attr("settings", settings)
         study.set_user_attr("layout", layout)
-    elif old != json.loads(json.dumps(settings)):
+    elif (old := {**old, "task": with_legacy_defaults(old["task"])}) != json.loads(json.dumps(settings)):
         flat_old, flat_new = _flatten(old), _flatten(json.loads(json.dumps(settings)))
         diff = [f"{k}: {flat_old.get(k)} (now {v})" for k, v in flat_new.items() if flat_old.get(k) != v]
         raise StudyMismatchError(
@@ -431,13 +481,16 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
     if not complete:
         raise ValueError(f"study {study.study_name!r} has no completed trial yet; run 'skiptune-search search' first")
     best = min(complete, key=lambda t: t.value)
-    task = study.user_attrs["settings"]["task"]
+    task = with_legacy_defaults(study.user_attrs["settings"]["task"])
     arch, skips = study_layout(study)
     base = baseline_trial(study)
+    tuned_for = {"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
+                 "sigma_grid": task["sigma_grid"]}
+    if task["prompts"] is not None:
+        tuned_for.update(prompts=task["prompts"], guidance=task["guidance"])
     return study_space(study).schedule(
         arch, skips, best.params,
-        tuned_for={"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
-                   "sigma_grid": "karras"},
+        tuned_for=tuned_for,
         metric={"name": task.get("objective", "fid"), "features": task["features"], "n": task["n"],
                 "seeds": f"{task['seed']}-{task['seed'] + task['n'] - 1}", "value": best.value,
                 "baseline": base.value if base else None},

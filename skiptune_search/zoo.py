@@ -12,6 +12,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,21 +112,34 @@ def _looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
 
 
-def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
-    """A diffusers DDPM-family pipeline (a local folder or a Hugging Face repo id already in the
-    local cache): its UNet2DModel and scheduler, as a denoiser in σ-space. Never downloads."""
-    from diffusers import DDPMScheduler, UNet2DModel
+def _offline_error(source: str, exc: Exception) -> ModelLoadError:
+    where = "is not in the local Hugging Face cache" if not Path(source).exists() else "could not be read"
+    return ModelLoadError(
+        f"diffusers model {source} {where} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
+        f"on a machine with internet run: huggingface-cli download {source}"
+    )
 
+
+def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
+    """A diffusers pipeline (a local folder or a Hugging Face repo id already in the local cache)
+    as a denoiser in σ-space: a DDPM-family UNet2DModel + scheduler, or a Stable-Diffusion-style
+    text-to-image pipeline (``load_text_to_image``). Never downloads."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
+            warnings.simplefilter("ignore", UserWarning)
+            index = DiffusionPipeline.load_config(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise _offline_error(source, exc) from None
+    if index.get("text_encoder", [None])[0] is not None:
+        return load_text_to_image(source, index)
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder="unet", local_files_only=True,
                                            low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as exc:
-        where = "is not in the local Hugging Face cache" if not Path(source).exists() else "could not be read"
-        raise ModelLoadError(
-            f"diffusers model {source} {where} ({str(exc).splitlines()[0][:160]}); on a machine with internet "
-            f"run: huggingface-cli download {source}"
-        ) from None
+        raise _offline_error(source, exc) from None
     from .denoisers import DiffusersVPPrecond
 
     denoiser = DiffusersVPPrecond(unet.eval().requires_grad_(False), scheduler.alphas_cumprod,
@@ -134,6 +148,46 @@ def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
     info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type,
             "resolution": int(size if isinstance(size, int) else size[0]), "channels": int(unet.config.in_channels),
             "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
+    return denoiser, info
+
+
+def load_text_to_image(source: str, index: dict) -> tuple[torch.nn.Module, dict]:
+    """A Stable-Diffusion-style pipeline (unet = UNet2DConditionModel, text_encoder, tokenizer,
+    vae = AutoencoderKL, scheduler; ``index`` is its model_index.json) as a classifier-free-guided
+    denoiser in latent σ-space. Each part is loaded by the class model_index.json names, offline."""
+    import importlib
+
+    from diffusers import DDPMScheduler
+
+    from .denoisers import TextCFGPrecond
+
+    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if index.get(part, [None])[0] is None]
+    if missing or index["unet"][1] != "UNet2DConditionModel":
+        raise ModelLoadError(f"{source} is not a Stable-Diffusion-style pipeline (needs a UNet2DConditionModel unet, "
+                             f"vae, text_encoder, tokenizer, scheduler; missing: {', '.join(missing) or 'none'})")
+    parts = {}
+    try:
+        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+            library, cls = index[part]
+            kwargs = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
+            parts[part] = getattr(importlib.import_module(library), cls).from_pretrained(
+                source, subfolder=part, local_files_only=True, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=True)
+    except ImportError as exc:
+        raise ModelLoadError(f"{source} needs the package {exc.name or 'transformers'}: "
+                             f"pip install transformers") from None
+    except (OSError, ValueError) as exc:
+        raise _offline_error(source, exc) from None
+    frozen = {k: v.eval().requires_grad_(False) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+    denoiser = TextCFGPrecond(frozen["unet"], scheduler.alphas_cumprod, scheduler.config.prediction_type,
+                              dict(scheduler.config), frozen["text_encoder"], frozen["tokenizer"], frozen["vae"])
+    size = frozen["unet"].config.sample_size
+    latent = int(size if isinstance(size, int) else size[0])
+    vae_scale = 2 ** (len(frozen["vae"].config.block_out_channels) - 1)
+    info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type + "-cfg", "text": True,
+            "resolution": latent, "channels": int(frozen["unet"].config.in_channels),
+            "image_resolution": latent * vae_scale, "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
     return denoiser, info
 
 

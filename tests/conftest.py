@@ -47,3 +47,58 @@ def tiny_model_dir(tmp_path: Path, tiny_unet) -> Path:
     out = tmp_path / "tiny-model"
     save_model_dir(tiny_unet, out, training={"steps": 0})
     return out
+
+
+def write_tiny_clip_tokenizer(folder: Path, max_length: int = 8):
+    """A CLIP tokenizer over single letters (enough to tell prompts apart), from files in ``folder``."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(letters)})
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(letters)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A Stable-Diffusion-style pipeline folder with tiny random parts: a CLIP text encoder (16-d),
+    a UNet2DConditionModel on 4x8x8 latents with cross-attention, an AutoencoderKL (8x8 -> 16x16
+    RGB) and SD 1.5's scheduler config (PNDM, scaled_linear betas)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("sd")
+    tokenizer = write_tiny_clip_tokenizer(root / "tokenizer-files")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16).eval()
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "tiny-sd")
+    return root / "tiny-sd"
+
+
+@pytest.fixture
+def prompt_file(tmp_path: Path) -> Path:
+    """Three prompts, with blank lines around them (ignored)."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red cat\n\nthe blue sea\n   \nthree dogs\n")
+    return path

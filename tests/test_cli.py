@@ -108,7 +108,7 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir,
     (tmp_path / "c.toml").write_text(f'model = "{tiny_model_dir}"\nnfe = 3\nn = 8\ntrials = 1\nbatch = 4\n')
     result = run("search", "--config", "c.toml", "--n", 6)  # the command line wins over the file
     assert result.exit_code == 0, result.output
-    assert "heun NFE 3, N = 6 samples" in result.output
+    assert "heun NFE 3 (karras σ grid), N = 6 samples" in result.output
     (tmp_path / "bad.toml").write_text("nfee = 3\n")
     _one_line_error(run("search", "--config", "bad.toml"), "unknown key 'nfee'", "did you mean 'nfe'?")
     (tmp_path / "broken.toml").write_text("nfe = \n")

@@ -83,3 +83,49 @@ def test_native_sampler_needs_a_diffusers_model(tmp_path):
     result = CliRunner().invoke(main, ["sample", "--sampler", "ddim", "--nfe", "3", "-n", "2", "-o",
                                        str(tmp_path / "g.png")])
     assert result.exit_code == 2 and "needs a diffusers pipeline model" in result.output
+
+
+@pytest.mark.parametrize("sampler, nfe", [("heun", 9), ("dpmpp_2m", 4), ("euler", 1)])
+def test_the_models_own_sigma_grid(ddpm_dir, sampler, nfe):
+    """--sigma-grid model: σ of training timesteps, descending from σ_max to σ_min, then 0."""
+    from skiptune_search.search import Evaluator, Task
+
+    evaluator = Evaluator(Task(model=str(ddpm_dir), sampler=sampler, nfe=nfe, n=2, sigma_grid="model"), batch_size=2)
+    table, sigmas = evaluator.denoiser.sigma_table, evaluator.sigmas
+    assert len(sigmas) == evaluator.steps + 1 and sigmas[-1] == 0
+    assert torch.all(sigmas[1:] < sigmas[:-1])
+    assert all(torch.isclose(table, s, rtol=1e-12).any() for s in sigmas[:-1])
+    assert float(sigmas[0]) == pytest.approx(float(table[-1]))
+    if evaluator.steps > 1:
+        assert float(sigmas[-2]) == pytest.approx(float(table[0]))
+    images = evaluator.images(evaluator.controller.identity(), progress=False)
+    assert images.shape == (2, 1, 16, 16)
+
+
+def test_model_grid_of_a_continuous_model_is_a_one_line_error(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from skiptune_search.cli import main
+
+    result = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir), "--sigma-grid", "model", "--nfe", "3",
+                                       "-n", "2", "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "continuous in σ" in result.output and "--sigma-grid karras" in result.output
+
+
+def test_sigma_grid_is_part_of_the_study_and_the_schedule(ddpm_dir, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["search", "--model", str(ddpm_dir), "--nfe", "3", "--n", "4", "--rungs", "4", "--trials", "1"]
+    result = CliRunner().invoke(main, [*args, "--sigma-grid", "model"])
+    assert result.exit_code == 0, result.output
+    best = json.loads((tmp_path / "studies" / "ddpm-tiny-heun-modelgrid-nfe3-linear-input.best.json").read_text())
+    assert best["tuned_for"]["sigma_grid"] == "model"
+    clash = CliRunner().invoke(main, [*args, "--sigma-grid", "karras", "--study",
+                                      "ddpm-tiny-heun-modelgrid-nfe3-linear-input"])
+    assert clash.exit_code == 2 and "sigma_grid: model (now karras)" in clash.output

@@ -87,3 +87,28 @@ def test_non_finite_samples_are_reported():
     with pytest.raises(NonFiniteSamplesError, match="seeds 0..1"):
         generate(lambda x, s: x * float("nan"), "euler", karras_sigmas(2, 0.002, 80.0), [0, 1], (1, 2, 2),
                  progress=False)
+
+
+def test_model_grid_is_evenly_spaced_training_timesteps():
+    from skiptune_search.sampling import model_sigmas, sigma_grid
+
+    table = torch.linspace(0.01, 80.0, 1000, dtype=torch.float64)  # σ of timesteps 0..999, ascending
+    grid = model_sigmas(4, table)
+    assert torch.equal(grid, torch.cat([table[[999, 666, 333, 0]], torch.zeros(1, dtype=torch.float64)]))
+    assert torch.equal(model_sigmas(1, table), torch.tensor([80.0, 0.0], dtype=torch.float64))
+    assert len(model_sigmas(1000, table).unique()) == 1001  # every timestep once, then 0
+    with pytest.raises(ValueError, match="has 1000 timesteps; cannot take 1001"):
+        model_sigmas(1001, table)
+    with pytest.raises(ValueError, match="continuous in σ .* use --sigma-grid karras"):
+        sigma_grid("model", 5, 0.002, 80.0, None, "edm.pkl")
+
+
+def test_native_samplers_step_only_on_the_model_grid():
+    from skiptune_search.sampling import check_sigma_grid, default_sigma_grid
+
+    assert default_sigma_grid("heun") == "karras" and default_sigma_grid("ddim") == "model"
+    check_sigma_grid("heun", "model")
+    with pytest.raises(ValueError, match="--sampler ddim steps on its scheduler's own timesteps"):
+        check_sigma_grid("ddim", "karras")
+    with pytest.raises(ValueError, match="unknown σ grid 'linear'"):
+        check_sigma_grid("heun", "linear")

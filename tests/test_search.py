@@ -183,3 +183,17 @@ def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeyp
     stats_only = S.ReferenceStats(np.zeros(1280), np.eye(1280), "efficientnet-lite0", 1).save(tmp_path / "mu.npz")
     with pytest.raises(S.ReferenceStatsError, match="objective kid needs reference features"):
         Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=8, objective="kid", reference=str(stats_only))).reference
+
+
+def test_a_study_from_before_sigma_grids_and_prompts_resumes(evaluator, tmp_path):
+    """Studies stored before the σ grid and prompts joined the task ran on the Karras grid, unprompted."""
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    study = open_study(storage, "old", evaluator.task, SPACE, evaluator.controller, 0)
+    settings = study.user_attrs["settings"]
+    for key in ("sigma_grid", "prompts", "guidance"):
+        del settings["task"][key]
+    study.set_user_attr("settings", settings)
+    open_study(storage, "old", evaluator.task, SPACE, evaluator.controller, 0)  # no mismatch
+    with pytest.raises(StudyMismatchError, match="sigma_grid: karras \\(now model\\)"):
+        open_study(storage, "old", Task(model=evaluator.task.model, nfe=3, n=12, seed=100, sigma_grid="model"),
+                   SPACE, evaluator.controller, 0)
