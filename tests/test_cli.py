@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -117,9 +118,11 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir,
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")),
                          ids=lambda p: p.name)
-def test_shipped_configs_parse_and_build(config):
-    """Every shipped config names only known options and builds its model, sampler and space."""
-    from dataclasses import fields
+def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path):
+    """Every shipped config names only known options and builds its model, sampler and space; a
+    checkpoint this machine cannot have is a one-line error, and the config's sampler, σ grid and
+    guidance run on a tiny stand-in of the same model family."""
+    from dataclasses import fields, replace
 
     from skiptune_search.cli import search
     from skiptune_search.config import read_config
@@ -139,11 +142,37 @@ def test_shipped_configs_parse_and_build(config):
         evaluator = Evaluator(task)  # loads the model, attaches the controller, builds the σ grid
         assert len(evaluator.sigmas) == evaluator.steps + 1
         assert evaluator.reference.mu.shape == (1280,)
-    else:  # a checkpoint this machine cannot have: the loader must say so in one line
+    elif task.model.endswith(".pkl"):  # a checkpoint this machine cannot have: the loader must say so in one line
         with pytest.raises(ModelLoadError, match="not found"):
             Evaluator(task, trust_pickle=values.get("trust_pickle", False), edm_path=None)
+    else:  # a Hugging Face repo id, not in this machine's cache
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(ModelLoadError, match=f"huggingface-cli download {task.model}$"):
+            Evaluator(task)
+        evaluator = Evaluator(replace(task, model=_stand_in(task, request, tmp_path), n=4, rungs=(2, 4), **(
+            {"prompts": str(_write(tmp_path / "p.txt", "a cat\n"))} if task.prompts else {})), device="cpu")
+        assert len(evaluator.sigmas) == evaluator.steps + 1 and evaluator.sigmas[-1] == 0
+        images = evaluator.images(evaluator.controller.identity(), progress=False)
+        assert images.dtype == torch.uint8 and images.shape[0] == 4
     ctx = search.make_context("search", ["--config", str(config)], resilient_parsing=True)
     assert ctx.default_map == values
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _stand_in(task, request, tmp_path) -> str:
+    """A tiny random pipeline of the task's model family: Stable-Diffusion-style when the task has
+    prompts, else a DDPM pipeline with google/ddpm-cifar10-32's scheduler config."""
+    if task.prompts:
+        return str(request.getfixturevalue("tiny_sd_dir"))
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    DDPMPipeline(unet=request.getfixturevalue("tiny_unet"), scheduler=scheduler).save_pretrained(tmp_path / "ddpm")
+    return str(tmp_path / "ddpm")
 
 
 def test_evaluate_on_held_out_seeds(run, tiny_model_dir, tmp_path):
