@@ -23,7 +23,7 @@ import torch
 from .files import write_text_atomic
 from .metrics import extract_features, fid_from_features, kid_from_features
 from .schedule import RhoSchedule
-from .search import Evaluator, Space, make_storage, open_study, run_search
+from .search import Evaluator, Space, make_storage, open_study
 
 
 def _clock(device: torch.device) -> float:
@@ -46,7 +46,7 @@ def controller_overhead(evaluator: Evaluator, n: int, repeats: int) -> list[dict
                 ctl.attach()
                 ctl.use(RhoSchedule.constant(ctl.arch, ctl.skips, [1.0] * len(ctl.skips), placement=placement))
             start = _clock(evaluator.device)
-            evaluator.images(ctl.identity() if placement is None else ctl._schedule, seeds, progress=False)
+            evaluator.images(ctl.identity() if placement is None else ctl.schedule, seeds, progress=False)
             times[name].append(_clock(evaluator.device) - start)
     ctl.attach()
     base = statistics.median(times["no controller"])
@@ -73,17 +73,7 @@ def trial_breakdown(evaluator: Evaluator, repeats: int) -> dict:
         for key, value in zip(parts, (t1 - start, t2 - t1, t3 - t2, t4 - t3, t4 - start)):
             parts[key].append(value)
     med = {k: statistics.median(v) for k, v in parts.items()}
-    # Optuna and storage: a whole trial through a SQLite study, minus what it spent scoring
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    path = Path("studies") / "bench.db"
-    path.unlink(missing_ok=True)
-    study = open_study(make_storage(f"sqlite:///{path}", heartbeat=None), "bench", task, Space(),
-                       evaluator.controller, 0)
-    start = time.perf_counter()
-    run_search(evaluator, study, Space(), trials=1, progress=False)
-    whole = time.perf_counter() - start
-    path.unlink(missing_ok=True)
-    med["Optuna and storage"] = max(0.0, whole - med["total"])
+    med["Optuna and storage"] = optuna_overhead(task, evaluator.controller, max(3, repeats))
     # bare UNet forwards: the same batch, the same number of evaluations, no sampler around them
     x = torch.randn(min(evaluator.batch_size, task.n), *evaluator.shape, device=evaluator.device)
     sigma = torch.full((len(x),), 1.0, device=evaluator.device)
@@ -96,6 +86,42 @@ def trial_breakdown(evaluator: Evaluator, repeats: int) -> dict:
     med["images/s sampling"] = task.n / med["sampling"]
     med["images/s bare forwards"] = len(x) / bare
     return med
+
+
+def optuna_overhead(task, controller, trials: int) -> float:
+    """Median seconds a trial spends in Optuna and its SQLite storage: the same calls a real trial
+    makes (suggest, user attributes, a report and a pruning check per rung, the final value) with
+    the scores looked up instead of computed."""
+    import tempfile
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = Space()
+    with tempfile.TemporaryDirectory() as tmp:
+        study = open_study(make_storage(f"sqlite:///{tmp}/bench.db", heartbeat=None), "bench", task, space,
+                           controller, 0)
+
+        def objective(trial: optuna.Trial) -> float:
+            params, placement = space.suggest(trial, controller.skips)
+            trial.set_user_attr("rho", space.schedule(controller.arch, controller.skips,
+                                                      {**params, "placement": placement}).rho)
+            fids: dict[str, float] = {}
+            for rung in task.rungs:
+                fids[str(rung)] = 100.0 + rung
+                trial.set_user_attr("fid_at", fids)
+                trial.set_user_attr("kid_at", fids)
+                trial.set_user_attr("wall_seconds", 1.0)
+                trial.report(fids[str(rung)], step=rung)
+                trial.should_prune()
+            for key in ("fid", "n", "seeds", "kid"):
+                trial.set_user_attr(key, 1.0)
+            return fids[str(task.n)]
+
+        wall: list[float] = []
+        for _ in range(trials):
+            start = time.perf_counter()
+            study.optimize(objective, n_trials=1)
+            wall.append(time.perf_counter() - start)
+    return statistics.median(wall)
 
 
 def machine() -> str:
@@ -115,12 +141,15 @@ def machine() -> str:
 # full: the sizes the tables' targets are stated for; quick: a minute or two, to keep it working
 SIZES = {
     False: dict(n=250, repeats=5, grid_points=11, search_n=1000, rungs=(250, 1000), seeds=5, trials=60,
-                schedules=20, truth_n=10_000, batch=250),
+                schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
+                headline_trials=16, headline_families=("linear", "per_level", "per_layer", "per_noise"),
+                gpu_batches=(256, 512, 1024)),
     True: dict(n=64, repeats=2, grid_points=3, search_n=16, rungs=(4, 16), seeds=2, trials=6,
-               schedules=4, truth_n=32, batch=64),
+               schedules=4, truth_n=32, batch=64, headline_nfes=None, headline_seeds=1, headline_trials=2,
+               headline_families=("linear", "per_layer"), gpu_batches=(4, 8)),
 }
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
-ALL_TABLES = (1, 2, 3, 4)
+ALL_TABLES = (1, 2, 3, 4, 5, 6)
 
 
 def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables: tuple[int, ...] = ALL_TABLES,
@@ -128,14 +157,16 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
     render BENCHMARKS.md from everything ``work`` holds."""
     from . import bench_search as BS
-    from .search import Task
+    from .search import Task, resolve_device
 
     size = SIZES[quick]
     work = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
-    stamp = {"command": command, "date": time.strftime("%Y-%m-%d")}
+    device = resolve_device("auto")
+    stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{machine()}; device {device}"}
+    if 6 in tables and device.type != "cuda" and not quick:
+        raise ValueError("table 6 measures a GPU and none is visible to torch; leave 6 out of --tables on this machine")
     if 1 in tables or 2 in tables:
         evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
-        stamp["machine"] = f"{machine()}; device {evaluator.device}"
         task = {"model": model, "sampler": evaluator.task.sampler, "nfe": nfe, "batch": evaluator.batch_size,
                 "features": evaluator.task.features}
         if 1 in tables:
@@ -154,6 +185,19 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
                    for s in range(size["seeds"])]
             keys = BS.pick_schedules(results, tpe, size["schedules"])
             BS.run_truth(evaluator, work / "truth.json", keys, truth_n or size["truth_n"], command, progress)
+    if 5 in tables:
+        from .bench_headline import run_headline
+
+        quick_rungs = (size["search_n"],)
+        run_headline(model, size["headline_nfes"] or (nfe,), work / "headline.json", command, stamp["machine"],
+                     seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
+                     rungs=quick_rungs if quick else size["rungs"], truth_n=truth_n or size["truth_n"],
+                     batch=size["batch"], families=size["headline_families"], progress=progress)
+    if 6 in tables:
+        from .bench_gpu import run_gpu_scaling
+
+        result = run_gpu_scaling(device, size["gpu_batches"], nfe, size["search_n"], quick, progress)
+        BS.save_results(work / "gpu.json", {**stamp, **result})
     return write_markdown(out, work, size)
 
 
@@ -180,7 +224,7 @@ def _table2(r: dict) -> list[str]:
     lines = [_header(r), "", f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}, "
              f"{t['features']} features: one trial, medians.", "",
              "| part | seconds | share |", "| --- | ---: | ---: |"]
-    for key in ("sampling", "features", "FID", "KID", "Optuna and storage"):
+    for key in ("sampling", "features", "FID", "KID", "Optuna and storage"):  # storage: its own timer
         lines.append(f"| {key} | {p[key]:.2f} | {100 * p[key] / total:.1f}% |")
     lines += [f"| whole trial | {total:.2f} | 100% |", "",
               f"Sampling runs at {p['images/s sampling']:.1f} images/s; the same UNet forwards without the "
@@ -247,11 +291,13 @@ def _table4(grid: dict, size: dict) -> list[str]:
 def write_markdown(out: Path, work: Path, size: dict) -> Path:
     """BENCHMARKS.md from the results files in ``work``: each table says which command and machine
     measured it; a table with no results says so."""
+    from . import bench_gpu, bench_headline
     from .bench_search import load_results
 
     r1, r2 = load_results(work / "table1.json"), load_results(work / "table2.json")
     grid, truth = load_results(work / "grid.json"), load_results(work / "truth.json")
-    todo = ["Not measured yet: run the command above with `--tables N`."]
+    headline, gpu = load_results(work / "headline.json"), load_results(work / "gpu.json")
+    todo = ["Not measured yet: run `skiptune-search bench --tables N`."]
     lines = ["# Benchmarks", "",
              "Written by `skiptune-search bench`, table by table: each says the command and machine that measured it.",
              "", "## 1. Controller overhead (target ≤ 1.02x)", "", *(_table1(r1) if r1 else todo),
@@ -261,6 +307,9 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
              *(_table3(grid, truth, size) if grid and truth.get("truth") else todo),
              "", "## 4. Search efficiency (trials to come within 1% of the grid's best)", "",
              *(_table4(grid, size) if grid.get("grid") else todo),
-             "", "## 5. Headline: held-out FID of each family's best schedule", "", *todo,
-             "", "## 6. GPU scaling", "", "Not measured yet: needs a GPU.", ""]
+             "", "## 5. Headline: held-out FID of each family's best schedule", "",
+             *(bench_headline.render(headline, size["headline_families"]) if headline.get("nfe") else todo),
+             "", "## 6. GPU scaling", "",
+             *(bench_gpu.render(gpu) if gpu else ["Not measured yet: needs a GPU (`skiptune-search bench --tables 6`)."]),
+             ""]
     return write_text_atomic(out, "\n".join(lines))

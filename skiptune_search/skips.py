@@ -51,6 +51,11 @@ class SkipController:
         self._set(RhoSchedule.identity(self.arch, self.skips))
 
     @property
+    def schedule(self) -> RhoSchedule:
+        """The schedule in use."""
+        return self._schedule
+
+    @property
     def rhos(self) -> list[float]:
         """ρ per skip of a σ-independent schedule."""
         return self._schedule.rhos_at()

@@ -243,10 +243,22 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     result = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "B.md").read_text()
-    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3`" in text
+    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3 --tables 1,2,3,4`" in text
     for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
-                 "images/s", "Machine:"):
-        assert part in text
+                 "images/s", "Machine:", "| fid@16 |", "| kid@4 |", "| fid_inf |", "all 3x3 (ρ_inner, ρ_outer)",
+                 "| tpe | on |", "| cmaes | off |", "| random | on |"):
+        assert part in text, part
+    raw = tmp_path / "studies" / "bench-quick"
+    assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json"}
+
+    # a second run of table 1 alone keeps the other tables, rendered from the saved results
+    again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1")
+    assert again.exit_code == 0, again.output
+    text = (tmp_path / "B.md").read_text()
+    assert "--tables 1`" in text and "| fid@16 |" in text and "| tpe | on |" in text
+
+    bad = run("bench", "--quick", "--tables", "9")
+    assert bad.exit_code == 2 and "the tables are 1, 2, 3, 4, 5, 6" in bad.output
 
 
 def test_locked_storage_is_a_one_line_error(run, tiny_model_dir, tmp_path, monkeypatch):

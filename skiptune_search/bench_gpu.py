@@ -1,0 +1,118 @@
+"""GPU scaling (BENCHMARKS.md table 6): what a proxy trial costs on a real-sized model.
+
+The bundled model's architecture scaled up to an EDM-like 64 px ADM configuration (EDM's
+ImageNet-64 network: 192 base channels, multipliers 1-2-3-4, 3 blocks per level, attention at
+32, 16 and 8 px; random weights, since only the speed is measured), under the EDM
+preconditioning with the skip controller attached and a non-trivial schedule in use. For each
+batch size and precision (fp32, bf16 autocast): images/s of Heun sampling, and the seconds of
+one proxy trial of N samples (sampling, feature extraction, FID and KID).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .denoisers import EDMPrecond
+from .metrics import DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, \
+    kid_from_features, load_extractor
+from .sampling import karras_sigmas, sample_heun, steps_for_nfe, to_uint8
+from .schedule import RhoSchedule
+from .skips import SkipController
+
+# EDM's ImageNet-64 ADM sizes (Dhariwal & Nichol's 64 px network as EDM trains it)
+ADM64 = dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 768),
+             layers_per_block=3, attention_head_dim=64, norm_num_groups=32,
+             down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+# the same shape, small: the code path on a CPU (bench --quick)
+TINY = dict(ADM64, sample_size=16, block_out_channels=(8, 16, 16, 16), attention_head_dim=8, norm_num_groups=4,
+            layers_per_block=1)
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def build_model(config: dict, device: torch.device) -> tuple[EDMPrecond, SkipController]:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    denoiser = EDMPrecond(UNet2DModel(**config)).eval().requires_grad_(False).to(device)
+    controller = SkipController(denoiser)
+    controller.attach()
+    controller.use(RhoSchedule.from_family("linear", controller.arch, controller.skips,
+                                           {"rho_inner": 0.8, "rho_outer": 1.0}))
+    return denoiser, controller
+
+
+def images_per_second(denoiser, shape: tuple[int, ...], batch: int, nfe: int, bf16: bool,
+                      device: torch.device, repeats: int = 2) -> float:
+    """Heun sampling throughput at ``batch`` (best of ``repeats`` after a warm-up batch)."""
+    sigmas = karras_sigmas(steps_for_nfe("heun", nfe), 0.002, 80.0).to(device)
+    best = float("inf")
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for k in range(repeats + 1):
+            x = torch.randn(batch, *shape, device=device) * 80.0
+            start = _sync(device)
+            to_uint8(sample_heun(denoiser, x, sigmas).float())
+            if k:  # the first batch warms up kernels and the allocator
+                best = min(best, _sync(device) - start)
+    return batch / best
+
+
+def scoring_seconds(n: int, resolution: int, device: torch.device) -> float:
+    """Features of ``n`` images, then FID and KID against the bundled reference: what a trial
+    spends after sampling."""
+    extractor = load_extractor(DEFAULT_FEATURES).to(device)
+    reference = ReferenceStats.load(DEFAULT_REFERENCE)
+    images = torch.randint(0, 256, (n, 3, resolution, resolution), dtype=torch.uint8)
+    extract_features(images[:8], extractor, 8)  # warm-up
+    start = _sync(device)
+    features = extract_features(images, extractor, 250)
+    fid_from_features(features, reference)
+    kid_from_features(features, reference)
+    return _sync(device) - start
+
+
+def run_gpu_scaling(device: torch.device, batches: tuple[int, ...], nfe: int, n: int, quick: bool,
+                    progress: bool = True) -> dict:
+    """Rows of (batch, precision, images/s, seconds per proxy trial of ``n`` samples)."""
+    config = TINY if quick else ADM64
+    denoiser, _ = build_model(config, device)
+    params = sum(p.numel() for p in denoiser.parameters())
+    shape = (config["in_channels"], config["sample_size"], config["sample_size"])
+    scoring = scoring_seconds(n, config["sample_size"], device)
+    rows = []
+    for batch in batches:
+        for bf16 in (False, True):
+            label = "bf16 autocast" if bf16 else "fp32"
+            try:
+                rate = images_per_second(denoiser, shape, batch, nfe, bf16, device)
+            except torch.OutOfMemoryError:
+                rows.append({"batch": batch, "precision": label, "images_per_s": None, "trial_s": None})
+                torch.cuda.empty_cache()
+                continue
+            rows.append({"batch": batch, "precision": label, "images_per_s": rate,
+                         "trial_s": n / rate + scoring})
+            if progress:
+                print(f"batch {batch} {label}: {rate:.1f} images/s", flush=True)
+    return {"params": params, "resolution": config["sample_size"], "nfe": nfe, "n": n, "scoring_s": scoring,
+            "rows": rows, "quick": quick}
+
+
+def render(r: dict) -> list[str]:
+    what = "a CPU stand-in of the same shape (--quick: the code path only)" if r["quick"] else "EDM-like 64 px ADM"
+    lines = [f"Written by `{r['command']}` on {r['date']}. Machine: {r['machine']}.", "",
+             f"{what}, {r['params'] / 1e6:.1f}M parameters, random weights, skip controller attached "
+             f"(linear 0.8 → 1.0); Heun NFE {r['nfe']}. A proxy trial is N = {r['n']} samples plus "
+             f"{r['scoring_s']:.2f} s of features, FID and KID.", "",
+             "| batch | precision | images/s | seconds per proxy trial |", "| ---: | --- | ---: | ---: |"]
+    for x in r["rows"]:
+        rate = "out of memory" if x["images_per_s"] is None else f"{x['images_per_s']:.1f}"
+        trial = "–" if x["trial_s"] is None else f"{x['trial_s']:.1f}"
+        lines.append(f"| {x['batch']} | {x['precision']} | {rate} | {trial} |")
+    return lines

@@ -1,0 +1,86 @@
+"""The headline benchmark (BENCHMARKS.md table 5): does tuning help, by how much, per family?
+
+For each NFE: the untuned model and the exported best schedule of a real search (the default
+task: 16 trials, rungs, pruning) of each family, for several search seeds, all scored by FID on
+many held-out samples. Searches live in a SQLite study file in the work folder, and every
+finished number is written to a JSON file at once: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+
+from .bench_search import HELD_OUT_SEED, load_results, save_results
+from .metrics import fid_from_features
+from .search import Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search
+
+FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
+
+
+def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
+                 trials: int, n: int, rungs: tuple[int, ...], truth_n: int, batch: int,
+                 families: tuple[str, ...] = FAMILIES, progress: bool = True) -> dict:
+    """Search each family at each NFE ``seeds`` times and score the untuned model and each best
+    schedule on ``truth_n`` held-out samples."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    results = load_results(path)
+    settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
+                "held_out_seed": HELD_OUT_SEED}
+    if results.get("settings", settings) != settings:
+        raise ValueError(f"{path} holds headline results of other settings; pass another --work folder or delete it")
+    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+    storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"
+    storage = make_storage(storage_url, heartbeat=None)
+    held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
+    for nfe in nfes:
+        row = results.setdefault("nfe", {}).setdefault(str(nfe), {})
+        evaluator = Evaluator(Task(model=model, nfe=nfe, n=n, rungs=rungs), batch_size=min(batch, n))
+
+        def held_out_fid(schedule, label: str) -> float:
+            features, _ = evaluator.features(schedule, held_out, progress=progress and f"NFE {nfe} {label} held-out")
+            return fid_from_features(features, evaluator.reference)
+
+        if "untuned" not in row:
+            row["untuned"] = held_out_fid(evaluator.controller.identity(), "untuned")
+            save_results(path, results)
+        knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), 3)
+        for family in families:
+            space = Space(family, "input", (0.5, 1.5), knots if family == "per_noise" else ())
+            runs = row.setdefault(family, [])
+            for seed in range(len(runs), seeds):
+                name = f"headline-nfe{nfe}-{family}-seed{seed}"
+                study = open_study(storage, name, evaluator.task, space, evaluator.controller, seed)
+                run_search(evaluator, study, space, trials, progress=progress)
+                best = export_best(study, storage_url)
+                runs.append({"seed": seed, "search_value": best.metric["value"],
+                             "held_out": held_out_fid(best, f"{family} seed {seed}"), "params": best.params})
+                save_results(path, results)
+    return results
+
+
+def render(results: dict, families: tuple[str, ...] = FAMILIES) -> list[str]:
+    """Rows per NFE: untuned held-out FID, each family's mean ± std over search seeds, its change."""
+    s = results["settings"]
+    lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {results['machine']}.", "",
+             f"Model {s['model']}, Heun, Karras σ. Each family: a search of {s['trials']} trials "
+             f"(N = {s['n']}, rungs {','.join(map(str, s['rungs']))}, input placement, ρ in [0.5, 1.5]) per search "
+             f"seed; its exported best and the untuned model are scored by FID on {s['truth_n']:,} held-out "
+             f"samples (seeds from {s['held_out_seed']:,}). Mean ± std over search seeds; change vs untuned.", "",
+             "| NFE | untuned | " + " | ".join(families) + " |",
+             "| ---: | ---: | " + " | ".join("---:" for _ in families) + " |"]
+    for nfe, row in sorted(results.get("nfe", {}).items(), key=lambda kv: int(kv[0])):
+        cells = []
+        for family in families:
+            fids = [r["held_out"] for r in row.get(family, [])]
+            if not fids:
+                cells.append("–")
+                continue
+            std = f" ± {statistics.stdev(fids):.3g}" if len(fids) > 1 else ""
+            change = 100 * (statistics.fmean(fids) - row["untuned"]) / row["untuned"]
+            cells.append(f"{statistics.fmean(fids):.4g}{std} ({change:+.1f}%, {len(fids)} seeds)")
+        lines.append(f"| {nfe} | {row.get('untuned', float('nan')):.4g} | " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,112 @@
+"""The search-quality benchmarks (tables 3 and 4) on synthetic grids, where the answer is known."""
+
+import json
+
+import pytest
+
+from skiptune_search import bench_search as BS
+
+
+def _bowl_grid(points=11, best=(0.7, 0.9)):
+    """A grid whose FID is a bowl around ``best``; FID at the small rung is the same bowl plus 10."""
+    grid = {}
+    for i in BS.grid_values(points):
+        for o in BS.grid_values(points):
+            value = 100 + 100 * ((i - best[0]) ** 2 + (o - best[1]) ** 2)
+            grid[BS.point_key(i, o)] = {"fid": {"250": value + 10, "1000": value}, "kid": {"250": value / 100,
+                                        "1000": value / 100}, "fid_inf": value - 5}
+    return grid
+
+
+def test_replayed_searches_stay_on_the_grid_and_find_a_bowls_bottom():
+    grid = _bowl_grid()
+    log = BS.replay_search(grid, 11, (250, 1000), "tpe", seed=0, trials=40, prune=True)
+    assert len(log) == 40 and all(t["point"] in grid for t in log)
+    assert log[0]["point"] == "1,1" and log[1]["point"] == "0.8,1"  # baseline, then the paper ramp
+    assert {t["samples"] for t in log} <= {250, 1000}
+    assert any(t["value"] is None for t in log)  # successive halving pruned some
+    assert min(t["value"] for t in log if t["value"] is not None) <= 1.01 * 100
+
+
+def test_search_efficiency_counts_trials_and_samples_to_the_target():
+    results = {"grid": _bowl_grid(), "settings": {"points": 11, "task": {"rungs": [250, 1000]}}}
+    rows, runs = BS.search_efficiency(results, ("random",), seeds=3, trials=30)
+    assert [(r["optimizer"], r["pruning"]) for r in rows] == [("random", True), ("random", False)]
+    for row, prune in zip(rows, (True, False)):
+        logs = runs[("random", prune)]
+        reached = [BS._reach(log, 101.0) for log in logs]
+        assert row["reached"] == sum(r[0] is not None for r in reached)
+    # without pruning every trial costs N
+    assert all(t["samples"] == 1000 for log in runs[("random", False)] for t in log)
+
+
+def test_reach_is_the_first_completed_trial_under_the_target():
+    log = [{"value": 120, "samples": 1000}, {"value": None, "samples": 250}, {"value": 99, "samples": 1000}]
+    assert BS._reach(log, 100) == (3, 2250)
+    assert BS._reach(log, 50) == (None, None)
+
+
+def test_picked_schedules_are_the_baseline_the_tpe_finds_and_random_points():
+    grid = _bowl_grid()
+    results = {"grid": grid, "settings": {"task": {"rungs": [250, 1000]}}}
+    logs = [BS.replay_search(grid, 11, (250, 1000), "tpe", s, 20, True) for s in range(2)]
+    keys = BS.pick_schedules(results, logs, 20)
+    assert len(keys) == len(set(keys)) == 20 and keys[0] == "1,1"
+    found = {t["point"] for log in logs for t in log if t["value"] is not None}
+    assert set(keys[1:10]) <= found
+    # the TPE half holds the best points the replays completed
+    assert grid[keys[1]]["fid"]["1000"] == min(grid[p]["fid"]["1000"] for p in found)
+
+
+def test_proxy_fidelity_ranks_and_spreads():
+    grid = _bowl_grid()
+    keys = sorted(grid)[:12]
+    truth = {}
+    for k in keys:
+        v = grid[k]["fid"]["1000"]
+        blocks = [{"fid": {"250": v + 10 + d, "1000": v + d}, "kid": {"250": 1.0, "1000": 1.0 + d}, "fid_inf": v}
+                  for d in (0.0, 2.0)]
+        truth[k] = {"fid": v - 1, "blocks": blocks}
+    rows = {r["proxy"]: r for r in BS.proxy_fidelity(grid, truth, (250, 1000), keys)}
+    assert set(rows) == {"fid@250", "fid@1000", "fid_inf", "kid@250", "kid@1000"}
+    # the proxies are monotone in the truth here, so every Spearman is 1
+    assert all(r["spearman"] == pytest.approx(1.0) for r in rows.values())
+    assert rows["fid@1000"]["seed_spread"] == pytest.approx(2 ** 0.5)  # stdev of (v, v + 2)
+    assert rows["fid_inf"]["seed_spread"] == 0
+
+
+def test_results_of_other_settings_are_refused(tmp_path, tiny_model_dir):
+    from skiptune_search.search import Evaluator, Task
+
+    evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=4, rungs=(2, 4)), batch_size=4, device="cpu")
+    path = tmp_path / "grid.json"
+    BS.save_results(path, {"settings": {"task": {"nfe": 5}, "points": 3, "placement": "input"}, "grid": {}})
+    with pytest.raises(ValueError, match="other settings"):
+        BS.run_grid(evaluator, path, 3, "cmd", progress=False)
+
+
+def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny_model_dir, monkeypatch):
+    from skiptune_search.search import Evaluator, Task
+
+    evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=4, rungs=(2, 4)), batch_size=4, device="cpu")
+    path = tmp_path / "grid.json"
+    calls = []
+    real = evaluator.features
+
+    def counting(schedule, *args, **kwargs):
+        calls.append(schedule)
+        if len(calls) == 4 and interrupt:
+            raise RuntimeError("interrupted")
+        return real(schedule, *args, **kwargs)
+
+    interrupt = True
+    monkeypatch.setattr(BS, "_scores", lambda features, ev, rungs: {"fid": {"4": float(features.sum())}})
+    monkeypatch.setattr(evaluator, "features", counting)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        BS.run_grid(evaluator, path, 3, "cmd", progress=False)
+    assert len(json.loads(path.read_text())["grid"]) == 3  # each finished point was saved
+    calls.clear()
+    interrupt = False
+    results = BS.run_grid(evaluator, path, 3, "cmd", progress=False)
+    assert len(calls) == 6 and len(results["grid"]) == 9
+    assert results["command"] == "cmd" and "Machine" not in results["machine"]
