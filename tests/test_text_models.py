@@ -178,6 +178,16 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     best = json.loads((tmp_path / "studies" / f"{name}.best.json").read_text())
     assert best["tuned_for"] == {"model": str(tiny_sd_dir), "sampler": "euler", "nfe": 3, "sigma_grid": "karras",
                                  "prompts": str(prompt_file), "guidance": 3.0}
+    # evaluate takes the σ grid, prompts and guidance from the schedule (the scoring itself is tested elsewhere)
+    import skiptune_search.evaluate as E
+
+    seen = []
+    monkeypatch.setattr(E, "evaluate_schedule", lambda evaluator, *a: seen.append(evaluator.task) or {"stub": 1})
+    result = runner.invoke(main, ["evaluate", "--schedule", f"studies/{name}.best.json", "--n", "4", "--blocks", "2",
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].model, seen[0].prompts, seen[0].guidance, seen[0].sigma_grid, seen[0].sampler) == (
+        str(tiny_sd_dir), str(prompt_file), 3.0, "karras", "euler")
     # an edited prompt file is another task: the study refuses it
     prompt_file.write_text("a green cat\n")
     again = runner.invoke(main, args)
