@@ -189,7 +189,7 @@ class TextCFGPrecond(DiffusersVPPrecond):
         return uncond + self.guidance * (cond - uncond)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Images in [-1, 1] of latents: the VAE decoder on latents / scaling_factor, in chunks."""
         scale = self.vae.config.scaling_factor
         images = [self.vae.decode(z / scale).sample for z in latents.split(chunk)]
