@@ -240,16 +240,18 @@ def test_nan_samples_fail_that_trial_and_the_study_goes_on(tiny_model_dir, tmp_p
 
 
 def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
-    result = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md")
+    result = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1,2,3,4,5,6")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "B.md").read_text()
-    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3 --tables 1,2,3,4`" in text
+    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3 --tables 1,2,3,4,5,6`" in text
     for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
                  "images/s", "Machine:", "| fid@16 |", "| kid@4 |", "| fid_inf |", "all 3x3 (ρ_inner, ρ_outer)",
-                 "| tpe | on |", "| cmaes | off |", "| random | on |"):
+                 "| tpe | on |", "| cmaes | off |", "| random | on |", "| NFE | untuned | linear | per_layer |",
+                 "| 4 | bf16 autocast |", "seconds per proxy trial"):
         assert part in text, part
     raw = tmp_path / "studies" / "bench-quick"
-    assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json"}
+    assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json",
+                                               "headline.json", "gpu.json"}
 
     # a second run of table 1 alone keeps the other tables, rendered from the saved results
     again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1")

@@ -188,6 +188,10 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     assert result.exit_code == 0, result.output
     assert (seen[0].model, seen[0].prompts, seen[0].guidance, seen[0].sigma_grid, seen[0].sampler) == (
         str(tiny_sd_dir), str(prompt_file), 3.0, "karras", "euler")
+    # report samples its grids with the study's prompts and guidance
+    result = runner.invoke(main, ["report", "--study", name, "-o", "r.html", "--samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").is_file()
     # an edited prompt file is another task: the study refuses it
     prompt_file.write_text("a green cat\n")
     again = runner.invoke(main, args)
