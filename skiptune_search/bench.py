@@ -33,13 +33,23 @@ def _clock(device: torch.device) -> float:
 
 
 def controller_overhead(evaluator: Evaluator, n: int, repeats: int) -> list[dict]:
-    """Sampling wall time with the controller attached at ρ = 1 (each placement) vs no controller."""
+    """Sampling wall time with the controller attached at ρ = 1 (each placement) vs no controller.
+
+    Each repeat runs every variant once, in a fresh random order (so drift and order effects hit
+    every variant alike); "no controller, again" is a second copy of the baseline, whose ratio
+    shows how far apart two identical runs come out on this machine (the noise floor)."""
+    import random
+
     ctl = evaluator.controller
     seeds = evaluator.task.seeds[:n]
-    variants = {"no controller": None, **{f"{p}, ρ = 1": p for p in ("input", "normalized", "both")}}
+    variants = {"no controller": None, "no controller, again": None,
+                **{f"{p}, ρ = 1": p for p in ("input", "normalized", "both")}}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, placement in variants.items():  # interleaved, so drift hits every variant alike
+    order = list(variants)
+    for k in range(repeats):
+        random.Random(k).shuffle(order)
+        for name in order:
+            placement = variants[name]
             if placement is None:
                 ctl.detach()
             else:
@@ -140,7 +150,7 @@ def machine() -> str:
 # --- the run: which tables, at which sizes ----------------------------------------------------
 # full: the sizes the tables' targets are stated for; quick: a minute or two, to keep it working
 SIZES = {
-    False: dict(n=250, repeats=5, grid_points=11, search_n=1000, rungs=(250, 1000), seeds=5, trials=60,
+    False: dict(n=250, repeats=9, grid_points=11, search_n=1000, rungs=(250, 1000), seeds=5, trials=60,
                 schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
                 headline_trials=16, headline_families=("linear", "per_level", "per_layer", "per_noise"),
                 gpu_batches=(256, 512, 1024)),
@@ -211,7 +221,7 @@ def _table1(r: dict) -> list[str]:
     return [
         _header(r), "",
         f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}: sampling {r['n']} images, "
-        f"medians of {r['repeats']} interleaved repeats.", "",
+        f"medians of {r['repeats']} repeats, the variants in a new random order each time.", "",
         "| variant | median seconds | ratio to no controller |",
         "| --- | ---: | ---: |",
         *[f"| {x['variant']} | {x['median_s']:.3f} | {x['ratio']:.3f}x |" for x in r["rows"]],
