@@ -527,9 +527,11 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
 
 @main.command()
 @click.option("--quick", is_flag=True, help="A small run (a minute or two) that only keeps the command working.")
-@click.option("--out", "out", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--model", default="fashion-mnist-edm", show_default=True)
-@click.option("--nfe", default=9, show_default=True, type=int)
+@click.option("--out", "out", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False),
+              help="The Markdown file to write (all tables: measured now or earlier under --work).")
+@click.option("--model", default="fashion-mnist-edm", show_default=True,
+              help="Model of tables 1-5 (as --model of search).")
+@click.option("--nfe", default=9, show_default=True, type=int, help="Heun NFE of tables 1-4 and 6.")
 @click.option("--tables", default=None,
               help="Which tables to measure, comma-separated; the others are rendered from earlier runs "
                    "[default: 1-5, and 6 on a GPU].")
