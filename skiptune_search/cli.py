@@ -48,6 +48,24 @@ def _friendly(fn):
     return wrapper
 
 
+class _CtrlC:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: a library that swallows
+    the exception in a clean-up path (SQLAlchemy's connection pool can) cannot make a search go
+    on as if nothing happened. The search stops after the trial under way and exits 130."""
+
+    seen = False
+
+    @classmethod
+    def install(cls) -> None:
+        import signal
+
+        def handler(signum, frame):
+            cls.seen = True
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+
+
 def _task_options(fn):
     """--model, --sampler, --nfe, --seed: the same on every command that samples."""
     fn = click.option("--seed", default=0, show_default=True, type=int,
@@ -227,6 +245,7 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     from . import workers as W
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _CtrlC.install()
     if workers > 1 and W.worker_share() is None:
         W.own_setup(workers)
     _set_threads(threads)
@@ -260,6 +279,8 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
 
     def report(study, trial) -> None:
+        if _CtrlC.seen:
+            study.stop()
         if trial.state == optuna.trial.TrialState.PRUNED:
             step = trial.last_step
             click.echo(f"trial {trial.number + 1}: pruned at N={step} ({label} {trial.intermediate_values[step]:.4g})")
@@ -277,6 +298,8 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     if share is not None:  # a worker started by another search command: its trials only
         S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage),
                      share=share, progress=False)
+        if _CtrlC.seen:
+            raise KeyboardInterrupt
         return
     children = []
     if workers > 1:
@@ -286,6 +309,8 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
         share = shares[0]
     S.run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=S.artifact_dir(storage),
                  share=share, progress=workers == 1)
+    if _CtrlC.seen:
+        raise KeyboardInterrupt
     failed = [c.args for c in children if c.wait() != 0]
     if failed:
         raise UserError(f"{len(failed)} worker(s) failed; rerun the same command to finish the study")
