@@ -322,7 +322,8 @@ def _make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int
     if optimizer == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
     if optimizer == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, x0={n: 1.0 for n in space.baseline(skips) if n != "placement"})
+        # CMA-ES starts at the centre of the box (ρ = 1 for the default [0.5, 1.5]); Optuna deprecated x0
+        return optuna.samplers.CmaEsSampler(seed=seed)
     if optimizer == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     if optimizer == "random":
