@@ -559,7 +559,7 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
 @click.option("--nfe", default=9, show_default=True, type=int, help="Heun NFE of tables 1-4 and 6.")
 @click.option("--tables", default=None,
               help="Which tables to measure, comma-separated; the others are rendered from earlier runs "
-                   "[default: 1-5, and 6 on a GPU].")
+                   "('none': only render) [default: 1-5, and 6 on a GPU].")
 @click.option("--work", default=None, type=click.Path(file_okay=False),
               help="Folder of the tables' raw results; long tables resume from it [default: studies/bench, "
                    "studies/bench-quick with --quick].")
@@ -590,13 +590,13 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
     if tables is None:
         tables = "1,2,3,4,5" + (",6" if torch.cuda.is_available() else "")
     try:
-        wanted = tuple(sorted({int(t) for t in tables.split(",")}))
+        wanted = () if tables == "none" else tuple(sorted({int(t) for t in tables.split(",")}))
     except ValueError:
         raise UserError(f"--tables {tables}: give table numbers separated by commas, e.g. 1,2") from None
     if not set(wanted) <= set(ALL_TABLES):
         raise UserError(f"--tables {tables}: the tables are {', '.join(map(str, ALL_TABLES))}")
     command = (f"skiptune-search bench{' --quick' if quick else ''} --out {out} --model {model} --nfe {nfe} "
-               f"--tables {','.join(map(str, wanted))}" + (f" --truth-n {truth_n}" if truth_n else ""))
+               f"--tables {','.join(map(str, wanted)) or 'none'}" + (f" --truth-n {truth_n}" if truth_n else ""))
     click.echo(f"wrote {run_bench(quick, Path(out), model, nfe, command, wanted, work, truth_n)}")
 
 

@@ -259,6 +259,11 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     text = (tmp_path / "B.md").read_text()
     assert "--tables 1`" in text and "| fid@16 |" in text and "| tpe | on |" in text
 
+    # 'none' measures nothing and renders what was measured
+    (tmp_path / "B.md").unlink()
+    assert run("bench", "--quick", "--out", "B.md", "--tables", "none").exit_code == 0
+    assert "| fid@16 |" in (tmp_path / "B.md").read_text()
+
     bad = run("bench", "--quick", "--tables", "9")
     assert bad.exit_code == 2 and "the tables are 1, 2, 3, 4, 5, 6" in bad.output
 
