@@ -275,8 +275,14 @@ def _table4(grid: dict, size: dict) -> list[str]:
     points = s["points"]
     n = str(s["task"]["rungs"][-1])
     if len(grid["grid"]) < points * points:
-        return [_header(grid), "", f"Grid incomplete: {len(grid['grid'])} of {points * points} points so far; "
-                "rerun the same command to finish it."]
+        done = grid["grid"]
+        best_key = min(done, key=lambda k: done[k]["fid"][n])
+        base = done.get(BS.point_key(1.0, 1.0))
+        return [_header(grid), "",
+                f"Grid incomplete: {len(done)} of {points * points} points (drawn in a seeded random order) so far; "
+                f"rerun the same command to finish it. Best so far: FID {done[best_key]['fid'][n]:.4g} at "
+                f"(ρ_inner, ρ_outer) = ({best_key}), N = {n}"
+                + (f"; baseline (1, 1): {base['fid'][n]:.4g}." if base else "; the baseline (1, 1) is not done yet.")]
     best_key = min(grid["grid"], key=lambda k: grid["grid"][k]["fid"][n])
     best = grid["grid"][best_key]["fid"][n]
     base = grid["grid"][BS.point_key(1.0, 1.0)]["fid"][n]

@@ -110,3 +110,17 @@ def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny
     results = BS.run_grid(evaluator, path, 3, "cmd", progress=False)
     assert len(calls) == 6 and len(results["grid"]) == 9
     assert results["command"] == "cmd" and "Machine" not in results["machine"]
+
+
+def test_an_incomplete_grid_renders_what_it_has(tmp_path):
+    from skiptune_search.bench import SIZES, write_markdown
+
+    grid = {k: v for k, v in _bowl_grid(points=3).items() if k in ("1,1", "0.5,1")}
+    BS.save_results(tmp_path / "grid.json", {"grid": grid, "command": "cmd", "machine": "m", "date": "d",
+                                            "settings": {"points": 3, "placement": "input",
+                                                         "task": {"rungs": [250, 1000], "seed": 0,
+                                                                  "sampler": "heun", "nfe": 9}}})
+    text = write_markdown(tmp_path / "B.md", tmp_path, SIZES[True]).read_text()
+    assert "Grid incomplete: 2 of 9 points" in text and "baseline (1, 1): 110" in text
+    assert "Best so far: FID 105 at (ρ_inner, ρ_outer) = (0.5,1)" in text
+    assert text.count("Not measured yet") == 4  # tables 1, 2, 3 and 5; 6 says it needs a GPU
