@@ -181,7 +181,7 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
                 "features": evaluator.task.features}
         if 1 in tables:
             rows = controller_overhead(evaluator, size["n"], size["repeats"])
-            BS.save_results(work / "table1.json", {**stamp, "task": task, "n": size["n"],
+            BS.save_results(work / "table1.json", {**stamp, "task": task, "n": size["n"], "order": "shuffled",
                                                     "repeats": size["repeats"], "rows": rows})
         if 2 in tables:
             parts = trial_breakdown(evaluator, max(1, size["repeats"] // 2))
@@ -221,7 +221,8 @@ def _table1(r: dict) -> list[str]:
     return [
         _header(r), "",
         f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}: sampling {r['n']} images, "
-        f"medians of {r['repeats']} repeats, the variants in a new random order each time.", "",
+        f"medians of {r['repeats']} repeats, the variants "
+        f"{'in a new random order each time' if r.get('order') == 'shuffled' else 'interleaved in a fixed order'}.", "",
         "| variant | median seconds | ratio to no controller |",
         "| --- | ---: | ---: |",
         *[f"| {x['variant']} | {x['median_s']:.3f} | {x['ratio']:.3f}x |" for x in r["rows"]],
