@@ -189,12 +189,13 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     if 3 in tables or 4 in tables:
         evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
                               batch_size=min(size["batch"], size["search_n"]))
-        results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command, progress)
+        results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command,
+                              stamp["machine"], progress)
         if 3 in tables:
-            tpe = [BS.replay_search(results["grid"], size["grid_points"], size["rungs"], "tpe", s, size["trials"], True)
-                   for s in range(size["seeds"])]
+            tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], work / "replays.json")["tpe,on"]
             keys = BS.pick_schedules(results, tpe, size["schedules"])
-            BS.run_truth(evaluator, work / "truth.json", keys, truth_n or size["truth_n"], command, progress)
+            BS.run_truth(evaluator, work / "truth.json", keys, truth_n or size["truth_n"], command,
+                         stamp["machine"], progress)
     if 5 in tables:
         from .bench_headline import run_headline
 
@@ -269,7 +270,7 @@ def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
     return lines
 
 
-def _table4(grid: dict, size: dict) -> list[str]:
+def _table4(grid: dict, size: dict, work: Path) -> list[str]:
     from . import bench_search as BS
 
     s = grid["settings"]
@@ -287,15 +288,15 @@ def _table4(grid: dict, size: dict) -> list[str]:
     best_key = min(grid["grid"], key=lambda k: grid["grid"][k]["fid"][n])
     best = grid["grid"][best_key]["fid"][n]
     base = grid["grid"][BS.point_key(1.0, 1.0)]["fid"][n]
-    rows, _ = BS.search_efficiency(grid, OPTIMIZERS, size["seeds"], size["trials"])
+    rows = BS.search_efficiency(grid, BS.replays(grid, OPTIMIZERS, size["seeds"], size["trials"], work / "replays.json"))
     lines = [_header(grid), "",
              f"Ground truth: all {points}x{points} (ρ_inner, ρ_outer) of the linear family in [0.5, 1.5], "
              f"{s['placement']} placement, FID at N = {n} on seeds {s['task']['seed']}-"
              f"{s['task']['seed'] + int(n) - 1} ({s['task']['sampler']} NFE {s['task']['nfe']}). "
              f"Baseline (1, 1): {base:.4g}; grid best {best:.4g} at ({best_key}); target ≤ {1.01 * best:.4g} (1%).",
              f"Each optimizer is replayed {size['seeds']} times (search seeds 0-{size['seeds'] - 1}) for up to "
-             f"{size['trials']} trials on the same grid, baseline and paper ramp first, rungs "
-             f"{','.join(map(str, s['task']['rungs']))}; medians over the seeds that reached the target.", "",
+             f"{size['trials']} trials on the same grid (Optuna {optuna.__version__}), baseline and paper ramp first, "
+             f"rungs {','.join(map(str, s['task']['rungs']))}; medians over the seeds that reached the target.", "",
              "| optimizer | pruning | seeds reaching 1% | median trials | median samples | "
              "median best after 16 trials | median samples in 16 trials |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -323,7 +324,7 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
              "", "## 3. Proxy fidelity (target: Spearman ≥ 0.9 for the default objective and rung)", "",
              *(_table3(grid, truth, size) if grid and truth.get("truth") else todo),
              "", "## 4. Search efficiency (trials to come within 1% of the grid's best)", "",
-             *(_table4(grid, size) if grid.get("grid") else todo),
+             *(_table4(grid, size, work) if grid.get("grid") else todo),
              "", "## 5. Headline: held-out FID of each family's best schedule", "",
              *(bench_headline.render(headline, size["headline_families"]) if headline.get("nfe") else todo),
              "", "## 6. GPU scaling", "",

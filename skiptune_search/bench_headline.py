@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from .bench_search import HELD_OUT_SEED, load_results, save_results
+from .bench_search import HELD_OUT_SEED, load_results, same_settings, save_results
 from .metrics import fid_from_features
 from .search import Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search
 
@@ -30,7 +30,7 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     results = load_results(path)
     settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
                 "held_out_seed": HELD_OUT_SEED}
-    if results.get("settings", settings) != settings:
+    if not same_settings(results.get("settings"), settings):
         raise ValueError(f"{path} holds headline results of other settings; pass another --work folder or delete it")
     results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"

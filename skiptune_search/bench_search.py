@@ -16,6 +16,7 @@ the file holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import statistics
@@ -26,7 +27,7 @@ import optuna
 
 from .files import write_text_atomic
 from .metrics import fid_from_features, kid_from_features
-from .search import PAPER_RAMP, Evaluator, Space, fid_inf, make_sampler
+from .search import PAPER_RAMP, Evaluator, Space, fid_inf, grid_values, make_sampler
 
 HELD_OUT_SEED = 2_000_000  # held-out samples of table 3: far from the search's and evaluate's seeds
 
@@ -38,10 +39,6 @@ def load_results(path: Path) -> dict:
 
 def save_results(path: Path, results: dict) -> None:
     write_text_atomic(path, json.dumps(results, indent=1) + "\n")
-
-
-def grid_values(points: int, lo: float = 0.5, hi: float = 1.5) -> list[float]:
-    return [round(lo + (hi - lo) * i / (points - 1), 6) for i in range(points)]
 
 
 def point_key(inner: float, outer: float) -> str:
@@ -60,7 +57,7 @@ def _scores(features, evaluator: Evaluator, rungs: tuple[int, ...]) -> dict:
     return out
 
 
-def _same_settings(old: dict | None, new: dict) -> bool:
+def same_settings(old: dict | None, new: dict) -> bool:
     """Results saved under ``old`` settings can be extended under ``new`` ones: every setting both
     name is equal (a task field added to the tool since keeps its default, so it is not compared)."""
     if old is None:
@@ -72,13 +69,14 @@ def _same_settings(old: dict | None, new: dict) -> bool:
 
 
 # --- table 4, part 1: the exhaustive grid -------------------------------------------------------
-def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, progress: bool = True) -> dict:
+def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machine: str,
+             progress: bool = True) -> dict:
     """Evaluate every (ρ_inner, ρ_outer) of a ``points`` × ``points`` grid on the task's seeds,
     in a seeded random order (a partial grid is still an even sample of it)."""
     task = evaluator.task
     results = load_results(path)
     settings = {"task": task.scoring_key(), "points": points, "placement": Space().placement}
-    if not _same_settings(results.get("settings"), settings):
+    if not same_settings(results.get("settings"), settings):
         raise ValueError(f"{path} holds a grid of other settings; pass another --work folder or delete it")
     grid = results.setdefault("grid", {})
     values = grid_values(points)
@@ -87,7 +85,7 @@ def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, progre
     ctl = evaluator.controller
     todo = [(i, o) for i, o in order if point_key(i, o) not in grid]
     if todo:  # the grid's header names the run that finished it
-        results.update(settings=settings, command=command, machine=_machine(evaluator), date=time.strftime("%Y-%m-%d"))
+        results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
     for k, (inner, outer) in enumerate(todo):
         schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
         features, _ = evaluator.features(
@@ -142,33 +140,49 @@ def _reach(log: list[dict], target: float) -> tuple[int | None, int | None]:
     return None, None
 
 
-def search_efficiency(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int,
-                      default_trials: int = 16) -> list[dict]:
-    """Per optimizer, with and without pruning: median trials and samples to come within 1% of the
-    grid's best, how many seeds got there, and the median best after ``default_trials`` trials."""
+def replays(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int, path: Path | None = None) -> dict:
+    """Each optimizer's replays on the grid, search seeds 0 to ``seeds`` - 1, pruning on and off,
+    keyed 'optimizer,on|off'. They are deterministic but slow (a GP replay takes seconds), so with
+    ``path`` they are saved there with the grid and the Optuna version they ran on, and reused
+    while both stay the same."""
     grid, points = results["grid"], results["settings"]["points"]
     rungs = tuple(results["settings"]["task"]["rungs"])
-    n = str(rungs[-1])
-    best = min(r["fid"][n] for r in grid.values())
-    target = 1.01 * best
-    rows, runs = [], {}
+    digest = hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:16]
+    settings = {"grid": digest, "optuna": optuna.__version__, "seeds": seeds, "trials": trials}
+    saved = load_results(path) if path else {}
+    runs = saved["runs"] if saved.get("settings") == settings else {}
     for optimizer in optimizers:
         for prune in (True, False):
-            logs = [replay_search(grid, points, rungs, optimizer, s, trials, prune) for s in range(seeds)]
-            runs[(optimizer, prune)] = logs
-            reached = [_reach(log, target) for log in logs]
-            hit = [r for r in reached if r[0] is not None]
-            at_default = [min((t["value"] for t in log[:default_trials] if t["value"] is not None), default=None)
-                          for log in logs]
-            rows.append({
-                "optimizer": optimizer, "pruning": prune, "seeds": seeds, "reached": len(hit),
-                "median_trials": statistics.median(r[0] for r in hit) if hit else None,
-                "median_samples": statistics.median(r[1] for r in hit) if hit else None,
-                "median_best_at_default": statistics.median(v for v in at_default if v is not None),
-                "median_samples_at_default": statistics.median(sum(t["samples"] for t in log[:default_trials])
-                                                               for log in logs),
-            })
-    return rows, runs
+            key = f"{optimizer},{'on' if prune else 'off'}"
+            if key not in runs:
+                runs[key] = [replay_search(grid, points, rungs, optimizer, s, trials, prune) for s in range(seeds)]
+                if path:
+                    save_results(path, {"settings": settings, "runs": runs})
+    return runs
+
+
+def search_efficiency(results: dict, runs: dict, default_trials: int = 16) -> list[dict]:
+    """Per optimizer, with and without pruning (``runs`` from :func:`replays`): median trials and
+    samples to come within 1% of the grid's best, how many seeds got there, and the median best
+    after ``default_trials`` trials."""
+    n = str(results["settings"]["task"]["rungs"][-1])
+    target = 1.01 * min(r["fid"][n] for r in results["grid"].values())
+    rows = []
+    for key, logs in runs.items():
+        optimizer, prune = key.split(",")
+        reached = [_reach(log, target) for log in logs]
+        hit = [r for r in reached if r[0] is not None]
+        at_default = [min((t["value"] for t in log[:default_trials] if t["value"] is not None), default=None)
+                      for log in logs]
+        rows.append({
+            "optimizer": optimizer, "pruning": prune == "on", "seeds": len(logs), "reached": len(hit),
+            "median_trials": statistics.median(r[0] for r in hit) if hit else None,
+            "median_samples": statistics.median(r[1] for r in hit) if hit else None,
+            "median_best_at_default": statistics.median(v for v in at_default if v is not None),
+            "median_samples_at_default": statistics.median(sum(t["samples"] for t in log[:default_trials])
+                                                           for log in logs),
+        })
+    return rows
 
 
 # --- table 3: proxy fidelity ------------------------------------------------------------------
@@ -190,7 +204,7 @@ def pick_schedules(results: dict, tpe_logs: list[list[dict]], count: int, seed: 
     return chosen + rest[: count - len(chosen)]
 
 
-def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, command: str,
+def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, command: str, machine: str,
               progress: bool = True) -> dict:
     """FID of each schedule on ``truth_n`` held-out samples, plus every proxy computed on each
     block of N (the task's samples per trial) of them: the seed-to-seed spread of the proxies."""
@@ -199,11 +213,11 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
         raise ValueError(f"--truth-n {truth_n} must be a multiple of N = {task.n}, at least twice it")
     results = load_results(path)
     settings = {"task": task.scoring_key(), "truth_n": truth_n, "held_out_seed": HELD_OUT_SEED}
-    if not _same_settings(results.get("settings"), settings):
+    if not same_settings(results.get("settings"), settings):
         raise ValueError(f"{path} holds held-out results of other settings; pass another --work folder or delete it")
     truth = results.setdefault("truth", {})
     if any(k not in truth for k in keys):
-        results.update(settings=settings, command=command, machine=_machine(evaluator), date=time.strftime("%Y-%m-%d"))
+        results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
     ctl = evaluator.controller
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
     for k, key in enumerate(keys):
@@ -253,9 +267,3 @@ def proxy_fidelity(grid: dict, truth: dict, rungs: tuple[int, ...], keys: list[s
                      "schedule_spread": statistics.stdev(vals) if len(vals) > 1 else None,
                      "schedules": len(keys), "better_half": len(good)})
     return rows
-
-
-def _machine(evaluator: Evaluator) -> str:
-    from .bench import machine
-
-    return f"{machine()}; device {evaluator.device}"

@@ -309,6 +309,11 @@ OPTIMIZERS = ("tpe", "cmaes", "gp", "random", "grid")
 PAPER_RAMP = {"rho_inner": 0.8, "rho_outer": 1.0}  # the paper's shape: deep skips damped, outer kept
 
 
+def grid_values(points: int, lo: float = 0.5, hi: float = 1.5) -> list[float]:
+    """``points`` evenly spaced values from ``lo`` to ``hi``, rounded so that 0.6 is 0.6."""
+    return [round(lo + (hi - lo) * i / (points - 1), 6) for i in range(points)]
+
+
 def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
                  grid_points: int = 11) -> optuna.samplers.BaseSampler:
     """The Optuna sampler that proposes trials; 'grid' spans each ρ with ``grid_points`` values."""
@@ -329,8 +334,7 @@ def _make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int
     if optimizer == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if optimizer == "grid":
-        lo, hi = space.rho_range
-        values = [lo + (hi - lo) * i / (grid_points - 1) for i in range(grid_points)]
+        values = grid_values(grid_points, *space.rho_range)
         grid: dict[str, list] = {n: values for n in family_params(space.family, skips, len(space.sigma_knots))}
         if space.placement == "search":
             grid["placement"] = list(PLACEMENTS)

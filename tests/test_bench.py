@@ -5,13 +5,14 @@ import json
 import pytest
 
 from skiptune_search import bench_search as BS
+from skiptune_search.search import grid_values
 
 
 def _bowl_grid(points=11, best=(0.7, 0.9)):
     """A grid whose FID is a bowl around ``best``; FID at the small rung is the same bowl plus 10."""
     grid = {}
-    for i in BS.grid_values(points):
-        for o in BS.grid_values(points):
+    for i in grid_values(points):
+        for o in grid_values(points):
             value = 100 + 100 * ((i - best[0]) ** 2 + (o - best[1]) ** 2)
             grid[BS.point_key(i, o)] = {"fid": {"250": value + 10, "1000": value}, "kid": {"250": value / 100,
                                         "1000": value / 100}, "fid_inf": value - 5}
@@ -30,14 +31,26 @@ def test_replayed_searches_stay_on_the_grid_and_find_a_bowls_bottom():
 
 def test_search_efficiency_counts_trials_and_samples_to_the_target():
     results = {"grid": _bowl_grid(), "settings": {"points": 11, "task": {"rungs": [250, 1000]}}}
-    rows, runs = BS.search_efficiency(results, ("random",), seeds=3, trials=30)
+    runs = BS.replays(results, ("random",), seeds=3, trials=30)
+    rows = BS.search_efficiency(results, runs)
     assert [(r["optimizer"], r["pruning"]) for r in rows] == [("random", True), ("random", False)]
-    for row, prune in zip(rows, (True, False)):
-        logs = runs[("random", prune)]
-        reached = [BS._reach(log, 101.0) for log in logs]
+    for row, key in zip(rows, ("random,on", "random,off")):
+        reached = [BS._reach(log, 101.0) for log in runs[key]]
         assert row["reached"] == sum(r[0] is not None for r in reached)
     # without pruning every trial costs N
-    assert all(t["samples"] == 1000 for log in runs[("random", False)] for t in log)
+    assert all(t["samples"] == 1000 for log in runs["random,off"] for t in log)
+
+
+def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkeypatch):
+    results = {"grid": _bowl_grid(points=3), "settings": {"points": 3, "task": {"rungs": [250, 1000]}}}
+    path = tmp_path / "replays.json"
+    first = BS.replays(results, ("random",), seeds=2, trials=4, path=path)
+    calls = []
+    monkeypatch.setattr(BS, "replay_search", lambda *a: calls.append(a) or [])
+    assert BS.replays(results, ("random",), seeds=2, trials=4, path=path) == first and not calls
+    results["grid"]["1,1"]["fid"]["1000"] += 1  # a re-measured point: the saved replays no longer apply
+    BS.replays(results, ("random",), seeds=2, trials=4, path=path)
+    assert len(calls) == 4
 
 
 def test_reach_is_the_first_completed_trial_under_the_target():
@@ -82,7 +95,7 @@ def test_results_of_other_settings_are_refused(tmp_path, tiny_model_dir):
     path = tmp_path / "grid.json"
     BS.save_results(path, {"settings": {"task": {"nfe": 5}, "points": 3, "placement": "input"}, "grid": {}})
     with pytest.raises(ValueError, match="other settings"):
-        BS.run_grid(evaluator, path, 3, "cmd", progress=False)
+        BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
 
 
 def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny_model_dir, monkeypatch):
@@ -103,11 +116,11 @@ def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny
     monkeypatch.setattr(BS, "_scores", lambda features, ev, rungs: {"fid": {"4": float(features.sum())}})
     monkeypatch.setattr(evaluator, "features", counting)
     with pytest.raises(RuntimeError, match="interrupted"):
-        BS.run_grid(evaluator, path, 3, "cmd", progress=False)
+        BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
     assert len(json.loads(path.read_text())["grid"]) == 3  # each finished point was saved
     calls.clear()
     interrupt = False
-    results = BS.run_grid(evaluator, path, 3, "cmd", progress=False)
+    results = BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
     assert len(calls) == 6 and len(results["grid"]) == 9
     assert results["command"] == "cmd" and "Machine" not in results["machine"]
 

@@ -251,7 +251,7 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
         assert part in text, part
     raw = tmp_path / "studies" / "bench-quick"
     assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json",
-                                               "headline.json", "gpu.json"}
+                                               "headline.json", "gpu.json", "replays.json"}
 
     # a second run of table 1 alone keeps the other tables, rendered from the saved results
     again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1")
