@@ -181,27 +181,34 @@ def kid_from_features(features: torch.Tensor, reference: ReferenceStats, subsets
                       subset_size: int = 1000, seed: int = 2024) -> float:
     """KID: torch-fidelity's unbiased polynomial-kernel MMD², averaged over ``subsets`` random
     subsets drawn exactly as its ``kid_features_to_metric`` draws them (a fixed seed: the same
-    subsets every trial). The kernel matrices are computed once and indexed per subset, which
-    is what makes KID affordable on every trial."""
-    from torch_fidelity.metric_kid import kernel_poly, mmd2
+    subsets every trial). The kernel matrices (torch-fidelity's ``kernel_poly``) are computed
+    once; each subset's kernel sums are then products with its 0/1 membership vector, in
+    float64, instead of copies of the sub-matrices: the same estimator as torch-fidelity's
+    ``mmd2`` at a tenth of the time (copying was 90% of KID at N = 1000)."""
+    from torch_fidelity.metric_kid import kernel_poly
 
     if reference.kid_features is None:
         raise ReferenceStatsError("KID needs reference features; these reference statistics hold only mu and sigma")
     x = features.float().cpu().numpy()
     y = reference.kid_features
-    size = min(subset_size, len(x), len(y))
+    m = min(subset_size, len(x), len(y))
     options = {"kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None, "kid_kernel_poly_coef0": 1}
-    k_xx, k_xy = kernel_poly(x, x, **options), kernel_poly(x, y, **options)
+    k_xx = kernel_poly(x, x, **options).astype(np.float64)
+    k_xy = kernel_poly(x, y, **options).astype(np.float64)
     if reference._kernel is None:  # the reference's own kernel matrix is the same for every trial
-        reference._kernel = kernel_poly(y, y, **options)
+        reference._kernel = kernel_poly(y, y, **options).astype(np.float64)
     k_yy = reference._kernel
     rng = np.random.RandomState(seed)
-    values = []
-    for _ in range(subsets):
-        i = rng.choice(len(x), size, replace=False)
-        j = rng.choice(len(y), size, replace=False)
-        values.append(mmd2(k_xx[np.ix_(i, i)], k_xy[np.ix_(i, j)], k_yy[np.ix_(j, j)]))
-    return float(np.mean(values))
+    in_x, in_y = np.zeros((subsets, len(x))), np.zeros((subsets, len(y)))
+    for s in range(subsets):
+        in_x[s, rng.choice(len(x), m, replace=False)] = 1
+        in_y[s, rng.choice(len(y), m, replace=False)] = 1
+
+    def pairs(k: np.ndarray, member: np.ndarray) -> np.ndarray:  # sum over distinct pairs of each subset
+        return ((member @ k) * member).sum(1) - member @ np.diagonal(k)
+
+    mmd2 = (pairs(k_xx, in_x) + pairs(k_yy, in_y)) / (m * (m - 1)) - 2 * ((in_x @ k_xy) * in_y).sum(1) / (m * m)
+    return float(mmd2.mean())
 
 
 def fid_from_features(features: torch.Tensor, reference: ReferenceStats) -> float:
