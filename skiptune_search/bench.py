@@ -194,15 +194,14 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
         evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
         rows = controller_overhead(evaluator, size["n"], size["repeats"])
         BS.save_results(work / "table1.json", {**stamp, "task": described(evaluator), "n": size["n"],
-                                                "order": "shuffled", "repeats": size["repeats"], "rows": rows})
-    if 2 in tables:  # the default search's trial: N samples, scored at each rung
+                                                "repeats": size["repeats"], "rows": rows})
+    if {2, 3, 4} & set(tables):  # the default search's task: N samples, scored at each rung
         evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
                               batch_size=min(size["batch"], size["search_n"]))
+    if 2 in tables:
         parts = trial_breakdown(evaluator, max(1, size["repeats"] // 3))
         BS.save_results(work / "table2.json", {**stamp, "task": described(evaluator), "parts": parts})
     if 3 in tables or 4 in tables:
-        evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
-                              batch_size=min(size["batch"], size["search_n"]))
         results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command,
                               stamp["machine"], progress)
         if 3 in tables:
@@ -236,8 +235,7 @@ def _table1(r: dict) -> list[str]:
     return [
         _header(r), "",
         f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}: sampling {r['n']} images, "
-        f"medians of {r['repeats']} repeats, the variants "
-        f"{'in a new random order each time' if r.get('order') == 'shuffled' else 'interleaved in a fixed order'}.", "",
+        f"medians of {r['repeats']} repeats, the variants in a new random order each time.", "",
         "| variant | median seconds | median ratio to no controller in the same repeat |",
         "| --- | ---: | ---: |",
         *[f"| {x['variant']} | {x['median_s']:.3f} | {x['ratio']:.3f}x |" for x in r["rows"]],
@@ -261,10 +259,9 @@ def _overhead_verdict(rows: list[dict]) -> list[str]:
 def _table2(r: dict) -> list[str]:
     p, t = r["parts"], r["task"]
     total = p["total"] + p["Optuna and storage"]
-    trial = (f"one trial of N = {t['n']} samples scored at rungs {','.join(map(str, t['rungs']))} (as the default "
-             f"search runs it)" if "rungs" in t else "one trial of one rung")
     lines = [_header(r), "", f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}, "
-             f"{t['features']} features: {trial}, medians.", "",
+             f"{t['features']} features: one trial of N = {t['n']} samples scored at rungs "
+             f"{','.join(map(str, t['rungs']))} (as the default search runs it), medians.", "",
              "| part | seconds | share |", "| --- | ---: | ---: |"]
     for key in ("sampling", "features", "FID", "KID", "Optuna and storage"):  # storage: its own timer
         lines.append(f"| {key} | {p[key]:.2f} | {100 * p[key] / total:.1f}% |")
@@ -343,10 +340,9 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
     lines += [f"| {r['optimizer']} | {'on' if r['pruning'] else 'off'} | {r['reached']}/{r['seeds']} | "
               f"{_fmt(r['median_trials'], 'g')} | {_fmt(r['median_samples'], ',.0f')} | "
               f"{r['median_best_at_default']:.4g} | {r['median_samples_at_default']:,.0f} |" for r in rows]
-    saved = []
-    for on, off in zip(rows[::2], rows[1::2]):
-        if on["median_samples"] and off["median_samples"]:
-            saved.append(f"{on['optimizer']} {100 * (1 - on['median_samples'] / off['median_samples']):.0f}%")
+    samples = {(r["optimizer"], r["pruning"]): r["median_samples"] for r in rows}
+    saved = [f"{o} {100 * (1 - samples[o, True] / samples[o, False]):.0f}%" for o in OPTIMIZERS
+             if samples.get((o, True)) and samples.get((o, False))]
     if saved:
         lines += ["", "Samples saved by successive halving on the way to the same target (median samples, "
                   "pruning on vs off): " + ", ".join(saved) + "."]
