@@ -32,7 +32,8 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 "held_out_seed": HELD_OUT_SEED}
     if not same_settings(results.get("settings"), settings):
         raise ValueError(f"{path} holds headline results of other settings; pass another --work folder or delete it")
-    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
+                   plan={"nfes": list(nfes), "families": list(families), "seeds": seeds})
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"
     storage = make_storage(storage_url, heartbeat=None)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
@@ -40,13 +41,18 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
         row = results.setdefault("nfe", {}).setdefault(str(nfe), {})
         evaluator = Evaluator(Task(model=model, nfe=nfe, n=n, rungs=rungs), batch_size=min(batch, n))
 
+        def save() -> None:  # each finished number at once, with the machine that measured it
+            if machine not in row.setdefault("machines", []):
+                row["machines"].append(machine)
+            save_results(path, results)
+
         def held_out_fid(schedule, label: str) -> float:
             features, _ = evaluator.features(schedule, held_out, progress=progress and f"NFE {nfe} {label} held-out")
             return fid_from_features(features, evaluator.reference)
 
         if "untuned" not in row:
             row["untuned"] = held_out_fid(evaluator.controller.identity(), "untuned")
-            save_results(path, results)
+            save()
         knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), 3)
         for family in families:
             space = Space(family, "input", (0.5, 1.5), knots if family == "per_noise" else ())
@@ -57,30 +63,56 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
                 runs.append({"seed": seed, "search_value": best.metric["value"],
+                             "search_baseline": best.metric["baseline"],
                              "held_out": held_out_fid(best, f"{family} seed {seed}"), "params": best.params})
-                save_results(path, results)
+                save()
     return results
 
 
-def render(results: dict, families: tuple[str, ...] = FAMILIES) -> list[str]:
-    """Rows per NFE: untuned held-out FID, each family's mean ± std over search seeds, its change."""
+def render(results: dict, families: tuple[str, ...] = FAMILIES, nfes: tuple[int, ...] = (), seeds: int = 0) -> list[str]:
+    """Rows per NFE: untuned held-out FID, each family's mean ± std over search seeds, its change;
+    then, per NFE, the best family and where tuning did not help; then what is not measured yet.
+    ``nfes``, ``families`` and ``seeds`` are the plan when the results do not record one."""
     s = results["settings"]
-    lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {results['machine']}.", "",
+    plan = results.get("plan", {"nfes": list(nfes), "families": list(families), "seeds": seeds})
+    families = tuple(plan["families"])
+    rows = {int(k): v for k, v in results.get("nfe", {}).items()}
+    machines = sorted({m for row in rows.values() for m in row.get("machines", [results["machine"]])})
+    where = (f"Machine: {machines[0]}." if len(machines) == 1 else
+             "Machines: " + "; ".join(f"NFE {nfe}: {', '.join(row.get('machines', [results['machine']]))}"
+                                      for nfe, row in sorted(rows.items())) + ".")
+    lines = [f"Written by `{results['command']}` on {results['date']}. {where}", "",
              f"Model {s['model']}, Heun, Karras σ. Each family: a search of {s['trials']} trials "
              f"(N = {s['n']}, rungs {','.join(map(str, s['rungs']))}, input placement, ρ in [0.5, 1.5]) per search "
              f"seed; its exported best and the untuned model are scored by FID on {s['truth_n']:,} held-out "
              f"samples (seeds from {s['held_out_seed']:,}). Mean ± std over search seeds; change vs untuned.", "",
              "| NFE | untuned | " + " | ".join(families) + " |",
              "| ---: | ---: | " + " | ".join("---:" for _ in families) + " |"]
-    for nfe, row in sorted(results.get("nfe", {}).items(), key=lambda kv: int(kv[0])):
-        cells = []
+    verdicts, missing = [], []
+    for nfe, row in sorted(rows.items()):
+        cells, changes = [], {}
         for family in families:
             fids = [r["held_out"] for r in row.get(family, [])]
-            if not fids:
+            if len(fids) < plan["seeds"]:
+                missing.append(f"NFE {nfe} {family} ({len(fids)} of {plan['seeds']} search seeds)")
+            if not fids or "untuned" not in row:
                 cells.append("–")
                 continue
             std = f" ± {statistics.stdev(fids):.3g}" if len(fids) > 1 else ""
-            change = 100 * (statistics.fmean(fids) - row["untuned"]) / row["untuned"]
-            cells.append(f"{statistics.fmean(fids):.4g}{std} ({change:+.1f}%, {len(fids)} seeds)")
+            changes[family] = 100 * (statistics.fmean(fids) - row["untuned"]) / row["untuned"]
+            worst = max(fids) >= row["untuned"]
+            cells.append(f"{statistics.fmean(fids):.4g}{std} ({changes[family]:+.1f}%, {len(fids)} seed{'s' * (len(fids) > 1)}"
+                         + (", one or more no better than untuned" if worst else "") + ")")
         lines.append(f"| {nfe} | {row.get('untuned', float('nan')):.4g} | " + " | ".join(cells) + " |")
+        if changes:
+            best = min(changes, key=changes.get)
+            no_help = [f for f, c in changes.items() if c >= 0]
+            verdicts.append(f"NFE {nfe}: best family {best} ({changes[best]:+.1f}% held-out FID)"
+                            + (f"; no gain from {', '.join(no_help)}" if no_help else "; every family measured helped"))
+    missing += [f"NFE {nfe}" for nfe in plan["nfes"] if nfe not in rows]
+    if verdicts:
+        lines += ["", *(f"{v}." for v in verdicts)]
+    if missing:
+        lines += ["", f"Not measured yet: {'; '.join(missing)}. Rerun the command to resume (each search is a "
+                      f"study in `headline.db` beside the results)."]
     return lines
