@@ -327,6 +327,9 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
         click.echo(f"{f'{label} change:':<22}{change:+.1f}% vs baseline")
     knots = f" at σ knots {', '.join(f'{k:.3g}' for k in schedule.sigma_knots)}" if schedule.sigma_knots else ""
     click.echo(f"best ρ (outer→inner): {rhos}{knots}  [{schedule.placement} placement]")
+    if edge := S.params_at_edge(schedule.params, space.rho_range):
+        click.echo(f"note: {', '.join(edge)} at the edge of the range [{rho_min:g}, {rho_max:g}]: the optimum may "
+                   f"lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")
     click.echo(f"study storage:        {storage}  (study {name!r})")
     click.echo(f"best schedule:        {out_path}")
 

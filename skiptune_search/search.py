@@ -473,6 +473,15 @@ def finished_trials(study: optuna.Study) -> int:
                if t.state != optuna.trial.TrialState.FAIL or "fail_reason" in t.user_attrs)
 
 
+def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float = 0.02) -> list[str]:
+    """The ρ parameters of ``params`` within ``margin`` of the range's width of one of its bounds,
+    as 'name = value': an optimum there may lie outside the searched range."""
+    lo, hi = rho_range
+    edge = margin * (hi - lo)
+    return [f"{k} = {v:.3f}" for k, v in params.items()
+            if isinstance(v, float) and (v - lo <= edge or hi - v <= edge)]
+
+
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.user_attrs.get("baseline"):

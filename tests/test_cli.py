@@ -293,3 +293,10 @@ def test_report_plots_fid_against_nfe_across_sibling_studies(run, tiny_model_dir
     assert result.exit_code == 0, result.output
     page = (tmp_path / "r.html").read_text()
     assert "FID vs NFE" in page and "tuned (best trial)" in page and "Samples (same seeds)" not in page
+
+
+def test_search_says_when_the_best_sits_at_the_edge_of_the_range(run, tiny_model_dir):
+    # in [0.9, 1.0] every trial, the ρ = 1 baseline included, touches a bound
+    result = run(*_search_args(tiny_model_dir), "--rho-min", 0.9, "--rho-max", 1.0)
+    assert result.exit_code == 0, result.output
+    assert "at the edge of the range [0.9, 1]: the optimum may lie outside it" in result.output

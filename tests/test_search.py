@@ -197,3 +197,11 @@ def test_a_study_from_before_sigma_grids_and_prompts_resumes(evaluator, tmp_path
     with pytest.raises(StudyMismatchError, match="sigma_grid: karras \\(now model\\)"):
         open_study(storage, "old", Task(model=evaluator.task.model, nfe=3, n=12, seed=100, sigma_grid="model"),
                    SPACE, evaluator.controller, 0)
+
+
+def test_params_at_edge_names_the_rho_near_a_bound():
+    from skiptune_search.search import params_at_edge
+
+    params = {"rho_inner": 1.495, "rho_outer": 0.9, "rho_7px": 0.505, "placement": "input"}
+    assert params_at_edge(params, (0.5, 1.5)) == ["rho_inner = 1.495", "rho_7px = 0.505"]
+    assert params_at_edge({"rho_inner": 1.0}, (0.5, 1.5)) == []
