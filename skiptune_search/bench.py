@@ -369,8 +369,7 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
              "", "## 4. Search efficiency (trials to come within 1% of the grid's best)", "",
              *(_table4(grid, size, work) if grid.get("grid") else todo),
              "", "## 5. Headline: held-out FID of each family's best schedule", "",
-             *(bench_headline.render(headline, size["headline_families"], size["headline_nfes"] or (),
-                                     size["headline_seeds"]) if headline.get("nfe") else todo),
+             *(bench_headline.render(headline) if headline.get("nfe") else todo),
              "", "## 6. GPU scaling", "",
              *(bench_gpu.render(gpu) if gpu else ["Not measured yet: needs a GPU (`skiptune-search bench --tables 6`)."]),
              ""]

@@ -16,9 +16,8 @@ import optuna
 
 from .bench_search import HELD_OUT_SEED, load_results, same_settings, save_results
 from .metrics import fid_from_features
+from .schedule import FAMILIES
 from .search import Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search
-
-FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
 
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
@@ -69,18 +68,16 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     return results
 
 
-def render(results: dict, families: tuple[str, ...] = FAMILIES, nfes: tuple[int, ...] = (), seeds: int = 0) -> list[str]:
+def render(results: dict) -> list[str]:
     """Rows per NFE: untuned held-out FID, each family's mean ± std over search seeds, its change;
-    then, per NFE, the best family and where tuning did not help; then what is not measured yet.
-    ``nfes``, ``families`` and ``seeds`` are the plan when the results do not record one."""
-    s = results["settings"]
-    plan = results.get("plan", {"nfes": list(nfes), "families": list(families), "seeds": seeds})
+    then, per NFE, the best family and where tuning did not help; then what of the run's plan is
+    not measured yet."""
+    s, plan = results["settings"], results["plan"]
     families = tuple(plan["families"])
     rows = {int(k): v for k, v in results.get("nfe", {}).items()}
-    machines = sorted({m for row in rows.values() for m in row.get("machines", [results["machine"]])})
+    machines = sorted({m for row in rows.values() for m in row["machines"]})
     where = (f"Machine: {machines[0]}." if len(machines) == 1 else
-             "Machines: " + "; ".join(f"NFE {nfe}: {', '.join(row.get('machines', [results['machine']]))}"
-                                      for nfe, row in sorted(rows.items())) + ".")
+             "Machines: " + "; ".join(f"NFE {nfe}: {', '.join(row['machines'])}" for nfe, row in sorted(rows.items())) + ".")
     lines = [f"Written by `{results['command']}` on {results['date']}. {where}", "",
              f"Model {s['model']}, Heun, Karras σ. Each family: a search of {s['trials']} trials "
              f"(N = {s['n']}, rungs {','.join(map(str, s['rungs']))}, input placement, ρ in [0.5, 1.5]) per search "
@@ -100,9 +97,9 @@ def render(results: dict, families: tuple[str, ...] = FAMILIES, nfes: tuple[int,
                 continue
             std = f" ± {statistics.stdev(fids):.3g}" if len(fids) > 1 else ""
             changes[family] = 100 * (statistics.fmean(fids) - row["untuned"]) / row["untuned"]
-            worst = max(fids) >= row["untuned"]
+            some_no_better = max(fids) >= row["untuned"]
             cells.append(f"{statistics.fmean(fids):.4g}{std} ({changes[family]:+.1f}%, {len(fids)} seed{'s' * (len(fids) > 1)}"
-                         + (", one or more no better than untuned" if worst else "") + ")")
+                         + (", one or more no better than untuned" if some_no_better else "") + ")")
         lines.append(f"| {nfe} | {row.get('untuned', float('nan')):.4g} | " + " | ".join(cells) + " |")
         if changes:
             best = min(changes, key=changes.get)

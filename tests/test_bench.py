@@ -139,21 +139,20 @@ def test_an_incomplete_grid_renders_what_it_has(tmp_path):
     assert text.count("Not measured yet") == 5  # tables 1, 2, 3, 5 and 6
 
 
-def _headline(rows, plan=None):
-    results = {"settings": {"model": "m", "trials": 16, "n": 1000, "rungs": [250, 1000], "truth_n": 10_000,
-                            "held_out_seed": 2_000_000},
-               "command": "skiptune-search bench --tables 5", "machine": "cpu box", "date": "2026-11-26", "nfe": rows}
-    if plan:
-        results["plan"] = plan
-    return results
+def _headline(rows, plan):
+    return {"settings": {"model": "m", "trials": 16, "n": 1000, "rungs": [250, 1000], "truth_n": 10_000,
+                         "held_out_seed": 2_000_000},
+            "command": "skiptune-search bench --tables 5", "machine": "cpu box", "date": "2026-11-26", "nfe": rows,
+            "plan": plan}
 
 
 def test_headline_names_the_best_family_where_tuning_did_not_help_and_what_is_missing():
     from skiptune_search.bench_headline import render
 
     runs = lambda *fids: [{"seed": k, "held_out": f} for k, f in enumerate(fids)]  # noqa: E731
-    rows = {"5": {"untuned": 100.0, "linear": runs(80.0, 90.0, 85.0), "per_layer": runs(101.0, 110.0)},
-            "9": {"untuned": 50.0, "linear": runs(49.0)}}
+    rows = {"5": {"untuned": 100.0, "machines": ["cpu box"], "linear": runs(80.0, 90.0, 85.0),
+                  "per_layer": runs(101.0, 110.0)},
+            "9": {"untuned": 50.0, "machines": ["cpu box"], "linear": runs(49.0)}}
     text = "\n".join(render(_headline(rows, {"nfes": [5, 9, 19], "families": ["linear", "per_layer"], "seeds": 3})))
     assert "| 5 | 100 | 85 ± 5 (-15.0%, 3 seeds) | 105.5 ± 6.36 (+5.5%, 2 seeds, one or more no better than untuned) |" in text
     assert "| 9 | 50 | 49 (-2.0%, 1 seed) | – |" in text
@@ -169,6 +168,6 @@ def test_headline_rows_measured_on_different_machines_say_which():
 
     rows = {"5": {"untuned": 100.0, "machines": ["cpu box"], "linear": [{"seed": 0, "held_out": 90.0}]},
             "19": {"untuned": 60.0, "machines": ["gpu box"], "linear": [{"seed": 0, "held_out": 50.0}]}}
-    text = "\n".join(render(_headline(rows), ("linear",), (5, 19), 1))
+    text = "\n".join(render(_headline(rows, {"nfes": [5, 19], "families": ["linear"], "seeds": 1})))
     assert "Machines: NFE 5: cpu box; NFE 19: gpu box." in text
     assert "Not measured yet" not in text
