@@ -422,12 +422,14 @@ def run_search(
         schedule = space.schedule(arch, skips, {**params, "placement": placement})
         start = time.perf_counter()
         trial.set_user_attr("rho", schedule.rho)
+        # the bar counts finished trials, not trial numbers: a retried trial of a dead worker has a number too
+        label = progress and f"trial {finished_trials(study) + 1}/{trials}"
         features, done, fids, kids = [], 0, {}, {}
         for k, rung in enumerate(task.rungs):
             # each rung adds samples to the previous ones: no image is generated twice
             try:
                 more, images = evaluator.features(schedule, task.seeds[done:rung],
-                                                  progress=progress and f"trial {trial.number + 1}/{trials}, N={rung}")
+                                                  progress=label and f"{label}, N={rung}")
             except NonFiniteSamplesError as exc:
                 trial.set_user_attr("fail_reason", str(exc))
                 raise

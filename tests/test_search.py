@@ -45,6 +45,21 @@ def test_search_persists_baseline_first_and_resumes(evaluator, tmp_path):
     assert len(study.trials) == 4
 
 
+def test_progress_counts_finished_trials_after_a_dead_workers_trial(evaluator, tmp_path):
+    """A trial left RUNNING by a killed worker is failed and retried; the bar still counts to --trials."""
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db", heartbeat=None)  # ask() outside optimize()
+    study = open_study(storage, "p", evaluator.task, SPACE, evaluator.controller, 0)
+    run_search(evaluator, study, SPACE, trials=1, progress=False)
+    dead = study.ask()  # a worker died here; optuna's heartbeat marks such a trial failed
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)
+    labels = []
+    real = evaluator.features
+    evaluator.features = lambda schedule, seeds=None, progress=True: labels.append(progress) or real(schedule, seeds, False)
+    run_search(evaluator, study, SPACE, trials=3)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert labels == ["trial 2/3, N=12", "trial 3/3, N=12"]
+
+
 def test_baseline_trial_is_the_untuned_model(evaluator, tmp_path):
     """Trial 0's FID is the FID of the model with no controller effect (same seeds)."""
     url = f"sqlite:///{tmp_path}/s.db"
