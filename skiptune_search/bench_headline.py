@@ -45,27 +45,44 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 row["machines"].append(machine)
             save_results(path, results)
 
-        def held_out_fid(schedule, label: str) -> float:
+        def held_out_fid(schedule, label: str) -> tuple[float, float]:
+            """FID on the held-out samples, and the seconds it took."""
+            start = time.perf_counter()
             features, _ = evaluator.features(schedule, held_out, progress=progress and f"NFE {nfe} {label} held-out")
-            return fid_from_features(features, evaluator.reference)
+            return fid_from_features(features, evaluator.reference), time.perf_counter() - start
 
         if "untuned" not in row:
-            row["untuned"] = held_out_fid(evaluator.controller.identity(), "untuned")
+            row["untuned"], row["untuned_seconds"] = held_out_fid(evaluator.controller.identity(), "untuned")
             save()
         knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), 3)
         for family in families:
             space = Space(family, "input", (0.5, 1.5), knots if family == "per_noise" else ())
             runs = row.setdefault(family, [])
+            for run in runs:  # runs recorded before search times were: their trials' times are in the study
+                if "search_seconds" not in run:
+                    run["search_seconds"] = search_seconds(storage, f"headline-nfe{nfe}-{family}-seed{run['seed']}")
+                    save()
             for seed in range(len(runs), seeds):
                 name = f"headline-nfe{nfe}-{family}-seed{seed}"
                 study = open_study(storage, name, evaluator.task, space, evaluator.controller, seed)
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
+                fid, seconds = held_out_fid(best, f"{family} seed {seed}")
                 runs.append({"seed": seed, "search_value": best.metric["value"],
-                             "search_baseline": best.metric["baseline"],
-                             "held_out": held_out_fid(best, f"{family} seed {seed}"), "params": best.params})
+                             "search_baseline": best.metric["baseline"], "held_out": fid, "params": best.params,
+                             "search_seconds": search_seconds(storage, name), "held_out_seconds": seconds})
                 save()
     return results
+
+
+def search_seconds(storage: optuna.storages.BaseStorage, name: str) -> float | None:
+    """The summed wall seconds of a study's trials (sampling and scoring, as each trial records
+    them; a trial cut short by an interrupted run counts up to its last rung); None without the study."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    return sum(t.user_attrs.get("wall_seconds", 0.0) for t in study.get_trials(deepcopy=False))
 
 
 def render(results: dict) -> list[str]:
@@ -109,7 +126,27 @@ def render(results: dict) -> list[str]:
     missing += [f"NFE {nfe}" for nfe in plan["nfes"] if nfe not in rows]
     if verdicts:
         lines += ["", *(f"{v}." for v in verdicts)]
+    costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, families, s["truth_n"]))]
+    if costs:
+        lines += ["", "Time each part took (medians of wall seconds on the row's machine, slower where other work "
+                      "shared it): " + "; ".join(costs) + "."]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}. Rerun the command to resume (each search is a "
                       f"study in `headline.db` beside the results)."]
     return lines
+
+
+def _cost(nfe: int, row: dict, families: tuple[str, ...], truth_n: int) -> str:
+    """'NFE n: a search X min, FID of one schedule on the held-out samples Y min' from what the row recorded."""
+    runs = [r for f in families for r in row.get(f, [])]
+    search = [r["search_seconds"] for r in runs if r.get("search_seconds") is not None]
+    held = [r["held_out_seconds"] for r in runs if "held_out_seconds" in r]
+    held += [row["untuned_seconds"]] if "untuned_seconds" in row else []
+    parts = ([f"a search {statistics.median(search) / 60:.1f} min ({_times(len(search), 'search')})"] if search else []) + \
+            ([f"{truth_n:,} held-out samples scored {statistics.median(held) / 60:.1f} min ({_times(len(held), 'time')})"]
+             if held else [])
+    return f"NFE {nfe}: " + ", ".join(parts) if parts else ""
+
+
+def _times(k: int, noun: str) -> str:
+    return f"{k} {noun}{'es' if noun.endswith('h') else 's'}" if k != 1 else f"1 {noun}"

@@ -2,10 +2,11 @@
 
 import json
 
+import optuna
 import pytest
 
 from skiptune_search import bench_search as BS
-from skiptune_search.search import grid_values
+from skiptune_search.search import grid_values, make_storage
 
 
 def _bowl_grid(points=11, best=(0.7, 0.9)):
@@ -171,3 +172,33 @@ def test_headline_rows_measured_on_different_machines_say_which():
     text = "\n".join(render(_headline(rows, {"nfes": [5, 19], "families": ["linear"], "seeds": 1})))
     assert "Machines: NFE 5: cpu box; NFE 19: gpu box." in text
     assert "Not measured yet" not in text
+
+
+def test_headline_says_what_a_search_and_a_held_out_score_took():
+    from skiptune_search.bench_headline import render
+
+    run = lambda seed, search, held=None: {"seed": seed, "held_out": 90.0, "search_seconds": search,  # noqa: E731
+                                           **({"held_out_seconds": held} if held else {})}
+    rows = {"5": {"untuned": 100.0, "machines": ["cpu box"], "linear": [run(0, 600.0), run(1, 1200.0), run(2, None)]},
+            "9": {"untuned": 50.0, "untuned_seconds": 300.0, "machines": ["cpu box"],
+                  "linear": [run(0, 900.0, 240.0), run(1, 1500.0, 360.0)]}}
+    text = "\n".join(render(_headline(rows, {"nfes": [5, 9], "families": ["linear"], "seeds": 3})))
+    assert ("Time each part took (medians of wall seconds on the row's machine, slower where other work shared it): "
+            "NFE 5: a search 15.0 min (2 searches); "
+            "NFE 9: a search 20.0 min (2 searches), 10,000 held-out samples scored 5.0 min (3 times).") in text
+    rows["9"]["linear"] = [run(0, 900.0)]
+    assert "NFE 9: a search 15.0 min (1 search), 10,000 held-out samples scored 5.0 min (1 time)." in \
+        "\n".join(render(_headline(rows, {"nfes": [5, 9], "families": ["linear"], "seeds": 3})))
+
+
+def test_search_seconds_sums_the_trials_of_the_study(tmp_path):
+    from skiptune_search.bench_headline import search_seconds
+
+    storage = make_storage(f"sqlite:///{tmp_path}/h.db", heartbeat=None)
+    study = optuna.create_study(study_name="s", storage=storage)
+    for seconds in (10.0, 2.5):
+        trial = study.ask()
+        trial.set_user_attr("wall_seconds", seconds)
+        study.tell(trial, 1.0)
+    assert search_seconds(storage, "s") == 12.5
+    assert search_seconds(storage, "absent") is None
