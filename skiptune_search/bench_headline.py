@@ -60,28 +60,33 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
             runs = row.setdefault(family, [])
             for run in runs:  # runs recorded before search times were: their trials' times are in the study
                 if "search_seconds" not in run:
-                    run["search_seconds"] = search_seconds(storage, f"headline-nfe{nfe}-{family}-seed{run['seed']}")
+                    try:
+                        old = optuna.load_study(study_name=study_name(nfe, family, run["seed"]), storage=storage)
+                    except KeyError:
+                        continue
+                    run["search_seconds"] = search_seconds(old)
                     save()
             for seed in range(len(runs), seeds):
-                name = f"headline-nfe{nfe}-{family}-seed{seed}"
-                study = open_study(storage, name, evaluator.task, space, evaluator.controller, seed)
+                study = open_study(storage, study_name(nfe, family, seed), evaluator.task, space,
+                                   evaluator.controller, seed)
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
                 fid, seconds = held_out_fid(best, f"{family} seed {seed}")
                 runs.append({"seed": seed, "search_value": best.metric["value"],
                              "search_baseline": best.metric["baseline"], "held_out": fid, "params": best.params,
-                             "search_seconds": search_seconds(storage, name), "held_out_seconds": seconds})
+                             "search_seconds": search_seconds(study), "held_out_seconds": seconds})
                 save()
     return results
 
 
-def search_seconds(storage: optuna.storages.BaseStorage, name: str) -> float | None:
+def study_name(nfe: int, family: str, seed: int) -> str:
+    """The name of one headline search's study in the work folder's study file."""
+    return f"headline-nfe{nfe}-{family}-seed{seed}"
+
+
+def search_seconds(study: optuna.Study) -> float:
     """The summed wall seconds of a study's trials (sampling and scoring, as each trial records
-    them; a trial cut short by an interrupted run counts up to its last rung); None without the study."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
+    them; a trial cut short by an interrupted run counts up to its last rung)."""
     return sum(t.user_attrs.get("wall_seconds", 0.0) for t in study.get_trials(deepcopy=False))
 
 
@@ -137,9 +142,9 @@ def render(results: dict) -> list[str]:
 
 
 def _cost(nfe: int, row: dict, families: tuple[str, ...], truth_n: int) -> str:
-    """'NFE n: a search X min, FID of one schedule on the held-out samples Y min' from what the row recorded."""
+    """'NFE n: a search X min (k searches), N held-out samples scored Y min (m times)' from what the row recorded."""
     runs = [r for f in families for r in row.get(f, [])]
-    search = [r["search_seconds"] for r in runs if r.get("search_seconds") is not None]
+    search = [r["search_seconds"] for r in runs if "search_seconds" in r]
     held = [r["held_out_seconds"] for r in runs if "held_out_seconds" in r]
     held += [row["untuned_seconds"]] if "untuned_seconds" in row else []
     parts = ([f"a search {statistics.median(search) / 60:.1f} min ({_times(len(search), 'search')})"] if search else []) + \
