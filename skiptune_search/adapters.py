@@ -88,6 +88,8 @@ def edm_layout(net: nn.Module) -> Layout:
     Encoder names start with the resolution ('32x32_block0')."""
     producers = []
     for name, block in net.enc.items():
+        if "aux" in name:  # SongUNet's auxiliary encoder path (NCSN++): folds into the last skip, adds none
+            continue
         match = re.match(r"(\d+)x\d+_", name)
         if not match:
             raise NoSkipsError(f"{type(net).__name__}: encoder entry {name!r} has no resolution prefix")

@@ -121,7 +121,8 @@ class DiffusersVPPrecond(nn.Module):
         sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
         s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
         c_in = 1 / (1 + s**2).sqrt()
-        out = self.unet_output(x * c_in, self.timestep(sigma).to(x.dtype), **cond)
+        # the timestep stays float32 (bf16 would round 999 to 1000); the UNet embeds it in float32
+        out = self.unet_output(x * c_in, self.timestep(sigma).float(), **cond)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":

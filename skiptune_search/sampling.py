@@ -1,9 +1,10 @@
 """σ grids, samplers and seeded initial noise, in the style of k-diffusion.
 
 Each sampler is a small function over a denoiser D(x, σ) and a list of σ ending in 0; the
-noise schedule is separate data. Per-sample seeds (as EDM's generate.py): sample i with seed
-s_i gets its noise from a generator seeded with s_i alone, so a sample is the same in every
-trial and every batch size.
+noise schedule is separate data. σ reaches the denoiser as a 0-d tensor on the samples' device
+and dtype, as in EDM's sampler (its Precond wrappers do not move σ). Per-sample seeds (as EDM's
+generate.py): sample i with seed s_i gets its noise from a generator seeded with s_i alone, so a
+sample is the same in every trial and every batch size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     """Karras et al. (2022) eq. 5: ``steps`` noise levels from σ_max to σ_min, then 0."""
     if steps < 1:
         raise ValueError("need at least one step")
+    if not 0 < sigma_min < sigma_max < float("inf"):
+        raise ValueError(f"the Karras grid needs 0 < σ_min < σ_max < inf, got {sigma_min} and {sigma_max}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     if steps == 1:
         ramp = torch.zeros(1, dtype=torch.float64)
@@ -61,7 +64,7 @@ def sigma_grid(name: str, steps: int, sigma_min: float, sigma_max: float,
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Euler steps of the probability-flow ODE dx/dσ = (x − D(x, σ)) / σ. NFE = steps."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoiser(x, s.to(x.dtype))) / s
+        d = (x - denoiser(x, s.to(x))) / s
         x = x + (s_next - s) * d
     return x
 
@@ -71,10 +74,10 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> to
     """EDM's deterministic 2nd-order Heun sampler (Alg. 1, no churn); the last step to σ = 0
     is plain Euler, so NFE = 2 · steps − 1."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoiser(x, s.to(x.dtype))) / s
+        d = (x - denoiser(x, s.to(x))) / s
         x_next = x + (s_next - s) * d
         if s_next > 0:
-            d_next = (x_next - denoiser(x_next, s_next.to(x.dtype))) / s_next
+            d_next = (x_next - denoiser(x_next, s_next.to(x))) / s_next
             x_next = x + (s_next - s) * (d + d_next) / 2
         x = x_next
     return x
@@ -86,7 +89,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -
     t = −log σ that reuses the previous denoised estimate. NFE = steps."""
     old_denoised = None
     for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        denoised = denoiser(x, s.to(x.dtype))
+        denoised = denoiser(x, s.to(x))
         if s_next == 0:
             x = denoised
             break

@@ -177,6 +177,9 @@ class RhoSchedule:
         knots = self.sigma_knots
         if any(not (k > 0 and math.isfinite(k)) for k in knots) or any(a >= b for a, b in zip(knots, knots[1:])):
             raise ScheduleError("sigma_knots must be positive, finite and strictly increasing")
+        if len(knots) == 1:
+            raise ScheduleError("sigma_knots has one σ: a σ-dependent schedule needs at least 2 knots "
+                                "(for ρ constant in σ, leave sigma_knots empty)")
         lo, hi = RHO_LIMITS
         for i, row in enumerate(self.rho):
             if len(row) != columns:

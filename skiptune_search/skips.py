@@ -125,9 +125,10 @@ class SkipController:
         if not torch.is_tensor(rho):
             if rho == 1.0:
                 return None
-            rho = torch.tensor(rho)
+        else:  # one ρ per sample, computed on the CPU in float64
+            rho = rho.to(device=x.device, dtype=x.dtype)
         c = self.skips[index].channels
-        return torch.cat([x[:, :-c], x[:, -c:] * rho.to(device=x.device, dtype=x.dtype)], dim=1)
+        return torch.cat([x[:, :-c], x[:, -c:] * rho], dim=1)
 
     # --- hooks -------------------------------------------------------------------------
     def _capture_sigma(self, source: str):
@@ -149,6 +150,9 @@ class SkipController:
             self._weights = (k, (log_sigma - knots[k - 1]) / (knots[k] - knots[k - 1]))
 
         return hook
+
+    def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
+        self._sigma = self._weights = None
 
     def _input_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -174,11 +178,11 @@ class SkipController:
     def attach(self) -> None:
         if self._handles:
             return
-        if self.timestep_to_sigma is not None:
-            self._handles.append(self.unet.register_forward_pre_hook(self._capture_sigma("unet"), with_kwargs=True))
-        elif self._precond is not None:
-            self._handles.append(self._precond.register_forward_pre_hook(self._capture_sigma("precond"),
-                                                                        with_kwargs=True))
+        source = (self.unet, "unet") if self.timestep_to_sigma is not None else (self._precond, "precond")
+        if source[0] is not None:
+            self._handles.append(source[0].register_forward_pre_hook(self._capture_sigma(source[1]), with_kwargs=True))
+            # σ belongs to one call: a later call of the bare UNet must not reuse it
+            self._handles.append(source[0].register_forward_hook(self._forget_sigma))
         for index, (block, norm) in enumerate(zip(self.layout.consumers, self.layout.norms)):
             self._handles.append(block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
             self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))

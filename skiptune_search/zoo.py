@@ -224,8 +224,11 @@ def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike 
     if not isinstance(net, torch.nn.Module) or missing:
         raise ModelLoadError(f"{path} holds no EDM Precond network (missing {', '.join(missing) or 'nn.Module'})")
     net = net.eval().requires_grad_(False)
+    # a Precond records the σ range it supports (EDMPrecond: 0 to inf); sample inside EDM's
+    # generate.py defaults, σ from 0.002 to 80, as EDM does
     info = {"name": str(path), "precond": type(net).__name__, "resolution": int(net.img_resolution),
-            "channels": int(net.img_channels), "sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max),
+            "channels": int(net.img_channels), "sigma_min": max(0.002, float(net.sigma_min)),
+            "sigma_max": min(80.0, float(net.sigma_max)),
             "label_dim": int(getattr(net, "label_dim", 0) or 0)}
     return net, info
 

@@ -58,11 +58,26 @@ class UNetBlock(nn.Module):
         return x
 
 
+class DownConv(nn.Module):
+    """EDM's Conv2d with down=True: halve the resolution, then a conv (none for kernel 0)."""
+
+    def __init__(self, in_channels, out_channels, kernel):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2) if kernel else None
+
+    def forward(self, x):
+        x = F.avg_pool2d(x, 2)
+        return self.conv(x) if self.conv is not None else x
+
+
 class _EDMUNet(nn.Module):
-    """The shared skeleton of SongUNet and DhariwalUNet (standard encoder and decoder)."""
+    """The shared skeleton of SongUNet and DhariwalUNet (standard decoder). SongUNet's encoder
+    may add an auxiliary path from the input image ('skip' or 'residual', as NCSN++): entries named
+    '*_aux_*' that fold into the last skip of each level instead of adding one."""
 
     def __init__(self, img_resolution, in_channels, out_channels, model_channels, channel_mult,
-                 num_blocks, attn_resolutions, first_conv_mult, label_dim=0):
+                 num_blocks, attn_resolutions, first_conv_mult, label_dim=0, encoder_type="standard"):
         super().__init__()
         emb = model_channels * 4
         self.model_channels, self.img_resolution, self.label_dim = model_channels, img_resolution, label_dim
@@ -70,7 +85,7 @@ class _EDMUNet(nn.Module):
         self.map_layer0 = nn.Linear(model_channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
         self.enc = nn.ModuleDict()
-        cout = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -78,10 +93,16 @@ class _EDMUNet(nn.Module):
                 self.enc[f"{res}x{res}_conv"] = nn.Conv2d(cin, cout, 3, padding=1)
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, emb, down=True)
+                if encoder_type == "skip":
+                    self.enc[f"{res}x{res}_aux_down"] = DownConv(caux, caux, kernel=0)
+                    self.enc[f"{res}x{res}_aux_skip"] = nn.Conv2d(caux, cout, 1)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = DownConv(caux, cout, kernel=3)
+                    caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
-        skips = [block.out_channels for block in self.enc.values()]
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -104,10 +125,17 @@ class _EDMUNet(nn.Module):
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
+        skips, aux = [], x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
@@ -119,9 +147,10 @@ class SongUNet(_EDMUNet):
     """DDPM++ layout (EDM's CIFAR-10 net): first conv at model_channels, attention at 16x16."""
 
     def __init__(self, img_resolution=32, in_channels=3, out_channels=3, model_channels=128,
-                 channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), label_dim=0):
+                 channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), label_dim=0, encoder_type="standard"):
         super().__init__(img_resolution, in_channels, out_channels, model_channels, channel_mult,
-                         num_blocks, attn_resolutions, first_conv_mult=False, label_dim=label_dim)
+                         num_blocks, attn_resolutions, first_conv_mult=False, label_dim=label_dim,
+                         encoder_type=encoder_type)
 
 
 class DhariwalUNet(_EDMUNet):
@@ -136,7 +165,7 @@ class DhariwalUNet(_EDMUNet):
 class EDMPrecond(nn.Module):
     """EDM's wrapper: D(x, σ) = c_skip x + c_out F(c_in x, ln(σ)/4); the net lives at .model."""
 
-    def __init__(self, model, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0):
+    def __init__(self, model, sigma_data=0.5, sigma_min=0, sigma_max=float("inf")):  # EDM's defaults
         super().__init__()
         self.model, self.sigma_data = model, sigma_data
         self.sigma_min, self.sigma_max, self.label_dim = sigma_min, sigma_max, model.label_dim
@@ -144,7 +173,7 @@ class EDMPrecond(nn.Module):
         self.img_channels = model.out_conv.out_channels
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        sigma = sigma.reshape(-1, 1, 1, 1)
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)  # as EDM's: on whatever device σ came
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()

@@ -24,12 +24,20 @@ def imagenet_like():
                         attn_resolutions=(8, 4, 2)).eval()
 
 
+def ncsnpp_like():
+    """SongUNet with NCSN++'s residual encoder (EDM's VE networks): the auxiliary path from the
+    input image folds into each level's down-sampled skip, adding no skips of its own."""
+    torch.manual_seed(0)
+    return SongUNet(img_resolution=16, model_channels=16, channel_mult=(2, 2, 2), num_blocks=2,
+                    attn_resolutions=(8,), encoder_type="residual").eval()
+
+
 def _call(net):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     return lambda: net(x, torch.tensor([0.3, -0.7]))
 
 
-@pytest.mark.parametrize("make", [cifar_like, imagenet_like])
+@pytest.mark.parametrize("make", [cifar_like, imagenet_like, ncsnpp_like])
 @torch.no_grad()
 def test_edm_skips_are_routed_to_their_decoder_blocks(make):
     net = make()
@@ -37,10 +45,20 @@ def test_edm_skips_are_routed_to_their_decoder_blocks(make):
     assert ctl.arch == type(net).__name__
     assert ctl.skips[0].name.endswith("_conv") and ctl.skips[0].resolution == 16
     assert ctl.skips[-1].consumer.endswith("_block0")  # the deepest skip meets the first decoder block
-    check_skip_routing(net, net, _call(net))
+    assert not any("aux" in s.name for s in ctl.skips)
+    check_skip_routing(net, net, _call(net), producer_output_is_skip=make is not ncsnpp_like)
 
 
-@pytest.mark.parametrize("make", [cifar_like, imagenet_like])
+def test_edm_auxiliary_encoder_adds_no_skips():
+    """The residual and skip encoders have the standard encoder's skips, in the same order."""
+    standard = SkipController(cifar_like()).skips
+    for encoder_type in ("residual", "skip"):
+        net = SongUNet(img_resolution=16, model_channels=16, channel_mult=(2, 2, 2), num_blocks=2,
+                       attn_resolutions=(8,), encoder_type=encoder_type)
+        assert SkipController(net).skips == standard, encoder_type
+
+
+@pytest.mark.parametrize("make", [cifar_like, imagenet_like, ncsnpp_like])
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @torch.no_grad()
 def test_edm_rho_one_is_exact_and_unhooks(make, placement):
@@ -63,6 +81,20 @@ def test_edm_rho_one_is_exact_and_unhooks(make, placement):
 def test_edm_precond_gives_sigma_per_sample():
     net = imagenet_like()
     check_sigma_per_sample(EDMPrecond(net), net, channels=3, size=16)
+
+
+@torch.no_grad()
+def test_sigma_of_one_call_is_not_reused_by_the_next():
+    """σ comes from the Precond's call; the bare UNet called after it has no σ to go by."""
+    net = imagenet_like()
+    precond = EDMPrecond(net)
+    ctl = SkipController(precond)
+    params = {f"{e}_k{k}": 0.8 for k in range(2) for e in ("rho_inner", "rho_outer")}
+    schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 10.0])
+    with apply(precond, schedule):
+        precond(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]))
+        with pytest.raises(RuntimeError, match="outside a model call"):
+            _call(net)()
 
 
 def test_edm_imagenet64_layout_groupnorm_cancellation():
@@ -128,7 +160,8 @@ def test_edm_pickle_needs_trust_and_the_edm_code(edm_pickle):
     with pytest.raises(ModelLoadError, match="--edm-path"):
         load_denoiser(str(path), trust_pickle=True)
     denoiser, info = load_denoiser(str(path), trust_pickle=True, edm_path=str(repo))
-    assert info["resolution"] == 16 and info["channels"] == 3 and info["sigma_max"] == 80.0
+    assert info["resolution"] == 16 and info["channels"] == 3
+    assert (info["sigma_min"], info["sigma_max"]) == (0.002, 80.0)  # EDM's Precond says 0 and inf
     assert len(SkipController(denoiser).skips) == 4
 
 

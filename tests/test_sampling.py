@@ -13,6 +13,9 @@ def test_karras_grid_endpoints_and_order():
     assert len(s) == 6 and s[-1] == 0
     assert float(s[0]) == pytest.approx(80.0) and float(s[-2]) == pytest.approx(0.002)
     assert torch.all(s[:-1][1:] < s[:-1][:-1])
+    for bad in ((0.0, 80.0), (0.002, math.inf), (80.0, 0.002)):  # EDM's Precond defaults are 0 and inf
+        with pytest.raises(ValueError, match="σ_min < σ_max"):
+            karras_sigmas(5, *bad)
 
 
 class CountingGaussianDenoiser:
@@ -34,6 +37,20 @@ def test_nfe_is_counted_exactly(sampler, fn, nfe):
     steps = steps_for_nfe(sampler, nfe)
     fn(d, torch.randn(2, 1, 4, 4), karras_sigmas(steps, 0.002, 80.0))
     assert d.calls == nfe
+
+
+@pytest.mark.parametrize("fn", [sample_heun, sample_euler, sample_dpmpp_2m])
+def test_sigma_reaches_the_denoiser_on_the_samples_device(fn):
+    """EDM's Precond reshapes σ and multiplies it with x: a CPU σ beside CUDA samples fails there.
+    The 'meta' device stands in for a GPU: any σ left on the CPU shows as a CPU tensor."""
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append((sigma.device, sigma.dtype))
+        return x * 0.5
+
+    fn(denoiser, torch.zeros(2, 1, 4, 4, device="meta"), karras_sigmas(3, 0.002, 80.0))
+    assert seen and set(seen) == {(torch.device("meta"), torch.float32)}
 
 
 def test_heun_solves_the_gaussian_ode():

@@ -38,6 +38,7 @@ def test_sigma_knots_interpolate_in_log_sigma():
         (lambda d: d["rho"].__setitem__(0, [0.0]), "outside"),
         (lambda d: d["skips"][1].update(name="other"), "fingerprint"),
         (lambda d: d["rho"].pop(), "rows"),
+        (lambda d: d.update(sigma_knots=[1.0]), "at least 2 knots"),  # one knot: the hook would divide 0 by 0
     ],
 )
 def test_invalid_files_say_what_is_wrong(tmp_path, edit, message):
