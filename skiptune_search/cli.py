@@ -24,6 +24,12 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+# what an interrupted command kept, by command
+_RESUME_HINTS = {"search": ": every finished trial is saved; rerun the same command to resume",
+                 "bench": ": every finished point is saved under --work; rerun the same command to resume",
+                 "train_default": ": rerun the same command to resume from the last saved state (--state)"}
+
+
 def _friendly(fn):
     """Turn the errors a user can cause into one line naming the problem and the fix."""
 
@@ -42,16 +48,17 @@ def _friendly(fn):
                 StudyMismatchError, NoSkipsError, ModelLoadError, ValueError) as exc:
             raise UserError(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: every finished trial is saved; rerun the same command to resume", err=True)
+            click.echo(f"\ninterrupted{_RESUME_HINTS.get(fn.__name__, '')}", err=True)
             sys.exit(130)
 
     return wrapper
 
 
 class _CtrlC:
-    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: a library that swallows
-    the exception in a clean-up path (SQLAlchemy's connection pool can) cannot make a search go
-    on as if nothing happened. The search stops after the trial under way and exits 130."""
+    """Ctrl-C raises KeyboardInterrupt at once, as usual, and is also remembered: a library that
+    swallows the exception in a clean-up path (SQLAlchemy's connection pool can) cannot make a
+    search go on as if nothing happened. The search exits 130; the trial under way is marked
+    failed and does not count toward --trials."""
 
     seen = False
 
@@ -195,8 +202,9 @@ def main() -> None:
               help="Finished trials the study should hold; a resumed study runs only the rest.")
 @click.option("--n", "n", default=1000, show_default=True, type=int, help="Samples per trial (proxy FID's N).")
 @click.option("--rungs", default=None,
-              help="Sample counts at which a trial reports FID and may be pruned (successive halving), "
-                   "ending at N, e.g. 250,1000 [default: N/4,N]; a single number turns pruning off.")
+              help="Sample counts at which a trial reports FID, ending at N, e.g. 250,1000 [default: N/4,N]. "
+                   "Successive halving keeps the best third at the first rung and at first rung x 3^k; "
+                   "a single number turns pruning off.")
 @click.option("--objective", default="fid", show_default=True, type=click.Choice(OBJECTIVES),
               help="What the study minimizes: FID at N, FID extrapolated to N -> inf over the rungs "
                    "(removes most of FID's small-N bias), or KID (unbiased; needs reference features).")
@@ -217,7 +225,9 @@ def main() -> None:
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
               help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
-@click.option("--search-seed", default=0, show_default=True, type=int, help="Seed of the optimizer.")
+@click.option("--search-seed", default=0, show_default=True, type=int,
+              help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "
+                   "repeat its points).")
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Worker processes sharing the study on this machine (one per GPU when there are GPUs). "
                    "On other machines, run the same command with the same --storage.")
@@ -270,12 +280,16 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     space = S.Space(family, placement, (rho_min, rho_max), sigma_knots)
     name = study or S.default_study_name(task, space)
     storage_obj = S.make_storage(storage, heartbeat)
-    st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer)
+    st = S.open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer,
+                      parallel=workers > 1 or W.worker_share() is not None)
     click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed}-{task.seed + task.n - 1}, "
                f"objective {task.objective}")
 
+    if unchecked := S.unpruned_rungs(task.rungs):
+        click.echo(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
+                   f"{','.join(map(str, unchecked))} report FID but never prune")
     label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
 
     def report(study, trial) -> None:
@@ -283,7 +297,8 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
             study.stop()
         if trial.state == optuna.trial.TrialState.PRUNED:
             step = trial.last_step
-            click.echo(f"trial {trial.number + 1}: pruned at N={step} ({label} {trial.intermediate_values[step]:.4g})")
+            rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
+            click.echo(f"trial {trial.number + 1}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})")
             return
         if trial.value is None:
             click.echo(f"trial {trial.number + 1}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
@@ -542,7 +557,7 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
         raise UserError(f"no study {study!r} in {storage}; list them with 'skiptune-search studies'") from None
     grids = None
     if samples > 0:
-        task = S.with_legacy_defaults(st.user_attrs["settings"]["task"])
+        task = S.with_legacy_defaults(S.study_settings(st)["task"])
         evaluator = S.Evaluator(S.Task(model=task["model"], sampler=task["sampler"], nfe=task["nfe"], n=samples,
                                        seed=task["seed"], sigma_grid=task["sigma_grid"], prompts=task["prompts"],
                                        guidance=task["guidance"]), trust_pickle=trust_pickle, edm_path=edm_path)

@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import optuna
 import sqlalchemy
@@ -325,7 +325,8 @@ def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
 def _make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
                   grid_points: int) -> optuna.samplers.BaseSampler:
     if optimizer == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+        # constant liar: parallel workers do not all propose next to the same running trial
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
     if optimizer == "cmaes":
         # CMA-ES starts at the centre of the box (ρ = 1 for the default [0.5, 1.5]); Optuna deprecated x0
         return optuna.samplers.CmaEsSampler(seed=seed)
@@ -342,15 +343,32 @@ def _make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int
     raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def unpruned_rungs(rungs: Sequence[int], reduction_factor: int = 3) -> list[int]:
+    """Rungs before the last that successive halving never checks: it prunes only at N = the
+    first rung × factor^k, so the others report FID (and feed FID∞) but cannot prune."""
+    checked, r = set(), rungs[0]
+    while r < rungs[-1]:
+        checked.add(r)
+        r *= reduction_factor
+    return [r for r in rungs[:-1] if r not in checked]
+
+
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space,
-               controller: SkipController, seed: int, optimizer: str = "tpe") -> optuna.Study:
+               controller: SkipController, seed: int, optimizer: str = "tpe",
+               parallel: bool = False) -> optuna.Study:
     """Create the study, or load it and check it was run with the same task and space. A new
-    study gets the ρ = 1 baseline first, then (linear family) the paper-style ramp."""
+    study gets the ρ = 1 baseline first, then (linear family) the paper-style ramp.
+
+    ``seed`` makes a new study's search reproducible. A study resumed, or shared by ``parallel``
+    workers, reseeds its optimizer from the system instead: with the same seed it would propose
+    the points it proposed before (all of them, for random search)."""
     sampler = make_sampler(optimizer, space, controller.skips, seed)
     pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=task.rungs[0], reduction_factor=3)
               if len(task.rungs) > 1 else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
+    if parallel or study.trials:
+        study.sampler.reseed_rng()
     settings = {"task": task.scoring_key(), **space.as_dict()}
     layout = {"arch": controller.arch, "skips": [s.as_dict() for s in controller.skips]}
     old = study.user_attrs.get("settings")
@@ -364,17 +382,30 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
             f"study {name!r} exists with other settings ({'; '.join(diff)}); "
             f"use the same settings to resume it, or pass --study NEW_NAME"
         )
-    if not study.trials:
-        study.enqueue_trial(space.baseline(controller.skips), user_attrs={"baseline": True})
-        lo, hi = space.rho_range
-        if space.family == "linear" and optimizer != "grid" and all(lo <= v <= hi for v in PAPER_RAMP.values()):
-            ramp = dict(PAPER_RAMP, **({"placement": "input"} if space.placement == "search" else {}))
-            study.enqueue_trial(ramp, user_attrs={"paper_ramp": True})
+    # the baseline and the ramp come first; one that Ctrl-C or a crash stopped before it ended
+    # (failed, not retried) is queued again when the study resumes
+    firsts = [("baseline", space.baseline(controller.skips))]
+    lo, hi = space.rho_range
+    if space.family == "linear" and optimizer != "grid" and all(lo <= v <= hi for v in PAPER_RAMP.values()):
+        firsts.append(("paper_ramp", dict(PAPER_RAMP, **({"placement": "input"} if space.placement == "search" else {}))))
+    pending = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    for attr, params in firsts:
+        if not any(t.user_attrs.get(attr) and (_finished(t) or t.state in pending) for t in study.trials):
+            study.enqueue_trial(params, user_attrs={attr: True})
     return study
 
 
+def study_settings(study: optuna.Study) -> dict:
+    """The task and space a study was run with; a one-line error for a study of another tool."""
+    settings = study.user_attrs.get("settings")
+    if settings is None:
+        raise ValueError(f"study {study.study_name!r} was not made by skiptune-search (it holds no task "
+                         f"settings); pick a study that 'skiptune-search studies' lists")
+    return settings
+
+
 def study_space(study: optuna.Study) -> Space:
-    s = study.user_attrs["settings"]
+    s = study_settings(study)
     return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())))
 
 
@@ -443,9 +474,11 @@ def run_search(
                 kids[rung] = kid_from_features(so_far, evaluator.reference)
                 trial.set_user_attr("kid_at", {str(n): v for n, v in kids.items()})
             trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
-            trial.report(kids[rung] if task.objective == "kid" else fids[rung], step=rung)
+            # rungs report FID (KID for the kid objective): FID∞ needs every rung
+            value, metric = (kids[rung], "KID") if task.objective == "kid" else (fids[rung], "FID")
+            trial.report(value, step=rung)
             if k < len(task.rungs) - 1 and trial.should_prune():
-                raise optuna.TrialPruned(f"{task.objective} {fids[rung]:.2f} at N={rung}")
+                raise optuna.TrialPruned(f"{metric} {value:.4g} at N={rung}")
         trial.set_user_attr("fid", fids[task.n])
         trial.set_user_attr("n", task.n)
         trial.set_user_attr("seeds", f"{task.seed}-{task.seed + task.n - 1}")
@@ -459,9 +492,14 @@ def run_search(
                 upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
         return {"fid": fids[task.n], "fid_inf": trial.user_attrs.get("fid_inf"), "kid": kids.get(task.n)}[task.objective]
 
+    def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # other processes (workers, machines) add trials too: --trials is the study's total
+        if finished_trials(study) >= trials:
+            study.stop()
+
     remaining = trials - finished_trials(study) if share is None else share
     if remaining > 0:
-        callbacks = [on_trial] if on_trial else []
+        callbacks = [*([on_trial] if on_trial else []), stop_at_total]
         study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
                        catch=(NonFiniteSamplesError,), gc_after_trial=False)
     return study
@@ -471,8 +509,13 @@ def finished_trials(study: optuna.Study) -> int:
     """Trials that ran to an end: completed, pruned, or failed for a reason of their own (NaN
     samples). A trial failed because its worker died does not count: it is retried."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states)
-               if t.state != optuna.trial.TrialState.FAIL or "fail_reason" in t.user_attrs)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if _finished(t))
+
+
+def _finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Completed, pruned, or failed for a reason of its own (not interrupted, not a dead worker)."""
+    return (trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            or (trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs))
 
 
 def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float = 0.02) -> list[str]:
@@ -497,7 +540,7 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
     if not complete:
         raise ValueError(f"study {study.study_name!r} has no completed trial yet; run 'skiptune-search search' first")
     best = min(complete, key=lambda t: t.value)
-    task = with_legacy_defaults(study.user_attrs["settings"]["task"])
+    task = with_legacy_defaults(study_settings(study)["task"])
     arch, skips = study_layout(study)
     base = baseline_trial(study)
     tuned_for = {"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],

@@ -40,7 +40,8 @@ def visible_gpus() -> list[str]:
 
 def spawn(shares: list[int], argv: list[str] | None = None) -> list[subprocess.Popen]:
     """Start one worker per share (shares[0] is the caller's own and is not started)."""
-    argv = argv if argv is not None else [sys.argv[0], *sys.argv[1:]]
+    # the same command through this interpreter: works for the console script and for python -m
+    argv = argv if argv is not None else [sys.executable, "-m", "skiptune_search.cli", *sys.argv[1:]]
     gpus = visible_gpus()
     threads = max(1, (os.cpu_count() or 1) // len(shares))
     children = []
@@ -57,11 +58,9 @@ def spawn(shares: list[int], argv: list[str] | None = None) -> list[subprocess.P
 
 
 def own_setup(workers: int) -> None:
-    """Pin the calling (first) worker to the first GPU, or to its share of CPU threads."""
-    gpus = visible_gpus()
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-    else:
+    """Give the calling (first) worker its share of CPU threads. On GPUs it needs nothing: it
+    uses cuda:0, the first visible GPU, and the workers it spawns get the others."""
+    if not visible_gpus():
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

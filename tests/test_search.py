@@ -60,6 +60,54 @@ def test_progress_counts_finished_trials_after_a_dead_workers_trial(evaluator, t
     assert labels == ["trial 2/3, N=12", "trial 3/3, N=12"]
 
 
+def test_a_resumed_search_does_not_propose_its_points_again(evaluator, tmp_path):
+    """The same --search-seed on resume would replay the optimizer's random stream from its start."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "r", evaluator.task, SPACE, evaluator.controller, 0, "random")
+    run_search(evaluator, study, SPACE, trials=3, progress=False)  # baseline, ramp, one random point
+    study = open_study(make_storage(url), "r", evaluator.task, SPACE, evaluator.controller, 0, "random")
+    run_search(evaluator, study, SPACE, trials=4, progress=False)
+    assert study.trials[3].params != study.trials[2].params
+
+
+def test_a_baseline_stopped_by_ctrl_c_runs_again_on_resume(evaluator, tmp_path):
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db", heartbeat=None)  # ask() outside optimize()
+    study = open_study(storage, "c", evaluator.task, SPACE, evaluator.controller, 0)
+    interrupted = study.ask()  # the baseline, queued first; Ctrl-C marks it failed, with no reason of its own
+    assert interrupted.user_attrs.get("baseline")
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    study = open_study(storage, "c", evaluator.task, SPACE, evaluator.controller, 0)
+    run_search(evaluator, study, SPACE, trials=2, progress=False)
+    assert baseline_trial(study) is not None and baseline_trial(study).params == {"rho_inner": 1.0, "rho_outer": 1.0}
+    # queued again behind the ramp, which was already waiting
+    assert [("baseline" in t.user_attrs, "paper_ramp" in t.user_attrs) for t in study.trials[1:]] == [
+        (False, True), (True, False)]
+
+
+def test_trials_is_the_total_of_every_process_on_the_study(evaluator, tmp_path):
+    """Another machine finishing trials meanwhile counts toward --trials: this process stops."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    mine = open_study(make_storage(url), "t", evaluator.task, SPACE, evaluator.controller, 0)
+    other = open_study(make_storage(url), "t", evaluator.task, SPACE, evaluator.controller, 1, parallel=True)
+    ran_other = []
+
+    def other_machine(study, trial):  # after this process's first trial, the other one runs two
+        if not ran_other:
+            ran_other.append(True)
+            run_search(evaluator, other, SPACE, trials=3, progress=False)
+
+    run_search(evaluator, mine, SPACE, trials=3, on_trial=other_machine, progress=False)
+    assert len(mine.trials) == 3
+
+
+def test_export_of_a_study_of_another_tool_says_so(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(storage=url, study_name="theirs")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with pytest.raises(ValueError, match="not made by skiptune-search"):
+        export_best(study, url)
+
+
 def test_baseline_trial_is_the_untuned_model(evaluator, tmp_path):
     """Trial 0's FID is the FID of the model with no controller effect (same seeds)."""
     url = f"sqlite:///{tmp_path}/s.db"
@@ -155,6 +203,29 @@ def test_rungs_reuse_samples_report_and_prune(tiny_model_dir, tmp_path):
     assert [t.state for t in others] == [optuna.trial.TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [6] for t in others)
     assert export_best(study, url).source["trial"] == 0  # an export never points at a pruned trial
+
+
+def test_rungs_that_successive_halving_never_checks_are_named():
+    from skiptune_search.search import unpruned_rungs
+
+    assert unpruned_rungs((250, 1000)) == [] and unpruned_rungs((1000,)) == []
+    assert unpruned_rungs((111, 333, 1000)) == []
+    assert unpruned_rungs((250, 500, 1000)) == [500]
+    # and Optuna's pruner agrees: a trial worse than two others is not pruned at 500, is at 750
+    study = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=250, reduction_factor=3))
+    for value in (1.0, 2.0):
+        t = study.ask()
+        for step in (250, 500, 750):
+            t.report(value, step)
+            t.should_prune()
+        study.tell(t, value)
+    worst = study.ask()
+    worst.report(0.5, 250)
+    assert not worst.should_prune()  # best at the first rung: promoted
+    worst.report(9.0, 500)
+    assert not worst.should_prune()  # 500 is no rung of the pruner's
+    worst.report(9.0, 750)
+    assert worst.should_prune()
 
 
 def test_rungs_must_end_at_n():

@@ -89,7 +89,13 @@ def test_four_workers_on_postgresql(tiny_model_dir, tmp_path, postgres_url):
 
 
 def test_each_worker_gets_its_own_gpu(monkeypatch):
-    """With GPUs visible, worker i is pinned to GPU i (CUDA_VISIBLE_DEVICES), the caller to the first."""
+    """With GPUs visible, the caller keeps the first (its cuda:0) and worker i gets GPU i, in the
+    order the search command calls them: its own set-up first, then the spawn."""
+    import os
+    import sys
+
+    import torch
+
     import skiptune_search.workers as W
 
     started = []
@@ -99,12 +105,13 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
             started.append((argv, env))
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
-    monkeypatch.setattr(W, "visible_gpus", lambda: ["3", "5", "7"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(W.subprocess, "Popen", FakePopen)
-    W.spawn([4, 4, 3], argv=["skiptune-search", "search"])
+    monkeypatch.setattr(sys, "argv", ["/somewhere/cli.py", "search", "--workers", "3"])
+    W.own_setup(3)
+    W.spawn([4, 4, 3])
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "7"]
     assert [env[W.SHARE_ENV] for _, env in started] == ["4", "3"]
-    W.own_setup(3)
-    import os
-
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5,7"
+    # the children run the same command through this interpreter, also when started with python -m
+    assert started[0][0] == [sys.executable, "-m", "skiptune_search.cli", "search", "--workers", "3"]
