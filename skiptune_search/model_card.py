@@ -23,7 +23,7 @@ def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 20
     task = Task(model=model, sampler="heun", nfe=nfe, n=n, seed=seed)
     evaluator = Evaluator(task)
     start = time.perf_counter()
-    fid, images = evaluator.fid(evaluator.controller.identity(), progress="model card samples")
+    fid, images = evaluator.fid(evaluator.controller.identity(), progress="model card samples", keep=100)
     seconds = time.perf_counter() - start
     real, _ = load_fashion_mnist("train", data_dir)
     real = torch.from_numpy(real[:n].copy()).unsqueeze(1)

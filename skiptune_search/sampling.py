@@ -9,7 +9,7 @@ sample is the same in every trial and every batch size.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -215,7 +215,7 @@ class NonFiniteSamplesError(FloatingPointError):
     """The sampler produced NaN or inf (a ρ far from 1 can blow a model up)."""
 
 
-def generate(
+def generate_batches(
     denoiser: Denoiser,
     sampler: str,
     sigmas: torch.Tensor,
@@ -225,43 +225,50 @@ def generate(
     progress: bool | str = True,
     device: torch.device | str = "cpu",
     label_dim: int = 0,
-) -> torch.Tensor:
-    """uint8 images [N, C, H, W] (on the CPU) for ``seeds``, sampled on ``device`` in batches of
-    ``batch_size``. The noise (and the class of a ``label_dim``-class model) is drawn on the CPU,
-    so a seed gives the same sample inputs on any device. A text model (a denoiser with
+) -> Iterator[torch.Tensor]:
+    """uint8 images [B, C, H, W] (on the CPU) for ``seeds``, one batch of ``batch_size`` at a time,
+    sampled on ``device``. The noise (and the class of a ``label_dim``-class model) is drawn on the
+    CPU, so a seed gives the same sample inputs on any device. A text model (a denoiser with
     ``num_prompts``) gets prompt ``prompt_indices(seeds)``, encoded once per batch; a latent
     model (a denoiser with ``decode``) has its latents decoded into images."""
     fn = SAMPLERS[sampler][0]
     sigma_max = float(sigmas[0])
-    chunks: list[torch.Tensor] = []
     desc = progress if isinstance(progress, str) else "sampling"
     n_prompts = int(getattr(denoiser, "num_prompts", 0))
     decode = getattr(denoiser, "decode", None)
-    with torch.inference_mode(), tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress,
-                                      leave=False) as bar:
+    with tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             batch_seeds = seeds[start : start + batch_size]
-            noise, labels = seeded_inputs(batch_seeds, shape, label_dim)
-            # conditioning of the batch, the same at every step: class labels or prompt embeddings
-            cond: dict = {}
-            if labels is not None:
-                cond["class_labels"] = labels.to(device)
-            if n_prompts:
-                cond.update(denoiser.condition(prompt_indices(batch_seeds, n_prompts)))
-            model = (lambda x, sigma: denoiser(x, sigma, **cond)) if cond else denoiser  # noqa: E731
-            if sampler in NATIVE_SCHEDULERS:
-                x = sample_native(denoiser, noise.to(device), len(sigmas) - 1, sampler, cond)
-            else:
-                x = fn(model, noise.to(device) * sigma_max, sigmas)
-            if not torch.isfinite(x).all():
-                raise NonFiniteSamplesError(
-                    f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"
-                )
-            if decode is not None:
-                x = decode(x)
-            chunks.append(to_uint8(x).cpu())
+            with torch.inference_mode():  # per batch: a mode held across the yield would leak to the caller
+                noise, labels = seeded_inputs(batch_seeds, shape, label_dim)
+                # conditioning of the batch, the same at every step: class labels or prompt embeddings
+                cond: dict = {}
+                if labels is not None:
+                    cond["class_labels"] = labels.to(device)
+                if n_prompts:
+                    cond.update(denoiser.condition(prompt_indices(batch_seeds, n_prompts)))
+                model = (lambda x, sigma: denoiser(x, sigma, **cond)) if cond else denoiser  # noqa: E731
+                if sampler in NATIVE_SCHEDULERS:
+                    x = sample_native(denoiser, noise.to(device), len(sigmas) - 1, sampler, cond)
+                else:
+                    x = fn(model, noise.to(device) * sigma_max, sigmas)
+                if not torch.isfinite(x).all():
+                    raise NonFiniteSamplesError(
+                        f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"
+                    )
+                if decode is not None:
+                    x = decode(x)
+                images = to_uint8(x).cpu()
             bar.update(len(batch_seeds))
-    return torch.cat(chunks)
+            yield images
+
+
+def generate(denoiser: Denoiser, sampler: str, sigmas: torch.Tensor, seeds: Sequence[int], shape: Sequence[int],
+             batch_size: int = 250, progress: bool | str = True, device: torch.device | str = "cpu",
+             label_dim: int = 0) -> torch.Tensor:
+    """All the images of ``generate_batches`` in one uint8 tensor [N, C, H, W]."""
+    return torch.cat(list(generate_batches(denoiser, sampler, sigmas, seeds, shape, batch_size, progress, device,
+                                           label_dim)))
 
 
 def seed_range(first: int, n: int) -> list[int]:

@@ -28,8 +28,8 @@ from .metrics import (
     kid_from_features, load_extractor, load_images, reference_from_images,
 )
 from .sampling import (
-    NATIVE_SCHEDULERS, NonFiniteSamplesError, check_sigma_grid, default_sigma_grid, generate, native_sigmas,
-    seed_range, sigma_grid, steps_for_nfe,
+    NATIVE_SCHEDULERS, NonFiniteSamplesError, check_sigma_grid, default_sigma_grid, generate, generate_batches,
+    native_sigmas, seed_range, sigma_grid, steps_for_nfe,
 )
 from .schedule import FAMILIES, PLACEMENTS, RhoSchedule, SkipInfo, family_params
 from .skips import SkipController
@@ -198,14 +198,23 @@ class Evaluator:
         return generate(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
                         self.shape, self.batch_size, progress, self.device, self.model_info.get("label_dim", 0))
 
-    def features(self, schedule: RhoSchedule, seeds: list[int] | None = None,
-                 progress: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature vectors and uint8 images of the samples of ``seeds`` (default: the task's)."""
-        images = self.images(schedule, seeds, progress=progress)
-        return extract_features(images, self.extractor, self.batch_size), images
+    def features(self, schedule: RhoSchedule, seeds: list[int] | None = None, progress: bool | str = True,
+                 keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature vectors of the samples of ``seeds`` (default: the task's) and the first ``keep``
+        uint8 images (a sample grid); batch by batch, so the N images are never all in memory."""
+        self.controller.use(schedule)
+        features, first = [], []
+        for images in generate_batches(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
+                                       self.shape, self.batch_size, progress, self.device,
+                                       self.model_info.get("label_dim", 0)):
+            features.append(extract_features(images, self.extractor, self.batch_size))
+            if sum(map(len, first)) < keep:
+                first.append(images)
+        return torch.cat(features), torch.cat(first)[:keep]
 
-    def fid(self, schedule: RhoSchedule, progress: bool | str = True) -> tuple[float, torch.Tensor]:
-        features, images = self.features(schedule, progress=progress)
+    def fid(self, schedule: RhoSchedule, progress: bool | str = True, keep: int = 64) -> tuple[float, torch.Tensor]:
+        """FID of the task's samples, and the first ``keep`` of them."""
+        features, images = self.features(schedule, progress=progress, keep=keep)
         return fid_from_features(features, self.reference), images
 
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from skiptune_search.schedule import load_schedule
 from skiptune_search.search import (
@@ -106,6 +107,17 @@ def test_export_of_a_study_of_another_tool_says_so(tmp_path):
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(ValueError, match="not made by skiptune-search"):
         export_best(study, url)
+
+
+def test_features_stream_batch_by_batch_and_keep_the_first_images(evaluator):
+    """Scoring N samples holds one batch of images at a time, with the same features as all at once."""
+    from skiptune_search.metrics import extract_features
+
+    identity = evaluator.controller.identity()
+    everything = evaluator.images(identity, progress=False)  # 12 seeds in batches of 5
+    features, first = evaluator.features(identity, progress=False, keep=7)
+    assert torch.equal(first, everything[:7])
+    assert torch.equal(features, extract_features(everything, evaluator.extractor, evaluator.batch_size))
 
 
 def test_baseline_trial_is_the_untuned_model(evaluator, tmp_path):
