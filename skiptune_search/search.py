@@ -8,6 +8,7 @@ Only this module talks to Optuna.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import sqlite3
@@ -391,6 +392,14 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
             f"study {name!r} exists with other settings ({'; '.join(diff)}); "
             f"use the same settings to resume it, or pass --study NEW_NAME"
         )
+    weights, stored = weights_fingerprint(controller.unet), study.user_attrs.get("weights")
+    if stored is None:  # a new study, or one from before weights were recorded
+        study.set_user_attr("weights", weights)
+    elif stored != weights:  # the same model path with other weights: retrained in place
+        raise StudyMismatchError(
+            f"study {name!r} was run with other weights of {task.model} (retrained, or loaded in another "
+            f"precision), so its FIDs do not compare with this model's; pass --study NEW_NAME"
+        )
     # the baseline and the ramp come first; one that Ctrl-C or a crash stopped before it ended
     # (failed, not retried) is queued again when the study resumes
     firsts = [("baseline", space.baseline(controller.skips))]
@@ -402,6 +411,19 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
         if not any(t.user_attrs.get(attr) and (_finished(t) or t.state in pending) for t in study.trials):
             study.enqueue_trial(params, user_attrs={attr: True})
     return study
+
+
+def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 256) -> str:
+    """16 hex digits over each parameter's and buffer's name, shape, dtype and the bytes of up to
+    ``per_tensor`` evenly strided values: retraining changes it, the device does not, and reading
+    a few values per tensor keeps it quick for a billion-parameter UNet."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // per_tensor)].cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def study_settings(study: optuna.Study) -> dict:

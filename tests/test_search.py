@@ -283,6 +283,17 @@ def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeyp
         Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=8, objective="kid", reference=str(stats_only))).reference
 
 
+def test_a_study_of_other_weights_of_the_same_model_is_refused(evaluator, tmp_path):
+    """train-default retrains a model in place: its old study must not resume with the new weights."""
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    open_study(storage, "w", evaluator.task, SPACE, evaluator.controller, 0)
+    open_study(storage, "w", evaluator.task, SPACE, evaluator.controller, 0)  # the same weights resume
+    with torch.no_grad():
+        next(evaluator.controller.unet.parameters()).add_(1e-3)
+    with pytest.raises(StudyMismatchError, match="other weights"):
+        open_study(storage, "w", evaluator.task, SPACE, evaluator.controller, 0)
+
+
 def test_a_study_from_before_sigma_grids_and_prompts_resumes(evaluator, tmp_path):
     """Studies stored before the σ grid and prompts joined the task ran on the Karras grid, unprompted."""
     storage = make_storage(f"sqlite:///{tmp_path}/s.db")
