@@ -8,6 +8,7 @@ Only this module talks to Optuna.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -288,15 +289,28 @@ def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
                            f"is reachable and is writable") from None
 
 
+def retry_from_first_rung(retry: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]):
+    """Optuna's retry of a dead worker's trial, minus the successive-halving rungs it passed: the
+    retry copies the trial's system attributes, and with them it would skip the first rung's check."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
+        retry(study, trial)
+
+    return callback
+
+
 def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeats and retries are 'experimental' in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if heartbeat:
-            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-            if retry is not None:  # Optuna >= 4.9
-                kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
+                kwargs["heartbeat_stale_trial_callback"] = retry_from_first_rung(
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
             else:
-                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+                kwargs["failed_trial_callback"] = retry_from_first_rung(
+                    optuna.storages.RetryFailedTrialCallback(max_retry=3))
             kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
         return optuna.storages.RDBStorage(url, **kwargs)
 

@@ -101,6 +101,23 @@ def test_trials_is_the_total_of_every_process_on_the_study(evaluator, tmp_path):
     assert len(mine.trials) == 3
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_dead_workers_trial_is_retried_from_the_first_rung():
+    """The retry must pass the successive-halving check at the first rung again."""
+    from skiptune_search.search import retry_from_first_rung
+
+    study = optuna.create_study()
+    dead = study.ask()
+    dead.report(5.0, 250)
+    study._storage.set_trial_system_attr(dead._trial_id, "completed_rung_0", 5.0)
+    frozen = study._storage.get_trial(dead._trial_id)
+    retry_from_first_rung(optuna.storages.RetryFailedTrialCallback(max_retry=3))(study, frozen)
+    retried = study.trials[-1]
+    assert retried.state == optuna.trial.TrialState.WAITING and retried.system_attrs["failed_trial"] == dead.number
+    assert not any(k.startswith("completed_rung_") for k in retried.system_attrs)
+    assert "completed_rung_0" in study.trials[0].system_attrs  # the dead trial itself is untouched
+
+
 def test_export_of_a_study_of_another_tool_says_so(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(storage=url, study_name="theirs")
