@@ -67,6 +67,7 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                     run["search_seconds"] = search_seconds(old)
                     save()
             for seed in range(len(runs), seeds):
+                fail_interrupted_trials(storage, study_name(nfe, family, seed))
                 study = open_study(storage, study_name(nfe, family, seed), evaluator.task, space,
                                    evaluator.controller, seed)
                 run_search(evaluator, study, space, trials, progress=progress)
@@ -77,6 +78,17 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                              "search_seconds": search_seconds(study), "held_out_seconds": seconds})
                 save()
     return results
+
+
+def fail_interrupted_trials(storage: optuna.storages.BaseStorage, name: str) -> None:
+    """Mark failed the trials a killed run left running in study ``name`` (one process works on
+    each headline study, with no heartbeat to do it). open_study then queues a lost baseline again."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
 
 
 def study_name(nfe: int, family: str, seed: int) -> str:
@@ -131,6 +143,12 @@ def render(results: dict) -> list[str]:
     missing += [f"NFE {nfe}" for nfe in plan["nfes"] if nfe not in rows]
     if verdicts:
         lines += ["", *(f"{v}." for v in verdicts)]
+    no_baseline = [f"NFE {nfe} {family} seed {r['seed']}" for nfe, row in sorted(rows.items())
+                   for family in families for r in row.get(family, []) if "search_baseline" in r and r["search_baseline"] is None]
+    if no_baseline:
+        lines += ["", f"Searched without their ρ = 1 trial: {', '.join(no_baseline)} (an interrupted run left that "
+                      f"trial running and the resumed search did not queue it again; fixed since). Their other "
+                      f"{s['trials']} trials ran as in every search."]
     costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, families, s["truth_n"]))]
     if costs:
         lines += ["", "Time each part took (medians of wall seconds on the row's machine, slower where other work "

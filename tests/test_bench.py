@@ -202,3 +202,30 @@ def test_search_seconds_sums_the_trials_of_the_study(tmp_path):
         trial.set_user_attr("wall_seconds", seconds)
         study.tell(trial, 1.0)
     assert search_seconds(study) == 12.5
+
+
+def test_headline_names_searches_that_ran_without_their_baseline_trial():
+    from skiptune_search.bench_headline import render
+
+    rows = {"9": {"untuned": 50.0, "machines": ["cpu box"],
+                  "linear": [{"seed": 0, "held_out": 40.0, "search_baseline": 55.0},
+                             {"seed": 1, "held_out": 41.0, "search_baseline": None}]}}
+    text = "\n".join(render(_headline(rows, {"nfes": [9], "families": ["linear"], "seeds": 2})))
+    assert "Searched without their ρ = 1 trial: NFE 9 linear seed 1 (" in text
+
+
+def test_a_trial_left_running_by_a_killed_headline_run_is_failed_and_its_baseline_queued(tmp_path, tiny_unet):
+    from skiptune_search import SkipController
+    from skiptune_search.bench_headline import fail_interrupted_trials
+    from skiptune_search.search import Space, Task, open_study
+
+    storage = make_storage(f"sqlite:///{tmp_path}/h.db", heartbeat=None)
+    fail_interrupted_trials(storage, "absent")  # no such study yet: nothing to do
+    space, task, controller = Space("per_level", "input", (0.5, 1.5)), Task(nfe=3, n=4), SkipController(tiny_unet)
+    study = open_study(storage, "s", task, space, controller, 0)
+    left_running = study.ask()  # the baseline, when the run was killed
+    fail_interrupted_trials(storage, "s")
+    assert study.trials[left_running.number].state == optuna.trial.TrialState.FAIL
+    study = open_study(storage, "s", task, space, controller, 0)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[-1].user_attrs.get("baseline")
