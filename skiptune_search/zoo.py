@@ -116,8 +116,21 @@ def _offline_error(source: str, exc: Exception) -> ModelLoadError:
     where = "is not in the local Hugging Face cache" if not Path(source).exists() else "could not be read"
     return ModelLoadError(
         f"diffusers model {source} {where} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
-        f"on a machine with internet run: huggingface-cli download {source}"
+        f"on a machine with internet run: hf download {source}"
     )
+
+
+def _pipeline_folder(source: str) -> str:
+    """The folder of a pipeline: ``source`` itself, or a repo id's snapshot in the local Hugging
+    Face cache (found by its model_index.json; partial downloads are fine, nothing is fetched)."""
+    if Path(source).exists() or not _looks_like_repo_id(source):
+        return source
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source, "model_index.json")
+    if not isinstance(index, str):
+        raise _offline_error(source, FileNotFoundError("no model_index.json of it in the cache"))
+    return str(Path(index).parent)
 
 
 def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
@@ -126,18 +139,21 @@ def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
     text-to-image pipeline (``load_text_to_image``). Never downloads."""
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
+    folder = _pipeline_folder(source)
     try:
         with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
             warnings.simplefilter("ignore", UserWarning)
-            index = DiffusionPipeline.load_config(source, local_files_only=True)
+            index = DiffusionPipeline.load_config(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise _offline_error(source, exc) from None
     if index.get("text_encoder", [None])[0] is not None:
-        return load_text_to_image(source, index)
+        return load_text_to_image(source, index, folder)
     try:
-        unet = UNet2DModel.from_pretrained(source, subfolder="unet", local_files_only=True,
+        # a local folder: diffusers falls back to its top level when there is no unet/ or scheduler/
+        # (the flat layout of google/ddpm-* repos)
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                            low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise _offline_error(source, exc) from None
     from .denoisers import DiffusersVPPrecond
@@ -151,10 +167,12 @@ def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
     return denoiser, info
 
 
-def load_text_to_image(source: str, index: dict) -> tuple[torch.nn.Module, dict]:
+def load_text_to_image(source: str, index: dict, folder: str | None = None) -> tuple[torch.nn.Module, dict]:
     """A Stable-Diffusion-style pipeline (unet = UNet2DConditionModel, text_encoder, tokenizer,
-    vae = AutoencoderKL, scheduler; ``index`` is its model_index.json) as a classifier-free-guided
-    denoiser in latent σ-space. Each part is loaded by the class model_index.json names, offline."""
+    vae = AutoencoderKL, scheduler; ``index`` is its model_index.json; ``folder`` where it is, by
+    default ``source``) as a classifier-free-guided denoiser in latent σ-space. Each part is loaded
+    by the class model_index.json names, offline."""
+    folder = folder or source
     import importlib
 
     from diffusers import DDPMScheduler
@@ -166,19 +184,27 @@ def load_text_to_image(source: str, index: dict) -> tuple[torch.nn.Module, dict]
     if missing or index["unet"][1] != "UNet2DConditionModel":
         raise ModelLoadError(f"{source} is not a Stable-Diffusion-style pipeline (needs a UNet2DConditionModel unet, "
                              f"vae, text_encoder, tokenizer, scheduler; missing: {', '.join(missing) or 'none'})")
+    if index.get("text_encoder_2", [None])[0] is not None:
+        raise ModelLoadError(f"{source} is an SDXL-style pipeline (two text encoders), which is not supported; "
+                             f"use a Stable Diffusion 1.x or 2.x-style one")
     parts = {}
     try:
         for part in ("unet", "vae", "text_encoder", "tokenizer"):
             library, cls = index[part]
             kwargs = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
             parts[part] = getattr(importlib.import_module(library), cls).from_pretrained(
-                source, subfolder=part, local_files_only=True, **kwargs)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=True)
+                folder, subfolder=part, local_files_only=True, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     except ImportError as exc:
         raise ModelLoadError(f"{source} needs the package {exc.name or 'transformers'}: "
                              f"pip install transformers") from None
     except (OSError, ValueError) as exc:
         raise _offline_error(source, exc) from None
+    unet_config = parts["unet"].config
+    if unet_config.get("addition_embed_type") or unet_config.in_channels != unet_config.out_channels:
+        raise ModelLoadError(f"{source}: its UNet needs inputs besides the latents and the prompt (added embeddings, "
+                             f"or {unet_config.in_channels} input channels for {unet_config.out_channels} predicted: "
+                             f"an SDXL, inpainting or image-conditioned model); only plain text-to-image is supported")
     frozen = {k: v.eval().requires_grad_(False) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
     denoiser = TextCFGPrecond(frozen["unet"], scheduler.alphas_cumprod, scheduler.config.prediction_type,
                               dict(scheduler.config), frozen["text_encoder"], frozen["tokenizer"], frozen["vae"])

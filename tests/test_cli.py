@@ -147,7 +147,7 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
             Evaluator(task, trust_pickle=values.get("trust_pickle", False), edm_path=None)
     else:  # a Hugging Face repo id, not in this machine's cache
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        with pytest.raises(ModelLoadError, match=f"huggingface-cli download {task.model}$"):
+        with pytest.raises(ModelLoadError, match=f"hf download {task.model}$"):
             Evaluator(task)
         evaluator = Evaluator(replace(task, model=_stand_in(task, request, tmp_path), n=4, rungs=(2, 4), **(
             {"prompts": str(_write(tmp_path / "p.txt", "a cat\n"))} if task.prompts else {})), device="cpu")

@@ -46,10 +46,31 @@ def test_search_on_a_diffusers_pipeline(ddpm_dir, tmp_path, monkeypatch):
     assert "ddpm-tiny-heun-nfe3-per_noise-input" in result.output
 
 
+def test_cached_repo_with_the_flat_layout_of_google_ddpm(monkeypatch, tmp_path, tiny_unet):
+    """google/ddpm-* repos keep the UNet and scheduler files at the top, with no unet/ or scheduler/."""
+    import json
+
+    import huggingface_hub.constants
+    from diffusers import DDPMScheduler
+
+    repo = tmp_path / "hub" / "models--someone--tiny-ddpm"
+    snapshot = repo / "snapshots" / "0123abcd"
+    tiny_unet.save_pretrained(snapshot)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(snapshot)
+    (snapshot / "model_index.json").write_text(json.dumps(
+        {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    denoiser, info = load_denoiser("someone/tiny-ddpm")
+    assert isinstance(denoiser, DiffusersVPPrecond) and info["precond"] == "vp-epsilon" and info["resolution"] == 16
+    assert info["name"] == "someone/tiny-ddpm"
+
+
 def test_uncached_repo_id_is_a_clear_offline_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="huggingface-cli download google/ddpm-cifar10-32"):
+    with pytest.raises(ModelLoadError, match="hf download google/ddpm-cifar10-32"):
         load_denoiser("google/ddpm-cifar10-32")
 
 

@@ -11,7 +11,7 @@ from skiptune_search.denoisers import TextCFGPrecond
 from skiptune_search.prompts import read_prompts
 from skiptune_search.sampling import prompt_indices
 from skiptune_search.search import Evaluator, Task
-from skiptune_search.zoo import load_denoiser
+from skiptune_search.zoo import ModelLoadError, load_denoiser
 
 
 def _evaluator(model_dir, prompts, **task):
@@ -41,6 +41,19 @@ def test_prompt_file_rules(tmp_path, prompt_file):
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match="holds no prompt"):
         read_prompts(tmp_path / "blank.txt")
+
+
+def test_an_sdxl_style_pipeline_is_refused_before_loading(tiny_sd_dir, tmp_path):
+    import json
+    import shutil
+
+    sdxl = tmp_path / "sdxl-like"
+    shutil.copytree(tiny_sd_dir, sdxl)
+    index = json.loads((sdxl / "model_index.json").read_text())
+    index["text_encoder_2"] = index["text_encoder"]
+    (sdxl / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="SDXL-style pipeline"):
+        load_denoiser(str(sdxl))
 
 
 def test_prompts_are_required_exactly_for_text_models(tiny_sd_dir, tiny_model_dir, prompt_file):
