@@ -20,10 +20,11 @@ def read_config(path: str | Path, allowed: Iterable[str]) -> dict:
     """The file's values keyed by option name (underscores), or a ConfigError naming the key."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        with open(path, "rb") as f:  # TOML is UTF-8 whatever the locale says
+            data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     allowed = sorted(allowed)
     values = {}

@@ -114,6 +114,8 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir,
     _one_line_error(run("search", "--config", "bad.toml"), "unknown key 'nfee'", "did you mean 'nfe'?")
     (tmp_path / "broken.toml").write_text("nfe = \n")
     _one_line_error(run("search", "--config", "broken.toml"), "not valid TOML")
+    (tmp_path / "latin1.toml").write_bytes('model = "modèle"\n'.encode("latin-1"))  # TOML must be UTF-8
+    _one_line_error(run("search", "--config", "latin1.toml"), "not valid TOML")
 
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")),
