@@ -642,7 +642,8 @@ def train_default(steps, batch, lr, out, state, fresh, data_dir, threads) -> Non
 
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, threads=threads)
     info = train(Path(out) if out else DEFAULT_MODEL_DIR, Path(state), cfg, data_dir, resume=not fresh)
-    click.echo(f"{info['steps']} steps, {info['images_seen']} images, final loss {info['final_loss']:.4f}, "
+    loss = f"{info['final_loss']:.4f}" if info.get("final_loss") is not None else "not measured (no step ran)"
+    click.echo(f"{info['steps']} steps, {info['images_seen']} images, final loss {loss}, "
                f"{info['wall_seconds'] / 3600:.2f} h")
 
 

@@ -77,6 +77,8 @@ def train_default(
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     step, nimg, wall = 0, 0, 0.0
     history: list[list[float]] = []
+    gen = torch.Generator()
+    gen_state = None  # the batch/σ/noise stream where it stopped: a resume draws what a straight run would
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state["net"])
@@ -84,6 +86,7 @@ def train_default(
         opt.load_state_dict(state["opt"])
         step, nimg, wall = int(state["step"]), int(state["nimg"]), float(state["wall"])
         history = state["history"].tolist()
+        gen_state = state.get("gen")
     elif resume and (out_dir / MODEL_INFO_FILE).is_file():
         info = json.loads((out_dir / MODEL_INFO_FILE).read_text())
         from .zoo import load_unet
@@ -98,8 +101,12 @@ def train_default(
     ema.requires_grad_(False)
     precond = EDMPrecond(net, sigma_data=cfg.sigma_data)
 
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if gen_state is not None:
+        gen.set_state(gen_state)
+    else:  # a fresh run, or a resume from the model folder alone (not exact: a new stream)
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
     losses: list[float] = []
+    start_step = step
     bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="train", unit="step")
     t_last = time.perf_counter()
 
@@ -109,7 +116,7 @@ def train_default(
             "steps": step,
             "images_seen": nimg,
             "wall_seconds": round(wall, 1),
-            "final_loss": float(np.mean(losses[-200:])) if losses else None,
+            "final_loss": float(np.mean(losses[-200:])) if losses else (history[-1][1] if history else None),
             "loss_history": history,
             "config": cfg.__dict__,
             "threads": torch.get_num_threads(),
@@ -119,7 +126,7 @@ def train_default(
         state_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
             {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-             "step": step, "nimg": nimg, "wall": wall, "history": torch.tensor(history)},
+             "step": step, "nimg": nimg, "wall": wall, "history": torch.tensor(history), "gen": gen.get_state()},
             tmp,
         )
         tmp.replace(state_path)
@@ -166,4 +173,6 @@ def train_default(
         if step % cfg.save_every == 0 or step == cfg.steps:
             info = checkpoint()
     bar.close()
+    if not info and step == start_step and (out_dir / MODEL_INFO_FILE).is_file():
+        return json.loads((out_dir / MODEL_INFO_FILE).read_text())["training"]  # nothing to do: leave it as it is
     return info or checkpoint()

@@ -278,13 +278,14 @@ def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5)
             "channels": int(unet.config.in_channels),
             "training": training,
         }
-        # keep files written next to the weights by hand (model card, sample grids)
+        # keep files and folders written next to the weights by hand (model card, sample grids)
         if out_dir.is_dir():
             for extra in out_dir.iterdir():
                 if extra.name not in {"config.json", "diffusion_pytorch_model.safetensors", MODEL_INFO_FILE}:
-                    shutil.copy2(extra, tmp / extra.name)
+                    (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
         old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
         if out_dir.exists():
             out_dir.replace(old)
         tmp.replace(out_dir)

@@ -41,6 +41,40 @@ def test_train_saves_resumes_and_writes_a_card(tmp_path, tiny_fashion_dir):
     assert (out / "MODEL_CARD.md").is_file() and (out / "samples.png").is_file()
 
 
+def test_a_resumed_run_ends_where_a_straight_run_does(tmp_path, tiny_fashion_dir):
+    """The state file carries the random stream: 2 steps, stop, 2 more = 4 steps in one go."""
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    cfg = dict(batch=4, save_every=1, warmup_steps=1)
+    train_default(straight, tmp_path / "s.pt", TrainConfig(steps=4, **cfg), data_dir=str(tiny_fashion_dir))
+    train_default(parts, tmp_path / "p.pt", TrainConfig(steps=2, **cfg), data_dir=str(tiny_fashion_dir))
+    train_default(parts, tmp_path / "p.pt", TrainConfig(steps=4, **cfg), data_dir=str(tiny_fashion_dir))
+    a, b = load_unet(straight).state_dict(), load_unet(parts).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rerunning_a_finished_training_changes_nothing(tmp_path, tiny_fashion_dir):
+    out, state = tmp_path / "model", tmp_path / "state.pt"
+    cfg = TrainConfig(steps=2, batch=4, save_every=1, warmup_steps=1)
+    done = train_default(out, state, cfg, data_dir=str(tiny_fashion_dir))
+    before = (out / MODEL_INFO_FILE).read_text()
+    assert train_default(out, state, cfg, data_dir=str(tiny_fashion_dir)) == done
+    assert (out / MODEL_INFO_FILE).read_text() == before and done["final_loss"] is not None
+
+
+def test_a_save_survives_a_leftover_of_a_killed_save_and_keeps_extra_folders(tmp_path, tiny_unet):
+    from skiptune_search.zoo import save_model_dir
+
+    out = tmp_path / "model"
+    save_model_dir(tiny_unet, out, training={"steps": 1})
+    (out / "grids").mkdir()
+    (out / "grids" / "a.png").write_bytes(b"png")
+    (tmp_path / ".model.old").mkdir()  # a run killed between its two renames leaves this
+    (tmp_path / ".model.old" / "x").write_text("stale")
+    save_model_dir(tiny_unet, out, training={"steps": 2})
+    assert json.loads((out / MODEL_INFO_FILE).read_text())["training"] == {"steps": 2}
+    assert (out / "grids" / "a.png").read_bytes() == b"png" and not (tmp_path / ".model.old").exists()
+
+
 def test_ema_half_life_ramps_up_with_images_seen():
     cfg = TrainConfig(batch=100, ema_halflife_kimg=10, ema_rampup=0.1)
     # after 1000 images the half-life is 100 images: one batch of 100 halves the old weight
