@@ -405,19 +405,33 @@ def export(storage, study, out) -> None:
 @_friendly
 def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler, nfe, seed, threads, device,
            schedule, n, out) -> None:
-    """Sample a grid of images, with a schedule applied or untuned."""
+    """Sample a grid of images, with a schedule applied or untuned. With --schedule, the model,
+    sampler, NFE, σ grid, prompts and guidance it was tuned for are the defaults."""
     from . import search as S
     from .grids import save_grid
+    from .schedule import load_schedule
 
     _set_threads(threads)
+    if schedule is not None:  # what the schedule was tuned for, unless the command line says otherwise
+        path, schedule = schedule, load_schedule(schedule)
+        tuned = schedule.tuned_for
+        given = click.get_current_context().get_parameter_source
+        default = click.core.ParameterSource.DEFAULT
+        model = tuned.get("model", model) if given("model") == default else model
+        sampler = tuned.get("sampler", sampler) if given("sampler") == default else sampler
+        nfe = tuned.get("nfe", nfe) if given("nfe") == default else nfe
+        if sigma_grid is None and sampler == tuned.get("sampler"):
+            sigma_grid = tuned.get("sigma_grid")
+        prompts = prompts or tuned.get("prompts")
+        guidance = guidance if guidance is not None else tuned.get("guidance")
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, sigma_grid=sigma_grid, prompts=prompts,
                   guidance=guidance)
     evaluator = S.Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device)
     sched = evaluator.controller.identity() if schedule is None else schedule
     images = evaluator.images(sched)
     save_grid(images, out)
-    what = f"schedule {schedule}" if schedule else "untuned model"
-    click.echo(f"wrote {out}: {n} images, {sampler} NFE {nfe} ({task.sigma_grid} σ grid), "
+    what = f"schedule {path}" if schedule else "untuned model"
+    click.echo(f"wrote {out}: {n} images of {model}, {sampler} NFE {nfe} ({task.sigma_grid} σ grid), "
                f"seeds {seed}-{seed + n - 1}, {what}")
 
 
