@@ -387,7 +387,7 @@ def export(storage, study, out) -> None:
     from . import search as S
 
     try:
-        st = optuna.load_study(study_name=study, storage=S.make_storage(storage))
+        st = optuna.load_study(study_name=study, storage=S.make_storage(storage, create=False))
     except KeyError:
         raise UserError(f"no study {study!r} in {storage}; list them with optuna-dashboard or run 'search'") from None
     schedule = S.export_best(st, storage)
@@ -512,10 +512,11 @@ def dashboard(storage, host, port) -> None:
 
     from . import search as S
 
+    storage_obj = S.make_storage(storage, create=False)
     folder = S.artifact_dir(storage)
     folder.mkdir(parents=True, exist_ok=True)
     click.echo(f"optuna-dashboard on {storage} (artifacts in {folder}): http://{host}:{port}/  (Ctrl-C stops)")
-    run_server(S.make_storage(storage), host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
+    run_server(storage_obj, host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
 
 
 @main.command()
@@ -528,13 +529,14 @@ def studies(storage) -> None:
     from . import search as S
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = optuna.get_all_study_summaries(S.make_storage(storage), include_best_trial=False)
+    storage_obj = S.make_storage(storage, create=False)
+    summaries = optuna.get_all_study_summaries(storage_obj, include_best_trial=False)
     if not summaries:
         click.echo(f"no studies in {storage}; run 'skiptune-search search'")
         return
     click.echo(f"{'study':<48} {'done':>5} {'failed':>6} {'baseline':>9} {'best':>9} {'change':>7}")
     for summary in sorted(summaries, key=lambda s: s.study_name):
-        st = optuna.load_study(study_name=summary.study_name, storage=S.make_storage(storage))
+        st = optuna.load_study(study_name=summary.study_name, storage=storage_obj)
         complete = st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         failed = len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
         base = S.baseline_trial(st)
@@ -564,7 +566,7 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
     from .report import write_report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage_obj = S.make_storage(storage)
+    storage_obj = S.make_storage(storage, create=False)
     try:
         st = optuna.load_study(study_name=study, storage=storage_obj)
     except KeyError:

@@ -263,8 +263,10 @@ def log_spaced_knots(sigma_min: float, sigma_max: float, k: int) -> tuple[float,
 
 
 # --- storage and studies -----------------------------------------------------------------
-def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseStorage:
+def make_storage(url: str, heartbeat: int | None = 60, create: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna storage for a SQLAlchemy URL; SQLite folders are created, with a busy timeout.
+    With ``create`` False (commands that only read) a missing SQLite file is an error, not a new
+    empty database.
 
     With ``heartbeat`` (seconds), a running trial beats; one whose worker died (killed, machine
     lost) is marked failed after two missed beats by the next worker that starts, and retried
@@ -272,6 +274,9 @@ def make_storage(url: str, heartbeat: int | None = 60) -> optuna.storages.BaseSt
     kwargs: dict = {}
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
+        if not create and str(path) != ":memory:" and not path.is_file():
+            raise StorageError(f"no study storage at {path}; run 'skiptune-search search' first, or pass the "
+                               f"--storage it used")
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
         if str(path) != ":memory:":  # write-ahead log: readers never block the writer (persists in the file)
             try:

@@ -81,6 +81,16 @@ def test_bad_input_is_a_one_line_error(run, tiny_model_dir, tmp_path):
     _one_line_error(run("search", "--model", tmp_path / "nowhere"), "not found", "--model fashion-mnist-edm")
     _one_line_error(run("sample", "--model", tiny_model_dir, "--schedule", "missing.json", "-o", "g.png"),
                     "missing.json not found")
+    _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study storage at studies/skiptune.db")
+    for read_only in (["studies"], ["export", "--study", "s", "-o", "x.json"], ["report", "--study", "s", "-o", "r.html"],
+                      ["dashboard"]):  # a mistyped storage path is not created empty
+        _one_line_error(run(*read_only, "--storage", "sqlite:///typo/s.db"), "no study storage at typo/s.db")
+    assert not (tmp_path / "typo").exists()
+    import optuna
+
+    from skiptune_search.search import make_storage
+
+    optuna.create_study(storage=make_storage("sqlite:///studies/skiptune.db"), study_name="other")
     _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study 'nope'")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "g.png").exists()
 
