@@ -178,6 +178,7 @@ def search_efficiency(results: dict, runs: dict, default_trials: int = 16) -> li
             "optimizer": optimizer, "pruning": prune == "on", "seeds": len(logs), "reached": len(hit),
             "median_trials": statistics.median(r[0] for r in hit) if hit else None,
             "median_samples": statistics.median(r[1] for r in hit) if hit else None,
+            "samples_to_target": [r[1] for r in reached],  # per search seed; None where it never got there
             "median_best_at_default": statistics.median(v for v in at_default if v is not None),
             "median_samples_at_default": statistics.median(sum(t["samples"] for t in log[:default_trials])
                                                            for log in logs),

@@ -38,6 +38,7 @@ def test_search_efficiency_counts_trials_and_samples_to_the_target():
     for row, key in zip(rows, ("random,on", "random,off")):
         reached = [BS._reach(log, 101.0) for log in runs[key]]
         assert row["reached"] == sum(r[0] is not None for r in reached)
+        assert row["samples_to_target"] == [r[1] for r in reached]  # seed by seed, for the pruning comparison
     # without pruning every trial costs N
     assert all(t["samples"] == 1000 for log in runs["random,off"] for t in log)
 
@@ -229,3 +230,19 @@ def test_a_trial_left_running_by_a_killed_headline_run_is_failed_and_its_baselin
     study = open_study(storage, "s", task, space, controller, 0)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
     assert study.trials[-1].user_attrs.get("baseline")
+
+
+def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path, monkeypatch):
+    """A seed that reached the target only without pruning is left out of the comparison."""
+    from skiptune_search import bench
+
+    grid = {"grid": _bowl_grid(), "settings": {"points": 11, "placement": "input", "task": {
+        "rungs": [250, 1000], "seed": 0, "sampler": "heun", "nfe": 9}}, "command": "c", "machine": "m", "date": "d"}
+    rows = [{"optimizer": "tpe", "pruning": True, "seeds": 3, "reached": 2, "median_trials": 5, "median_samples": 600,
+             "samples_to_target": [500, None, 700], "median_best_at_default": 100, "median_samples_at_default": 1},
+            {"optimizer": "tpe", "pruning": False, "seeds": 3, "reached": 3, "median_trials": 5, "median_samples": 900,
+             "samples_to_target": [1000, 200, 1000], "median_best_at_default": 100, "median_samples_at_default": 1}]
+    monkeypatch.setattr(BS, "replays", lambda *a, **k: {})
+    monkeypatch.setattr(BS, "search_efficiency", lambda *a, **k: rows)
+    text = "\n".join(bench._table4(grid, {"seeds": 3, "trials": 60}, tmp_path))
+    assert "tpe 40% (2 seeds)." in text  # seeds 0 and 2: 50% and 30% saved
