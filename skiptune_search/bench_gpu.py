@@ -70,11 +70,13 @@ def scoring_seconds(n: int, resolution: int, device: torch.device) -> float:
     extractor = load_extractor(DEFAULT_FEATURES).to(device)
     reference = ReferenceStats.load(DEFAULT_REFERENCE)
     images = torch.randint(0, 256, (n, 3, resolution, resolution), dtype=torch.uint8)
-    extract_features(images[:8], extractor, 8)  # warm-up
+    batch = min(250, n)
+    extract_features(images[:batch], extractor, batch)  # warm-up at the timed batch size
     start = _sync(device)
-    features = extract_features(images, extractor, 250)
-    fid_from_features(features, reference)
-    kid_from_features(features, reference)
+    features = extract_features(images, extractor, batch)
+    for rung in sorted({max(2, n // 4), n}):  # FID and KID at each rung, as the default search scores them
+        fid_from_features(features[:rung], reference)
+        kid_from_features(features[:rung], reference)
     return _sync(device) - start
 
 
@@ -92,7 +94,7 @@ def run_gpu_scaling(device: torch.device, batches: tuple[int, ...], nfe: int, n:
             label = "bf16 autocast" if bf16 else "fp32"
             try:
                 rate = images_per_second(denoiser, shape, batch, nfe, bf16, device)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 rows.append({"batch": batch, "precision": label, "images_per_s": None, "trial_s": None})
                 torch.cuda.empty_cache()
                 continue
@@ -100,16 +102,21 @@ def run_gpu_scaling(device: torch.device, batches: tuple[int, ...], nfe: int, n:
                          "trial_s": n / rate + scoring})
             if progress:
                 print(f"batch {batch} {label}: {rate:.1f} images/s", flush=True)
+    # fp32 rows run with torch's TF32 settings as they are (by default TF32 convolutions, fp32 matmuls)
+    tf32 = {"convolutions": torch.backends.cudnn.allow_tf32, "matmuls": torch.backends.cuda.matmul.allow_tf32}
     return {"params": params, "resolution": config["sample_size"], "nfe": nfe, "n": n, "scoring_s": scoring,
-            "rows": rows, "quick": quick}
+            "rows": rows, "quick": quick, "tf32": tf32}
 
 
 def render(r: dict) -> list[str]:
-    what = "a CPU stand-in of the same shape (--quick: the code path only)" if r["quick"] else "EDM-like 64 px ADM"
+    what = "a small stand-in of the same shape (--quick: the code path only)" if r["quick"] else "EDM-like 64 px ADM"
+    tf32 = r.get("tf32")
+    tf32_note = (f" fp32 rows ran with TF32 {'on' if tf32['convolutions'] else 'off'} for convolutions and "
+                 f"{'on' if tf32['matmuls'] else 'off'} for matmuls (torch's settings)." if tf32 else "")
     lines = [f"Written by `{r['command']}` on {r['date']}. Machine: {r['machine']}.", "",
              f"{what}, {r['params'] / 1e6:.1f}M parameters, random weights, skip controller attached "
              f"(linear 0.8 → 1.0); Heun NFE {r['nfe']}. A proxy trial is N = {r['n']} samples plus "
-             f"{r['scoring_s']:.2f} s of features, FID and KID.", "",
+             f"{r['scoring_s']:.2f} s of features, FID and KID at N/4 and N.{tf32_note}", "",
              "| batch | precision | images/s | seconds per proxy trial |", "| ---: | --- | ---: | ---: |"]
     for x in r["rows"]:
         rate = "out of memory" if x["images_per_s"] is None else f"{x['images_per_s']:.1f}"

@@ -263,7 +263,7 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
                  "images/s", "of their speed", "of the trial (target ≥ 90%)", "Machine:", "| fid@16 |", "| kid@4 |", "| fid_inf |", "all 3x3 (ρ_inner, ρ_outer)",
                  "| tpe | on |", "| cmaes | off |", "Largest overhead:", "| no controller | ", " | 1.000x |", "| random | on |", "| NFE | untuned | linear | per_layer |",
-                 "| 4 | bf16 autocast |", "seconds per proxy trial"):
+                 "| 4 | bf16 autocast |", "seconds per proxy trial", "FID and KID at N/4 and N. fp32 rows ran with TF32"):
         assert part in text, part
     raw = tmp_path / "studies" / "bench-quick"
     assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json",
