@@ -190,6 +190,11 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{machine()}; device {device}"}
     if 6 in tables and device.type != "cuda" and not quick:
         raise ValueError("table 6 measures a GPU and none is visible to torch; leave 6 out of --tables on this machine")
+    truth_n = truth_n or size["truth_n"]
+    saved_truth_n = BS.load_results(work / "truth.json").get("settings", {}).get("truth_n", truth_n)
+    if 3 in tables and saved_truth_n != truth_n:  # found out before anything is measured, not after tables 1-2
+        raise ValueError(f"{work / 'truth.json'} holds table 3 on {saved_truth_n:,} held-out samples per schedule, "
+                         f"not {truth_n:,}: pass --truth-n {saved_truth_n} to extend it, or another --work folder")
     def described(evaluator: Evaluator) -> dict:
         t = evaluator.task
         return {"model": model, "sampler": t.sampler, "nfe": nfe, "batch": evaluator.batch_size,
@@ -212,15 +217,14 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
         if 3 in tables:
             tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], work / "replays.json")["tpe,on"]
             keys = BS.pick_schedules(results, tpe, size["schedules"])
-            BS.run_truth(evaluator, work / "truth.json", keys, truth_n or size["truth_n"], command,
-                         stamp["machine"], progress)
+            BS.run_truth(evaluator, work / "truth.json", keys, truth_n, command, stamp["machine"], progress)
     if 5 in tables:
         from .bench_headline import run_headline
 
         quick_rungs = (size["search_n"],)
         run_headline(model, size["headline_nfes"] or (nfe,), work / "headline.json", command, stamp["machine"],
                      seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
-                     rungs=quick_rungs if quick else size["rungs"], truth_n=truth_n or size["truth_n"],
+                     rungs=quick_rungs if quick else size["rungs"], truth_n=size["truth_n"],
                      batch=size["batch"], families=size["headline_families"], progress=progress)
     if 6 in tables:
         from .bench_gpu import run_gpu_scaling

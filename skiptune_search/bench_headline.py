@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from .bench_search import HELD_OUT_SEED, load_results, same_settings, save_results
+from .bench_search import HELD_OUT_SEED, check_same_settings, load_results, save_results
 from .metrics import fid_from_features
 from .schedule import FAMILIES
 from .search import Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search
@@ -29,8 +29,7 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     results = load_results(path)
     settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
                 "held_out_seed": HELD_OUT_SEED}
-    if not same_settings(results.get("settings"), settings):
-        raise ValueError(f"{path} holds headline results of other settings; pass another --work folder or delete it")
+    check_same_settings(path, "headline results", results.get("settings"), settings)
     results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
                    plan={"nfes": list(nfes), "families": list(families), "seeds": seeds})
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"

@@ -57,15 +57,23 @@ def _scores(features, evaluator: Evaluator, rungs: tuple[int, ...]) -> dict:
     return out
 
 
-def same_settings(old: dict | None, new: dict) -> bool:
-    """Results saved under ``old`` settings can be extended under ``new`` ones: every setting both
-    name is equal (a task field added to the tool since keeps its default, so it is not compared)."""
+def settings_differences(old: dict | None, new: dict) -> list[str]:
+    """What keeps results saved under ``old`` settings from being extended under ``new`` ones, as
+    'name: old (now new)': every setting both name must be equal (a task field added to the tool
+    since keeps its default, so it is not compared)."""
     if old is None:
-        return True
+        return []
     new = json.loads(json.dumps(new))
     old_task, new_task = old.get("task", {}), new.get("task", {})
-    return (all(old_task[k] == v for k, v in new_task.items() if k in old_task)
-            and all(old.get(k) == v for k, v in new.items() if k != "task"))
+    return ([f"{k}: {old_task[k]} (now {v})" for k, v in new_task.items() if k in old_task and old_task[k] != v]
+            + [f"{k}: {old.get(k)} (now {v})" for k, v in new.items() if k != "task" and old.get(k) != v])
+
+
+def check_same_settings(path: Path, what: str, old: dict | None, new: dict) -> None:
+    """A one-line error naming the settings that differ, when ``path`` holds ``what`` of others."""
+    if differences := settings_differences(old, new):
+        raise ValueError(f"{path} holds {what} of other settings ({'; '.join(differences)}); rerun with those, or "
+                         f"pass another --work folder (the results there stay as they are)")
 
 
 # --- table 4, part 1: the exhaustive grid -------------------------------------------------------
@@ -76,8 +84,7 @@ def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machin
     task = evaluator.task
     results = load_results(path)
     settings = {"task": task.scoring_key(), "points": points, "placement": Space().placement}
-    if not same_settings(results.get("settings"), settings):
-        raise ValueError(f"{path} holds a grid of other settings; pass another --work folder or delete it")
+    check_same_settings(path, "a grid", results.get("settings"), settings)
     grid = results.setdefault("grid", {})
     values = grid_values(points)
     order = [(i, o) for i in values for o in values]
@@ -214,8 +221,7 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
         raise ValueError(f"--truth-n {truth_n} must be a multiple of N = {task.n}, at least twice it")
     results = load_results(path)
     settings = {"task": task.scoring_key(), "truth_n": truth_n, "held_out_seed": HELD_OUT_SEED}
-    if not same_settings(results.get("settings"), settings):
-        raise ValueError(f"{path} holds held-out results of other settings; pass another --work folder or delete it")
+    check_same_settings(path, "held-out results", results.get("settings"), settings)
     truth = results.setdefault("truth", {})
     if any(k not in truth for k in keys):
         results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))

@@ -598,7 +598,8 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
               help="Folder of the tables' raw results; long tables resume from it [default: studies/bench, "
                    "studies/bench-quick with --quick].")
 @click.option("--truth-n", default=None, type=int,
-              help="Held-out samples per schedule in tables 3 and 5 [default: 10000; 32 with --quick].")
+              help="Held-out samples per schedule in table 3 [default: 10000; 32 with --quick]. Table 5 "
+                   "always scores 10,000 (32 with --quick).")
 @click.option("--threads", default=None, type=int, help="torch CPU threads [default: torch's choice].")
 @_friendly
 def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:

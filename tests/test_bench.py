@@ -96,8 +96,17 @@ def test_results_of_other_settings_are_refused(tmp_path, tiny_model_dir):
     evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=4, rungs=(2, 4)), batch_size=4, device="cpu")
     path = tmp_path / "grid.json"
     BS.save_results(path, {"settings": {"task": {"nfe": 5}, "points": 3, "placement": "input"}, "grid": {}})
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(nfe: 5 \(now 3\)\); .* another --work folder"):
         BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
+
+
+def test_table_3_of_another_truth_n_is_refused_before_anything_is_measured(tmp_path, monkeypatch):
+    from skiptune_search import bench
+
+    BS.save_results(tmp_path / "truth.json", {"settings": {"truth_n": 4000}, "truth": {}})
+    monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: pytest.fail("measured before the check"))
+    with pytest.raises(ValueError, match="on 4,000 held-out samples per schedule, not 10,000: pass --truth-n 4000"):
+        bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1, 3), work=tmp_path)
 
 
 def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny_model_dir, monkeypatch):
