@@ -17,7 +17,11 @@ import optuna
 from .bench_search import HELD_OUT_SEED, check_same_settings, load_results, save_results
 from .metrics import fid_from_features
 from .schedule import FAMILIES
-from .search import Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search
+from .search import (
+    Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search, weights_fingerprint,
+)
+from .skips import SkipController
+from .zoo import load_denoiser
 
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
@@ -28,7 +32,8 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = load_results(path)
     settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
-                "held_out_seed": HELD_OUT_SEED}
+                "held_out_seed": HELD_OUT_SEED,  # and the weights: a model retrained in place is another model
+                "weights": weights_fingerprint(SkipController(load_denoiser(model)[0]).unet)}
     check_same_settings(path, "headline results", results.get("settings"), settings)
     results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
                    plan={"nfes": list(nfes), "families": list(families), "seeds": seeds})

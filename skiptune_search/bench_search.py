@@ -27,7 +27,7 @@ import optuna
 
 from .files import write_text_atomic
 from .metrics import fid_from_features, kid_from_features
-from .search import PAPER_RAMP, Evaluator, Space, fid_inf, grid_values, make_sampler
+from .search import PAPER_RAMP, Evaluator, Space, fid_inf, grid_values, make_sampler, weights_fingerprint
 
 HELD_OUT_SEED = 2_000_000  # held-out samples of table 3: far from the search's and evaluate's seeds
 
@@ -59,14 +59,14 @@ def _scores(features, evaluator: Evaluator, rungs: tuple[int, ...]) -> dict:
 
 def settings_differences(old: dict | None, new: dict) -> list[str]:
     """What keeps results saved under ``old`` settings from being extended under ``new`` ones, as
-    'name: old (now new)': every setting both name must be equal (a task field added to the tool
-    since keeps its default, so it is not compared)."""
+    'name: old (now new)': every setting both name must be equal (a setting added to the tool since,
+    such as the weights' fingerprint, was not recorded, so it is not compared)."""
     if old is None:
         return []
     new = json.loads(json.dumps(new))
     old_task, new_task = old.get("task", {}), new.get("task", {})
     return ([f"{k}: {old_task[k]} (now {v})" for k, v in new_task.items() if k in old_task and old_task[k] != v]
-            + [f"{k}: {old.get(k)} (now {v})" for k, v in new.items() if k != "task" and old.get(k) != v])
+            + [f"{k}: {old[k]} (now {v})" for k, v in new.items() if k != "task" and k in old and old[k] != v])
 
 
 def check_same_settings(path: Path, what: str, old: dict | None, new: dict) -> None:
@@ -83,7 +83,8 @@ def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machin
     in a seeded random order (a partial grid is still an even sample of it)."""
     task = evaluator.task
     results = load_results(path)
-    settings = {"task": task.scoring_key(), "points": points, "placement": Space().placement}
+    settings = {"task": task.scoring_key(), "points": points, "placement": Space().placement,
+                "weights": weights_fingerprint(evaluator.controller.unet)}
     check_same_settings(path, "a grid", results.get("settings"), settings)
     grid = results.setdefault("grid", {})
     values = grid_values(points)
@@ -220,7 +221,8 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
     if truth_n < 2 * task.n or truth_n % task.n:
         raise ValueError(f"--truth-n {truth_n} must be a multiple of N = {task.n}, at least twice it")
     results = load_results(path)
-    settings = {"task": task.scoring_key(), "truth_n": truth_n, "held_out_seed": HELD_OUT_SEED}
+    settings = {"task": task.scoring_key(), "truth_n": truth_n, "held_out_seed": HELD_OUT_SEED,
+                "weights": weights_fingerprint(evaluator.controller.unet)}
     check_same_settings(path, "held-out results", results.get("settings"), settings)
     truth = results.setdefault("truth", {})
     if any(k not in truth for k in keys):

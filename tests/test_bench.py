@@ -255,3 +255,10 @@ def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path,
     monkeypatch.setattr(BS, "search_efficiency", lambda *a, **k: rows)
     text = "\n".join(bench._table4(grid, {"seeds": 3, "trials": 60}, tmp_path))
     assert "tpe 40% (2 seeds)." in text  # seeds 0 and 2: 50% and 30% saved
+
+
+def test_saved_results_of_other_weights_are_refused_and_older_files_without_them_extend():
+    old = {"task": {"nfe": 9}, "points": 11}
+    assert BS.settings_differences(old, {"task": {"nfe": 9}, "points": 11, "weights": "ab"}) == []  # not recorded then
+    assert BS.settings_differences({**old, "weights": "ab"}, {"task": {"nfe": 9}, "points": 11, "weights": "cd"}) == [
+        "weights: ab (now cd)"]
