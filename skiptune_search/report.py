@@ -6,6 +6,7 @@ import base64
 import datetime as _dt
 import html
 import io
+import json
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import plotly.graph_objects as go
 
 from .files import write_text_atomic
 from .schedule import RhoSchedule
-from .search import baseline_trial, export_best
+from .search import baseline_trial, export_best, with_legacy_defaults
 
 
 def _rho_heatmap(schedule: RhoSchedule) -> go.Figure:
@@ -27,25 +28,33 @@ def _rho_heatmap(schedule: RhoSchedule) -> go.Figure:
     return fig
 
 
-def _fid_vs_nfe(study: optuna.Study, storage) -> go.Figure | None:
-    """Untuned vs tuned FID over the NFEs of sibling studies (same model, sampler, family, N)."""
+def _but_nfe(study: optuna.Study) -> tuple:
+    """A study's settings without its NFE (and its weights): what sibling studies must share."""
     settings = study.user_attrs.get("settings", {})
-    task = settings.get("task", {})
-    points = []
+    task = {k: v for k, v in with_legacy_defaults(settings.get("task", {})).items() if k != "nfe"}
+    space = {k: v for k, v in settings.items() if k not in ("task", "sigma_knots")}  # knots follow the σ grid
+    return json.dumps(task, sort_keys=True), json.dumps(space, sort_keys=True), study.user_attrs.get("weights")
+
+
+def _fid_vs_nfe(study: optuna.Study, storage) -> go.Figure | None:
+    """Untuned vs tuned FID over the NFEs of sibling studies: every setting but the NFE the same
+    (model and its weights, sampler, σ grid, N, seeds, reference, objective, family, range...);
+    of several at one NFE, the best."""
+    task = study.user_attrs.get("settings", {}).get("task", {})
+    key, by_nfe = _but_nfe(study), {}
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         other = optuna.load_study(study_name=summary.study_name, storage=storage)
-        s = other.user_attrs.get("settings", {})
-        t = s.get("task", {})
-        same = all(t.get(k) == task.get(k) for k in ("model", "sampler", "n", "seed", "features", "objective"))
-        if not same or s.get("family") != settings.get("family") or s.get("placement") != settings.get("placement"):
+        if _but_nfe(other) != key:
             continue
         base = baseline_trial(other)
         complete = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if base and complete:
-            points.append((t["nfe"], base.value, min(c.value for c in complete)))
+            nfe = other.user_attrs["settings"]["task"]["nfe"]
+            point = (nfe, base.value, min(c.value for c in complete))
+            by_nfe[nfe] = min(by_nfe.get(nfe, point), point, key=lambda p: p[2])
+    points = sorted(by_nfe.values())
     if len(points) < 2:
         return None
-    points.sort()
     nfes = [p[0] for p in points]
     fig = go.Figure([go.Scatter(x=nfes, y=[p[1] for p in points], name="untuned (ρ = 1)", mode="lines+markers"),
                      go.Scatter(x=nfes, y=[p[2] for p in points], name="tuned (best trial)", mode="lines+markers")])

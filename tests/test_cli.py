@@ -302,13 +302,14 @@ def test_locked_storage_is_a_one_line_error(run, tiny_model_dir, tmp_path, monke
 
 
 def test_report_plots_fid_against_nfe_across_sibling_studies(run, tiny_model_dir, tmp_path):
-    for nfe in (1, 3):
-        args = ["search", "--model", tiny_model_dir, "--nfe", nfe, "--n", 4, "--rungs", 4, "--trials", 2]
+    for nfe, extra in ((1, []), (3, []), (5, ["--rho-max", 1.2, "--study", "narrower"])):
+        args = ["search", "--model", tiny_model_dir, "--nfe", nfe, "--n", 4, "--rungs", 4, "--trials", 2, *extra]
         assert run(*args).exit_code == 0
     result = run("report", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "r.html", "--samples", 0)
     assert result.exit_code == 0, result.output
     page = (tmp_path / "r.html").read_text()
     assert "FID vs NFE" in page and "tuned (best trial)" in page and "Samples (same seeds)" not in page
+    assert '"x":[1,3]' in page  # the study of another ρ range is no sibling
 
 
 def test_search_says_when_the_best_sits_at_the_edge_of_the_range(run, tiny_model_dir):
