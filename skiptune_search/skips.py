@@ -106,6 +106,14 @@ class SkipController:
         self._identity = schedule.is_identity()
         self._log_knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
         self._table = torch.tensor(schedule.rho, dtype=torch.float64)  # [skip, knot]
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-σ knots and the ρ table on ``device``, copied once per schedule: a σ-dependent
+        schedule then interpolates on the model's device, with no copy or sync per call."""
+        if device not in self._copies:
+            self._copies[device] = (self._log_knots.to(device), self._table.to(device))
+        return self._copies[device]
 
     # --- ρ of the current call ---------------------------------------------------------
     def _rho(self, index: int) -> float | torch.Tensor:
@@ -116,7 +124,7 @@ class SkipController:
         if self._weights is None:
             raise RuntimeError("σ-dependent schedule used outside a model call")
         k, w = self._weights
-        row = self._table[index]
+        row = self._on(k.device)[1][index]
         return (row[k - 1] + w * (row[k] - row[k - 1])).reshape(-1, 1, 1, 1)
 
     def _scale_trailing(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
@@ -125,8 +133,8 @@ class SkipController:
         if not torch.is_tensor(rho):
             if rho == 1.0:
                 return None
-        else:  # one ρ per sample, computed on the CPU in float64
-            rho = rho.to(device=x.device, dtype=x.dtype)
+        else:  # one ρ per sample, interpolated in float64
+            rho = rho.to(dtype=x.dtype)
         c = self.skips[index].channels
         return torch.cat([x[:, :-c], x[:, -c:] * rho], dim=1)
 
@@ -144,8 +152,8 @@ class SkipController:
             self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
             # where each sample's σ falls between the knots (interpolation in log σ, clamped outside);
             # the same for every skip, so once per call
-            knots = self._log_knots
-            log_sigma = self._sigma.double().cpu().clamp_min(1e-30).log().clamp(knots[0], knots[-1])
+            knots = self._on(x.device)[0]
+            log_sigma = self._sigma.to(x.device, torch.float64).clamp_min(1e-30).log().clamp(knots[0], knots[-1])
             k = torch.searchsorted(knots, log_sigma).clamp(1, len(knots) - 1)
             self._weights = (k, (log_sigma - knots[k - 1]) / (knots[k] - knots[k - 1]))
 
