@@ -304,8 +304,12 @@ def _fmt(v, spec: str = ".4g") -> str:
 def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
     from . import bench_search as BS
 
+    # the proxies come from the grid, the truth from truth.json: both must be of one task
+    if differences := BS.settings_differences({"task": grid["settings"]["task"]}, {"task": truth["settings"]["task"]}):
+        return [_header(truth), "", f"Not rendered: truth.json and grid.json were measured on different tasks "
+                                    f"({'; '.join(differences)}); remeasure one of them."]
     rungs = tuple(grid["settings"]["task"]["rungs"])
-    keys = list(truth["truth"])
+    keys = [k for k in truth["truth"] if k in grid["grid"]]
     rows = BS.proxy_fidelity(grid["grid"], truth["truth"], rungs, keys)
     s = truth["settings"]
     done = f"{len(keys)} of {size['schedules']}" if len(keys) < size["schedules"] else str(len(keys))

@@ -35,6 +35,8 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import torch
+
         from .data import DataNotFoundError
         from .metrics import FeatureWeightsError, ReferenceStatsError
         from .schedule import ScheduleError
@@ -47,6 +49,9 @@ def _friendly(fn):
         except (DataNotFoundError, FeatureWeightsError, ReferenceStatsError, ScheduleError, StorageError,
                 StudyMismatchError, NoSkipsError, ModelLoadError, ValueError) as exc:
             raise UserError(str(exc)) from None
+        except torch.cuda.OutOfMemoryError:
+            raise UserError("out of GPU memory: pass a smaller --batch (a text-to-image model doubles it for "
+                            "guidance)") from None
         except KeyboardInterrupt:
             click.echo(f"\ninterrupted{_RESUME_HINTS.get(fn.__name__, '')}", err=True)
             sys.exit(130)

@@ -262,3 +262,11 @@ def test_saved_results_of_other_weights_are_refused_and_older_files_without_them
     assert BS.settings_differences(old, {"task": {"nfe": 9}, "points": 11, "weights": "ab"}) == []  # not recorded then
     assert BS.settings_differences({**old, "weights": "ab"}, {"task": {"nfe": 9}, "points": 11, "weights": "cd"}) == [
         "weights: ab (now cd)"]
+
+
+def test_table_3_of_truth_and_grid_from_different_tasks_is_not_rendered():
+    from skiptune_search import bench
+
+    grid = {"settings": {"task": {"nfe": 9, "rungs": [250, 1000]}}, "grid": _bowl_grid()}
+    truth = {"settings": {"task": {"nfe": 5, "rungs": [250, 1000]}}, "truth": {}, "command": "c", "machine": "m"}
+    assert "different tasks (nfe: 9 (now 5))" in bench._table3(grid, truth, bench.SIZES[False])[-1]

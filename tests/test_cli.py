@@ -284,6 +284,19 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "the tables are 1, 2, 3, 4, 5, 6" in bad.output
 
 
+def test_out_of_gpu_memory_is_a_one_line_error_naming_the_batch(run, tiny_model_dir, monkeypatch):
+    import torch
+
+    import skiptune_search.search as S
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(S.Evaluator, "images", out_of_memory)
+    _one_line_error(run("sample", "--model", tiny_model_dir, "--nfe", 3, "-n", 2, "-o", "g.png"),
+                    "out of GPU memory: pass a smaller --batch")
+
+
 def test_locked_storage_is_a_one_line_error(run, tiny_model_dir, tmp_path, monkeypatch):
     import sqlite3
 
