@@ -1,8 +1,10 @@
 """GPU scaling (BENCHMARKS.md table 6): what a proxy trial costs on a real-sized model.
 
-The bundled model's architecture scaled up to an EDM-like 64 px ADM configuration (EDM's
-ImageNet-64 network: 192 base channels, multipliers 1-2-3-4, 3 blocks per level, attention at
-32, 16 and 8 px; random weights, since only the speed is measured), under the EDM
+The bundled model's architecture (a diffusers UNet2DModel) scaled up to the sizes of EDM's 64 px
+ADM network (192 base channels, multipliers 1-2-3-4, 3 blocks per level, attention at 32, 16 and
+8 px; random weights, since only the speed is measured). Its blocks are diffusers' own, without
+ADM's class embedding, scale-shift norm or BigGAN resampling, so its parameter count differs
+from EDM's network; the table states it. Under the EDM
 preconditioning with the skip controller attached and a non-trivial schedule in use. For each
 batch size and precision (fp32, bf16 autocast): images/s of Heun sampling, and the seconds of
 one proxy trial of N samples (sampling, feature extraction, FID and KID).
@@ -109,7 +111,8 @@ def run_gpu_scaling(device: torch.device, batches: tuple[int, ...], nfe: int, n:
 
 
 def render(r: dict) -> list[str]:
-    what = "a small stand-in of the same shape (--quick: the code path only)" if r["quick"] else "EDM-like 64 px ADM"
+    what = ("a small stand-in of the same shape (--quick: the code path only)" if r["quick"]
+            else "the bundled architecture (diffusers UNet2DModel) at the sizes of EDM's 64 px ADM")
     tf32 = r.get("tf32")
     tf32_note = (f" fp32 rows ran with TF32 {'on' if tf32['convolutions'] else 'off'} for convolutions and "
                  f"{'on' if tf32['matmuls'] else 'off'} for matmuls (torch's settings)." if tf32 else "")
