@@ -150,9 +150,9 @@ def render(results: dict) -> list[str]:
     no_baseline = [f"NFE {nfe} {family} seed {r['seed']}" for nfe, row in sorted(rows.items())
                    for family in families for r in row.get(family, []) if "search_baseline" in r and r["search_baseline"] is None]
     if no_baseline:
-        lines += ["", f"Searched without their ρ = 1 trial: {', '.join(no_baseline)} (an interrupted run left that "
-                      f"trial running and the resumed search did not queue it again; fixed since). Their other "
-                      f"{s['trials']} trials ran as in every search."]
+        lines += ["", f"Searches with no completed ρ = 1 trial: {', '.join(no_baseline)} (an interrupted run left "
+                      f"that trial running and the resumed search did not queue it again, or queued it behind the "
+                      f"ramp, where it was pruned; both fixed since). Their other trials ran as in every search."]
     costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, families, s["truth_n"]))]
     if costs:
         lines += ["", "Time each part took (medians of wall seconds on the row's machine, slower where other work "

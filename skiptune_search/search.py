@@ -527,7 +527,9 @@ def run_search(
             # rungs report FID (KID for the kid objective): FID∞ needs every rung
             value, metric = (kids[rung], "KID") if task.objective == "kid" else (fids[rung], "FID")
             trial.report(value, step=rung)
-            if k < len(task.rungs) - 1 and trial.should_prune():
+            # the pruner sees every rung; the ρ = 1 trial, the reference of every change, is never cut short
+            # (it runs behind the ramp when a resumed study queues it again)
+            if k < len(task.rungs) - 1 and trial.should_prune() and not trial.user_attrs.get("baseline"):
                 raise optuna.TrialPruned(f"{metric} {value:.4g} at N={rung}")
         trial.set_user_attr("fid", fids[task.n])
         trial.set_user_attr("n", task.n)

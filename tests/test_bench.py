@@ -221,7 +221,7 @@ def test_headline_names_searches_that_ran_without_their_baseline_trial():
                   "linear": [{"seed": 0, "held_out": 40.0, "search_baseline": 55.0},
                              {"seed": 1, "held_out": 41.0, "search_baseline": None}]}}
     text = "\n".join(render(_headline(rows, {"nfes": [9], "families": ["linear"], "seeds": 2})))
-    assert "Searched without their ρ = 1 trial: NFE 9 linear seed 1 (" in text
+    assert "Searches with no completed ρ = 1 trial: NFE 9 linear seed 1 (" in text
 
 
 def test_a_trial_left_running_by_a_killed_headline_run_is_failed_and_its_baseline_queued(tmp_path, tiny_unet):
