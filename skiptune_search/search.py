@@ -30,7 +30,7 @@ from .metrics import (
     kid_from_features, load_extractor, load_images, reference_from_images,
 )
 from .sampling import (
-    NATIVE_SCHEDULERS, NonFiniteSamplesError, check_sigma_grid, default_sigma_grid, generate, generate_batches,
+    NATIVE_SCHEDULERS, NonFiniteSamplesError, check_sigma_grid, default_sigma_grid, generate_batches,
     native_sigmas, seed_range, sigma_grid, steps_for_nfe,
 )
 from .schedule import FAMILIES, PLACEMENTS, RhoSchedule, SkipInfo, family_params
@@ -196,19 +196,20 @@ class Evaluator:
 
     def images(self, schedule: RhoSchedule, seeds: list[int] | None = None,
                progress: bool | str = True) -> torch.Tensor:
+        return torch.cat(list(self._batches(schedule, seeds, progress)))
+
+    def _batches(self, schedule: RhoSchedule, seeds: list[int] | None, progress: bool | str):
+        """uint8 image batches of ``seeds`` (default: the task's) sampled with ``schedule``."""
         self.controller.use(schedule)
-        return generate(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
-                        self.shape, self.batch_size, progress, self.device, self.model_info.get("label_dim", 0))
+        return generate_batches(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds, self.shape,
+                                self.batch_size, progress, self.device, self.model_info.get("label_dim", 0))
 
     def features(self, schedule: RhoSchedule, seeds: list[int] | None = None, progress: bool | str = True,
                  keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature vectors of the samples of ``seeds`` (default: the task's) and the first ``keep``
         uint8 images (a sample grid); batch by batch, so the N images are never all in memory."""
-        self.controller.use(schedule)
         features, first = [], []
-        for images in generate_batches(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds,
-                                       self.shape, self.batch_size, progress, self.device,
-                                       self.model_info.get("label_dim", 0)):
+        for images in self._batches(schedule, seeds, progress):
             features.append(extract_features(images, self.extractor, self.batch_size))
             if sum(map(len, first)) < keep:
                 first.append(images)
@@ -396,7 +397,8 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
               if len(task.rungs) > 1 else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize",
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
-    if parallel or study.trials:
+    trials = study.get_trials(deepcopy=False)
+    if parallel or trials:
         study.sampler.reseed_rng()
     settings = {"task": task.scoring_key(), **space.as_dict()}
     layout = {"arch": controller.arch, "skips": [s.as_dict() for s in controller.skips]}
@@ -427,7 +429,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
         firsts.append(("paper_ramp", dict(PAPER_RAMP, **({"placement": "input"} if space.placement == "search" else {}))))
     pending = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     for attr, params in firsts:
-        if not any(t.user_attrs.get(attr) and (_finished(t) or t.state in pending) for t in study.trials):
+        if not any(t.user_attrs.get(attr) and (_finished(t) or t.state in pending) for t in trials):
             study.enqueue_trial(params, user_attrs={attr: True})
     return study
 
