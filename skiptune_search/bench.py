@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from .files import write_text_atomic
+from .files import folder_lock, write_text_atomic
 from .metrics import extract_features, fid_from_features, kid_from_features
 from .schedule import RhoSchedule
 from .search import PAPER_RAMP, Evaluator, Space, log_spaced_knots, make_storage, open_study
@@ -191,7 +191,7 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
     render BENCHMARKS.md from everything ``work`` holds."""
     from . import bench_search as BS
-    from .search import Task, resolve_device
+    from .search import resolve_device
 
     size = SIZES[quick]
     work = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
@@ -204,6 +204,17 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     if 3 in tables and saved_truth_n != truth_n:  # found out before anything is measured, not after tables 1-2
         raise ValueError(f"{work / 'truth.json'} holds table 3 on {saved_truth_n:,} held-out samples per schedule, "
                          f"not {truth_n:,}: pass --truth-n {saved_truth_n} to extend it, or another --work folder")
+    if tables:  # one measuring run per folder; rendering alone reads the atomic results files
+        with folder_lock(work, "skiptune-search bench"):
+            _measure(quick, model, nfe, command, tables, work, truth_n, progress, size, device, stamp)
+    return write_markdown(out, work, size)
+
+
+def _measure(quick: bool, model: str, nfe: int, command: str, tables: tuple[int, ...], work: Path,
+             truth_n: int, progress: bool, size: dict, device: torch.device, stamp: dict) -> None:
+    from . import bench_search as BS
+    from .search import Task
+
     def described(evaluator: Evaluator) -> dict:
         t = evaluator.task
         return {"model": model, "sampler": t.sampler, "nfe": nfe, "batch": evaluator.batch_size,
@@ -240,7 +251,6 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
 
         result = run_gpu_scaling(device, size["gpu_batches"], nfe, size["search_n"], quick, progress)
         BS.save_results(work / "gpu.json", {**stamp, **result})
-    return write_markdown(out, work, size)
 
 
 # --- BENCHMARKS.md ----------------------------------------------------------------------------

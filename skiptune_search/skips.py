@@ -136,7 +136,12 @@ class SkipController:
         else:  # one ρ per sample, interpolated in float64
             rho = rho.to(dtype=x.dtype)
         c = self.skips[index].channels
-        return torch.cat([x[:, :-c], x[:, -c:] * rho], dim=1)
+        if not x.requires_grad:
+            # x is the consumer's own fresh input (the decoder's cat, or the norm's output):
+            # scaling its skip channels in place spares a copy of the whole tensor
+            x[:, -c:].mul_(rho)
+            return x
+        return torch.cat([x[:, :-c], x[:, -c:] * rho], dim=1)  # autograd: leave x as it was
 
     # --- hooks -------------------------------------------------------------------------
     def _capture_sigma(self, source: str):

@@ -109,6 +109,32 @@ def test_table_3_of_another_truth_n_is_refused_before_anything_is_measured(tmp_p
         bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1, 3), work=tmp_path)
 
 
+def test_a_work_folder_another_bench_is_measuring_into_is_refused(tmp_path, monkeypatch):
+    """Two runs measuring into one folder would interleave their trials: the second is refused
+    before it measures, naming the first; rendering alone still works beside it."""
+    import subprocess
+    import sys
+
+    from skiptune_search import bench
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from skiptune_search.files import folder_lock\n"
+        f"with folder_lock({str(tmp_path)!r}, 'the first bench'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: pytest.fail("measured beside another run"))
+        with pytest.raises(ValueError, match=r"in use by the first bench \(pid \d+\); .* another --work folder"):
+            bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1,), work=tmp_path)
+        assert bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(), work=tmp_path).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(RuntimeError, match="measured"):  # the lock dies with its process
+        monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("measured")))
+        bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1,), work=tmp_path)
+
+
 def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny_model_dir, monkeypatch):
     from skiptune_search.search import Evaluator, Task
 

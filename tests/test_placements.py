@@ -146,3 +146,22 @@ def test_per_noise_schedule_in_a_diffusers_ddim_loop(tiny_unet):
         assert sigma == pytest.approx(math.sqrt((1 - abar) / abar), rel=1e-6)
         assert rhos == pytest.approx(schedule.rhos_at(sigma), rel=1e-6)
     assert len({tuple(r) for _, r in used}) == 5  # a different ρ at every step
+
+
+@pytest.mark.parametrize("placement", ["input", "normalized"])
+def test_in_place_scaling_matches_the_autograd_path(tiny_unet, placement):
+    """Without autograd the skip channels are scaled in place; with it, a copy that keeps the
+    graph: both give the same samples, and gradients still flow through ρ's tensors."""
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([0.1, 0.9])
+    ctl = SkipController(tiny_unet)
+    schedule = RhoSchedule.constant(ctl.arch, ctl.skips, [0.6, 0.7, 0.8, 0.9], placement=placement)
+    with apply(tiny_unet, schedule):
+        with torch.inference_mode():
+            in_place = tiny_unet(x, t).sample
+        leaf = x.clone().requires_grad_(True)
+        copied = tiny_unet(leaf, t).sample
+        copied.square().sum().backward()
+    assert torch.allclose(in_place, copied.detach(), rtol=1e-5, atol=1e-6)
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not torch.allclose(tiny_unet(x, t).sample, in_place, atol=1e-4)
