@@ -127,6 +127,17 @@ def _model_options(fn):
     return fn
 
 
+def _tuned_for_defaults(schedule, **given) -> tuple:
+    """model, sampler, nfe, sigma_grid, prompts, guidance: each one that the command line (or
+    --config) leaves unset is what ``schedule`` was tuned for; its σ grid only with its sampler."""
+    tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
+    v = {name: tuned[name] if name in tuned and source(name) == click.core.ParameterSource.DEFAULT else value
+         for name, value in given.items()}
+    same_sampler = v["sampler"] == tuned.get("sampler")  # another sampler keeps its own default grid
+    grid = given["sigma_grid"] or (tuned.get("sigma_grid") if same_sampler else None)
+    return v["model"], v["sampler"], v["nfe"], grid, v["prompts"], v["guidance"]
+
+
 def _set_threads(threads: int) -> None:
     import torch
 
@@ -417,18 +428,10 @@ def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     from .schedule import load_schedule
 
     _set_threads(threads)
-    if schedule is not None:  # what the schedule was tuned for, unless the command line says otherwise
+    if schedule is not None:
         path, schedule = schedule, load_schedule(schedule)
-        tuned = schedule.tuned_for
-        given = click.get_current_context().get_parameter_source
-        default = click.core.ParameterSource.DEFAULT
-        model = tuned.get("model", model) if given("model") == default else model
-        sampler = tuned.get("sampler", sampler) if given("sampler") == default else sampler
-        nfe = tuned.get("nfe", nfe) if given("nfe") == default else nfe
-        if sigma_grid is None and sampler == tuned.get("sampler"):
-            sigma_grid = tuned.get("sigma_grid")
-        prompts = prompts or tuned.get("prompts")
-        guidance = guidance if guidance is not None else tuned.get("guidance")
+        model, sampler, nfe, sigma_grid, prompts, guidance = _tuned_for_defaults(
+            schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance)
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, sigma_grid=sigma_grid, prompts=prompts,
                   guidance=guidance)
     evaluator = S.Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device)
@@ -472,20 +475,16 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, 
 
     _set_threads(threads)
     sched = load_schedule(schedule)
-    tuned = sched.tuned_for
-    model = tuned.get("model", model) if model == "fashion-mnist-edm" else model
+    model, sampler, nfe, sigma_grid, prompts, guidance = _tuned_for_defaults(
+        sched, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance)
     searched = sched.metric.get("seeds", "")
     if searched and "-" in searched:
         first, last = (int(v) for v in searched.split("-"))
         if seed <= last and seed + n - 1 >= first:
             raise UserError(f"seeds {seed}-{seed + n - 1} overlap the search's seeds {searched}; pick another --seed")
-    sampler = sampler or tuned.get("sampler", "heun")
-    if sigma_grid is None and sampler == tuned.get("sampler"):  # another sampler: its own default grid
-        sigma_grid = tuned.get("sigma_grid")
-    task = S.Task(model=model, sampler=sampler, nfe=nfe or tuned.get("nfe", 9),
+    task = S.Task(model=model, sampler=sampler or "heun", nfe=nfe or 9,  # a hand-written schedule: heun NFE 9
                   n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
-                  reference=reference, sigma_grid=sigma_grid, prompts=prompts or tuned.get("prompts"),
-                  guidance=guidance if guidance is not None else tuned.get("guidance"))
+                  reference=reference, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights, device=device)
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)

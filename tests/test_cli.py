@@ -330,3 +330,30 @@ def test_search_says_when_the_best_sits_at_the_edge_of_the_range(run, tiny_model
     result = run(*_search_args(tiny_model_dir), "--rho-min", 0.9, "--rho-max", 1.0)
     assert result.exit_code == 0, result.output
     assert "at the edge of the range [0.9, 1]: the optimum may lie outside it" in result.output
+
+
+def test_schedule_fills_what_the_command_line_leaves_unset():
+    """sample and evaluate take the model, sampler, NFE and σ grid a schedule was tuned for,
+    unless given: naming the bundled model explicitly keeps it, and another sampler keeps its
+    own default σ grid."""
+    import types
+
+    import click
+
+    from skiptune_search.cli import _task_options, _tuned_for_defaults
+
+    schedule = types.SimpleNamespace(tuned_for={"model": "models/mine", "sampler": "dpmpp_2m", "nfe": 7,
+                                                "sigma_grid": "model"})
+    seen = []
+
+    @click.command()
+    @_task_options
+    def command(model, sampler, nfe, sigma_grid, prompts, guidance, **_):
+        seen.append(_tuned_for_defaults(schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid,
+                                        prompts=prompts, guidance=guidance))
+
+    for args in ([], ["--model", "fashion-mnist-edm", "--sampler", "heun"], ["--nfe", "5", "--sigma-grid", "karras"]):
+        assert CliRunner().invoke(command, args, catch_exceptions=False).exit_code == 0
+    assert seen == [("models/mine", "dpmpp_2m", 7, "model", None, None),
+                    ("fashion-mnist-edm", "heun", 7, None, None, None),
+                    ("models/mine", "dpmpp_2m", 5, "karras", None, None)]
