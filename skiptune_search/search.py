@@ -562,8 +562,7 @@ def run_search(
 def finished_trials(study: optuna.Study) -> int:
     """Trials that ran to an end: completed, pruned, or failed for a reason of their own (NaN
     samples). A trial failed because its worker died does not count: it is retried."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if _finished(t))
+    return sum(map(_finished, study.get_trials(deepcopy=False)))
 
 
 def _finished(trial: optuna.trial.FrozenTrial) -> bool:
