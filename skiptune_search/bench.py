@@ -174,7 +174,7 @@ def machine() -> str:
 # --- the run: which tables, at which sizes ----------------------------------------------------
 # full: the sizes the tables' targets are stated for; quick: a minute or two, to keep it working
 SIZES = {
-    False: dict(n=250, repeats=9, grid_points=11, search_n=1000, rungs=(250, 1000), seeds=5, trials=60,
+    False: dict(n=250, repeats=15, grid_points=11, search_n=1000, rungs=(250, 1000), seeds=5, trials=60,
                 schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
                 headline_trials=16, headline_families=("linear", "per_level", "per_layer", "per_noise"),
                 gpu_batches=(256, 512, 1024)),
@@ -258,30 +258,62 @@ def _header(r: dict) -> str:
     return f"Written by `{r['command']}` on {r['date'] if 'date' in r else '?'}. Machine: {r['machine']}."
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median: the k-th smallest and k-th largest value, k
+    the largest with P(Binomial(n, 1/2) < k) ≤ (1 - level) / 2; None when n is too small for one."""
+    from scipy.stats import binom
+
+    v, n = sorted(values), len(values)
+    k = max((j for j in range(1, n // 2 + 1) if binom.cdf(j - 1, n, 0.5) <= (1 - level) / 2), default=0)
+    return (v[k - 1], v[n - k]) if k else None
+
+
+def _ratio_intervals(rows: list[dict]) -> dict[str, tuple[float, float] | None]:
+    """Each variant's 95% interval for its median ratio to the baseline of the same repeat."""
+    base = next(x["times"] for x in rows if x["variant"] == "no controller")
+    return {x["variant"]: median_interval([a / b for a, b in zip(x["times"], base)]) for x in rows
+            if x["variant"] != "no controller"}
+
+
 def _table1(r: dict) -> list[str]:
     t = r["task"]
+    intervals = _ratio_intervals(r["rows"])
+    shown = {k: f"{v[0]:.3f}-{v[1]:.3f}x" for k, v in intervals.items() if v}
     return [
         _header(r), "",
         f"Model {t['model']}, {t['sampler']} NFE {t['nfe']}, batch {t['batch']}: sampling {r['n']} images, "
-        f"medians of {r['repeats']} repeats, the variants in a new random order each time.", "",
-        "| variant | median seconds | median ratio to no controller in the same repeat |",
-        "| --- | ---: | ---: |",
-        *[f"| {x['variant']} | {x['median_s']:.3f} | {x['ratio']:.3f}x |" for x in r["rows"]],
-        *_overhead_verdict(r["rows"]),
+        f"medians of {r['repeats']} repeats, the variants in a new random order each time. The interval "
+        "holds the median ratio with 95% confidence (order statistics of the per-repeat ratios, no "
+        "assumption on their distribution).", "",
+        "| variant | median seconds | median ratio to no controller in the same repeat | 95% interval |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {x['variant']} | {x['median_s']:.3f} | {x['ratio']:.3f}x | {shown.get(x['variant'], '–')} |"
+          for x in r["rows"]],
+        *_overhead_verdict(r["rows"], intervals),
         *(["The last two rows apply a schedule (ρ ≠ 1, input placement): the controller's cost while it "
            "scales the skips, which the target (at ρ = 1) does not cover."]
           if any(x["variant"] in APPLIED for x in r["rows"]) else []),
     ]
 
 
-def _overhead_verdict(rows: list[dict]) -> list[str]:
-    worst = max((x for x in rows if "ρ = 1" in x["variant"]), key=lambda x: x["ratio"])
-    again = next((x["ratio"] for x in rows if x["variant"] == "no controller, again"), None)
-    if worst["ratio"] <= 1.02:
+def _overhead_verdict(rows: list[dict], intervals: dict[str, tuple[float, float] | None]) -> list[str]:
+    """Met when the largest median ratio at ρ = 1 is ≤ 1.02; said plainly when this machine's noise
+    (the 95% intervals) cannot tell whether it is."""
+    def span(x: dict) -> tuple[float, float]:
+        return intervals.get(x["variant"]) or (x["ratio"], x["ratio"])  # too few repeats: the median alone
+
+    at_one = [x for x in rows if "ρ = 1" in x["variant"]]
+    worst = max(at_one, key=lambda x: x["ratio"])
+    highest = max(span(x)[1] for x in at_one)
+    again = next((x for x in rows if x["variant"] == "no controller, again"), None)
+    noise = (f"; two identical runs without the controller came out {again['ratio']:.3f}x "
+             f"({span(again)[0]:.3f}-{span(again)[1]:.3f}x)" if again else "")
+    if worst["ratio"] <= 1.02 and highest <= 1.02:
         verdict = "met"
-    elif again is not None and abs(again - 1) >= worst["ratio"] - 1:
-        verdict = "not resolved here: two identical runs without the controller came out " \
-                  f"{abs(again - 1) * 100:.1f}% apart, more than the target's 2%"
+    elif worst["ratio"] <= 1.02:
+        verdict = f"met by the medians, though an interval reaches {highest:.3f}x: this machine cannot confirm 2%{noise}"
+    elif span(worst)[0] <= 1.02:
+        verdict = f"not resolved here, its interval {span(worst)[0]:.3f}-{span(worst)[1]:.3f}x holds 1.02{noise}"
     else:
         verdict = "not met"
     return ["", f"Largest overhead: {worst['variant']}, {worst['ratio']:.3f}x (target ≤ 1.02x: {verdict})."]

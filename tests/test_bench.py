@@ -296,3 +296,25 @@ def test_table_3_of_truth_and_grid_from_different_tasks_is_not_rendered():
     grid = {"settings": {"task": {"nfe": 9, "rungs": [250, 1000]}}, "grid": _bowl_grid()}
     truth = {"settings": {"task": {"nfe": 5, "rungs": [250, 1000]}}, "truth": {}, "command": "c", "machine": "m"}
     assert "different tasks (nfe: 9 (now 5))" in bench._table3(grid, truth, bench.SIZES[False])[-1]
+
+
+def test_overhead_verdict_says_when_the_machine_is_too_noisy_to_tell():
+    """Table 1's verdict: met or not met only when the 95% interval of the median ratio is on one
+    side of 1.02; otherwise it says the noise hides a 2% difference."""
+    from skiptune_search.bench import _overhead_verdict, _ratio_intervals, median_interval
+
+    assert median_interval(list(range(15, 0, -1))) == (4, 12)  # k = 4: P(B(15, 1/2) ≤ 3) = 1.8%
+    assert median_interval(list(range(1, 10))) == (2, 8)
+    assert median_interval([1.0] * 5) is None  # 2 × 1/32 > 5%: no interval from 5 repeats
+
+    def verdict(ratios):
+        base = [10.0 + k for k in range(len(ratios))]
+        rows = [{"variant": "no controller", "ratio": 1.0, "times": base},
+                {"variant": "input, ρ = 1", "ratio": sorted(ratios)[len(ratios) // 2],
+                 "times": [b * q for b, q in zip(base, ratios)]}]
+        return _overhead_verdict(rows, _ratio_intervals(rows))[1]
+
+    assert "target ≤ 1.02x: met)" in verdict([1.0 + 0.001 * k for k in range(15)])
+    assert "target ≤ 1.02x: not met)" in verdict([1.05 + 0.001 * k for k in range(15)])
+    assert "not resolved here, its interval 0.960-1.120x holds 1.02" in verdict([0.9 + 0.02 * k for k in range(15)])
+    assert "met by the medians, though an interval reaches 1.050x" in verdict([0.94 + 0.01 * k for k in range(15)])
