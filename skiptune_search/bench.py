@@ -255,7 +255,10 @@ def _measure(quick: bool, model: str, nfe: int, command: str, tables: tuple[int,
 
 # --- BENCHMARKS.md ----------------------------------------------------------------------------
 def _header(r: dict) -> str:
-    return f"Written by `{r['command']}` on {r['date'] if 'date' in r else '?'}. Machine: {r['machine']}."
+    machines = r.get("machines") or [r["machine"]]
+    where = (f"Machine: {machines[0]}." if len(machines) == 1 else
+             f"Measured in parts on {len(machines)} machines: {'; '.join(machines)}.")
+    return f"Written by `{r['command']}` on {r['date'] if 'date' in r else '?'}. {where}"
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:

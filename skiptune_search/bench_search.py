@@ -76,6 +76,14 @@ def check_same_settings(path: Path, what: str, old: dict | None, new: dict) -> N
                          f"pass another --work folder (the results there stay as they are)")
 
 
+def stamp_run(results: dict, settings: dict, command: str, machine: str) -> None:
+    """Stamp a results file that this run extends: its settings, this command and date, and this
+    machine added to those that measured its earlier parts."""
+    machines = results.get("machines") or ([results["machine"]] if "machine" in results else [])
+    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
+                   machines=machines + [machine] * (machine not in machines))
+
+
 # --- table 4, part 1: the exhaustive grid -------------------------------------------------------
 def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machine: str,
              progress: bool = True) -> dict:
@@ -92,8 +100,8 @@ def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machin
     random.Random(0).shuffle(order)
     ctl = evaluator.controller
     todo = [(i, o) for i, o in order if point_key(i, o) not in grid]
-    if todo:  # the grid's header names the run that finished it
-        results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+    if todo:  # the grid's header names the run that finished it, and every machine that measured part
+        stamp_run(results, settings, command, machine)
     for k, (inner, outer) in enumerate(todo):
         schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
         features, _ = evaluator.features(
@@ -226,7 +234,7 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
     check_same_settings(path, "held-out results", results.get("settings"), settings)
     truth = results.setdefault("truth", {})
     if any(k not in truth for k in keys):
-        results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+        stamp_run(results, settings, command, machine)
     ctl = evaluator.controller
     seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
     for k, key in enumerate(keys):

@@ -157,9 +157,13 @@ def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny
     assert len(json.loads(path.read_text())["grid"]) == 3  # each finished point was saved
     calls.clear()
     interrupt = False
-    results = BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
+    results = BS.run_grid(evaluator, path, 3, "cmd", "other machine", progress=False)
     assert len(calls) == 6 and len(results["grid"]) == 9
-    assert results["command"] == "cmd" and "Machine" not in results["machine"]
+    assert results["command"] == "cmd" and results["machines"] == ["test machine", "other machine"]
+    from skiptune_search.bench import _header  # the table names both machines, not only the last
+
+    assert _header(results).endswith("Measured in parts on 2 machines: test machine; other machine.")
+    assert _header({"command": "cmd", "machine": "one"}).endswith("Machine: one.")  # files from before
 
 
 def test_an_incomplete_grid_renders_what_it_has(tmp_path):
