@@ -619,7 +619,8 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
     6  GPU scaling: images/s and seconds per proxy trial of a 64 px ADM-sized UNet, fp32 vs bf16
 
     Tables 3-5 take hours on a CPU: their results are saved point by point under --work, and
-    rerunning the same command resumes them.
+    rerunning the same command resumes them. One run at a time measures into a --work folder
+    (a second is refused); '--tables none' renders beside it.
     """
     import torch
 
