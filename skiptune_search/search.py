@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 import sqlite3
 import tempfile
 import time
@@ -123,8 +124,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     """'auto' is the first CUDA GPU when there is one (CUDA_VISIBLE_DEVICES applies), else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        # MPS and the rest: the σ and ρ arithmetic runs in float64, which MPS lacks
+        raise ValueError(f"--device {device}: not a device this tool runs on; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return torch.device(device)
 
 

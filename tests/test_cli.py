@@ -227,6 +227,10 @@ def test_more_bad_input_each_one_line(run, tiny_model_dir, tmp_path):
                     "cannot open storage")
     # an impossible NFE and an unknown sampler for evaluate's schedule
     _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "euler", "--nfe", 0), "impossible")
+    # devices this tool does not run on, or that this machine lacks
+    for device, says in (("mps", "use 'auto', 'cpu', 'cuda' or 'cuda:N'"), ("gpu0", "use 'auto', 'cpu'"),
+                         ("cuda:7", "cuda:7")):
+        _one_line_error(run("sample", "--model", tiny_model_dir, "-n", 2, "-o", "x.png", "--device", device), says)
     assert not (tmp_path / "studies").exists()  # nothing was created by any of these
 
 
