@@ -11,6 +11,7 @@ so tables measured by different runs (hours apart, or on another machine) sit si
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -191,7 +192,7 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
     render BENCHMARKS.md from everything ``work`` holds."""
     from . import bench_search as BS
-    from .search import resolve_device
+    from .search import Task, resolve_device
 
     size = SIZES[quick]
     work = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
@@ -204,53 +205,45 @@ def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables
     if 3 in tables and saved_truth_n != truth_n:  # found out before anything is measured, not after tables 1-2
         raise ValueError(f"{work / 'truth.json'} holds table 3 on {saved_truth_n:,} held-out samples per schedule, "
                          f"not {truth_n:,}: pass --truth-n {saved_truth_n} to extend it, or another --work folder")
-    if tables:  # one measuring run per folder; rendering alone reads the atomic results files
-        with folder_lock(work, "skiptune-search bench"):
-            _measure(quick, model, nfe, command, tables, work, truth_n, progress, size, device, stamp)
-    return write_markdown(out, work, size)
-
-
-def _measure(quick: bool, model: str, nfe: int, command: str, tables: tuple[int, ...], work: Path,
-             truth_n: int, progress: bool, size: dict, device: torch.device, stamp: dict) -> None:
-    from . import bench_search as BS
-    from .search import Task
-
     def described(evaluator: Evaluator) -> dict:
         t = evaluator.task
         return {"model": model, "sampler": t.sampler, "nfe": nfe, "batch": evaluator.batch_size,
                 "features": t.features, "n": t.n, "rungs": list(t.rungs)}
 
-    if 1 in tables:
-        evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
-        rows = controller_overhead(evaluator, size["n"], size["repeats"])
-        BS.save_results(work / "table1.json", {**stamp, "task": described(evaluator), "n": size["n"],
-                                                "repeats": size["repeats"], "rows": rows})
-    if {2, 3, 4} & set(tables):  # the default search's task: N samples, scored at each rung
-        evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
-                              batch_size=min(size["batch"], size["search_n"]))
-    if 2 in tables:
-        parts = trial_breakdown(evaluator, size["repeats"] // 2 + 1)
-        BS.save_results(work / "table2.json", {**stamp, "task": described(evaluator), "parts": parts})
-    if 3 in tables or 4 in tables:
-        results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command,
-                              stamp["machine"], progress)
-        if 3 in tables:
-            tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], work / "replays.json")["tpe,on"]
-            keys = BS.pick_schedules(results, tpe, size["schedules"])
-            BS.run_truth(evaluator, work / "truth.json", keys, truth_n, command, stamp["machine"], progress)
-    if 5 in tables:
-        from .bench_headline import run_headline
+    # one measuring run per folder; rendering alone (no tables) reads the atomic results files
+    with folder_lock(work, "skiptune-search bench") if tables else contextlib.nullcontext():
+        if 1 in tables:
+            evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
+            rows = controller_overhead(evaluator, size["n"], size["repeats"])
+            BS.save_results(work / "table1.json", {**stamp, "task": described(evaluator), "n": size["n"],
+                                                    "repeats": size["repeats"], "rows": rows})
+        if {2, 3, 4} & set(tables):  # the default search's task: N samples, scored at each rung
+            evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
+                                  batch_size=min(size["batch"], size["search_n"]))
+        if 2 in tables:
+            parts = trial_breakdown(evaluator, size["repeats"] // 2 + 1)
+            BS.save_results(work / "table2.json", {**stamp, "task": described(evaluator), "parts": parts})
+        if 3 in tables or 4 in tables:
+            results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command,
+                                  stamp["machine"], progress)
+            if 3 in tables:
+                tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], work / "replays.json")["tpe,on"]
+                keys = BS.pick_schedules(results, tpe, size["schedules"])
+                BS.run_truth(evaluator, work / "truth.json", keys, truth_n, command, stamp["machine"], progress)
+        if 5 in tables:
+            from .bench_headline import run_headline
 
-        quick_rungs = (size["search_n"],)
-        run_headline(model, size["headline_nfes"] or (nfe,), work / "headline.json", command, stamp["machine"],
-                     seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
-                     rungs=quick_rungs if quick else size["rungs"], truth_n=size["truth_n"],
-                     batch=size["batch"], families=size["headline_families"], progress=progress)
-    if 6 in tables:
-        from .bench_gpu import run_gpu_scaling
+            quick_rungs = (size["search_n"],)
+            run_headline(model, size["headline_nfes"] or (nfe,), work / "headline.json", command, stamp["machine"],
+                         seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
+                         rungs=quick_rungs if quick else size["rungs"], truth_n=size["truth_n"],
+                         batch=size["batch"], families=size["headline_families"], progress=progress)
+        if 6 in tables:
+            from .bench_gpu import run_gpu_scaling
 
-        result = run_gpu_scaling(device, size["gpu_batches"], nfe, size["search_n"], quick, progress)
-        BS.save_results(work / "gpu.json", {**stamp, **result})
+            result = run_gpu_scaling(device, size["gpu_batches"], nfe, size["search_n"], quick, progress)
+            BS.save_results(work / "gpu.json", {**stamp, **result})
+    return write_markdown(out, work, size)
 
 
 # --- BENCHMARKS.md ----------------------------------------------------------------------------
