@@ -1,6 +1,7 @@
 """The search-quality benchmarks (tables 3 and 4) on synthetic grids, where the answer is known."""
 
 import json
+import statistics
 
 import optuna
 import pytest
@@ -322,3 +323,47 @@ def test_overhead_verdict_says_when_the_machine_is_too_noisy_to_tell():
     assert "target ≤ 1.02x: not met)" in verdict([1.05 + 0.001 * k for k in range(15)])
     assert "not resolved here, its interval 0.960-1.120x holds 1.02" in verdict([0.9 + 0.02 * k for k in range(15)])
     assert "met by the medians, though an interval reaches 1.050x" in verdict([0.94 + 0.01 * k for k in range(15)])
+
+
+def test_hook_cost_finds_a_known_delay_in_the_hooks(tiny_model_dir, monkeypatch):
+    """Hooks made 2 ms slower per model call show up as ≥ 2 ms extra per call, in every pair,
+    and the controller is left attached, at ρ = 1."""
+    import time
+
+    from skiptune_search.bench import hook_cost
+    from skiptune_search.search import Evaluator, Task
+    from skiptune_search.skips import SkipController
+
+    evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=2), batch_size=2, device="cpu")
+    ctl = evaluator.controller
+    skips = len(ctl.skips)
+    plain = SkipController._input_hook
+
+    def slow_input_hook(self, index):
+        hook = plain(self, index)
+        return lambda *a: (time.sleep(0.002 / skips), hook(*a))[1]
+
+    monkeypatch.setattr(SkipController, "_input_hook", slow_input_hook)
+    ctl.detach()
+    result = hook_cost(evaluator, calls=3, repeats=4)
+    assert result["calls"] == 3 and len(result["extra"]) == 4
+    assert all(e >= 0.002 for e in result["extra"]) and result["bare_s"] > 0
+    assert ctl._handles and ctl.schedule.is_identity()
+
+
+def test_per_call_verdict_scales_the_hook_cost_to_a_call_at_the_tables_batch():
+    from skiptune_search.bench import _per_call_verdict
+
+    def line(extra_s):  # 1 s for 250 images in one batch at NFE 10: 0.1 s per call
+        return _per_call_verdict({
+            "n": 250, "task": {"batch": 250, "nfe": 10},
+            "rows": [{"variant": "no controller", "median_s": 1.0}],
+            "per_call": {"calls": 50, "repeats": 9, "bare_s": 0.02, "extra_s": statistics.median(extra_s),
+                         "extra": extra_s}})[0]
+
+    met = line([1e-4 * (1 + k / 10) for k in range(9)])  # 0.1-0.18 ms on a 100 ms call
+    assert "adds 140 µs (95% interval 110 to 170 µs)" in met and "adds 0.14% of it, at most 0.17%" in met
+    assert "a call takes 0.100 s (1.00 s over 10 calls)" in met and met.endswith("(target ≤ 2%: met).")
+    assert line([3e-3] * 9).endswith("not met).")  # 3% of a call, however tight
+    assert line([1e-3 * k for k in range(9)]).endswith("not resolved here).")  # 0-8 ms: 0.1%-8%
+    assert "too few pairs for an interval" in line([1e-4] * 3)

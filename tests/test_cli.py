@@ -266,7 +266,7 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3 --tables 1,2,3,4,5,6`" in text
     for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
                  "images/s", "of their speed", "| input, paper ramp (ρ 0.8 → 1.0) |", "the mean trial of a 16-trial search", "of the trial (target ≥ 90%)", "Machine:", "| fid@16 |", "| kid@4 |", "| fid_inf |", "all 3x3 (ρ_inner, ρ_outer)",
-                 "| tpe | on |", "| cmaes | off |", "Largest overhead:", "| no controller | ", " | 1.000x |", "| random | on |", "| NFE | untuned | linear | per_layer |",
+                 "| tpe | on |", "| cmaes | off |", "Largest overhead:", "Per model call, where the hooks weigh most", "| no controller | ", " | 1.000x |", "| random | on |", "| NFE | untuned | linear | per_layer |",
                  "| 4 | bf16 autocast |", "seconds per proxy trial", "FID and KID at N/4 and N. fp32 rows ran with TF32"):
         assert part in text, part
     raw = tmp_path / "studies" / "bench-quick"
