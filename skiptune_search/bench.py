@@ -219,15 +219,15 @@ OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
 ALL_TABLES = (1, 2, 3, 4, 5, 6)
 
 
-def run_bench(quick: bool, out: Path, model: str, nfe: int, command: str, tables: tuple[int, ...] = ALL_TABLES,
-              work: Path | None = None, truth_n: int | None = None, progress: bool = True) -> Path:
+def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command: str,
+              tables: tuple[int, ...] = ALL_TABLES, truth_n: int | None = None, progress: bool = True) -> Path:
     """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
     render BENCHMARKS.md from everything ``work`` holds."""
     from . import bench_search as BS
     from .search import Task, resolve_device
 
     size = SIZES[quick]
-    work = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
+    work = Path(work)
     device = resolve_device("auto")
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{machine()}; device {device}"}
     if 6 in tables and device.type != "cuda" and not quick:

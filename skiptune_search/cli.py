@@ -590,8 +590,10 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
 
 @main.command()
 @click.option("--quick", is_flag=True, help="A small run (a minute or two) that only keeps the command working.")
-@click.option("--out", "out", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False),
-              help="The Markdown file to write (all tables: measured now or earlier under --work).")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="The Markdown file to write (all tables: measured now or earlier under --work) [default: "
+                   "BENCHMARKS.md for studies/bench, else WORK/BENCHMARKS.md: --quick and other folders never "
+                   "overwrite the committed tables].")
 @click.option("--model", default="fashion-mnist-edm", show_default=True,
               help="Model of tables 1-5 (as --model of search).")
 @click.option("--nfe", default=9, show_default=True, type=int, help="Heun NFE of tables 1-4 and 6.")
@@ -635,9 +637,13 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
         raise UserError(f"--tables {tables}: give table numbers separated by commas, e.g. 1,2") from None
     if not set(wanted) <= set(ALL_TABLES):
         raise UserError(f"--tables {tables}: the tables are {', '.join(map(str, ALL_TABLES))}")
+    folder = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
+    # BENCHMARKS.md renders studies/bench; any other folder (--quick's included) renders beside its results
+    out = out or ("BENCHMARKS.md" if folder == Path("studies/bench") else str(folder / "BENCHMARKS.md"))
     command = (f"skiptune-search bench{' --quick' if quick else ''} --out {out} --model {model} --nfe {nfe} "
-               f"--tables {','.join(map(str, wanted)) or 'none'}" + (f" --truth-n {truth_n}" if truth_n else ""))
-    click.echo(f"wrote {run_bench(quick, Path(out), model, nfe, command, wanted, work, truth_n)}")
+               f"--tables {','.join(map(str, wanted)) or 'none'}" + (f" --work {work}" if work else "")
+               + (f" --truth-n {truth_n}" if truth_n else "") + (f" --threads {threads}" if threads else ""))
+    click.echo(f"wrote {run_bench(quick, Path(out), folder, model, nfe, command, wanted, truth_n)}")
 
 
 @main.command("train-default")

@@ -107,7 +107,7 @@ def test_table_3_of_another_truth_n_is_refused_before_anything_is_measured(tmp_p
     BS.save_results(tmp_path / "truth.json", {"settings": {"truth_n": 4000}, "truth": {}})
     monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: pytest.fail("measured before the check"))
     with pytest.raises(ValueError, match="on 4,000 held-out samples per schedule, not 10,000: pass --truth-n 4000"):
-        bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1, 3), work=tmp_path)
+        bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=(1, 3))
 
 
 def test_a_work_folder_another_bench_is_measuring_into_is_refused(tmp_path, monkeypatch):
@@ -126,14 +126,14 @@ def test_a_work_folder_another_bench_is_measuring_into_is_refused(tmp_path, monk
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: pytest.fail("measured beside another run"))
         with pytest.raises(ValueError, match=r"in use by the first bench \(pid \d+\); .* another --work folder"):
-            bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1,), work=tmp_path)
-        assert bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(), work=tmp_path).exists()
+            bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=(1,))
+        assert bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=()).exists()
     finally:
         holder.kill()
         holder.wait()
     with pytest.raises(RuntimeError, match="measured"):  # the lock dies with its process
         monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("measured")))
-        bench.run_bench(False, tmp_path / "B.md", "m", 9, "cmd", tables=(1,), work=tmp_path)
+        bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=(1,))
 
 
 def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny_model_dir, monkeypatch):

@@ -274,15 +274,17 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
                                                "headline.json", "gpu.json", "replays.json"}
 
     # a second run of table 1 alone keeps the other tables, rendered from the saved results
-    again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1")
+    again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1",
+                "--work", "studies/bench-quick")
     assert again.exit_code == 0, again.output
     text = (tmp_path / "B.md").read_text()
-    assert "--tables 1`" in text and "| fid@16 |" in text and "| tpe | on |" in text
+    assert "--tables 1 --work studies/bench-quick`" in text and "| fid@16 |" in text and "| tpe | on |" in text
 
-    # 'none' measures nothing and renders what was measured
+    # 'none' measures nothing and renders what was measured; without --out, a folder other than
+    # studies/bench (--quick's too) renders beside its results, never over BENCHMARKS.md
     (tmp_path / "B.md").unlink()
-    assert run("bench", "--quick", "--out", "B.md", "--tables", "none").exit_code == 0
-    assert "| fid@16 |" in (tmp_path / "B.md").read_text()
+    assert run("bench", "--quick", "--tables", "none").exit_code == 0
+    assert "| fid@16 |" in (raw / "BENCHMARKS.md").read_text() and not (tmp_path / "BENCHMARKS.md").exists()
 
     bad = run("bench", "--quick", "--tables", "9")
     assert bad.exit_code == 2 and "the tables are 1, 2, 3, 4, 5, 6" in bad.output
