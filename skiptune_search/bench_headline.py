@@ -20,8 +20,6 @@ from .schedule import FAMILIES
 from .search import (
     Evaluator, Space, Task, export_best, log_spaced_knots, make_storage, open_study, run_search, weights_fingerprint,
 )
-from .skips import SkipController
-from .zoo import load_denoiser
 
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
@@ -31,9 +29,14 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     schedule on ``truth_n`` held-out samples."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = load_results(path)
+
+    def evaluator_for(nfe: int) -> Evaluator:
+        return Evaluator(Task(model=model, nfe=nfe, n=n, rungs=rungs), batch_size=min(batch, n))
+
+    evaluator = evaluator_for(nfes[0])
     settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
                 "held_out_seed": HELD_OUT_SEED,  # and the weights: a model retrained in place is another model
-                "weights": weights_fingerprint(SkipController(load_denoiser(model)[0]).unet)}
+                "weights": weights_fingerprint(evaluator.controller.unet)}
     check_same_settings(path, "headline results", results.get("settings"), settings)
     results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
                    plan={"nfes": list(nfes), "families": list(families), "seeds": seeds})
@@ -42,7 +45,8 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
     for nfe in nfes:
         row = results.setdefault("nfe", {}).setdefault(str(nfe), {})
-        evaluator = Evaluator(Task(model=model, nfe=nfe, n=n, rungs=rungs), batch_size=min(batch, n))
+        if evaluator.task.nfe != nfe:  # each NFE its own evaluator (its σ grid); the previous one is dropped
+            evaluator = evaluator_for(nfe)
 
         def save() -> None:  # each finished number at once, with the machine that measured it
             if machine not in row.setdefault("machines", []):
