@@ -33,6 +33,10 @@ def _study(tmp_path):
 
 
 def _running_after_complete(tmp_path):
+    # the study file is opened only once a trial has saved its sample grid: opening it earlier
+    # could create its tables beside the worker, which is then the one that fails
+    if not any((tmp_path / "studies" / "artifacts").glob("*")):
+        return False
     try:
         trials = _study(tmp_path).trials
     except Exception:
@@ -40,11 +44,20 @@ def _running_after_complete(tmp_path):
     return any(t.state == STATES.COMPLETE for t in trials) and trials[-1].state == STATES.RUNNING
 
 
+def _wait_until_a_trial_runs_after_one_completed(worker, tmp_path):
+    """Wait for the moment to interrupt the worker; if it never comes, fail with what the worker said."""
+    if _wait_for(lambda: _running_after_complete(tmp_path) or worker.poll() is not None) and worker.poll() is None:
+        return
+    worker.kill()
+    err = worker.communicate()[1] or ""
+    raise AssertionError(f"no trial got under way (worker exit code {worker.returncode}): {err[-1500:]}")
+
+
 def test_killed_worker_trial_is_marked_failed_and_retried(tiny_model_dir, tmp_path):
     worker = subprocess.Popen(_search(tiny_model_dir, "--trials", 5, "--heartbeat", 1), cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: _running_after_complete(tmp_path)), "no trial got under way"
+        _wait_until_a_trial_runs_after_one_completed(worker, tmp_path)
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     finally:
@@ -68,7 +81,7 @@ def test_killed_worker_trial_is_marked_failed_and_retried(tiny_model_dir, tmp_pa
 def test_ctrl_c_stops_cleanly_with_exit_code_130(tiny_model_dir, tmp_path):
     worker = subprocess.Popen(_search(tiny_model_dir, "--trials", 5), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _running_after_complete(tmp_path)), "no trial got under way"
+    _wait_until_a_trial_runs_after_one_completed(worker, tmp_path)
     worker.send_signal(signal.SIGINT)
     _, err = worker.communicate(timeout=120)
     assert worker.returncode == 130
