@@ -326,8 +326,8 @@ def test_overhead_verdict_says_when_the_machine_is_too_noisy_to_tell():
 
 
 def test_hook_cost_finds_a_known_delay_in_the_hooks(tiny_model_dir, monkeypatch):
-    """Hooks made 2 ms slower per model call show up as ≥ 2 ms extra per call, in every pair,
-    and the controller is left attached, at ρ = 1."""
+    """Hooks made 20 ms slower per model call show up as about 20 ms extra per call (timing noise
+    on a busy machine is a few ms), and the controller is left attached, at ρ = 1."""
     import time
 
     from skiptune_search.bench import hook_cost
@@ -341,13 +341,14 @@ def test_hook_cost_finds_a_known_delay_in_the_hooks(tiny_model_dir, monkeypatch)
 
     def slow_input_hook(self, index):
         hook = plain(self, index)
-        return lambda *a: (time.sleep(0.002 / skips), hook(*a))[1]
+        return lambda *a: (time.sleep(0.02 / skips), hook(*a))[1]
 
     monkeypatch.setattr(SkipController, "_input_hook", slow_input_hook)
     ctl.detach()
     result = hook_cost(evaluator, calls=3, repeats=4)
     assert result["calls"] == 3 and len(result["extra"]) == 4
-    assert all(e >= 0.002 for e in result["extra"]) and result["bare_s"] > 0
+    assert all(e > 0.01 for e in result["extra"]) and result["bare_s"] > 0
+    assert 0.015 <= result["extra_s"] < 0.1
     assert ctl._handles and ctl.schedule.is_identity()
 
 
