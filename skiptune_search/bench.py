@@ -95,12 +95,9 @@ def hook_cost(evaluator: Evaluator, calls: int, repeats: int) -> dict:
     seconds_per_call(False)  # warm-up
     extra, bare = [], []
     for k in range(repeats):
-        first = k % 2 == 0
-        a = seconds_per_call(first)
-        b = seconds_per_call(not first)
-        with_hooks, without = (a, b) if first else (b, a)
-        extra.append(with_hooks - without)
-        bare.append(without)
+        t = {attached: seconds_per_call(attached) for attached in ((True, False) if k % 2 == 0 else (False, True))}
+        extra.append(t[True] - t[False])
+        bare.append(t[False])
     ctl.attach()
     return {"calls": calls, "repeats": repeats, "bare_s": statistics.median(bare),
             "extra_s": statistics.median(extra), "extra": extra}
@@ -227,7 +224,6 @@ def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command:
     from .search import Task, resolve_device
 
     size = SIZES[quick]
-    work = Path(work)
     device = resolve_device("auto")
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{machine()}; device {device}"}
     if 6 in tables and device.type != "cuda" and not quick:
