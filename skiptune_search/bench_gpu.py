@@ -7,7 +7,8 @@ ADM's class embedding, scale-shift norm or BigGAN resampling, so its parameter c
 from EDM's network; the table states it. Under the EDM
 preconditioning with the skip controller attached and a non-trivial schedule in use. For each
 batch size and precision (fp32, bf16 autocast): images/s of Heun sampling, and the seconds of
-one proxy trial of N samples (sampling, feature extraction, FID and KID).
+one proxy trial of N samples (sampling, feature extraction, FID and KID). At the smallest batch
+also in channels_last memory format (throughput is flat in the batch once the GPU is full).
 """
 
 from __future__ import annotations
@@ -52,13 +53,16 @@ def build_model(config: dict, device: torch.device) -> tuple[EDMPrecond, SkipCon
 
 
 def images_per_second(denoiser, shape: tuple[int, ...], batch: int, nfe: int, bf16: bool,
-                      device: torch.device, repeats: int = 2) -> float:
-    """Heun sampling throughput at ``batch`` (best of ``repeats`` after a warm-up batch)."""
+                      device: torch.device, repeats: int = 2, channels_last: bool = False) -> float:
+    """Heun sampling throughput at ``batch`` (best of ``repeats`` after a warm-up batch), in
+    channels_last memory format (model and noise) or torch's default."""
     sigmas = karras_sigmas(steps_for_nfe("heun", nfe), 0.002, 80.0).to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    denoiser.to(memory_format=layout)
     best = float("inf")
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for k in range(repeats + 1):
-            x = torch.randn(batch, *shape, device=device) * 80.0
+            x = (torch.randn(batch, *shape, device=device) * 80.0).contiguous(memory_format=layout)
             start = _sync(device)
             to_uint8(sample_heun(denoiser, x, sigmas).float())
             if k:  # the first batch warms up kernels and the allocator
@@ -84,26 +88,29 @@ def scoring_seconds(n: int, resolution: int, device: torch.device) -> float:
 
 def run_gpu_scaling(device: torch.device, batches: tuple[int, ...], nfe: int, n: int, quick: bool,
                     progress: bool = True) -> dict:
-    """Rows of (batch, precision, images/s, seconds per proxy trial of ``n`` samples)."""
+    """Rows of (batch, precision, memory format, images/s, seconds per proxy trial of ``n`` samples)."""
     config = TINY if quick else ADM64
     denoiser, _ = build_model(config, device)
     params = sum(p.numel() for p in denoiser.parameters())
     shape = (config["in_channels"], config["sample_size"], config["sample_size"])
     scoring = scoring_seconds(n, config["sample_size"], device)
+    variants = [(batch, bf16, False) for batch in batches for bf16 in (False, True)]
+    variants += [(batches[0], bf16, True) for bf16 in (False, True)]
     rows = []
-    for batch in batches:
-        for bf16 in (False, True):
-            label = "bf16 autocast" if bf16 else "fp32"
-            try:
-                rate = images_per_second(denoiser, shape, batch, nfe, bf16, device)
-            except torch.cuda.OutOfMemoryError:
-                rows.append({"batch": batch, "precision": label, "images_per_s": None, "trial_s": None})
-                torch.cuda.empty_cache()
-                continue
-            rows.append({"batch": batch, "precision": label, "images_per_s": rate,
-                         "trial_s": n / rate + scoring})
-            if progress:
-                print(f"batch {batch} {label}: {rate:.1f} images/s", flush=True)
+    for batch, bf16, channels_last in variants:
+        row = {"batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
+               "memory_format": "channels_last" if channels_last else "contiguous", "images_per_s": None,
+               "trial_s": None}
+        try:
+            rate = images_per_second(denoiser, shape, batch, nfe, bf16, device, channels_last=channels_last)
+            row.update(images_per_s=rate, trial_s=n / rate + scoring)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        if progress:
+            rate = row["images_per_s"]
+            print(f"batch {batch} {row['precision']} {row['memory_format']}: "
+                  + ("out of memory" if rate is None else f"{rate:.1f} images/s"), flush=True)
     # fp32 rows run with torch's TF32 settings as they are (by default TF32 convolutions, fp32 matmuls)
     tf32 = {"convolutions": torch.backends.cudnn.allow_tf32, "matmuls": torch.backends.cuda.matmul.allow_tf32}
     return {"params": params, "resolution": config["sample_size"], "nfe": nfe, "n": n, "scoring_s": scoring,
@@ -120,9 +127,23 @@ def render(r: dict) -> list[str]:
              f"{what}, {r['params'] / 1e6:.1f}M parameters, random weights, skip controller attached "
              f"(linear 0.8 → 1.0); Heun NFE {r['nfe']}. A proxy trial is N = {r['n']} samples plus "
              f"{r['scoring_s']:.2f} s of features, FID and KID at N/4 and N.{tf32_note}", "",
-             "| batch | precision | images/s | seconds per proxy trial |", "| ---: | --- | ---: | ---: |"]
+             "| batch | precision | memory format | images/s | seconds per proxy trial |",
+             "| ---: | --- | --- | ---: | ---: |"]
     for x in r["rows"]:
         rate = "out of memory" if x["images_per_s"] is None else f"{x['images_per_s']:.1f}"
         trial = "–" if x["trial_s"] is None else f"{x['trial_s']:.1f}"
-        lines.append(f"| {x['batch']} | {x['precision']} | {rate} | {trial} |")
-    return lines
+        lines.append(f"| {x['batch']} | {x['precision']} | {x.get('memory_format', 'contiguous')} | {rate} | {trial} |")
+    return lines + _speedups(r["rows"])
+
+
+def _speedups(rows: list[dict]) -> list[str]:
+    """What the rows say, as ratios: bf16 over fp32 at each batch, channels_last over contiguous."""
+    rate = {(x["batch"], x["precision"], x.get("memory_format", "contiguous")): x["images_per_s"] for x in rows}
+    ratios = []
+    for (batch, precision, layout), value in rate.items():
+        base = (rate.get((batch, "fp32", layout)) if precision != "fp32" else None,
+                rate.get((batch, precision, "contiguous")) if layout != "contiguous" else None)
+        for over, label in zip(base, ("fp32", "contiguous")):
+            if value and over:
+                ratios.append(f"{precision} {layout} / {label} at batch {batch}: {value / over:.2f}x")
+    return ["", "Ratios of images/s: " + "; ".join(ratios) + "."] if ratios else []

@@ -15,7 +15,7 @@ import click
 from .metrics import FEATURE_LAYERS
 from .sampling import SAMPLERS, SIGMA_GRIDS
 from .schedule import FAMILIES, PLACEMENTS
-from .search import DEFAULT_STORAGE, OBJECTIVES, OPTIMIZERS
+from .search import DEFAULT_STORAGE, OBJECTIVES, OPTIMIZERS, PRECISIONS
 
 
 class UserError(click.ClickException):
@@ -88,12 +88,21 @@ def _task_options(fn):
                       help="ODE sampler in σ space on --sigma-grid: EDM's Heun (NFE = 2*steps-1), Euler or "
                            "DPM-Solver++(2M) (NFE = steps); or, for diffusers pipelines, diffusers' own DDIM, "
                            "DPM-Solver multistep or UniPC on the model's timesteps (NFE = steps).")(fn)
-    fn = _text_options(_grid_option(fn))
+    fn = _precision_option(_text_options(_grid_option(fn)))
     fn = _model_options(fn)
     fn = click.option("--threads", default=0, type=int, help="CPU threads for torch (0: torch's default).")(fn)
     fn = click.option("--device", default="auto", show_default=True,
                       help="'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")(fn)
     return fn
+
+
+def _precision_option(fn, default: str | None = "fp32"):
+    return click.option("--precision", default=default, show_default=default is not None,
+                        type=click.Choice(list(PRECISIONS)),
+                        help="Precision of the model's forward: fp32, or bf16 autocast (convolutions and matmuls "
+                             "in bf16; the sampler's steps and the FID stay fp32). bf16 is about 1.8x faster on an "
+                             "H200 (BENCHMARKS.md table 6) but slower on most CPUs; a schedule is tuned for one "
+                             "precision." + ("" if default else " [default: the schedule's]"))(fn)
 
 
 def _grid_option(fn, default_help: str = "karras; model for ddim, dpmsolver, unipc"):
@@ -128,14 +137,15 @@ def _model_options(fn):
 
 
 def _tuned_for_defaults(schedule, **given) -> tuple:
-    """model, sampler, nfe, sigma_grid, prompts, guidance: each one that the command line (or
-    --config) leaves unset is what ``schedule`` was tuned for; its σ grid only with its sampler."""
+    """model, sampler, nfe, sigma_grid, prompts, guidance, precision: each one that the command
+    line (or --config) leaves unset is what ``schedule`` was tuned for; its σ grid only with its
+    sampler; fp32 for a schedule that names no precision."""
     tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
     v = {name: tuned[name] if name in tuned and source(name) == click.core.ParameterSource.DEFAULT else value
          for name, value in given.items()}
     same_sampler = v["sampler"] == tuned.get("sampler")  # another sampler keeps its own default grid
     grid = given["sigma_grid"] or (tuned.get("sigma_grid") if same_sampler else None)
-    return v["model"], v["sampler"], v["nfe"], grid, v["prompts"], v["guidance"]
+    return v["model"], v["sampler"], v["nfe"], grid, v["prompts"], v["guidance"], v["precision"] or "fp32"
 
 
 def _set_threads(threads: int) -> None:
@@ -251,8 +261,8 @@ def main() -> None:
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
                    "after two missed beats (0: off).")
 @_friendly
-def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler, nfe, seed, threads, device, storage,
-           study, family, placement, knots, trials, n, rungs, objective, rho_min, rho_max, batch, features,
+def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads, device,
+           storage, study, family, placement, knots, trials, n, rungs, objective, rho_min, rho_max, batch, features,
            inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
@@ -283,7 +293,7 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
         raise UserError("--knots must be at least 2 for per_noise")
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                   rungs=_parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
-                  guidance=guidance)
+                  guidance=guidance, precision=precision)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights, device=device)
     # fail before any trial when the statistics or the extractor's weights are missing
@@ -301,7 +311,7 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     click.echo(f"study {name!r} in {storage}: {S.finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed}-{task.seed + task.n - 1}, "
-               f"objective {task.objective}")
+               f"objective {task.objective}, {task.precision}")
 
     if unchecked := S.unpruned_rungs(task.rungs):
         click.echo(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
@@ -419,10 +429,10 @@ def export(storage, study, out) -> None:
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @_friendly
-def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler, nfe, seed, threads, device,
-           schedule, n, out) -> None:
+def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads,
+           device, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned. With --schedule, the model,
-    sampler, NFE, σ grid, prompts and guidance it was tuned for are the defaults."""
+    sampler, NFE, σ grid, prompts, guidance and precision it was tuned for are the defaults."""
     from . import search as S
     from .grids import save_grid
     from .schedule import load_schedule
@@ -430,16 +440,17 @@ def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
     _set_threads(threads)
     if schedule is not None:
         path, schedule = schedule, load_schedule(schedule)
-        model, sampler, nfe, sigma_grid, prompts, guidance = _tuned_for_defaults(
-            schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance)
+        model, sampler, nfe, sigma_grid, prompts, guidance, precision = _tuned_for_defaults(
+            schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance,
+            precision=precision)
     task = S.Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, sigma_grid=sigma_grid, prompts=prompts,
-                  guidance=guidance)
+                  guidance=guidance, precision=precision)
     evaluator = S.Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device)
     sched = evaluator.controller.identity() if schedule is None else schedule
     images = evaluator.images(sched)
     save_grid(images, out)
     what = f"schedule {path}" if schedule else "untuned model"
-    click.echo(f"wrote {out}: {n} images of {model}, {sampler} NFE {nfe} ({task.sigma_grid} σ grid), "
+    click.echo(f"wrote {out}: {n} images of {model}, {sampler} NFE {nfe} ({task.sigma_grid} σ grid, {precision}), "
                f"seeds {seed}-{seed + n - 1}, {what}")
 
 
@@ -451,6 +462,7 @@ def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
 @click.option("--nfe", default=None, type=int, help="[default: the schedule's]")
 @functools.partial(_grid_option, default_help="the schedule's")
 @functools.partial(_text_options, default="the schedule's", guidance_default="the schedule's")
+@functools.partial(_precision_option, default=None)
 @click.option("--n", "n", default=5000, show_default=True, type=int, help="Held-out samples per variant.")
 @click.option("--blocks", default=5, show_default=True, type=int, help="Independent seed blocks for the interval.")
 @click.option("--seed", default=1_000_000, show_default=True, type=int,
@@ -463,8 +475,8 @@ def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, sampler
 @click.option("--device", default="auto", show_default=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_friendly
-def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, prompts, guidance, n, blocks, seed,
-             features, inception_weights, reference, batch, threads, device, as_json) -> None:
+def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, prompts, guidance, precision, n, blocks,
+             seed, features, inception_weights, reference, batch, threads, device, as_json) -> None:
     """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
     on the same N new samples, with a 95% interval from independent seed blocks."""
     import json
@@ -475,8 +487,9 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, 
 
     _set_threads(threads)
     sched = load_schedule(schedule)
-    model, sampler, nfe, sigma_grid, prompts, guidance = _tuned_for_defaults(
-        sched, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance)
+    model, sampler, nfe, sigma_grid, prompts, guidance, precision = _tuned_for_defaults(
+        sched, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance,
+        precision=precision)
     searched = sched.metric.get("seeds", "")
     if searched and "-" in searched:
         first, last = (int(v) for v in searched.split("-"))
@@ -484,7 +497,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, 
             raise UserError(f"seeds {seed}-{seed + n - 1} overlap the search's seeds {searched}; pick another --seed")
     task = S.Task(model=model, sampler=sampler or "heun", nfe=nfe or 9,  # a hand-written schedule: heun NFE 9
                   n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
-                  reference=reference, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance)
+                  reference=reference, sigma_grid=sigma_grid, prompts=prompts, guidance=guidance, precision=precision)
     evaluator = S.Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                             feature_weights=inception_weights, device=device)
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)
@@ -494,7 +507,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, 
         return
     b, t, d = result["baseline"], result["tuned"], result["difference"]
     click.echo(f"held-out seeds {result['seeds']} ({result['n']} samples, {blocks} blocks of {result['block_size']}), "
-               f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), {task.features} features")
+               f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), {task.features} features, {task.precision}")
     click.echo(f"untuned  FID {b['fid']:.2f}  (per block {b['block_fid']['mean']:.2f}, "
                f"95% CI {b['block_fid']['low']:.2f}..{b['block_fid']['high']:.2f})")
     click.echo(f"tuned    FID {t['fid']:.2f}  (per block {t['block_fid']['mean']:.2f}, "
@@ -580,7 +593,8 @@ def report(storage, study, out, samples, trust_pickle, edm_path) -> None:
         task = S.with_legacy_defaults(S.study_settings(st)["task"])
         evaluator = S.Evaluator(S.Task(model=task["model"], sampler=task["sampler"], nfe=task["nfe"], n=samples,
                                        seed=task["seed"], sigma_grid=task["sigma_grid"], prompts=task["prompts"],
-                                       guidance=task["guidance"]), trust_pickle=trust_pickle, edm_path=edm_path)
+                                       guidance=task["guidance"], precision=task["precision"]),
+                                trust_pickle=trust_pickle, edm_path=edm_path)
         best = S.export_best(st, storage)
         grids = (evaluator.images(evaluator.controller.identity(), progress="baseline grid"),
                  evaluator.images(best, progress="best grid"))

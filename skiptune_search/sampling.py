@@ -225,12 +225,14 @@ def generate_batches(
     progress: bool | str = True,
     device: torch.device | str = "cpu",
     label_dim: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
     """uint8 images [B, C, H, W] (on the CPU) for ``seeds``, one batch of ``batch_size`` at a time,
     sampled on ``device``. The noise (and the class of a ``label_dim``-class model) is drawn on the
     CPU, so a seed gives the same sample inputs on any device. A text model (a denoiser with
     ``num_prompts``) gets prompt ``prompt_indices(seeds)``, encoded once per batch; a latent
-    model (a denoiser with ``decode``) has its latents decoded into images."""
+    model (a denoiser with ``decode``) has its latents decoded into images. With ``autocast`` (a
+    dtype), the model runs under torch.autocast in it; the sampler's own updates stay fp32."""
     fn = SAMPLERS[sampler][0]
     sigma_max = float(sigmas[0])
     desc = progress if isinstance(progress, str) else "sampling"
@@ -239,7 +241,9 @@ def generate_batches(
     with tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             batch_seeds = seeds[start : start + batch_size]
-            with torch.inference_mode():  # per batch: a mode held across the yield would leak to the caller
+            # per batch: a mode held across the yield would leak to the caller
+            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=autocast,
+                                                        enabled=autocast is not None):
                 noise, labels = seeded_inputs(batch_seeds, shape, label_dim)
                 # conditioning of the batch, the same at every step: class labels or prompt embeddings
                 cond: dict = {}
@@ -265,10 +269,10 @@ def generate_batches(
 
 def generate(denoiser: Denoiser, sampler: str, sigmas: torch.Tensor, seeds: Sequence[int], shape: Sequence[int],
              batch_size: int = 250, progress: bool | str = True, device: torch.device | str = "cpu",
-             label_dim: int = 0) -> torch.Tensor:
+             label_dim: int = 0, autocast: torch.dtype | None = None) -> torch.Tensor:
     """All the images of ``generate_batches`` in one uint8 tensor [N, C, H, W]."""
     return torch.cat(list(generate_batches(denoiser, sampler, sigmas, seeds, shape, batch_size, progress, device,
-                                           label_dim)))
+                                           label_dim, autocast)))
 
 
 def seed_range(first: int, n: int) -> list[int]:

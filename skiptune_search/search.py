@@ -43,6 +43,9 @@ CACHE_DIR = Path("studies") / "cache"  # reference features computed from data s
 SQLITE_BUSY_TIMEOUT = 60.0  # seconds a worker waits for another's write lock before giving up
 OBJECTIVES = ("fid", "fid_inf", "kid")
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of text models when none is given (diffusers' SD default)
+# what the model's forward runs in: fp32, or bf16 autocast (convolutions and matmuls in bf16; the
+# sampler's updates, FID features and statistics stay fp32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class StorageError(ValueError):
@@ -69,11 +72,14 @@ class Task:
     sigma_grid: str | None = None  # 'karras' or 'model'; None: the sampler's default (default_sigma_grid)
     prompts: str | None = None  # a text model's prompt file (one per line); seed s uses prompt s mod P
     guidance: float | None = None  # classifier-free guidance scale of a text model (1: none)
+    precision: str = "fp32"  # a key of PRECISIONS
 
     def __post_init__(self) -> None:
         rungs = tuple(self.rungs) or (self.n,)
         if list(rungs) != sorted(set(rungs)) or rungs[0] < 2 or rungs[-1] != self.n:
             raise ValueError(f"rungs {','.join(map(str, rungs))} must increase from at least 2 up to n = {self.n}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.objective == "fid_inf" and len(rungs) < 2:
@@ -107,7 +113,8 @@ class Task:
 
 def with_legacy_defaults(task_key: dict) -> dict:
     """A stored task key with the fields added since it was written, at the values it ran with."""
-    defaults = {"sigma_grid": default_sigma_grid(task_key.get("sampler", "heun")), "prompts": None, "guidance": None}
+    defaults = {"sigma_grid": default_sigma_grid(task_key.get("sampler", "heun")), "prompts": None, "guidance": None,
+                "precision": "fp32"}
     return {**defaults, **task_key}
 
 
@@ -209,7 +216,8 @@ class Evaluator:
         """uint8 image batches of ``seeds`` (default: the task's) sampled with ``schedule``."""
         self.controller.use(schedule)
         return generate_batches(self.denoiser, self.task.sampler, self.sigmas, seeds or self.task.seeds, self.shape,
-                                self.batch_size, progress, self.device, self.model_info.get("label_dim", 0))
+                                self.batch_size, progress, self.device, self.model_info.get("label_dim", 0),
+                                PRECISIONS[self.task.precision])
 
     def features(self, schedule: RhoSchedule, seeds: list[int] | None = None, progress: bool | str = True,
                  keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -604,7 +612,7 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
     arch, skips = study_layout(study)
     base = baseline_trial(study)
     tuned_for = {"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
-                 "sigma_grid": task["sigma_grid"]}
+                 "sigma_grid": task["sigma_grid"], "precision": task["precision"]}
     if task["prompts"] is not None:
         tuned_for.update(prompts=task["prompts"], guidance=task["guidance"])
     return study_space(study).schedule(

@@ -368,3 +368,24 @@ def test_per_call_verdict_scales_the_hook_cost_to_a_call_at_the_tables_batch():
     assert line([3e-3] * 9).endswith("not met).")  # 3% of a call, however tight
     assert line([1e-3 * k for k in range(9)]).endswith("not resolved here).")  # 0-8 ms: 0.1%-8%
     assert "too few pairs for an interval" in line([1e-4] * 3)
+
+
+def test_gpu_table_states_each_speedup_and_survives_out_of_memory():
+    from skiptune_search.bench_gpu import render
+
+    def row(batch, precision, layout, rate):
+        return {"batch": batch, "precision": precision, "memory_format": layout, "images_per_s": rate,
+                "trial_s": None if rate is None else 1000 / rate}
+
+    r = {"command": "c", "date": "d", "machine": "m", "quick": False, "params": 2e8, "nfe": 9, "n": 1000,
+         "scoring_s": 1.0, "tf32": {"convolutions": True, "matmuls": False},
+         "rows": [row(256, "fp32", "contiguous", 50.0), row(256, "bf16 autocast", "contiguous", 90.0),
+                  row(1024, "fp32", "contiguous", 60.0), row(1024, "bf16 autocast", "contiguous", None),
+                  row(256, "fp32", "channels_last", 40.0)]}
+    text = "\n".join(render(r))
+    assert "| 1024 | bf16 autocast | contiguous | out of memory | – |" in text
+    assert "bf16 autocast contiguous / fp32 at batch 256: 1.80x" in text
+    assert "fp32 channels_last / contiguous at batch 256: 0.80x" in text
+    assert "at batch 1024" not in text  # no ratio with a row that ran out of memory
+    old = dict(r, rows=[{k: v for k, v in x.items() if k != "memory_format"} for x in r["rows"][:2]])
+    assert "| 256 | fp32 | contiguous | 50.0 | 20.0 |" in "\n".join(render(old))  # gpu.json before memory formats

@@ -339,9 +339,9 @@ def test_search_says_when_the_best_sits_at_the_edge_of_the_range(run, tiny_model
 
 
 def test_schedule_fills_what_the_command_line_leaves_unset():
-    """sample and evaluate take the model, sampler, NFE and σ grid a schedule was tuned for,
-    unless given: naming the bundled model explicitly keeps it, and another sampler keeps its
-    own default σ grid."""
+    """sample and evaluate take the model, sampler, NFE, σ grid and precision a schedule was tuned
+    for, unless given: naming the bundled model explicitly keeps it, another sampler keeps its own
+    default σ grid, and a schedule that names no precision is fp32."""
     import types
 
     import click
@@ -349,17 +349,21 @@ def test_schedule_fills_what_the_command_line_leaves_unset():
     from skiptune_search.cli import _task_options, _tuned_for_defaults
 
     schedule = types.SimpleNamespace(tuned_for={"model": "models/mine", "sampler": "dpmpp_2m", "nfe": 7,
-                                                "sigma_grid": "model"})
+                                                "sigma_grid": "model", "precision": "bf16"})
     seen = []
 
     @click.command()
     @_task_options
-    def command(model, sampler, nfe, sigma_grid, prompts, guidance, **_):
+    def command(model, sampler, nfe, sigma_grid, prompts, guidance, precision, **_):
         seen.append(_tuned_for_defaults(schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid,
-                                        prompts=prompts, guidance=guidance))
+                                        prompts=prompts, guidance=guidance, precision=precision))
 
-    for args in ([], ["--model", "fashion-mnist-edm", "--sampler", "heun"], ["--nfe", "5", "--sigma-grid", "karras"]):
+    for args in ([], ["--model", "fashion-mnist-edm", "--sampler", "heun"], ["--nfe", "5", "--sigma-grid", "karras",
+                                                                              "--precision", "fp32"]):
         assert CliRunner().invoke(command, args, catch_exceptions=False).exit_code == 0
-    assert seen == [("models/mine", "dpmpp_2m", 7, "model", None, None),
-                    ("fashion-mnist-edm", "heun", 7, None, None, None),
-                    ("models/mine", "dpmpp_2m", 5, "karras", None, None)]
+    assert seen == [("models/mine", "dpmpp_2m", 7, "model", None, None, "bf16"),
+                    ("fashion-mnist-edm", "heun", 7, None, None, None, "bf16"),
+                    ("models/mine", "dpmpp_2m", 5, "karras", None, None, "fp32")]
+    del schedule.tuned_for["precision"]
+    assert CliRunner().invoke(command, [], catch_exceptions=False).exit_code == 0
+    assert seen[-1][-1] == "fp32"

@@ -312,11 +312,12 @@ def test_a_study_of_other_weights_of_the_same_model_is_refused(evaluator, tmp_pa
 
 
 def test_a_study_from_before_sigma_grids_and_prompts_resumes(evaluator, tmp_path):
-    """Studies stored before the σ grid and prompts joined the task ran on the Karras grid, unprompted."""
+    """Studies stored before the σ grid, prompts and precision joined the task ran on the Karras
+    grid, unprompted, in fp32."""
     storage = make_storage(f"sqlite:///{tmp_path}/s.db")
     study = open_study(storage, "old", evaluator.task, SPACE, evaluator.controller, 0)
     settings = study.user_attrs["settings"]
-    for key in ("sigma_grid", "prompts", "guidance"):
+    for key in ("sigma_grid", "prompts", "guidance", "precision"):
         del settings["task"][key]
     study.set_user_attr("settings", settings)
     open_study(storage, "old", evaluator.task, SPACE, evaluator.controller, 0)  # no mismatch
@@ -331,3 +332,26 @@ def test_params_at_edge_names_the_rho_near_a_bound():
     params = {"rho_inner": 1.495, "rho_outer": 0.9, "rho_7px": 0.505, "placement": "input"}
     assert params_at_edge(params, (0.5, 1.5)) == ["rho_inner = 1.495", "rho_7px = 0.505"]
     assert params_at_edge({"rho_inner": 1.0}, (0.5, 1.5)) == []
+
+
+def test_bf16_runs_the_model_under_autocast_and_is_its_own_task(evaluator, tmp_path):
+    """precision bf16: the UNet's convolutions compute in bf16 while the samples stay close to
+    fp32's; a study and its exported schedule are for that precision, and an fp32 search of the
+    same name is refused instead of mixing FIDs."""
+    bf16 = Evaluator(Task(model=evaluator.task.model, nfe=3, n=12, seed=100, precision="bf16"), batch_size=5)
+    seen = set()
+    conv = next(m for m in bf16.controller.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    identity = bf16.controller.identity()
+    low, full = bf16.images(identity, progress=False), evaluator.images(identity, progress=False)
+    assert seen == {torch.bfloat16}
+    diff = (low.int() - full.int()).abs()
+    assert 0 < diff.float().mean() < 4  # bf16 rounding, not another sample
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(make_storage(url), "b", bf16.task, SPACE, bf16.controller, 0)
+    run_search(bf16, study, SPACE, trials=2)
+    assert export_best(study, url).tuned_for["precision"] == "bf16"
+    with pytest.raises(StudyMismatchError, match="precision: bf16 \\(now fp32\\)"):
+        open_study(make_storage(url), "b", evaluator.task, SPACE, evaluator.controller, 0)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        Task(precision="fp16")

@@ -190,7 +190,7 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     assert f"study {name!r}" in result.output and "(karras σ grid)" in result.output
     best = json.loads((tmp_path / "studies" / f"{name}.best.json").read_text())
     assert best["tuned_for"] == {"model": str(tiny_sd_dir), "sampler": "euler", "nfe": 3, "sigma_grid": "karras",
-                                 "prompts": str(prompt_file), "guidance": 3.0}
+                                 "precision": "fp32", "prompts": str(prompt_file), "guidance": 3.0}
     # evaluate takes the σ grid, prompts and guidance from the schedule (the scoring itself is tested elsewhere)
     import skiptune_search.evaluate as E
 
