@@ -64,7 +64,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     # the schedule's own model and NFE when the command line names none
     result = run("sample", "--schedule", "best.json", "-n", 4, "-o", "tuned.png")
     assert result.exit_code == 0, result.output
-    assert f"of {tiny_model_dir}, heun NFE 3 (karras σ grid)" in result.output
+    assert f"of {tiny_model_dir}, heun NFE 3 (karras σ grid, fp32)" in result.output
 
 
 def _one_line_error(result, *needles):
