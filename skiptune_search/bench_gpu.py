@@ -22,6 +22,7 @@ from .metrics import DEFAULT_FEATURES, DEFAULT_REFERENCE, ReferenceStats, extrac
     kid_from_features, load_extractor
 from .sampling import karras_sigmas, sample_heun, steps_for_nfe, to_uint8
 from .schedule import RhoSchedule
+from .search import PRECISIONS
 from .skips import SkipController
 
 # EDM's ImageNet-64 ADM sizes (Dhariwal & Nichol's 64 px network as EDM trains it)
@@ -52,15 +53,17 @@ def build_model(config: dict, device: torch.device) -> tuple[EDMPrecond, SkipCon
     return denoiser, controller
 
 
-def images_per_second(denoiser, shape: tuple[int, ...], batch: int, nfe: int, bf16: bool,
+def images_per_second(denoiser, shape: tuple[int, ...], batch: int, nfe: int, precision: str,
                       device: torch.device, repeats: int = 2, channels_last: bool = False) -> float:
-    """Heun sampling throughput at ``batch`` (best of ``repeats`` after a warm-up batch), in
-    channels_last memory format (model and noise) or torch's default."""
+    """Heun sampling throughput at ``batch`` (best of ``repeats`` after a warm-up batch) in a
+    search's ``precision`` (a key of PRECISIONS), in channels_last memory format (model and
+    noise) or torch's default."""
+    autocast = PRECISIONS[precision]
     sigmas = karras_sigmas(steps_for_nfe("heun", nfe), 0.002, 80.0).to(device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     denoiser.to(memory_format=layout)
     best = float("inf")
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         for k in range(repeats + 1):
             x = (torch.randn(batch, *shape, device=device) * 80.0).contiguous(memory_format=layout)
             start = _sync(device)
@@ -94,15 +97,15 @@ def run_gpu_scaling(device: torch.device, batches: tuple[int, ...], nfe: int, n:
     params = sum(p.numel() for p in denoiser.parameters())
     shape = (config["in_channels"], config["sample_size"], config["sample_size"])
     scoring = scoring_seconds(n, config["sample_size"], device)
-    variants = [(batch, bf16, False) for batch in batches for bf16 in (False, True)]
-    variants += [(batches[0], bf16, True) for bf16 in (False, True)]
+    variants = [(batch, precision, False) for batch in batches for precision in PRECISIONS]
+    variants += [(batches[0], precision, True) for precision in PRECISIONS]
     rows = []
-    for batch, bf16, channels_last in variants:
-        row = {"batch": batch, "precision": "bf16 autocast" if bf16 else "fp32",
+    for batch, precision, channels_last in variants:
+        row = {"batch": batch, "precision": f"{precision} autocast" if PRECISIONS[precision] else precision,
                "memory_format": "channels_last" if channels_last else "contiguous", "images_per_s": None,
                "trial_s": None}
         try:
-            rate = images_per_second(denoiser, shape, batch, nfe, bf16, device, channels_last=channels_last)
+            rate = images_per_second(denoiser, shape, batch, nfe, precision, device, channels_last=channels_last)
             row.update(images_per_s=rate, trial_s=n / rate + scoring)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
