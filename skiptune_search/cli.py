@@ -159,13 +159,14 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     """--config FILE: the file's values become this command's defaults (the command line wins)."""
     if value is None:
         return None
-    from .config import ConfigError, read_config
+    from .config import ConfigError, check_value, read_config
 
-    allowed = [p.name for p in ctx.command.params if p.name not in ("config", "help")]
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
     try:
-        ctx.default_map = {**(ctx.default_map or {}), **read_config(value, allowed)}
+        values = {k: check_value(value, k, v, params[k], ctx) for k, v in read_config(value, params).items()}
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
 

@@ -132,6 +132,35 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir,
     _one_line_error(run("search", "--config", "latin1.toml"), "not valid TOML")
 
 
+@pytest.mark.parametrize("line, message", [
+    ('trust_pickle = "yes"', "key 'trust_pickle' is not allowed in a config file"),
+    ("trust_pickle = true", "pass --trust-pickle on the command line"),
+    ('edm-path = "edm"', "key 'edm-path' is not allowed in a config file"),
+    ("nfe = 5.7", "key 'nfe' = 5.7 must be an integer"),
+    ('nfe = "9"', "key 'nfe' = '9' must be an integer"),
+    ("nfe = true", "key 'nfe' = True must be an integer"),
+    ('rho_min = "0.5"', "key 'rho_min' = '0.5' must be a number"),
+    ('family = "zigzag"', "key 'family': 'zigzag' is not one of"),
+    ("sampler = 3", "key 'sampler' = 3 must be a string"),
+    ("seeds = [1, 2]", "unknown key 'seeds'"),
+    ("model = [1, 2]", "key 'model' holds a list"),
+])
+def test_config_values_are_type_checked_and_never_grant_trust(run, tmp_path, line, message):
+    """A config file cannot let a pickle run (not even with a truthy string), and every value must
+    have its option's type: one line naming the file and the key, exit 2, no study written."""
+    (tmp_path / "c.toml").write_text(f'model = "x.pkl"\n{line}\n' if not line.startswith("model") else line + "\n")
+    result = run("search", "--config", "c.toml")
+    _one_line_error(result, "c.toml", message)
+    assert not (tmp_path / "studies").exists()
+
+
+def test_trust_from_the_command_line_still_reaches_the_loader(run, tmp_path):
+    (tmp_path / "c.toml").write_text('model = "missing.pkl"\n')
+    result = run("search", "--config", "c.toml", "--trust-pickle")
+    _one_line_error(result, "missing.pkl not found")  # past the trust gate: the file itself is missing
+    assert "pass --trust-pickle" in run("search", "--config", "c.toml").output
+
+
 @pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")),
                          ids=lambda p: p.name)
 def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path):
@@ -160,7 +189,7 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
         assert evaluator.reference.mu.shape == (1280,)
     elif task.model.endswith(".pkl"):  # a checkpoint this machine cannot have: the loader must say so in one line
         with pytest.raises(ModelLoadError, match="not found"):
-            Evaluator(task, trust_pickle=values.get("trust_pickle", False), edm_path=None)
+            Evaluator(task, trust_pickle=True, edm_path=None)  # as --trust-pickle on the command line gives it
     else:  # a Hugging Face repo id, not in this machine's cache
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         with pytest.raises(ModelLoadError, match=f"hf download {task.model}$"):
