@@ -42,7 +42,7 @@ def tiny_unet():
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path, tiny_unet) -> Path:
     """A model folder as train-default writes it, holding the tiny random UNet."""
-    from skiptune_search.zoo import save_model_dir
+    from skiptune_search.models.loaders import save_model_dir
 
     out = tmp_path / "tiny-model"
     save_model_dir(tiny_unet, out, training={"steps": 0})

@@ -6,8 +6,9 @@ import statistics
 import optuna
 import pytest
 
-from skiptune_search import bench_search as BS
-from skiptune_search.search import grid_values, make_storage
+from skiptune_search.bench import search as BS
+from skiptune_search.search.space import grid_values
+from skiptune_search.search.storage import make_storage
 
 
 def _bowl_grid(points=11, best=(0.7, 0.9)):
@@ -54,6 +55,23 @@ def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkey
     results["grid"]["1,1"]["fid"]["1000"] += 1  # a re-measured point: the saved replays no longer apply
     BS.replays(results, ("random",), seeds=2, trials=4, path=path)
     assert len(calls) == 4
+    monkeypatch.setattr(BS, "search_code_digest", lambda: "changed")  # an edit to the objective or its parts
+    BS.replays(results, ("random",), seeds=2, trials=4, path=path)
+    assert len(calls) == 8
+
+
+def test_replays_run_the_search_s_own_objective_and_first_trials(monkeypatch):
+    """Table 4 replays a search through the real objective: its enqueued first trials and its
+    pruning rule (the baseline is never pruned) show in the replay, and a change to them does too."""
+    from skiptune_search.search.space import Space
+
+    grid = _bowl_grid(points=11)
+    log = BS.replay_search(grid, 11, (250, 1000), "random", 0, 6, True)
+    assert [t["point"] for t in log[:2]] == ["1,1", "0.8,1"]  # the baseline, then the paper ramp
+    assert log[0]["samples"] == 1000 and log[0]["value"] is not None
+    monkeypatch.setattr(Space, "first_trials", lambda self, skips, optimizer: [("baseline", self.baseline(skips))])
+    changed = BS.replay_search(grid, 11, (250, 1000), "random", 0, 6, True)
+    assert changed[0]["point"] == "1,1" and changed[1]["point"] != "0.8,1"
 
 
 def test_reach_is_the_first_completed_trial_under_the_target():
@@ -92,22 +110,25 @@ def test_proxy_fidelity_ranks_and_spreads():
 
 
 def test_results_of_other_settings_are_refused(tmp_path, tiny_model_dir):
-    from skiptune_search.search import Evaluator, Task
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
 
     evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=4, rungs=(2, 4)), batch_size=4, device="cpu")
     path = tmp_path / "grid.json"
     BS.save_results(path, {"settings": {"task": {"nfe": 5}, "points": 3, "placement": "input"}, "grid": {}})
-    with pytest.raises(ValueError, match=r"other settings \(nfe: 5 \(now 3\)\); .* another --work folder"):
+    with pytest.raises(ValueError, match=r"other settings \(nfe: 5 \(now 3\)\); .* another folder") as info:
         BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
+    assert info.value.option == "work"  # the CLI names --work
 
 
 def test_table_3_of_another_truth_n_is_refused_before_anything_is_measured(tmp_path, monkeypatch):
-    from skiptune_search import bench
+    from skiptune_search.bench import run as bench
 
     BS.save_results(tmp_path / "truth.json", {"settings": {"truth_n": 4000}, "truth": {}})
     monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: pytest.fail("measured before the check"))
-    with pytest.raises(ValueError, match="on 4,000 held-out samples per schedule, not 10,000: pass --truth-n 4000"):
+    with pytest.raises(ValueError, match="on 4,000 held-out samples per schedule, not 10,000: use 4000 to extend it") as info:
         bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=(1, 3))
+    assert info.value.option == "truth_n"
 
 
 def test_a_work_folder_another_bench_is_measuring_into_is_refused(tmp_path, monkeypatch):
@@ -116,16 +137,17 @@ def test_a_work_folder_another_bench_is_measuring_into_is_refused(tmp_path, monk
     import subprocess
     import sys
 
-    from skiptune_search import bench
+    from skiptune_search.bench import run as bench
+    from skiptune_search.core.errors import SkiptuneError
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from skiptune_search.files import folder_lock\n"
+        "import sys, time; from skiptune_search.core.files import folder_lock\n"
         f"with folder_lock({str(tmp_path)!r}, 'the first bench'):\n"
         "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setattr(bench, "Evaluator", lambda *a, **k: pytest.fail("measured beside another run"))
-        with pytest.raises(ValueError, match=r"in use by the first bench \(pid \d+\); .* another --work folder"):
+        with pytest.raises(SkiptuneError, match=r"in use by the first bench \(pid \d+\); .* another folder"):
             bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=(1,))
         assert bench.run_bench(False, tmp_path / "B.md", tmp_path, "m", 9, "cmd", tables=()).exists()
     finally:
@@ -137,21 +159,22 @@ def test_a_work_folder_another_bench_is_measuring_into_is_refused(tmp_path, monk
 
 
 def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny_model_dir, monkeypatch):
-    from skiptune_search.search import Evaluator, Task
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
 
     evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=4, rungs=(2, 4)), batch_size=4, device="cpu")
     path = tmp_path / "grid.json"
     calls = []
     real = evaluator.features
 
-    def counting(schedule, *args, **kwargs):
+    def counting(schedule, *args, **kwargs):  # one call per rung: two per grid point
         calls.append(schedule)
-        if len(calls) == 4 and interrupt:
+        if len(calls) == 7 and interrupt:  # the fourth point's first rung
             raise RuntimeError("interrupted")
         return real(schedule, *args, **kwargs)
 
     interrupt = True
-    monkeypatch.setattr(BS, "_scores", lambda features, ev, rungs: {"fid": {"4": float(features.sum())}})
+    monkeypatch.setattr(BS, "_scores", lambda rungs: {"fid": {"4": float(rungs[-1].features.sum())}})
     monkeypatch.setattr(evaluator, "features", counting)
     with pytest.raises(RuntimeError, match="interrupted"):
         BS.run_grid(evaluator, path, 3, "cmd", "test machine", progress=False)
@@ -159,16 +182,16 @@ def test_an_interrupted_grid_resumes_with_only_the_missing_points(tmp_path, tiny
     calls.clear()
     interrupt = False
     results = BS.run_grid(evaluator, path, 3, "cmd", "other machine", progress=False)
-    assert len(calls) == 6 and len(results["grid"]) == 9
+    assert len(calls) == 2 * 6 and len(results["grid"]) == 9
     assert results["command"] == "cmd" and results["machines"] == ["test machine", "other machine"]
-    from skiptune_search.bench import _header  # the table names both machines, not only the last
+    from skiptune_search.bench.run import _header  # the table names both machines, not only the last
 
     assert _header(results).endswith("Measured in parts on 2 machines: test machine; other machine.")
     assert _header({"command": "cmd", "machine": "one"}).endswith("Machine: one.")  # files from before
 
 
 def test_an_incomplete_grid_renders_what_it_has(tmp_path):
-    from skiptune_search.bench import SIZES, write_markdown
+    from skiptune_search.bench.run import SIZES, write_markdown
 
     grid = {k: v for k, v in _bowl_grid(points=3).items() if k in ("1,1", "0.5,1")}
     BS.save_results(tmp_path / "grid.json", {"grid": grid, "command": "cmd", "machine": "m", "date": "d",
@@ -189,7 +212,7 @@ def _headline(rows, plan):
 
 
 def test_headline_names_the_best_family_where_tuning_did_not_help_and_what_is_missing():
-    from skiptune_search.bench_headline import render
+    from skiptune_search.bench.headline import render
 
     runs = lambda *fids: [{"seed": k, "held_out": f} for k, f in enumerate(fids)]  # noqa: E731
     rows = {"5": {"untuned": 100.0, "machines": ["cpu box"], "linear": runs(80.0, 90.0, 85.0),
@@ -206,7 +229,7 @@ def test_headline_names_the_best_family_where_tuning_did_not_help_and_what_is_mi
 
 
 def test_headline_rows_measured_on_different_machines_say_which():
-    from skiptune_search.bench_headline import render
+    from skiptune_search.bench.headline import render
 
     rows = {"5": {"untuned": 100.0, "machines": ["cpu box"], "linear": [{"seed": 0, "held_out": 90.0}]},
             "19": {"untuned": 60.0, "machines": ["gpu box"], "linear": [{"seed": 0, "held_out": 50.0}]}}
@@ -216,7 +239,7 @@ def test_headline_rows_measured_on_different_machines_say_which():
 
 
 def test_headline_says_what_a_search_and_a_held_out_score_took():
-    from skiptune_search.bench_headline import render
+    from skiptune_search.bench.headline import render
 
     run = lambda seed, search, held=None: {"seed": seed, "held_out": 90.0,  # noqa: E731
                                            **({"search_seconds": search} if search else {}),
@@ -234,7 +257,7 @@ def test_headline_says_what_a_search_and_a_held_out_score_took():
 
 
 def test_search_seconds_sums_the_trials_of_the_study(tmp_path):
-    from skiptune_search.bench_headline import search_seconds
+    from skiptune_search.bench.headline import search_seconds
 
     storage = make_storage(f"sqlite:///{tmp_path}/h.db", heartbeat=None)
     study = optuna.create_study(study_name="s", storage=storage)
@@ -246,7 +269,7 @@ def test_search_seconds_sums_the_trials_of_the_study(tmp_path):
 
 
 def test_headline_names_searches_that_ran_without_their_baseline_trial():
-    from skiptune_search.bench_headline import render
+    from skiptune_search.bench.headline import render
 
     rows = {"9": {"untuned": 50.0, "machines": ["cpu box"],
                   "linear": [{"seed": 0, "held_out": 40.0, "search_baseline": 55.0},
@@ -255,26 +278,42 @@ def test_headline_names_searches_that_ran_without_their_baseline_trial():
     assert "Searches with no completed ρ = 1 trial: NFE 9 linear seed 1 (" in text
 
 
-def test_a_trial_left_running_by_a_killed_headline_run_is_failed_and_its_baseline_queued(tmp_path, tiny_unet):
+def test_a_trial_left_running_by_a_killed_run_is_failed_and_queued_again(tmp_path, tiny_unet):
+    """A killed run (headline or search, no heartbeat) leaves its trial RUNNING; the next open of
+    the study on this host sees its process is gone, fails it and queues the same parameters
+    with the baseline mark. A trial of a live process is left alone."""
+    import socket
+    import subprocess
+
     from skiptune_search import SkipController
-    from skiptune_search.bench_headline import fail_interrupted_trials
-    from skiptune_search.search import Space, Task, open_study
+    from skiptune_search.scoring.task import Task
+    from skiptune_search.search.space import Space
+    from skiptune_search.search.study import open_study
 
     storage = make_storage(f"sqlite:///{tmp_path}/h.db", heartbeat=None)
-    fail_interrupted_trials(storage, "absent")  # no such study yet: nothing to do
     space, task, controller = Space("per_level", "input", (0.5, 1.5)), Task(nfe=3, n=4), SkipController(tiny_unet)
     study = open_study(storage, "s", task, space, controller, 0)
     left_running = study.ask()  # the baseline, when the run was killed
-    fail_interrupted_trials(storage, "s")
-    assert study.trials[left_running.number].state == optuna.trial.TrialState.FAIL
-    study = open_study(storage, "s", task, space, controller, 0)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
-    assert study.trials[-1].user_attrs.get("baseline")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left_running.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        other = study.ask()  # a trial of a process still running
+        other.set_user_attr("worker", {"host": socket.gethostname(), "pid": alive.pid})
+        study = open_study(storage, "s", task, space, controller, 0)
+        states = [t.state for t in study.trials]
+        assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
+                          optuna.trial.TrialState.WAITING]
+        assert study.trials[-1].user_attrs.get("baseline") and study.trials[-1].user_attrs["retry_of"] == 0
+        assert study.trials[-1].params == study.trials[0].params
+    finally:
+        alive.kill()
 
 
 def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path, monkeypatch):
     """A seed that reached the target only without pruning is left out of the comparison."""
-    from skiptune_search import bench
+    from skiptune_search.bench import run as bench
 
     grid = {"grid": _bowl_grid(), "settings": {"points": 11, "placement": "input", "task": {
         "rungs": [250, 1000], "seed": 0, "sampler": "heun", "nfe": 9}}, "command": "c", "machine": "m", "date": "d"}
@@ -296,7 +335,7 @@ def test_saved_results_of_other_weights_are_refused_and_older_files_without_them
 
 
 def test_table_3_of_truth_and_grid_from_different_tasks_is_not_rendered():
-    from skiptune_search import bench
+    from skiptune_search.bench import run as bench
 
     grid = {"settings": {"task": {"nfe": 9, "rungs": [250, 1000]}}, "grid": _bowl_grid()}
     truth = {"settings": {"task": {"nfe": 5, "rungs": [250, 1000]}}, "truth": {}, "command": "c", "machine": "m"}
@@ -306,7 +345,7 @@ def test_table_3_of_truth_and_grid_from_different_tasks_is_not_rendered():
 def test_overhead_verdict_says_when_the_machine_is_too_noisy_to_tell():
     """Table 1's verdict: met or not met only when the 95% interval of the median ratio is on one
     side of 1.02; otherwise it says the noise hides a 2% difference."""
-    from skiptune_search.bench import _overhead_verdict, _ratio_intervals, median_interval
+    from skiptune_search.bench.run import _overhead_verdict, _ratio_intervals, median_interval
 
     assert median_interval(list(range(15, 0, -1))) == (4, 12)  # k = 4: P(B(15, 1/2) ≤ 3) = 1.8%
     assert median_interval(list(range(1, 10))) == (2, 8)
@@ -330,9 +369,10 @@ def test_hook_cost_finds_a_known_delay_in_the_hooks(tiny_model_dir, monkeypatch)
     on a busy machine is a few ms), and the controller is left attached, at ρ = 1."""
     import time
 
-    from skiptune_search.bench import hook_cost
-    from skiptune_search.search import Evaluator, Task
-    from skiptune_search.skips import SkipController
+    from skiptune_search.bench.run import hook_cost
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
+    from skiptune_search.core.controller import SkipController
 
     evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=2), batch_size=2, device="cpu")
     ctl = evaluator.controller
@@ -353,7 +393,7 @@ def test_hook_cost_finds_a_known_delay_in_the_hooks(tiny_model_dir, monkeypatch)
 
 
 def test_per_call_verdict_scales_the_hook_cost_to_a_call_at_the_tables_batch():
-    from skiptune_search.bench import _per_call_verdict
+    from skiptune_search.bench.run import _per_call_verdict
 
     def line(extra_s):  # 1 s for 250 images in one batch at NFE 10: 0.1 s per call
         return _per_call_verdict({
@@ -371,7 +411,7 @@ def test_per_call_verdict_scales_the_hook_cost_to_a_call_at_the_tables_batch():
 
 
 def test_gpu_table_states_each_speedup_and_survives_out_of_memory():
-    from skiptune_search.bench_gpu import render
+    from skiptune_search.bench.gpu import render
 
     def row(batch, precision, layout, rate):
         return {"batch": batch, "precision": precision, "memory_format": layout, "images_per_s": rate,

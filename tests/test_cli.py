@@ -78,7 +78,8 @@ def _one_line_error(result, *needles):
 def test_bad_input_is_a_one_line_error(run, tiny_model_dir, tmp_path):
     _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 10), "nearest valid: 9, 11")
     _one_line_error(run("search", "--model", tiny_model_dir, "--rho-min", 2), "--rho-min")
-    _one_line_error(run("search", "--model", tmp_path / "nowhere"), "not found", "--model fashion-mnist-edm")
+    _one_line_error(run("search", "--model", tmp_path / "nowhere"), "--model: model", "not found",
+                    "use fashion-mnist-edm (bundled)")
     _one_line_error(run("sample", "--model", tiny_model_dir, "--schedule", "missing.json", "-o", "g.png"),
                     "missing.json not found")
     _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study storage at studies/skiptune.db")
@@ -88,7 +89,7 @@ def test_bad_input_is_a_one_line_error(run, tiny_model_dir, tmp_path):
     assert not (tmp_path / "typo").exists()
     import optuna
 
-    from skiptune_search.search import make_storage
+    from skiptune_search.search.storage import make_storage
 
     optuna.create_study(storage=make_storage("sqlite:///studies/skiptune.db"), study_name="other")
     _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study 'nope'")
@@ -99,7 +100,7 @@ def test_changed_settings_do_not_touch_the_study(run, tiny_model_dir, tmp_path):
     assert run(*_search_args(tiny_model_dir)[:-4], "--trials", 1, "--batch", 5).exit_code == 0, "setup"
     db = (tmp_path / "studies" / "skiptune.db").read_bytes()
     result = run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 20, "--trials", 2)
-    _one_line_error(result, "n: 10 (now 20)", "--study NEW_NAME")
+    _one_line_error(result, "--study: study", "n: 10 (now 20)", "or another study name")
     assert (tmp_path / "studies" / "skiptune.db").read_bytes() == db
 
 
@@ -158,7 +159,7 @@ def test_trust_from_the_command_line_still_reaches_the_loader(run, tmp_path):
     (tmp_path / "c.toml").write_text('model = "missing.pkl"\n')
     result = run("search", "--config", "c.toml", "--trust-pickle")
     _one_line_error(result, "missing.pkl not found")  # past the trust gate: the file itself is missing
-    assert "pass --trust-pickle" in run("search", "--config", "c.toml").output
+    assert "Error: --trust-pickle: missing.pkl is a pickle" in run("search", "--config", "c.toml").output
 
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")),
@@ -169,17 +170,18 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
     guidance run on a tiny stand-in of the same model family."""
     from dataclasses import fields, replace
 
-    from skiptune_search.cli import search
-    from skiptune_search.config import read_config
-    from skiptune_search.search import Evaluator, Space, Task
-
-    from skiptune_search.cli import _parse_rungs
-    from skiptune_search.sampling import steps_for_nfe
-    from skiptune_search.zoo import ModelLoadError
+    from skiptune_search.cli.common import parse_rungs
+    from skiptune_search.cli.config import read_config
+    from skiptune_search.cli.tune import search
+    from skiptune_search.core.errors import ModelLoadError
+    from skiptune_search.sampling.samplers import steps_for_nfe
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
+    from skiptune_search.search.space import Space
 
     values = read_config(config, [p.name for p in search.params])
     values_for_task = {f.name: values[f.name] for f in fields(Task) if f.name in values}
-    values_for_task["rungs"] = _parse_rungs(values.get("rungs"), values["n"])
+    values_for_task["rungs"] = parse_rungs(values.get("rungs"), values["n"])
     task = Task(**values_for_task)  # validates rungs, objective
     steps_for_nfe(task.sampler, task.nfe)
     Space(values["family"], values["placement"], (values["rho_min"], values["rho_max"]))
@@ -255,7 +257,8 @@ def test_more_bad_input_each_one_line(run, tiny_model_dir, tmp_path):
     _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--storage", "sqlite:///afile/s.db"),
                     "cannot open storage")
     # an impossible NFE and an unknown sampler for evaluate's schedule
-    _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "euler", "--nfe", 0), "impossible")
+    _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "euler", "--nfe", 0), "'--nfe': 0 is not in the range 1<=x<=1000")
+    _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "heun", "--nfe", 4), "--nfe: NFE 4 is impossible for heun")
     # devices this tool does not run on, or that this machine lacks
     for device, says in (("mps", "use 'auto', 'cpu', 'cuda' or 'cuda:N'"), ("gpu0", "use 'auto', 'cpu'"),
                          ("cuda:7", "cuda:7")):
@@ -264,10 +267,15 @@ def test_more_bad_input_each_one_line(run, tiny_model_dir, tmp_path):
 
 
 def test_nan_samples_fail_that_trial_and_the_study_goes_on(tiny_model_dir, tmp_path, monkeypatch):
-    import skiptune_search.search as S
-    from skiptune_search.sampling import NonFiniteSamplesError
+    from skiptune_search.core.errors import NonFiniteSamplesError
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
+    from skiptune_search.search.objective import run_search
+    from skiptune_search.search.space import Space
+    from skiptune_search.search.storage import make_storage
+    from skiptune_search.search.study import export_best, open_study
 
-    evaluator = S.Evaluator(S.Task(model=str(tiny_model_dir), nfe=3, n=6), batch_size=6)
+    evaluator = Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=6), batch_size=6)
     real = evaluator.features
     calls = []
 
@@ -278,14 +286,14 @@ def test_nan_samples_fail_that_trial_and_the_study_goes_on(tiny_model_dir, tmp_p
         return real(schedule, seeds, progress)
 
     monkeypatch.setattr(evaluator, "features", sometimes_nan)
-    space = S.Space("linear", "input", (0.5, 1.5))
-    study = S.open_study(S.make_storage(f"sqlite:///{tmp_path}/s.db"), "nan", evaluator.task, space,
-                         evaluator.controller, 0)
-    S.run_search(evaluator, study, space, trials=4)
+    space = Space("linear", "input", (0.5, 1.5))
+    study = open_study(make_storage(f"sqlite:///{tmp_path}/s.db"), "nan", evaluator.task, space,
+                       evaluator.controller, 0)
+    run_search(evaluator, study, space, trials=4)
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "non-finite" in study.trials[1].user_attrs["fail_reason"]
-    assert S.export_best(study, "x").source["trial"] != 1
+    assert export_best(study, "x").source["trial"] != 1
 
 
 def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
@@ -322,12 +330,12 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
 def test_out_of_gpu_memory_is_a_one_line_error_naming_the_batch(run, tiny_model_dir, monkeypatch):
     import torch
 
-    import skiptune_search.search as S
+    from skiptune_search.scoring.evaluator import Evaluator
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(S.Evaluator, "images", out_of_memory)
+    monkeypatch.setattr(Evaluator, "images", out_of_memory)
     _one_line_error(run("sample", "--model", tiny_model_dir, "--nfe", 3, "-n", 2, "-o", "g.png"),
                     "out of GPU memory: pass a smaller --batch")
 
@@ -335,7 +343,7 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_batch(run, tiny_model_
 def test_locked_storage_is_a_one_line_error(run, tiny_model_dir, tmp_path, monkeypatch):
     import sqlite3
 
-    import skiptune_search.search as S
+    import skiptune_search.search.storage as S
 
     monkeypatch.setattr(S, "SQLITE_BUSY_TIMEOUT", 0.5)
     (tmp_path / "studies").mkdir()
@@ -375,17 +383,18 @@ def test_schedule_fills_what_the_command_line_leaves_unset():
 
     import click
 
-    from skiptune_search.cli import _task_options, _tuned_for_defaults
+    from skiptune_search.cli.common import task_options, tuned_for_defaults
 
     schedule = types.SimpleNamespace(tuned_for={"model": "models/mine", "sampler": "dpmpp_2m", "nfe": 7,
                                                 "sigma_grid": "model", "precision": "bf16"})
     seen = []
 
     @click.command()
-    @_task_options
+    @task_options
     def command(model, sampler, nfe, sigma_grid, prompts, guidance, precision, **_):
-        seen.append(_tuned_for_defaults(schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid,
-                                        prompts=prompts, guidance=guidance, precision=precision))
+        v = tuned_for_defaults(schedule, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid,
+                               prompts=prompts, guidance=guidance, precision=precision)
+        seen.append(tuple(v[k] for k in ("model", "sampler", "nfe", "sigma_grid", "prompts", "guidance", "precision")))
 
     for args in ([], ["--model", "fashion-mnist-edm", "--sampler", "heun"], ["--nfe", "5", "--sigma-grid", "karras",
                                                                               "--precision", "fp32"]):

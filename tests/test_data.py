@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from skiptune_search.data import DEFAULT_DATA_DIR, DataNotFoundError, load_fashion_mnist
+from skiptune_search.bundled.data import DEFAULT_DATA_DIR, DataNotFoundError, load_fashion_mnist
 
 
 def test_reads_idx_files(tiny_fashion_dir):

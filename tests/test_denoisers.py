@@ -1,6 +1,6 @@
 import torch
 
-from skiptune_search.denoisers import EDMPrecond
+from skiptune_search.models.denoisers import EDMPrecond
 
 
 class Zero(torch.nn.Module):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from skiptune_search.denoisers import DiffusersVPPrecond
-from skiptune_search.zoo import ModelLoadError, load_denoiser
+from skiptune_search.models.denoisers import DiffusersVPPrecond
+from skiptune_search.models.loaders import ModelLoadError, load_denoiser
 
 
 @pytest.fixture
@@ -77,8 +77,9 @@ def test_uncached_repo_id_is_a_clear_offline_error(monkeypatch, tmp_path):
 @torch.no_grad()
 def test_native_ddim_with_a_per_noise_schedule(ddpm_dir):
     """diffusers' DDIM at 5 steps: 5 UNet calls, each with the ρ of its own timestep's σ."""
-    from skiptune_search.schedule import RhoSchedule
-    from skiptune_search.search import Evaluator, Task
+    from skiptune_search.core.schedule import RhoSchedule
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
 
     evaluator = Evaluator(Task(model=str(ddpm_dir), sampler="ddim", nfe=5, n=2), batch_size=2)
     ctl = evaluator.controller
@@ -109,7 +110,8 @@ def test_native_sampler_needs_a_diffusers_model(tmp_path):
 @pytest.mark.parametrize("sampler, nfe", [("heun", 9), ("dpmpp_2m", 4), ("euler", 1)])
 def test_the_models_own_sigma_grid(ddpm_dir, sampler, nfe):
     """--sigma-grid model: σ of training timesteps, descending from σ_max to σ_min, then 0."""
-    from skiptune_search.search import Evaluator, Task
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
 
     evaluator = Evaluator(Task(model=str(ddpm_dir), sampler=sampler, nfe=nfe, n=2, sigma_grid="model"), batch_size=2)
     table, sigmas = evaluator.denoiser.sigma_table, evaluator.sigmas
@@ -131,7 +133,7 @@ def test_model_grid_of_a_continuous_model_is_a_one_line_error(tiny_model_dir, tm
     result = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir), "--sigma-grid", "model", "--nfe", "3",
                                        "-n", "2", "-o", str(tmp_path / "g.png")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert "continuous in σ" in result.output and "--sigma-grid karras" in result.output
+    assert "--sigma-grid: " in result.output and "continuous in σ" in result.output and "use the karras grid" in result.output
 
 
 def test_sigma_grid_is_part_of_the_study_and_the_schedule(ddpm_dir, tmp_path, monkeypatch):

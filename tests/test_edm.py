@@ -5,7 +5,7 @@ import torch
 
 from edm_standins import DhariwalUNet, EDMPrecond, SongUNet
 from skiptune_search import RhoSchedule, SkipController, apply
-from skiptune_search.schedule import PLACEMENTS
+from skiptune_search.core.schedule import PLACEMENTS
 from test_placements import check_sigma_per_sample
 from test_skips import check_skip_routing
 
@@ -152,13 +152,15 @@ def _edm_pickle(tmp_path, label_dim=0):
 
 
 def test_edm_pickle_needs_trust_and_the_edm_code(edm_pickle):
-    from skiptune_search.zoo import ModelLoadError, load_denoiser
+    from skiptune_search.models.loaders import ModelLoadError, load_denoiser
 
     path, repo = edm_pickle
-    with pytest.raises(ModelLoadError, match="--trust-pickle"):
+    with pytest.raises(ModelLoadError, match="loading a pickle runs code from it") as info:
         load_denoiser(str(path))
-    with pytest.raises(ModelLoadError, match="--edm-path"):
+    assert info.value.option == "trust_pickle"
+    with pytest.raises(ModelLoadError, match="of the EDM code base: give the path of a checkout") as error:
         load_denoiser(str(path), trust_pickle=True)
+    assert error.value.option == "edm_path"
     denoiser, info = load_denoiser(str(path), trust_pickle=True, edm_path=str(repo))
     assert info["resolution"] == 16 and info["channels"] == 3
     assert (info["sigma_min"], info["sigma_max"]) == (0.002, 80.0)  # EDM's Precond says 0 and inf
@@ -187,8 +189,9 @@ def test_edm_pickle_through_the_cli(edm_pickle, tmp_path, monkeypatch):
 @pytest.mark.parametrize("edm_pickle", [10], indirect=True)
 def test_class_conditional_edm_gets_one_label_per_seed(edm_pickle):
     """Labels come from each sample's seed (after its noise), the same in any batch and trial."""
-    from skiptune_search.sampling import seeded_inputs
-    from skiptune_search.search import Evaluator, Task
+    from skiptune_search.sampling.samplers import seeded_inputs
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
 
     path, repo = edm_pickle
     evaluator = Evaluator(Task(model=str(path), nfe=3, n=6, seed=40), batch_size=4, trust_pickle=True,

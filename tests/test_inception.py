@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
-from skiptune_search.metrics import FeatureWeightsError, ReferenceStats, extract_features, load_extractor
+from skiptune_search.scoring.metrics import FeatureWeightsError, ReferenceStats, extract_features, load_extractor
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,9 @@ def test_inception_offline_without_weights_says_where_to_get_them(monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(tfi, "load_state_dict_from_url", no_network)
-    with pytest.raises(FeatureWeightsError, match="--inception-weights PATH") as info:
+    with pytest.raises(FeatureWeightsError, match="on a machine with internet and pass the file's path") as info:
         load_extractor("inception-v3-compat")
+    assert info.value.option == "inception_weights"
     assert tfi.URL_INCEPTION_V3 in str(info.value)
 
 
@@ -66,7 +67,7 @@ def test_search_with_inception_features(inception_weights, tiny_model_dir, tmp_p
             "--features", "inception-v3-compat"]
     runner = CliRunner()
     result = runner.invoke(main, base)
-    assert result.exit_code == 2 and "pass --reference STATS.npz" in result.output
+    assert result.exit_code == 2 and "--reference: the bundled statistics are" in result.output
     result = runner.invoke(main, base + ["--reference", "ref.npz", "--inception-weights", str(inception_weights)])
     assert result.exit_code == 0, result.output
     assert "baseline FID" in result.output

@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from skiptune_search.metrics import (
+from skiptune_search.scoring.metrics import (
     DEFAULT_REFERENCE, ReferenceStats, ReferenceStatsError, extract_features, fid_from_features, load_extractor,
 )
 
@@ -69,7 +69,7 @@ def test_reference_round_trip_and_errors(tmp_path):
 
 
 def test_kid_matches_an_independent_unbiased_mmd():
-    from skiptune_search.metrics import kid_from_features
+    from skiptune_search.scoring.metrics import kid_from_features
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(60, 8))
@@ -102,7 +102,7 @@ def test_kid_matches_an_independent_unbiased_mmd():
 def test_reference_from_an_image_folder_is_cached(tmp_path, monkeypatch):
     from PIL import Image
 
-    import skiptune_search.metrics as M
+    import skiptune_search.scoring.metrics as M
 
     folder = tmp_path / "imgs"
     folder.mkdir()

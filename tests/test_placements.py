@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from skiptune_search import RhoSchedule, SkipController, apply
-from skiptune_search.denoisers import EDMPrecond, timestep_to_sigma_from_scheduler
-from skiptune_search.schedule import PLACEMENTS, ScheduleError
+from skiptune_search.models.denoisers import EDMPrecond, timestep_to_sigma_from_scheduler
+from skiptune_search.core.schedule import PLACEMENTS, ScheduleError
 
 # tiny_unet: skips 0 and 3 meet GroupNorm groups of skip channels only; skips 1 and 2 share a group
 PURE, MIXED = 0, 1

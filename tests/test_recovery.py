@@ -96,16 +96,17 @@ def test_a_ctrl_c_swallowed_mid_trial_still_stops_the_search(tiny_model_dir, tmp
     from click.testing import CliRunner
 
     import skiptune_search.cli as C
-    import skiptune_search.search as S
+    import skiptune_search.scoring.evaluator as S
+    from skiptune_search.search.interrupts import state
 
     real = S.fid_from_features
 
     def ctrl_c_swallowed(*args):
-        C._CtrlC.seen = True  # what the handler records; the exception itself never arrives
+        state.seen = True  # what the handler records; the exception itself never arrives
         return real(*args)
 
     monkeypatch.setattr(S, "fid_from_features", ctrl_c_swallowed)
-    monkeypatch.setattr(C._CtrlC, "seen", False)
+    monkeypatch.setattr(state, "seen", False)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(C.main, ["search", "--model", str(tiny_model_dir), "--nfe", "3", "--n", "4",
                                          "--rungs", "4", "--trials", "5", "--batch", "4"])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from skiptune_search.sampling import (
+from skiptune_search.sampling.samplers import (
     generate, initial_noise, karras_sigmas, sample_dpmpp_2m, sample_euler, sample_heun, steps_for_nfe,
 )
 
@@ -99,7 +99,7 @@ def test_generate_is_independent_of_batch_size():
 
 
 def test_non_finite_samples_are_reported():
-    from skiptune_search.sampling import NonFiniteSamplesError
+    from skiptune_search.sampling.samplers import NonFiniteSamplesError
 
     with pytest.raises(NonFiniteSamplesError, match="seeds 0..1"):
         generate(lambda x, s: x * float("nan"), "euler", karras_sigmas(2, 0.002, 80.0), [0, 1], (1, 2, 2),
@@ -107,7 +107,7 @@ def test_non_finite_samples_are_reported():
 
 
 def test_model_grid_is_evenly_spaced_training_timesteps():
-    from skiptune_search.sampling import model_sigmas, sigma_grid
+    from skiptune_search.sampling.samplers import model_sigmas, sigma_grid
 
     table = torch.linspace(0.01, 80.0, 1000, dtype=torch.float64)  # σ of timesteps 0..999, ascending
     grid = model_sigmas(4, table)
@@ -116,16 +116,16 @@ def test_model_grid_is_evenly_spaced_training_timesteps():
     assert len(model_sigmas(1000, table).unique()) == 1001  # every timestep once, then 0
     with pytest.raises(ValueError, match="has 1000 timesteps; cannot take 1001"):
         model_sigmas(1001, table)
-    with pytest.raises(ValueError, match="continuous in σ .* use --sigma-grid karras"):
+    with pytest.raises(ValueError, match="continuous in σ .* use the karras grid"):
         sigma_grid("model", 5, 0.002, 80.0, None, "edm.pkl")
 
 
 def test_native_samplers_step_only_on_the_model_grid():
-    from skiptune_search.sampling import check_sigma_grid, default_sigma_grid
+    from skiptune_search.sampling.samplers import check_sigma_grid, default_sigma_grid
 
     assert default_sigma_grid("heun") == "karras" and default_sigma_grid("ddim") == "model"
     check_sigma_grid("heun", "model")
-    with pytest.raises(ValueError, match="--sampler ddim steps on its scheduler's own timesteps"):
+    with pytest.raises(ValueError, match="sampler ddim steps on its scheduler's own timesteps"):
         check_sigma_grid("ddim", "karras")
     with pytest.raises(ValueError, match="unknown σ grid 'linear'"):
         check_sigma_grid("heun", "linear")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from skiptune_search.schedule import FORMAT, RhoSchedule, ScheduleError, SkipInfo, linear_rhos, load_schedule
+from skiptune_search.core.schedule import FORMAT, RhoSchedule, ScheduleError, SkipInfo, linear_rhos, load_schedule
 
 SKIPS = [SkipInfo(f"s{i}", f"c{i}", 8 * (i + 1), 32 // (i + 1)) for i in range(4)]
 

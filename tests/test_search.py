@@ -5,11 +5,14 @@ import optuna
 import pytest
 import torch
 
-from skiptune_search.schedule import load_schedule
-from skiptune_search.search import (
-    Evaluator, Space, StudyMismatchError, Task, baseline_trial, default_study_name, export_best, make_storage,
-    open_study, run_search,
-)
+from skiptune_search.core.schedule import load_schedule
+from skiptune_search.scoring.evaluator import Evaluator
+from skiptune_search.search.space import Space
+from skiptune_search.core.errors import StudyError as StudyMismatchError
+from skiptune_search.search.study import baseline_trial, default_study_name, export_best, open_study
+from skiptune_search.scoring.task import Task
+from skiptune_search.search.storage import make_storage
+from skiptune_search.search.objective import run_search
 
 SPACE = Space("linear", "input", (0.5, 1.5))
 
@@ -104,7 +107,7 @@ def test_trials_is_the_total_of_every_process_on_the_study(evaluator, tmp_path):
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_dead_workers_trial_is_retried_from_the_first_rung():
     """The retry must pass the successive-halving check at the first rung again."""
-    from skiptune_search.search import retry_from_first_rung
+    from skiptune_search.search.storage import retry_from_first_rung
 
     study = optuna.create_study()
     dead = study.ask()
@@ -128,7 +131,7 @@ def test_export_of_a_study_of_another_tool_says_so(tmp_path):
 
 def test_features_stream_batch_by_batch_and_keep_the_first_images(evaluator):
     """Scoring N samples holds one batch of images at a time, with the same features as all at once."""
-    from skiptune_search.metrics import extract_features
+    from skiptune_search.scoring.metrics import extract_features
 
     identity = evaluator.controller.identity()
     everything = evaluator.images(identity, progress=False)  # 12 seeds in batches of 5
@@ -150,7 +153,7 @@ def test_resuming_with_other_settings_is_refused(evaluator, tmp_path):
     storage = make_storage(f"sqlite:///{tmp_path}/s.db")
     open_study(storage, "x", evaluator.task, SPACE, evaluator.controller, 0)
     other = Task(model=evaluator.task.model, nfe=3, n=24, seed=100)
-    with pytest.raises(StudyMismatchError, match="pass --study NEW_NAME"):
+    with pytest.raises(StudyMismatchError, match="or another study name"):
         open_study(storage, "x", other, SPACE, evaluator.controller, 0)
 
 
@@ -200,7 +203,7 @@ def test_every_family_searches_and_exports(evaluator, tmp_path, family, placemen
 
 
 def test_fid_inf_recovers_the_intercept():
-    from skiptune_search.search import fid_inf
+    from skiptune_search.scoring.metrics import fid_inf
 
     ns = [250, 1000, 4000]
     assert fid_inf(ns, [40.0 + 9000.0 / n for n in ns]) == pytest.approx(40.0)
@@ -226,7 +229,7 @@ def test_rungs_reuse_samples_report_and_prune(tiny_model_dir, tmp_path):
     fid12, _ = evaluator.fid(evaluator.controller.identity(), progress=False)
     assert base.user_attrs["fid"] == pytest.approx(fid12, rel=1e-6)  # batches differ: float rounding only
     assert base.user_attrs["fid_at"]["6"] == base.intermediate_values[6]
-    from skiptune_search.search import fid_inf
+    from skiptune_search.scoring.metrics import fid_inf
 
     assert base.value == pytest.approx(fid_inf([6, 12], [base.intermediate_values[6], fid12]))
     assert [t.state for t in others] == [optuna.trial.TrialState.PRUNED] * 2
@@ -235,7 +238,7 @@ def test_rungs_reuse_samples_report_and_prune(tiny_model_dir, tmp_path):
 
 
 def test_rungs_that_successive_halving_never_checks_are_named():
-    from skiptune_search.search import unpruned_rungs
+    from skiptune_search.search.optimizers import unpruned_rungs
 
     assert unpruned_rungs((250, 1000)) == [] and unpruned_rungs((1000,)) == []
     assert unpruned_rungs((111, 333, 1000)) == []
@@ -280,7 +283,9 @@ def test_every_optimizer_runs(evaluator, tmp_path, optimizer):
 def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 
-    import skiptune_search.search as S
+    import skiptune_search.scoring.evaluator as S
+    from skiptune_search.core.errors import ReferenceStatsError
+    from skiptune_search.scoring.metrics import ReferenceStats
 
     folder = tmp_path / "ref"
     folder.mkdir()
@@ -295,8 +300,8 @@ def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeyp
     run_search(evaluator, study, SPACE, trials=2)
     for t in study.trials:
         assert t.value == t.user_attrs["kid"] and "fid" in t.user_attrs
-    stats_only = S.ReferenceStats(np.zeros(1280), np.eye(1280), "efficientnet-lite0", 1).save(tmp_path / "mu.npz")
-    with pytest.raises(S.ReferenceStatsError, match="objective kid needs reference features"):
+    stats_only = ReferenceStats(np.zeros(1280), np.eye(1280), "efficientnet-lite0", 1).save(tmp_path / "mu.npz")
+    with pytest.raises(ReferenceStatsError, match="objective kid needs reference features"):
         Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=8, objective="kid", reference=str(stats_only))).reference
 
 
@@ -327,7 +332,7 @@ def test_a_study_from_before_sigma_grids_and_prompts_resumes(evaluator, tmp_path
 
 
 def test_params_at_edge_names_the_rho_near_a_bound():
-    from skiptune_search.search import params_at_edge
+    from skiptune_search.search.study import params_at_edge
 
     params = {"rho_inner": 1.495, "rho_outer": 0.9, "rho_7px": 0.505, "placement": "input"}
     assert params_at_edge(params, (0.5, 1.5)) == ["rho_inner = 1.495", "rho_7px = 0.505"]

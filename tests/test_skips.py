@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from skiptune_search import RhoSchedule, ScheduleError, SkipController, apply
-from skiptune_search.schedule import SkipInfo
-from skiptune_search.skips import NoSkipsError
+from skiptune_search.core.schedule import SkipInfo
+from skiptune_search.core.controller import NoSkipsError
 
 
 def _inputs():

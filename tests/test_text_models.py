@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from skiptune_search import RhoSchedule
-from skiptune_search.denoisers import TextCFGPrecond
-from skiptune_search.prompts import read_prompts
-from skiptune_search.sampling import prompt_indices
-from skiptune_search.search import Evaluator, Task
-from skiptune_search.zoo import ModelLoadError, load_denoiser
+from skiptune_search.models.denoisers import TextCFGPrecond
+from skiptune_search.models.prompts import read_prompts
+from skiptune_search.sampling.samplers import prompt_indices
+from skiptune_search.scoring.evaluator import Evaluator
+from skiptune_search.scoring.task import Task
+from skiptune_search.models.loaders import ModelLoadError, load_denoiser
 
 
 def _evaluator(model_dir, prompts, **task):
@@ -36,7 +37,7 @@ def test_loads_as_a_latent_cfg_denoiser(tiny_sd_dir):
 def test_prompt_file_rules(tmp_path, prompt_file):
     assert read_prompts(prompt_file) == ["a red cat", "the blue sea", "three dogs"]
     assert prompt_indices([0, 1, 2, 3, 7, 1_000_000], 3) == [0, 1, 2, 0, 1, 1]
-    with pytest.raises(ValueError, match="not found; pass --prompts FILE"):
+    with pytest.raises(ValueError, match="not found; give a file with one prompt per line"):
         read_prompts(tmp_path / "nope.txt")
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(ValueError, match="holds no prompt"):
@@ -57,11 +58,11 @@ def test_an_sdxl_style_pipeline_is_refused_before_loading(tiny_sd_dir, tmp_path)
 
 
 def test_prompts_are_required_exactly_for_text_models(tiny_sd_dir, tiny_model_dir, prompt_file):
-    with pytest.raises(ValueError, match="text-to-image model: pass --prompts FILE"):
+    with pytest.raises(ValueError, match="text-to-image model: it needs a prompt file"):
         Evaluator(Task(model=str(tiny_sd_dir), nfe=3, n=2))
     with pytest.raises(ValueError, match="takes no text"):
         Evaluator(Task(model=str(tiny_model_dir), nfe=3, n=2, prompts=str(prompt_file)))
-    with pytest.raises(ValueError, match="--guidance applies to text-to-image models"):
+    with pytest.raises(ValueError, match="guidance applies to text-to-image models"):
         Task(guidance=3.0)
     assert Task(prompts=str(prompt_file)).guidance == 7.5
 
@@ -192,7 +193,7 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     assert best["tuned_for"] == {"model": str(tiny_sd_dir), "sampler": "euler", "nfe": 3, "sigma_grid": "karras",
                                  "precision": "fp32", "prompts": str(prompt_file), "guidance": 3.0}
     # evaluate takes the σ grid, prompts and guidance from the schedule (the scoring itself is tested elsewhere)
-    import skiptune_search.evaluate as E
+    import skiptune_search.scoring.heldout as E
 
     seen = []
     monkeypatch.setattr(E, "evaluate_schedule", lambda evaluator, *a: seen.append(evaluator.task) or {"stub": 1})

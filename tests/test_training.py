@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from skiptune_search.training import TrainConfig, _ema_beta, train_default
-from skiptune_search.zoo import MODEL_INFO_FILE, load_denoiser, load_unet
+from skiptune_search.bundled.training import TrainConfig, _ema_beta, train_default
+from skiptune_search.models.loaders import MODEL_INFO_FILE, load_denoiser, load_unet
 
 
 def test_train_saves_resumes_and_writes_a_card(tmp_path, tiny_fashion_dir):
@@ -30,7 +30,7 @@ def test_train_saves_resumes_and_writes_a_card(tmp_path, tiny_fashion_dir):
     denoiser, meta = load_denoiser(str(out))
     assert meta["resolution"] == 28 and denoiser.sigma_data == 0.5
 
-    from skiptune_search.model_card import write_model_card
+    from skiptune_search.bundled.card import write_model_card
 
     card = write_model_card(str(out), nfe=3, n=20, data_dir=str(tiny_fashion_dir))
     text = card.read_text()
@@ -62,7 +62,7 @@ def test_rerunning_a_finished_training_changes_nothing(tmp_path, tiny_fashion_di
 
 
 def test_a_save_survives_a_leftover_of_a_killed_save_and_keeps_extra_folders(tmp_path, tiny_unet):
-    from skiptune_search.zoo import save_model_dir
+    from skiptune_search.models.loaders import save_model_dir
 
     out = tmp_path / "model"
     save_model_dir(tiny_unet, out, training={"steps": 1})

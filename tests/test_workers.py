@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from skiptune_search.workers import split
+from skiptune_search.search.workers import split
 
 EXE = str(Path(sys.executable).parent / "skiptune-search")
 
@@ -96,7 +96,7 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
 
     import torch
 
-    import skiptune_search.workers as W
+    import skiptune_search.search.workers as W
 
     started = []
 

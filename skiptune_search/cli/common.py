@@ -1,0 +1,243 @@
+"""What every command shares: the one-line error, signals, typed options, config files.
+
+Only the CLI parses arguments. Options are typed (``IntRange``, ``FloatRange``, ``Choice``,
+``Path``), so command bodies do no range checks; the library raises ``SkiptuneError`` for what
+only it can judge, and ``friendly`` turns exactly those (and nothing else: a bug keeps its
+traceback) into one line that names the command's flag for the setting.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+
+import click
+
+from ..core.schedule import FAMILIES, PLACEMENTS
+from ..sampling import SAMPLER_NAMES, SIGMA_GRIDS
+from ..scoring import FEATURE_LAYERS, PRECISIONS
+from ..search import DEFAULT_STORAGE, interrupts
+
+MAX_NFE = 1000  # more model calls per sample than any few-step sampler needs: surely a typo
+MAX_SEED = 2**63 - 1
+Seeds = click.IntRange(0, MAX_SEED)
+
+
+class UserError(click.ClickException):
+    """A one-line error for bad input; exit code 2."""
+
+    exit_code = 2
+
+
+# what an interrupted command kept, by command
+_RESUME_HINTS = {"search": ": every finished trial is saved; rerun the same command to resume",
+                 "bench": ": every finished point is saved under --work; rerun the same command to resume",
+                 "train_default": ": rerun the same command to resume from the last saved state (--state)"}
+
+
+def _flag(ctx: click.Context | None, option: str | None) -> str | None:
+    """The command's flag for a library setting ('nfe' -> '--nfe'), where it has one."""
+    if ctx is None or option is None:
+        return None
+    for param in ctx.command.params:
+        if param.name == option and isinstance(param, click.Option):
+            return max(param.opts, key=len)
+    return None
+
+
+def friendly(fn):
+    """Turn the tool's own errors (``SkiptuneError``) into one line naming the problem, the flag
+    and the fix, exit 2; Ctrl-C and SIGTERM (``search.interrupts``: a search stops cleanly
+    between or inside trials) into a line saying what was kept, exit 130 or 143. Anything else is
+    a bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..core.errors import SkiptuneError
+
+        interrupts.install()
+        try:
+            return fn(*args, **kwargs)
+        except SkiptuneError as exc:
+            flag = _flag(click.get_current_context(silent=True), exc.option)
+            raise UserError(f"{flag}: {exc}" if flag else str(exc)) from None
+        except KeyboardInterrupt:
+            terminated = interrupts.state.signum == signal.SIGTERM
+            click.echo(f"\n{'terminated' if terminated else 'interrupted'}{_RESUME_HINTS.get(fn.__name__, '')}",
+                       err=True)
+            sys.exit(143 if terminated else 130)
+        except Exception as exc:
+            torch = sys.modules.get("torch")
+            if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise UserError("out of GPU memory: pass a smaller --batch (a text-to-image model doubles it for "
+                                "guidance)") from None
+            raise
+
+    return wrapper
+
+
+def torch_setup(threads: int = 0) -> None:
+    """Set torch's CPU threads (0: its default) and flush denormal floats to zero: a UNet's
+    activations at large σ make many, ~30x slower on x86 CPUs; flushing left every uint8 sample of
+    the bundled model unchanged. Called by the commands that run a model, not by --help."""
+    import torch
+
+    torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# --- options ------------------------------------------------------------------------------------
+def threads_option(fn):
+    return click.option("--threads", default=0, type=click.IntRange(0, 4096),
+                        help="CPU threads for torch (0: torch's default).")(fn)
+
+
+def device_option(fn):
+    return click.option("--device", default="auto", show_default=True,
+                        help="'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")(fn)
+
+
+def batch_option(fn):
+    return click.option("--batch", default=250, show_default=True, type=click.IntRange(1, 1 << 20),
+                        help="Sampling and feature batch size.")(fn)
+
+
+def storage_option(fn):
+    return click.option("--storage", default=DEFAULT_STORAGE, show_default=True,
+                        help="Optuna storage: any SQLAlchemy URL (sqlite:///..., postgresql://...).")(fn)
+
+
+def model_options(fn):
+    """--model, --trust-pickle, --edm-path: which model, and consent to run a pickle's code
+    (command line only: a config file cannot give it)."""
+    fn = click.option("--edm-path", default=None, type=click.Path(file_okay=False),
+                      help="Checkout of NVlabs/edm, needed to unpickle EDM networks.")(fn)
+    fn = click.option("--trust-pickle", is_flag=True,
+                      help="Allow loading an EDM .pkl (unpickling runs code from the file).")(fn)
+    fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
+                      help="'fashion-mnist-edm' (bundled), a model folder written by train-default, a "
+                           "diffusers DDPM-family or Stable-Diffusion-style pipeline (folder, or repo id in the "
+                           "local cache), or an EDM network pickle (.pkl, with --trust-pickle).")(fn)
+    return fn
+
+
+def grid_option(fn, default_help: str = "karras; model for ddim, dpmsolver, unipc"):
+    return click.option("--sigma-grid", default=None, type=click.Choice(SIGMA_GRIDS),
+                        help="σ steps of heun/euler/dpmpp_2m: karras (Karras et al. ρ = 7, σ_max to σ_min) or "
+                             "model (the model's own training timesteps, evenly spaced, rounded; diffusers "
+                             f"DDPM-family and text models only). [default: {default_help}]")(fn)
+
+
+def text_options(fn, default: str = "none; required for text-to-image models",
+                 guidance_default: str = "7.5 with --prompts"):
+    fn = click.option("--guidance", default=None, type=click.FloatRange(0, 100),
+                      help="Classifier-free guidance scale of a text-to-image model: uncond + G*(cond - uncond) "
+                           f"in one batched UNet call; 1 = no guidance (one call). [default: {guidance_default}]")(fn)
+    fn = click.option("--prompts", default=None, type=click.Path(dir_okay=False),
+                      help="Prompt file of a text-to-image model (Stable Diffusion style): one prompt per line, "
+                           f"blank lines ignored; the sample of seed s uses prompt s mod P. [default: {default}]")(fn)
+    return fn
+
+
+def precision_option(fn, default: str | None = "fp32"):
+    return click.option("--precision", default=default, show_default=default is not None,
+                        type=click.Choice(list(PRECISIONS)),
+                        help="Precision of the model's forward: fp32, or bf16 autocast (convolutions and matmuls "
+                             "in bf16; the sampler's steps and the FID stay fp32). bf16 pays off on GPUs with bf16 "
+                             "tensor cores, rarely on CPUs; a schedule is tuned for one precision."
+                             + ("" if default else " [default: the schedule's]"))(fn)
+
+
+def sampler_option(fn, default: str | None = "heun"):
+    return click.option("--sampler", default=default, show_default=default is not None,
+                        type=click.Choice(list(SAMPLER_NAMES)),
+                        help="ODE sampler in σ space on --sigma-grid: EDM's Heun (NFE = 2*steps-1), Euler or "
+                             "DPM-Solver++(2M) (NFE = steps); or, for diffusers pipelines, diffusers' own DDIM, "
+                             "DPM-Solver multistep or UniPC on the model's timesteps (NFE = steps)."
+                             + ("" if default else " [default: the schedule's]"))(fn)
+
+
+def nfe_option(fn, default: int | None = 9):
+    return click.option("--nfe", default=default, show_default=default is not None,
+                        type=click.IntRange(1, MAX_NFE),
+                        help="Denoiser evaluations per sample (Heun: 2*steps-1, so odd)."
+                             + ("" if default else " [default: the schedule's]"))(fn)
+
+
+def task_options(fn):
+    """--model, --sampler, --nfe, --seed and the rest: the same on every command that samples."""
+    fn = click.option("--seed", default=0, show_default=True, type=Seeds,
+                      help="First seed; sample i uses seed SEED+i (same noise in every trial).")(fn)
+    fn = nfe_option(sampler_option(fn))
+    fn = precision_option(text_options(grid_option(fn)))
+    fn = model_options(fn)
+    return device_option(threads_option(fn))
+
+
+def features_option(fn, default: str | None = "efficientnet-lite0"):
+    fn = click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+                      help="Local Inception-v3 weights (torch-fidelity's .pth), for machines without internet.")(fn)
+    return click.option("--features", default=default, show_default=default is not None,
+                        type=click.Choice(list(FEATURE_LAYERS)),
+                        help="FID feature extractor: EfficientNet-Lite0 (offline) or the standard Inception-v3."
+                             + ("" if default else " [default: the schedule's]"))(fn)
+
+
+def family_options(fn):
+    fn = click.option("--family", default="linear", show_default=True, type=click.Choice(FAMILIES),
+                      help="ρ parameterization: linear (ρ_inner at the deepest skip to ρ_outer at the outermost), "
+                           "per_level (one ρ per resolution), per_layer (one per skip), per_noise (a linear pair "
+                           "at each of --knots σ knots, interpolated in log σ).")(fn)
+    return click.option("--placement", default="input", show_default=True, type=click.Choice([*PLACEMENTS, "search"]),
+                        help="Where ρ acts: input (the skip before its block, as in the paper), normalized (the "
+                             "skip channels after the block's GroupNorm, which cannot cancel it), both, or search."
+                        )(fn)
+
+
+# --- config files -------------------------------------------------------------------------------
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: the file's values, checked against each option's type, become this
+    command's defaults (the command line wins)."""
+    if value is None:
+        return None
+    from .config import ConfigError, check_value, read_config
+
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
+    try:
+        values = {k: check_value(value, k, v, params[k], ctx) for k, v in read_config(value, params).items()}
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def config_option(fn):
+    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+                        callback=_load_config,
+                        help="TOML file of option values (keys as the long options, e.g. nfe = 19); the command "
+                             "line wins. --trust-pickle and --edm-path are command-line only.")(fn)
+
+
+def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
+    """'250,1000' -> (250, 1000); none given -> (N/4, N), or just (N) when N/4 < 2."""
+    if not text:
+        return (n // 4, n) if n // 4 >= 2 else (n,)
+    try:
+        return tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise UserError(f"--rungs {text!r} is not a comma-separated list of sample counts, e.g. 250,1000") from None
+
+
+def tuned_for_defaults(schedule, **given) -> dict:
+    """The task settings of a command that applies ``schedule``: each one the command line (or
+    --config) leaves unset is what the schedule was tuned for; its σ grid only with its sampler;
+    heun, NFE 9 and fp32 for a hand-written schedule that names none."""
+    tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
+    v = {name: tuned[name] if name in tuned and source(name) == click.core.ParameterSource.DEFAULT else value
+         for name, value in given.items()}
+    same_sampler = v["sampler"] == tuned.get("sampler")  # another sampler keeps its own default grid
+    v["sigma_grid"] = given["sigma_grid"] or (tuned.get("sigma_grid") if same_sampler else None)
+    v["sampler"], v["nfe"], v["precision"] = v["sampler"] or "heun", v["nfe"] or 9, v["precision"] or "fp32"
+    return v

@@ -1,0 +1,104 @@
+"""Reading studies: list them, export the best schedule, write a report, serve the dashboard."""
+
+from __future__ import annotations
+
+import click
+
+from .common import friendly, model_options, storage_option, torch_setup
+
+STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
+
+
+@click.command()
+@storage_option
+@friendly
+def studies(storage) -> None:
+    """List the studies in a storage: finished, running, pruned and failed trials, baseline and
+    best. Studies of other tools in the same storage are named, not read."""
+    from ..search.storage import make_storage
+    from ..search.study import study_rows
+
+    rows = study_rows(make_storage(storage, create=False))
+    if not rows:
+        click.echo(f"no studies in {storage}; run 'skiptune-search search'")
+        return
+    click.echo(f"{'study':<48} {'done':>5} {'run':>4} {'pruned':>6} {'failed':>6} {'baseline':>9} {'best':>9} "
+               f"{'change':>7}")
+    fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'-':>9}"  # noqa: E731
+    for r in rows:
+        if r["foreign"]:
+            click.echo(f"{r['name']:<48} (not a skiptune-search study: left alone)")
+            continue
+        base, best = r["baseline"], r["best"]
+        change = f"{100 * (best - base) / base:+6.1f}%" if base is not None and best is not None else f"{'-':>7}"
+        click.echo(f"{r['name']:<48} {r['complete']:>5} {r['running']:>4} {r['pruned']:>6} {r['fail']:>6} "
+                   f"{fmt(base)} {fmt(best)} {change}")
+
+
+@click.command()
+@storage_option
+@STUDY
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
+@friendly
+def export(storage, study, out) -> None:
+    """Write the best completed trial of a study as a schedule JSON file."""
+    from ..search.storage import make_storage
+    from ..search.study import export_best, load_own_study
+
+    st = load_own_study(make_storage(storage, create=False), study, storage)
+    schedule = export_best(st, storage)
+    schedule.save(out)
+    click.echo(f"wrote {out}: trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
+               f"(baseline {schedule.metric['baseline']})")
+
+
+@click.command()
+@storage_option
+@STUDY
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--samples", default=64, show_default=True, type=click.IntRange(0, 1024),
+              help="Sample the model for baseline and best grids (0: no grids, no model needed).")
+@model_options
+@friendly
+def report(storage, study, out, samples, model, trust_pickle, edm_path) -> None:
+    """Write one self-contained HTML report of a study: optimization history, ρ heatmap of the
+    best schedule, parameter importances, FID at each rung, FID vs NFE across sibling studies,
+    and baseline vs best sample grids. --model defaults to the study's model."""
+    from ..scoring.evaluator import Evaluator
+    from ..scoring.task import Task, with_legacy_defaults
+    from ..search.report import write_report
+    from ..search.storage import make_storage
+    from ..search.study import export_best, load_own_study, study_settings
+
+    storage_obj = make_storage(storage, create=False)
+    st = load_own_study(storage_obj, study, storage)
+    grids = None
+    if samples > 0:
+        torch_setup()
+        task = with_legacy_defaults(study_settings(st)["task"])
+        source = click.get_current_context().get_parameter_source("model")
+        evaluator = Evaluator(Task(model=task["model"] if source == click.core.ParameterSource.DEFAULT else model,
+                                   sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
+                                   sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],
+                                   precision=task["precision"]),
+                              trust_pickle=trust_pickle, edm_path=edm_path)
+        best = export_best(st, storage)
+        grids = (evaluator.images(evaluator.controller.identity(), progress="baseline grid")[:samples],
+                 evaluator.images(best, progress="best grid")[:samples])
+    path = write_report(st, storage_obj, storage, out, grids)
+    click.echo(f"wrote {path}")
+
+
+@click.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@friendly
+def dashboard(storage, host, port) -> None:
+    """Serve optuna-dashboard on the storage, with each trial's sample grid (its artifacts)."""
+    from ..search.dashboard import serve
+
+    serve(storage, host, port, announce=click.echo)
+
+
+COMMANDS = [studies, export, report, dashboard]

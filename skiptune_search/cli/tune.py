@@ -1,0 +1,176 @@
+"""search: run (or resume) one study, then export its best schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..scoring import OBJECTIVES
+from ..search import OPTIMIZERS
+from .common import (
+    UserError, batch_option, config_option, family_options, features_option, friendly, parse_rungs,
+    storage_option, task_options, torch_setup,
+)
+
+RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
+
+
+@click.command()
+@config_option
+@task_options
+@storage_option
+@click.option("--study", default=None,
+              help="Study name: letters, digits, '.', '_', '-', at most 128 [default: "
+                   "MODEL-SAMPLER-nfeNFE-FAMILY-PLACEMENT].")
+@family_options
+@click.option("--knots", default=3, show_default=True, type=click.IntRange(2, 32),
+              help="σ knots of per_noise, log-spaced over the sampler's σ range.")
+@click.option("--trials", default=16, show_default=True, type=click.IntRange(1, 100_000),
+              help="Finished trials the study should hold; a resumed study runs only the rest.")
+@click.option("--n", "n", default=1000, show_default=True, type=click.IntRange(2, 10_000_000),
+              help="Samples per trial (proxy FID's N).")
+@click.option("--rungs", default=None,
+              help="Sample counts at which a trial reports FID, ending at N, e.g. 250,1000 [default: N/4,N]. "
+                   "Successive halving keeps the best third at the first rung and at first rung x 3^k; "
+                   "a single number turns pruning off.")
+@click.option("--objective", default="fid", show_default=True, type=click.Choice(OBJECTIVES),
+              help="What the study minimizes: FID at N, FID extrapolated to N -> inf over the rungs "
+                   "(removes most of FID's small-N bias), or KID (unbiased; needs reference features).")
+@click.option("--rho-min", default=0.5, show_default=True, type=RHO, help="Lower bound of each ρ, in (0, 4].")
+@click.option("--rho-max", default=1.5, show_default=True, type=RHO, help="Upper bound of each ρ, in (0, 4].")
+@batch_option
+@features_option
+@click.option("--reference", default="bundled", show_default=True,
+              help="Reference: 'bundled' (Fashion-MNIST test set, EfficientNet-Lite0 statistics and KID "
+                   "features), an .npz with mu and sigma (EDM's reference files work), 'fashion-mnist:test', "
+                   "or a folder of images (features cached under studies/cache by content hash).")
+@click.option("--timeout", default=None, type=click.FloatRange(0, min_open=True),
+              help="Stop starting new trials after this many seconds.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Where to export the best schedule [default: studies/STUDY.best.json].")
+@click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
+              help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
+@click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "
+                   "repeat its points).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Worker processes sharing the study on this machine (one per GPU when there are GPUs). "
+                   "On other machines, run the same command with the same --storage.")
+@click.option("--heartbeat", default=60, show_default=True, type=click.IntRange(0, 86_400),
+              help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
+                   "after two missed beats (0: off; on this machine a dead worker's trial is retried at once).")
+@friendly
+def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads, device,
+           storage, study, family, placement, knots, trials, n, rungs, objective, rho_min, rho_max, batch, features,
+           inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
+    """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
+
+    The first trial is the untuned model (ρ = 1 everywhere); for the linear family the second
+    is a paper-style ramp. Each trial samples N images from the same seeds (seed SEED+i for
+    sample i), scores them against the reference at each rung (FID, KID, and FID∞ over the
+    rungs), and may be pruned at a lower rung by successive halving. Every trial lands in the
+    storage when it ends, with its sample grid as an artifact; rerunning the same command
+    resumes the study until it holds --trials finished trials. At the end the best completed
+    trial is exported as a schedule JSON (apply it with skiptune_search.apply).
+
+    Trial numbers are Optuna's (from 0), as optuna-dashboard shows them.
+    """
+    from ..scoring.evaluator import Evaluator
+    from ..scoring.task import Task
+    from ..search import workers as W
+    from ..search.objective import run_search
+    from ..search.optimizers import unpruned_rungs
+    from ..search.space import Space, log_spaced_knots
+    from ..search.storage import artifact_dir, make_storage
+    from ..search.study import (
+        baseline_trial, check_study_name, default_study_name, export_best, finished_trials, open_study,
+        params_at_edge,
+    )
+
+    if rho_min >= rho_max:
+        raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
+    if study is not None:
+        check_study_name(study)
+    out_path = Path(out) if out else None
+    torch_setup(threads)
+    if workers > 1 and W.worker_share() is None:
+        W.own_setup(workers)
+    task = Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
+                rungs=parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
+                guidance=guidance, precision=precision)
+    evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
+                          feature_weights=inception_weights, device=device)
+    evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
+    sigma_knots = ()
+    if family == "per_noise":
+        sigma_knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), knots)
+    space = Space(family, placement, (rho_min, rho_max), sigma_knots)
+    name = study or default_study_name(task, space)
+    out_path = out_path or Path("studies") / f"{name}.best.json"
+    storage_obj = make_storage(storage, heartbeat)
+    st = open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer,
+                    parallel=workers > 1 or W.worker_share() is not None)
+    click.echo(f"study {name!r} in {storage}: {finished_trials(st)} finished trials so far; "
+               f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
+               f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
+               f"objective {task.objective}, {task.precision}")
+    if unchecked := unpruned_rungs(task.rungs):
+        click.echo(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
+                   f"{','.join(map(str, unchecked))} report FID but never prune")
+    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
+
+    def report(study, trial) -> None:
+        if trial.user_attrs.get("surplus"):  # another process finished the study's last trial first
+            return
+        if trial.state.name == "PRUNED":
+            step = trial.last_step
+            rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
+            click.echo(f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})")
+            return
+        if trial.value is None:
+            click.echo(f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
+            return
+        params = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        tag = (" (baseline)" if trial.user_attrs.get("baseline")
+               else " (paper-style ramp)" if trial.user_attrs.get("paper_ramp") else "")
+        click.echo(f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
+                   f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
+
+    share = W.worker_share()
+    artifacts = artifact_dir(storage)
+    if share is not None:  # a worker started by another search command: its trials only
+        run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=artifacts, share=share,
+                   progress=False)
+        return
+    children = []
+    if workers > 1:
+        shares = W.split(max(0, trials - finished_trials(st)), workers)
+        click.echo(f"{workers} workers: {', '.join(map(str, shares))} trials")
+        children = W.spawn(shares)
+        share = shares[0]
+    run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=artifacts, share=share,
+               progress=workers == 1)
+    failed = [c.args for c in children if c.wait() != 0]
+    if failed:
+        raise UserError(f"{len(failed)} worker(s) failed; rerun the same command to finish the study")
+    base = baseline_trial(st)
+    schedule = export_best(st, storage)
+    schedule.save(out_path)
+    rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
+    click.echo("")
+    click.echo(f"baseline {label} (ρ = 1): {base.value:.4g}" if base else f"baseline {label}: not finished")
+    click.echo(f"{f'best {label}:':<22}{schedule.metric['value']:.4g} (trial {schedule.source['trial']})")
+    if base:
+        change = 100 * (schedule.metric["value"] - base.value) / base.value
+        click.echo(f"{f'{label} change:':<22}{change:+.1f}% vs baseline")
+    knots_text = f" at σ knots {', '.join(f'{k:.3g}' for k in schedule.sigma_knots)}" if schedule.sigma_knots else ""
+    click.echo(f"best ρ (outer→inner): {rhos}{knots_text}  [{schedule.placement} placement]")
+    if edge := params_at_edge(schedule.params, space.rho_range):
+        click.echo(f"note: {', '.join(edge)} at the edge of the range [{rho_min:g}, {rho_max:g}]: the optimum may "
+                   f"lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")
+    click.echo(f"study storage:        {storage}  (study {name!r})")
+    click.echo(f"best schedule:        {out_path}")
+
+
+COMMANDS = [search]

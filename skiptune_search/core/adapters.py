@@ -1,0 +1,151 @@
+"""Architecture adapters: where a UNet's long skips are made and where they are consumed.
+
+An adapter turns a model into a ``Layout``: the ordered skips (index 0 = outermost, the first
+tensor the encoder saves) and, for each, the block that consumes it. In every supported
+architecture the consuming block's first input is ``cat([hidden, skip], dim=1)``, so the skip is
+its trailing ``channels`` channels, and the block normalizes that input first. Users register
+adapters for other architectures with ``register_adapter``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .errors import NoSkipsError
+from .schedule import SkipInfo
+
+
+@dataclass
+class Layout:
+    """The skips of one UNet and the modules the controller hooks."""
+
+    arch: str
+    unet: nn.Module
+    skips: list[SkipInfo]
+    consumers: list[nn.Module]  # per skip: the block whose first input ends with the skip
+    norms: list[nn.Module]  # per skip: that block's first normalization
+    noise_arg: tuple[int, str]  # position and name of the noise-level argument of unet.forward
+
+
+# --- diffusers UNet2DModel and UNet2DConditionModel -----------------------------------------
+def _is_diffusers_unet(module: nn.Module) -> bool:
+    return type(module).__name__ in {"UNet2DModel", "UNet2DConditionModel"} and hasattr(module, "up_blocks")
+
+
+def diffusers_layout(unet: nn.Module) -> Layout:
+    """UNet.forward saves conv_in's output, then each down block's resnet (and attention) outputs
+    and its downsampler output; up block b takes the last len(resnets) saved tensors, and its
+    resnet k concatenates the one at the end (a stack)."""
+    size = unet.config.sample_size
+    res = int(size if isinstance(size, int) else size[0])
+    producers: list[tuple[str, int, int]] = [("conv_in", unet.conv_in.out_channels, res)]
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None) or []
+        for j, resnet in enumerate(block.resnets):
+            # with attention, the saved tensor is the attention's output, not the resnet's
+            part = f"attentions.{j}" if j < len(attentions) else f"resnets.{j}"
+            producers.append((f"down_blocks.{i}.{part}", resnet.out_channels, res))
+        if getattr(block, "downsamplers", None):
+            res = (res + 1) // 2 if getattr(block.downsamplers[0], "padding", 1) else res // 2
+            producers.append((f"down_blocks.{i}.downsamplers.0", block.downsamplers[0].out_channels, res))
+    stack = list(range(len(producers)))
+    consumer_of: dict[int, str] = {}
+    for b, block in enumerate(unet.up_blocks):
+        for k in range(len(block.resnets)):
+            if not stack:
+                raise NoSkipsError(f"{type(unet).__name__}: more decoder resnets than saved skips")
+            consumer_of[stack.pop()] = f"up_blocks.{b}.resnets.{k}"
+    if stack:
+        raise NoSkipsError(f"{type(unet).__name__}: {len(stack)} saved skips are never consumed")
+    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
+    consumers = [unet.get_submodule(s.consumer) for s in skips]
+    return Layout(type(unet).__name__, unet, skips, consumers, [c.norm1 for c in consumers], (1, "timestep"))
+
+
+# --- EDM SongUNet and DhariwalUNet (NVlabs/edm training/networks.py) ------------------------
+def _is_edm_unet(module: nn.Module) -> bool:
+    return (type(module).__name__ in {"SongUNet", "DhariwalUNet"}
+            and isinstance(getattr(module, "enc", None), nn.ModuleDict)
+            and isinstance(getattr(module, "dec", None), nn.ModuleDict))
+
+
+def _edm_out_channels(block: nn.Module) -> int:
+    if hasattr(block, "out_channels"):
+        return int(block.out_channels)
+    return int(block.weight.shape[0])  # a bare conv layer
+
+
+def edm_layout(net: nn.Module) -> Layout:
+    """EDM's forward appends every encoder output to ``skips``; a decoder block whose
+    ``in_channels`` differ from the running channel count gets ``cat([x, skips.pop()])``.
+    Encoder names start with the resolution ('32x32_block0')."""
+    producers = []
+    for name, block in net.enc.items():
+        if "aux" in name:  # SongUNet's auxiliary encoder path (NCSN++): folds into the last skip, adds none
+            continue
+        match = re.match(r"(\d+)x\d+_", name)
+        if not match:
+            raise NoSkipsError(f"{type(net).__name__}: encoder entry {name!r} has no resolution prefix")
+        producers.append((f"enc.{name}", _edm_out_channels(block), int(match.group(1))))
+    stack = list(range(len(producers)))
+    channels = producers[-1][1]
+    consumer_of: dict[int, str] = {}
+    for name, block in net.dec.items():
+        if "aux" in name:  # SongUNet's auxiliary output path: no skips
+            continue
+        if block.in_channels != channels:
+            if not stack:
+                raise NoSkipsError(f"{type(net).__name__}: decoder block {name} wants a skip, none left")
+            i = stack.pop()
+            if channels + producers[i][1] != block.in_channels:
+                raise NoSkipsError(f"{type(net).__name__}: decoder block {name} channels do not add up")
+            consumer_of[i] = f"dec.{name}"
+        channels = block.out_channels
+    if stack:
+        raise NoSkipsError(f"{type(net).__name__}: {len(stack)} encoder outputs are never consumed")
+    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
+    consumers = [net.get_submodule(s.consumer) for s in skips]
+    return Layout(type(net).__name__, net, skips, consumers, [c.norm0 for c in consumers], (1, "noise_labels"))
+
+
+# --- registry ---------------------------------------------------------------------------
+ADAPTERS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Layout]]] = [
+    ("diffusers UNet2DModel / UNet2DConditionModel", _is_diffusers_unet, diffusers_layout),
+    ("EDM SongUNet / DhariwalUNet", _is_edm_unet, edm_layout),
+]
+
+
+def register_adapter(name: str, matches: Callable[[nn.Module], bool], layout: Callable[[nn.Module], Layout]) -> None:
+    """Teach the controller another architecture: ``matches(module)`` picks the UNet,
+    ``layout(unet)`` returns its ``Layout``. Tried before the built-in adapters."""
+    ADAPTERS.insert(0, (name, matches, layout))
+
+
+def _children(model: Any) -> list[Any]:
+    """Where a UNet hides: a pipeline's .unet, a wrapper's .net, an EDM Precond's .model."""
+    return [getattr(model, a) for a in ("unet", "net", "model") if isinstance(getattr(model, a, None), nn.Module)]
+
+
+def find_layout(model: Any) -> tuple[Layout, list[nn.Module]]:
+    """The layout of the UNet inside ``model`` and the chain of wrappers around it (outermost first)."""
+    chain: list[Any] = []
+    frontier = [model]
+    for _ in range(4):
+        next_frontier = []
+        for candidate in frontier:
+            for _, matches, layout in ADAPTERS:
+                if isinstance(candidate, nn.Module) and matches(candidate):
+                    return layout(candidate), [m for m in chain if isinstance(m, nn.Module)]
+            next_frontier += _children(candidate)
+            chain.append(candidate)
+        frontier = next_frontier
+    supported = "; ".join(name for name, _, _ in ADAPTERS)
+    raise NoSkipsError(
+        f"no UNet with long skips found in {type(model).__name__}: supported are {supported} (bare, a "
+        f"pipeline's .unet, or a wrapper's .net/.model); register others with "
+        f"skiptune_search.adapters.register_adapter"
+    )

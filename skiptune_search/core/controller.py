@@ -1,0 +1,231 @@
+"""SkipController: multiply a UNet's long skip tensors by ρ through forward hooks.
+
+It never edits model code or weights: it finds the ordered skips through an adapter for the
+model's architecture (``adapters.py``), hooks the blocks that consume them, and removes every
+hook on exit. Imports nothing of the package outside ``core``: neither Optuna, torch-fidelity
+nor the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import find_layout
+from .errors import NoSkipsError, ScheduleError
+from .interp import bracket
+from .schedule import RhoSchedule, load_schedule
+
+__all__ = ["NoSkipsError", "SkipController", "apply"]
+
+
+class SkipController:
+    """Scales each long skip of a model by the ρ of the schedule in use.
+
+    Placements: ``input`` scales the skip channels of the consuming block's input (what the
+    paper does); ``normalized`` scales them right after that block's first normalization, which
+    therefore cannot cancel ρ; ``both`` does both. A σ-dependent schedule needs each call's
+    noise level, per sample. Where σ comes from: the UNet's own timestep argument mapped through
+    ``timestep_to_sigma`` when there is such a map (the one given, else the wrapper's
+    ``sigma_from_timestep``: EDM's c_noise = ln(σ)/4, a VP model's σ table), so loops that call
+    the UNet directly work too; else the ``sigma`` argument of an EDM-style ``*Precond`` wrapper.
+
+    >>> ctl = SkipController(denoiser)      # discovers the skips, hooks nothing yet
+    >>> with ctl.attached():                # hooks installed, ρ = 1 (exact no-op)
+    ...     ctl.use(schedule)               # any RhoSchedule for this layout
+    ...     images = sampler(denoiser, ...)
+    """
+
+    def __init__(self, model: Any, timestep_to_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.layout, wrappers = find_layout(model)
+        self.unet = self.layout.unet
+        self.arch = self.layout.arch
+        self.skips = self.layout.skips
+        self._precond = next((w for w in wrappers if type(w).__name__.endswith("Precond")), None)
+        # σ from the UNet's own timestep when the map is known (so loops that call the UNet
+        # directly work too), else from the sigma argument of the Precond wrapper
+        self.timestep_to_sigma = timestep_to_sigma or getattr(self._precond, "sigma_from_timestep", None)
+        self._handles: list[Any] = []
+        self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # its knot index and weight
+        self._set(RhoSchedule.identity(self.arch, self.skips))
+
+    @property
+    def schedule(self) -> RhoSchedule:
+        """The schedule in use."""
+        return self._schedule
+
+    @property
+    def rhos(self) -> list[float]:
+        """ρ per skip of a σ-independent schedule."""
+        return self._schedule.rhos_at()
+
+    @property
+    def placement(self) -> str:
+        return self._schedule.placement
+
+    def identity(self) -> RhoSchedule:
+        return RhoSchedule.identity(self.arch, self.skips)
+
+    def groupnorm_report(self) -> list[dict]:
+        """For each skip: does the consuming block's GroupNorm cancel a ρ placed on its input?
+
+        The block normalizes cat([hidden, skip]) in groups; a group holding only skip channels
+        undoes any scaling of them, so ``input`` placement reaches the main branch only through
+        groups that mix hidden and skip channels (and a 1x1 shortcut conv always sees it).
+        """
+        report = []
+        for skip, block, norm in zip(self.skips, self.layout.consumers, self.layout.norms):
+            total = int(getattr(norm, "num_channels", None) or norm.weight.shape[0])  # EDM's GroupNorm has no num_channels
+            groups = int(norm.num_groups)
+            size = total // groups
+            first_skip = total - skip.channels
+            mixed = first_skip % size != 0
+            report.append({
+                "groups": groups, "channels_in": total,
+                "pure_skip_groups": sum(1 for g in range(groups) if g * size >= first_skip),
+                "mixed_group": mixed, "cancelled": not mixed,
+                "shortcut": any(isinstance(getattr(block, a, None), nn.Module) for a in ("conv_shortcut", "skip")),
+            })
+        return report
+
+    def use(self, schedule: RhoSchedule | str | os.PathLike) -> None:
+        """Switch to another schedule (checked against this model's skip layout)."""
+        schedule = load_schedule(schedule)
+        schedule.check_layout(self.arch, self.skips)
+        if not schedule.is_constant and self._precond is None and self.timestep_to_sigma is None:
+            raise ScheduleError(
+                "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
+                "pass SkipController(model, timestep_to_sigma=...) or the model inside its Precond wrapper"
+            )
+        self._set(schedule)
+
+    def _set(self, schedule: RhoSchedule) -> None:
+        """Take a schedule, with what the hooks need of it computed once, not at every call."""
+        self._schedule = schedule
+        self._identity = schedule.is_identity()
+        self._log_knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
+        self._table = torch.tensor(schedule.rho, dtype=torch.float64)  # [skip, knot]
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-σ knots and the ρ table on ``device``, copied once per schedule: a σ-dependent
+        schedule then interpolates on the model's device, with no copy or sync per call."""
+        if device not in self._copies:
+            self._copies[device] = (self._log_knots.to(device), self._table.to(device))
+        return self._copies[device]
+
+    # --- ρ of the current call ---------------------------------------------------------
+    def _rho(self, index: int) -> float | torch.Tensor:
+        """ρ of skip ``index``: a float, or a [B, 1, 1, 1] tensor for σ-dependent schedules."""
+        schedule = self._schedule
+        if schedule.is_constant:
+            return schedule.rho[index][0]
+        if self._weights is None:
+            raise RuntimeError("σ-dependent schedule used outside a model call")
+        k, w = self._weights
+        row = self._on(k.device)[1][index]
+        return (row[k - 1] + w * (row[k] - row[k - 1])).reshape(-1, 1, 1, 1)
+
+    def _scale_trailing(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
+        """x with its last ``channels`` channels (skip ``index``) times ρ; None when ρ is 1."""
+        rho = self._rho(index)
+        if not torch.is_tensor(rho):
+            if rho == 1.0:
+                return None
+        else:  # one ρ per sample, interpolated in float64
+            rho = rho.to(dtype=x.dtype)
+        c = self.skips[index].channels
+        if not x.requires_grad:
+            # x is the consumer's own fresh input (the decoder's cat, or the norm's output):
+            # scaling its skip channels in place spares a copy of the whole tensor
+            x[:, -c:].mul_(rho)
+            return x
+        return torch.cat([x[:, :-c], x[:, -c:] * rho], dim=1)  # autograd: leave x as it was
+
+    # --- hooks -------------------------------------------------------------------------
+    def _capture_sigma(self, source: str):
+        position, name = (1, "sigma") if source == "precond" else self.layout.noise_arg
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._schedule.is_constant:
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            value = kwargs[name] if name in kwargs else args[position]
+            value = torch.as_tensor(value, device=x.device).reshape(-1).to(torch.float64)
+            sigma = value if source == "precond" else self.timestep_to_sigma(value)
+            self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+            # where each sample's σ falls between the knots (interpolation in log σ, clamped outside);
+            # the same for every skip, so once per call
+            knots = self._on(x.device)[0]
+            self._weights = bracket(knots, self._sigma.to(x.device, torch.float64).clamp_min(1e-30).log())
+
+        return hook
+
+    def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
+        self._sigma = self._weights = None
+
+    def _input_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.placement == "normalized" or self._identity:
+                return None  # exact no-op: the untouched tensors go through
+            if args:
+                scaled = self._scale_trailing(args[0], index)
+                return None if scaled is None else ((scaled, *args[1:]), kwargs)
+            key = next(iter(kwargs))  # called with keywords only: the first one is the input
+            scaled = self._scale_trailing(kwargs[key], index)
+            return None if scaled is None else (args, {**kwargs, key: scaled})
+
+        return hook
+
+    def _normalized_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if self.placement == "input" or self._identity:
+                return None
+            return self._scale_trailing(output, index)
+
+        return hook
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        source = (self.unet, "unet") if self.timestep_to_sigma is not None else (self._precond, "precond")
+        if source[0] is not None:
+            self._handles.append(source[0].register_forward_pre_hook(self._capture_sigma(source[1]), with_kwargs=True))
+            # σ belongs to one call: a later call of the bare UNet must not reuse it
+            self._handles.append(source[0].register_forward_hook(self._forget_sigma))
+        for index, (block, norm) in enumerate(zip(self.layout.consumers, self.layout.norms)):
+            self._handles.append(block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
+            self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._sigma = self._weights = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["SkipController"]:
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+
+@contextlib.contextmanager
+def apply(model: Any, schedule: RhoSchedule | str | os.PathLike,
+          timestep_to_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[SkipController]:
+    """Sample ``model`` with ``schedule`` (a RhoSchedule or a JSON path) inside the block:
+
+    >>> with skiptune_search.apply(pipe.unet, "best.json"):
+    ...     images = pipe(num_inference_steps=10).images
+    """
+    controller = SkipController(model, timestep_to_sigma)
+    controller.use(schedule)
+    with controller.attached():
+        yield controller

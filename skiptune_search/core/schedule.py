@@ -1,0 +1,303 @@
+"""ρ schedules: which coefficient multiplies each long skip, and the versioned JSON file.
+
+A schedule is a table ρ[skip, knot] over the model's ordered skips (index 0 = outermost, the
+first tensor the encoder saves; last = deepest) and optional noise-level knots σ_k. With no
+knots ρ is constant in σ. Families (``linear``: the paper's ramp from ρ_inner at the deepest
+skip to ρ_outer at the outermost) only decide how the table is filled: a reader needs nothing
+but the table. Imports neither Optuna, torch-fidelity nor the CLI, and torch only to interpolate
+in σ, so the CLI can list the families and placements without loading torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ScheduleError
+from .files import atomic_path
+
+FORMAT = "skiptune-schedule/1"
+RHO_LIMITS = (0.0, 4.0)  # a ρ outside is almost surely a typo, not a schedule
+
+
+@dataclass(frozen=True)
+class SkipInfo:
+    """One long skip: who makes it, who consumes it, its shape."""
+
+    name: str  # the module whose output is saved, e.g. 'down_blocks.1.resnets.0'
+    consumer: str  # the module that concatenates it, e.g. 'up_blocks.1.resnets.2'
+    channels: int
+    resolution: int
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "consumer": self.consumer,
+                "channels": self.channels, "resolution": self.resolution}
+
+
+def layout_fingerprint(arch: str, skips: Sequence[SkipInfo]) -> str:
+    """A short hash of the architecture class and the skip layout (names, channels, sizes)."""
+    text = json.dumps([arch] + [[s.name, s.channels, s.resolution] for s in skips])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def linear_rhos(n_skips: int, rho_inner: float, rho_outer: float) -> list[float]:
+    """The paper's ramp: ρ_outer at skip 0 (outermost), ρ_inner at the deepest, linear between."""
+    if n_skips == 1:
+        return [float(rho_inner)]
+    return [rho_outer + (rho_inner - rho_outer) * i / (n_skips - 1) for i in range(n_skips)]
+
+
+FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
+PLACEMENTS = ("input", "normalized", "both")
+
+
+def family_params(family: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> list[str]:
+    """The free parameters of a family on a skip layout.
+
+    linear: ρ_inner, ρ_outer. per_level: one ρ per resolution (``rho_28px``...). per_layer: one
+    ρ per skip (``rho_0`` outermost...). per_noise: a linear pair per σ knot (``rho_inner_k0``...).
+    """
+    if family == "linear":
+        return ["rho_inner", "rho_outer"]
+    if family == "per_level":
+        return [f"rho_{r}px" for r in sorted({s.resolution for s in skips}, reverse=True)]
+    if family == "per_layer":
+        return [f"rho_{i}" for i in range(len(skips))]
+    if family == "per_noise":
+        if n_knots < 2:
+            raise ScheduleError("per_noise needs at least 2 σ knots")
+        return [f"{end}_k{k}" for k in range(n_knots) for end in ("rho_inner", "rho_outer")]
+    raise ScheduleError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def family_table(family: str, skips: Sequence[SkipInfo], params: dict[str, float],
+                 n_knots: int = 3) -> list[list[float]]:
+    """The ρ table [skip][knot] of a family's parameters."""
+    names = family_params(family, skips, n_knots)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ScheduleError(f"{family} schedule needs parameters {', '.join(missing)}")
+    p = {k: float(v) for k, v in params.items()}
+    if family == "linear":
+        return [[r] for r in linear_rhos(len(skips), p["rho_inner"], p["rho_outer"])]
+    if family == "per_level":
+        return [[p[f"rho_{s.resolution}px"]] for s in skips]
+    if family == "per_layer":
+        return [[p[f"rho_{i}"]] for i in range(len(skips))]
+    columns = [linear_rhos(len(skips), p[f"rho_inner_k{k}"], p[f"rho_outer_k{k}"]) for k in range(n_knots)]
+    return [list(row) for row in zip(*columns)]
+
+
+@dataclass
+class RhoSchedule:
+    """A full ρ table for one skip layout, plus where it came from."""
+
+    arch: str
+    skips: list[SkipInfo]
+    rho: list[list[float]]  # [skip][knot]; one column when sigma_knots is empty
+    sigma_knots: list[float] = field(default_factory=list)
+    family: str = "custom"
+    params: dict[str, float] = field(default_factory=dict)
+    placement: str = "input"
+    tuned_for: dict[str, Any] = field(default_factory=dict)
+    metric: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def constant(cls, arch: str, skips: Sequence[SkipInfo], rhos: Sequence[float], **meta) -> "RhoSchedule":
+        """A σ-independent schedule with one ρ per skip."""
+        return cls(arch=arch, skips=list(skips), rho=[[float(r)] for r in rhos], **meta)
+
+    @classmethod
+    def identity(cls, arch: str, skips: Sequence[SkipInfo]) -> "RhoSchedule":
+        """ρ = 1 everywhere: the untuned model."""
+        return cls.constant(arch, skips, [1.0] * len(skips), family="identity")
+
+    @classmethod
+    def linear(cls, arch: str, skips: Sequence[SkipInfo], rho_inner: float, rho_outer: float,
+               **meta) -> "RhoSchedule":
+        return cls.from_family("linear", arch, skips, {"rho_inner": rho_inner, "rho_outer": rho_outer}, **meta)
+
+    @classmethod
+    def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
+                    sigma_knots: Sequence[float] = (), **meta) -> "RhoSchedule":
+        """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``."""
+        knots = [float(k) for k in sigma_knots] if family == "per_noise" else []
+        if family == "per_noise" and not knots:
+            raise ScheduleError("a per_noise schedule needs sigma_knots")
+        table = family_table(family, skips, params, n_knots=len(knots) or 3)
+        return cls(arch=arch, skips=list(skips), rho=table, sigma_knots=knots, family=family,
+                   params={k: float(v) for k, v in params.items()}, **meta)
+
+    # --- evaluation --------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return layout_fingerprint(self.arch, self.skips)
+
+    @property
+    def is_constant(self) -> bool:
+        return not self.sigma_knots
+
+    def rhos_at(self, sigma: float | None = None) -> list[float]:
+        """ρ of every skip at noise level σ (interpolated in log σ, clamped outside the knots)."""
+        if self.is_constant:
+            return [row[0] for row in self.rho]
+        if sigma is None:
+            raise ScheduleError("this schedule depends on σ: pass the noise level")
+        import torch
+
+        from .interp import interp
+
+        log_knots = torch.tensor(self.sigma_knots, dtype=torch.float64).log()
+        log_sigma = torch.tensor(max(float(sigma), 1e-30), dtype=torch.float64).log()
+        return interp(log_knots, torch.tensor(self.rho, dtype=torch.float64), log_sigma).tolist()
+
+    def is_identity(self) -> bool:
+        return all(r == 1.0 for row in self.rho for r in row)
+
+    # --- checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        columns = max(len(self.sigma_knots), 1)
+        if len(self.rho) != len(self.skips):
+            raise ScheduleError(f"rho has {len(self.rho)} rows but the layout has {len(self.skips)} skips")
+        knots = self.sigma_knots
+        if any(not (k > 0 and math.isfinite(k)) for k in knots) or any(a >= b for a, b in zip(knots, knots[1:])):
+            raise ScheduleError("sigma_knots must be positive, finite and strictly increasing")
+        if len(knots) == 1:
+            raise ScheduleError("sigma_knots has one σ: a σ-dependent schedule needs at least 2 knots "
+                                "(for ρ constant in σ, leave sigma_knots empty)")
+        lo, hi = RHO_LIMITS
+        for i, row in enumerate(self.rho):
+            if len(row) != columns:
+                raise ScheduleError(f"rho[{i}] has {len(row)} values, expected {columns} (one per σ knot)")
+            for r in row:
+                if not (isinstance(r, (int, float)) and math.isfinite(r) and lo < r <= hi):
+                    raise ScheduleError(
+                        f"rho[{i}] = {r!r} ({self.skips[i].name}) is outside ({lo}, {hi}]; "
+                        f"use a finite ρ in that range"
+                    )
+        if self.placement not in PLACEMENTS:
+            raise ScheduleError(f"placement {self.placement!r} is unknown; use one of {', '.join(PLACEMENTS)}")
+
+    def check_layout(self, arch: str, skips: Sequence[SkipInfo]) -> None:
+        """Fail with the first difference when this schedule was made for another layout."""
+        if self.arch != arch:
+            raise ScheduleError(f"schedule is for a {self.arch}, the model is a {arch}")
+        if len(self.skips) != len(skips):
+            raise ScheduleError(
+                f"schedule has {len(self.skips)} skips, the model has {len(skips)}: "
+                f"it was tuned for another architecture"
+            )
+        for i, (a, b) in enumerate(zip(self.skips, skips)):
+            if (a.name, a.channels, a.resolution) != (b.name, b.channels, b.resolution):
+                raise ScheduleError(
+                    f"skip {i} differs: schedule has {a.name} ({a.channels} ch, {a.resolution}px), "
+                    f"model has {b.name} ({b.channels} ch, {b.resolution}px)"
+                )
+
+    # --- JSON --------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "arch": self.arch,
+            "fingerprint": self.fingerprint,
+            "skips": [s.as_dict() for s in self.skips],
+            "sigma_knots": list(self.sigma_knots),
+            "rho": self.rho,
+            "placement": self.placement,
+            "family": self.family,
+            "params": self.params,
+            "tuned_for": self.tuned_for,
+            "metric": self.metric,
+            "source": self.source,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "schedule") -> "RhoSchedule":
+        _validate_json(data, where)
+        skips = [SkipInfo(s["name"], s.get("consumer", ""), s["channels"], s["resolution"])
+                 for s in data["skips"]]
+        schedule = cls(
+            arch=data["arch"], skips=skips, rho=[list(map(float, r)) for r in data["rho"]],
+            sigma_knots=[float(s) for s in data.get("sigma_knots", [])],
+            family=data.get("family", "custom"), params=data.get("params", {}),
+            placement=data.get("placement", "input"), tuned_for=data.get("tuned_for", {}),
+            metric=data.get("metric", {}), source=data.get("source", {}),
+        )
+        if data["fingerprint"] != schedule.fingerprint:
+            raise ScheduleError(f"{where}: fingerprint does not match its skip list (file edited by hand?)")
+        return schedule
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temp file in the same folder, then a rename."""
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+        return Path(path)
+
+
+def load_schedule(source: "str | os.PathLike | RhoSchedule") -> RhoSchedule:
+    """A schedule from a JSON file (validated) or an existing RhoSchedule."""
+    if isinstance(source, RhoSchedule):
+        return source
+    path = Path(source)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScheduleError(f"schedule file {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ScheduleError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ScheduleError(f"schedule file {path} is not UTF-8 text; export it again") from None
+    except OSError as exc:  # a folder, a loop of links, a name too long, no permission
+        raise ScheduleError(f"cannot read schedule file {str(path)[:200]}: {exc.strerror or exc}") from None
+    return RhoSchedule.from_json(data, where=str(path))
+
+
+_SCHEMA = {
+    "type": "object",
+    "required": ["format", "arch", "fingerprint", "skips", "rho"],
+    "properties": {
+        "format": {"type": "string"},
+        "arch": {"type": "string"},
+        "fingerprint": {"type": "string"},
+        "skips": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "channels", "resolution"],
+            "properties": {"name": {"type": "string"}, "consumer": {"type": "string"},
+                           "channels": {"type": "integer", "minimum": 1},
+                           "resolution": {"type": "integer", "minimum": 1}}}},
+        "sigma_knots": {"type": "array", "items": {"type": "number"}},
+        "rho": {"type": "array", "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}},
+        "placement": {"type": "string"},
+        "family": {"type": "string"},
+        "params": {"type": "object"},
+        "tuned_for": {"type": "object"},
+        "metric": {"type": "object"},
+        "source": {"type": "object"},
+    },
+}
+
+
+def _validate_json(data: Any, where: str) -> None:
+    import jsonschema
+
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        raise ScheduleError(
+            f"{where}: format {data.get('format')!r} is not {FORMAT!r}; "
+            f"export it again with this version of skiptune-search"
+        )
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_SCHEMA).iter_errors(data))
+    if error is not None:
+        at = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise ScheduleError(f"{where}: invalid at {at}: {error.message}")

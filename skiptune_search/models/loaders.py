@@ -1,0 +1,308 @@
+"""Model loaders: a name, folder, pipeline or pickle to a denoiser D(x, σ) and its facts.
+
+The bundled default model is a small diffusers UNet2DModel trained on Fashion-MNIST (EDM loss).
+
+A model directory is diffusers' own layout (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+plus ``skiptune_model.json``: how the raw network is preconditioned and how it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..core.errors import ModelLoadError
+from .denoisers import EDMPrecond
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "fashion-mnist-edm"
+DEFAULT_MODEL_NAME = "fashion-mnist-edm"
+MODEL_INFO_FILE = "skiptune_model.json"
+
+
+def load_unet(model_dir: Path):
+    """Load a diffusers UNet2DModel from a local folder (safetensors only, no network)."""
+    from diffusers import UNet2DModel
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "diffusion_pytorch_model.safetensors"
+    if not (model_dir / "config.json").is_file() or not weights.is_file():
+        raise ModelLoadError(
+            f"{model_dir} is not a diffusers model folder (needs config.json and "
+            f"diffusion_pytorch_model.safetensors); train one with 'skiptune-search train-default'"
+        )
+    try:
+        return UNet2DModel.from_pretrained(
+            model_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers raises many types for a damaged folder
+        raise ModelLoadError(f"could not load {model_dir}: {exc}") from exc
+
+
+MODEL_INFO_KEYS = {"precond": str, "sigma_data": (int, float), "sigma_min": (int, float),
+                   "sigma_max": (int, float), "resolution": int, "channels": int}
+
+
+def load_model_info(model_dir: Path) -> dict:
+    """The folder's ``skiptune_model.json``, checked: every key the loader reads, of its type."""
+    path = Path(model_dir) / MODEL_INFO_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: this folder was not written by skiptune-search")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); write the folder again with train-default") from None
+    if not isinstance(info, dict):
+        raise ModelLoadError(f"{path} holds no JSON object; write the folder again with train-default")
+    for key, kind in MODEL_INFO_KEYS.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise ModelLoadError(f"{path}: key {key!r} is missing or not a {getattr(kind, '__name__', 'number')}; "
+                                 f"write the folder again with train-default")
+    return info
+
+
+def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = False,
+                  edm_path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
+    """The denoiser D(x, σ) of ``model`` and its info (name, resolution, channels, σ range).
+
+    ``model`` is 'fashion-mnist-edm' (bundled), a model folder written by train-default, or an
+    EDM network pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``.
+    """
+    if model not in (None, DEFAULT_MODEL_NAME) and str(model).endswith(".pkl"):
+        return load_edm_pickle(Path(model), trust_pickle, edm_path)
+    model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
+    if not (model_dir / MODEL_INFO_FILE).is_file() and (
+        (model_dir / "model_index.json").is_file() or (not model_dir.exists() and _looks_like_repo_id(str(model)))
+    ):
+        return load_diffusers_pipeline(str(model))
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"model {model} not found: use {DEFAULT_MODEL_NAME} (bundled), a model folder written by "
+            f"'skiptune-search train-default', a diffusers pipeline, or an EDM .pkl (trusted)", option="model"
+        )
+    info = load_model_info(model_dir)
+    if info.get("precond") != "edm":
+        raise ModelLoadError(f"{model_dir}: unsupported preconditioning {info.get('precond')!r}")
+    unet = load_unet(model_dir).eval().requires_grad_(False)
+    denoiser = EDMPrecond(
+        unet,
+        sigma_data=info["sigma_data"],
+        sigma_min=info["sigma_min"],
+        sigma_max=info["sigma_max"],
+    )
+    info = dict(info, name=DEFAULT_MODEL_NAME if model_dir == DEFAULT_MODEL_DIR else str(model_dir))
+    return denoiser, info
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def _offline_error(source: str, exc: Exception) -> ModelLoadError:
+    where = "is not in the local Hugging Face cache" if not Path(source).exists() else "could not be read"
+    return ModelLoadError(
+        f"diffusers model {source} {where} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
+        f"on a machine with internet run: hf download {source}"
+    )
+
+
+def _pipeline_folder(source: str) -> str:
+    """The folder of a pipeline: ``source`` itself, or a repo id's snapshot in the local Hugging
+    Face cache (found by its model_index.json; partial downloads are fine, nothing is fetched)."""
+    if Path(source).exists() or not _looks_like_repo_id(source):
+        return source
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source, "model_index.json")
+    if not isinstance(index, str):
+        raise _offline_error(source, FileNotFoundError("no model_index.json of it in the cache"))
+    return str(Path(index).parent)
+
+
+def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
+    """A diffusers pipeline (a local folder or a Hugging Face repo id already in the local cache)
+    as a denoiser in σ-space: a DDPM-family UNet2DModel + scheduler, or a Stable-Diffusion-style
+    text-to-image pipeline (``load_text_to_image``). Never downloads."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+
+    folder = _pipeline_folder(source)
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
+            warnings.simplefilter("ignore", UserWarning)
+            index = DiffusionPipeline.load_config(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise _offline_error(source, exc) from None
+    if index.get("text_encoder", [None])[0] is not None:
+        return load_text_to_image(source, index, folder)
+    try:
+        # a local folder: diffusers falls back to its top level when there is no unet/ or scheduler/
+        # (the flat layout of google/ddpm-* repos)
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                           low_cpu_mem_usage=False)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise _offline_error(source, exc) from None
+    from .denoisers import DiffusersVPPrecond
+
+    denoiser = DiffusersVPPrecond(unet.eval().requires_grad_(False), scheduler.alphas_cumprod,
+                                  scheduler.config.prediction_type, dict(scheduler.config))
+    size = unet.config.sample_size
+    info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type,
+            "resolution": int(size if isinstance(size, int) else size[0]), "channels": int(unet.config.in_channels),
+            "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
+    return denoiser, info
+
+
+def load_text_to_image(source: str, index: dict, folder: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """A Stable-Diffusion-style pipeline (unet = UNet2DConditionModel, text_encoder, tokenizer,
+    vae = AutoencoderKL, scheduler; ``index`` is its model_index.json; ``folder`` where it is, by
+    default ``source``) as a classifier-free-guided denoiser in latent σ-space. Each part is loaded
+    by the class model_index.json names, offline."""
+    folder = folder or source
+    import importlib
+
+    from diffusers import DDPMScheduler
+
+    from .denoisers import TextCFGPrecond
+
+    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if index.get(part, [None])[0] is None]
+    if missing or index["unet"][1] != "UNet2DConditionModel":
+        raise ModelLoadError(f"{source} is not a Stable-Diffusion-style pipeline (needs a UNet2DConditionModel unet, "
+                             f"vae, text_encoder, tokenizer, scheduler; missing: {', '.join(missing) or 'none'})")
+    if index.get("text_encoder_2", [None])[0] is not None:
+        raise ModelLoadError(f"{source} is an SDXL-style pipeline (two text encoders), which is not supported; "
+                             f"use a Stable Diffusion 1.x or 2.x-style one")
+    parts = {}
+    try:
+        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+            library, cls = index[part]
+            kwargs = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
+            parts[part] = getattr(importlib.import_module(library), cls).from_pretrained(
+                folder, subfolder=part, local_files_only=True, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except ImportError as exc:
+        raise ModelLoadError(f"{source} needs the package {exc.name or 'transformers'} (text encoders): "
+                             f"pip install 'skiptune-search[text]'") from None
+    except (OSError, ValueError) as exc:
+        raise _offline_error(source, exc) from None
+    unet_config = parts["unet"].config
+    if unet_config.get("addition_embed_type") or unet_config.in_channels != unet_config.out_channels:
+        raise ModelLoadError(f"{source}: its UNet needs inputs besides the latents and the prompt (added embeddings, "
+                             f"or {unet_config.in_channels} input channels for {unet_config.out_channels} predicted: "
+                             f"an SDXL, inpainting or image-conditioned model); only plain text-to-image is supported")
+    frozen = {k: v.eval().requires_grad_(False) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+    denoiser = TextCFGPrecond(frozen["unet"], scheduler.alphas_cumprod, scheduler.config.prediction_type,
+                              dict(scheduler.config), frozen["text_encoder"], frozen["tokenizer"], frozen["vae"])
+    size = frozen["unet"].config.sample_size
+    latent = int(size if isinstance(size, int) else size[0])
+    vae_scale = 2 ** (len(frozen["vae"].config.block_out_channels) - 1)
+    info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type + "-cfg", "text": True,
+            "resolution": latent, "channels": int(frozen["unet"].config.in_channels),
+            "image_resolution": latent * vae_scale, "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
+    return denoiser, info
+
+
+def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike | None) -> tuple[torch.nn.Module, dict]:
+    """An EDM network pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``): its ``ema`` Precond net.
+
+    Unpickling executes code named in the file and needs EDM's own modules (``torch_utils``,
+    ``training``) importable: pass ``edm_path``, a checkout of NVlabs/edm.
+    """
+    if not trust_pickle:
+        raise ModelLoadError(
+            f"{path} is a pickle, and loading a pickle runs code from it: allow it (trust_pickle) only if you "
+            f"trust its source (e.g. NVlabs' own EDM checkpoints)", option="trust_pickle"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"EDM pickle {path} not found")
+    if edm_path is not None:
+        if not Path(edm_path).is_dir():
+            raise ModelLoadError(f"{edm_path} is not a folder; point it at a checkout of NVlabs/edm", option="edm_path")
+        if str(edm_path) not in sys.path:
+            sys.path.insert(0, str(edm_path))
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)  # noqa: S301 - the user said --trust-pickle
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"{path} needs the module {exc.name!r} of the EDM code base: give the path of a "
+            f"checkout of NVlabs/edm", option="edm_path"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable network pickle ({exc}); download it again") from None
+    net = data["ema"] if isinstance(data, dict) and "ema" in data else data
+    missing = [a for a in ("sigma_min", "sigma_max", "img_resolution", "img_channels") if not hasattr(net, a)]
+    if not isinstance(net, torch.nn.Module) or missing:
+        raise ModelLoadError(f"{path} holds no EDM Precond network (missing {', '.join(missing) or 'nn.Module'})")
+    net = net.eval().requires_grad_(False)
+    # a Precond records the σ range it supports (EDMPrecond: 0 to inf); sample inside EDM's
+    # generate.py defaults, σ from 0.002 to 80, as EDM does
+    info = {"name": str(path), "precond": type(net).__name__, "resolution": int(net.img_resolution),
+            "channels": int(net.img_channels), "sigma_min": max(0.002, float(net.sigma_min)),
+            "sigma_max": min(80.0, float(net.sigma_max)),
+            "label_dim": int(getattr(net, "label_dim", 0) or 0)}
+    return net, info
+
+
+def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5) -> None:
+    """Write a model folder atomically: a temp folder beside it, then a rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        info = {
+            "format": "skiptune-model/1",
+            "precond": "edm",
+            "sigma_data": sigma_data,
+            "sigma_min": 0.002,
+            "sigma_max": 80.0,
+            "dataset": "fashion-mnist",
+            "resolution": int(unet.config.sample_size),
+            "channels": int(unet.config.in_channels),
+            "training": training,
+        }
+        # keep files and folders written next to the weights by hand (model card, sample grids)
+        if out_dir.is_dir():
+            for extra in out_dir.iterdir():
+                if extra.name not in {"config.json", "diffusion_pytorch_model.safetensors", MODEL_INFO_FILE}:
+                    (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
+        if out_dir.exists():
+            out_dir.replace(old)
+        tmp.replace(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 256) -> str:
+    """16 hex digits over each parameter's and buffer's name, shape, dtype and the bytes of up to
+    ``per_tensor`` evenly strided values: retraining changes it, the device does not, and reading
+    a few values per tensor keeps it quick for a billion-parameter UNet."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // per_tensor)].cpu().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""Prompt files for text-to-image models: one prompt per line, blank lines ignored.
+
+Which prompt a sample gets is ``sampling.prompt_indices``: seed s uses prompt s mod P.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ..core.errors import InputError
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a UTF-8 text file, one per non-blank line (surrounding spaces stripped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"prompt file {path} not found; give a file with one prompt per line",
+                         option="prompts") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"prompt file {path} is unreadable ({exc}); it must be UTF-8 text, one prompt per "
+                         f"line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompt; write one prompt per line", option="prompts")
+    return prompts
+
+
+def prompts_digest(path: str | os.PathLike) -> str:
+    """16 hex digits of the prompts of a file (so an edited file is a different task)."""
+    return hashlib.sha256("\n".join(read_prompts(path)).encode()).hexdigest()[:16]

@@ -1,0 +1,173 @@
+"""The evaluator: a task's model, controller, feature extractor and reference, loaded once, and
+``score``, the one place a schedule is scored.
+
+``score`` samples the task's seeds with a schedule applied, rung by rung (each rung adds samples
+to the previous ones: no image is drawn twice) and yields FID (and KID) of all samples so far at
+each rung. The search's objective, ``evaluate`` and the benchmarks all call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from ..core.controller import SkipController
+from ..core.errors import InputError, ReferenceStatsError
+from ..core.schedule import RhoSchedule
+from ..models.loaders import load_denoiser
+from ..sampling import NATIVE_SCHEDULERS
+from ..sampling.samplers import generate_batches, native_sigmas, sigma_grid, steps_for_nfe
+from . import DEFAULT_FEATURES
+from .metrics import (
+    DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, kid_from_features, load_extractor,
+    load_images, reference_from_images,
+)
+from .task import Task, autocast_dtype, resolve_device
+
+CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
+
+
+@dataclass
+class Rung:
+    """The score of a schedule on its first ``n`` samples."""
+
+    n: int
+    fid: float
+    kid: float | None = None  # when the reference holds features
+    features: torch.Tensor | None = None  # all ``n`` samples' features [n, D]
+    images: torch.Tensor | None = None  # the first samples (a grid's worth), at the first rung only
+
+
+def rung_score(features: torch.Tensor, reference: ReferenceStats) -> Rung:
+    """FID, and KID where the reference has features, of ``features``."""
+    kid = kid_from_features(features, reference) if reference.kid_features is not None else None
+    return Rung(len(features), fid_from_features(features, reference), kid, features)
+
+
+class Evaluator:
+    """Loads the model, controller, extractor and reference once; scores schedules."""
+
+    def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
+                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto") -> None:
+        if batch_size < 1:
+            raise InputError(f"batch size {batch_size} must be at least 1", option="batch")
+        self.task = task
+        self.feature_weights = feature_weights
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.steps = steps_for_nfe(task.sampler, task.nfe)
+        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
+        self._set_prompts()
+        self.denoiser.to(self.device)
+        self.controller = SkipController(self.denoiser)
+        self.controller.attach()
+        if task.sampler in NATIVE_SCHEDULERS:  # the σ of the scheduler's own timesteps
+            self.sigmas = native_sigmas(self.denoiser, task.sampler, self.steps)
+        else:
+            self.sigmas = sigma_grid(task.sigma_grid, self.steps, self.model_info["sigma_min"],
+                                     self.model_info["sigma_max"], getattr(self.denoiser, "sigma_table", None),
+                                     self.model_info["name"])
+        self.shape = (self.model_info["channels"], self.model_info["resolution"], self.model_info["resolution"])
+        self._extractor = None
+        self._reference = None
+
+    def _set_prompts(self) -> None:
+        """Give a text model its prompts and guidance; refuse prompts for any other model."""
+        from ..models.prompts import read_prompts
+
+        if hasattr(self.denoiser, "set_prompts"):
+            if self.task.prompts is None:
+                raise InputError(f"{self.task.model} is a text-to-image model: it needs a prompt file (one prompt "
+                                 f"per line; seed s uses prompt s mod P)", option="prompts")
+            self.denoiser.set_prompts(read_prompts(self.task.prompts), self.task.guidance)
+        elif self.task.prompts is not None:
+            raise InputError(f"{self.task.model} takes no text; prompts and guidance are for text-to-image "
+                             f"pipelines (Stable Diffusion style)", option="prompts")
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            self._extractor = load_extractor(self.task.features, self.feature_weights).to(self.device)
+        return self._extractor
+
+    @property
+    def reference(self) -> ReferenceStats:
+        if self._reference is None:
+            if self.task.reference == "bundled":
+                if self.task.features != DEFAULT_FEATURES:
+                    raise ReferenceStatsError(
+                        f"the bundled statistics are {DEFAULT_FEATURES} features of Fashion-MNIST; with "
+                        f"{self.task.features} features give reference statistics (an .npz)", option="reference")
+                self._reference = ReferenceStats.load(DEFAULT_REFERENCE)
+            elif self.task.reference.endswith(".npz"):
+                self._reference = ReferenceStats.load(self.task.reference)
+            else:
+                images = load_images(self.task.reference)
+                self._reference = reference_from_images(images, self.extractor, self.task.features, CACHE_DIR)
+            if self.task.objective == "kid" and self._reference.kid_features is None:
+                raise ReferenceStatsError(
+                    f"objective kid needs reference features, and {self.task.reference} holds only mu and sigma: "
+                    f"use fashion-mnist:test or a folder of reference images", option="reference")
+        return self._reference
+
+    def check_reference(self) -> None:
+        """Fail before any sampling when the reference statistics do not fit the extractor's
+        features (their size; NaN and inf are refused when they are read)."""
+        ref = self.reference
+        probe = torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=self.device)
+        size = self.extractor(probe)[0].shape[1]
+        if ref.mu.shape[0] != size:
+            raise ReferenceStatsError(f"{self.task.reference} holds {ref.mu.shape[0]}-d statistics, but "
+                                      f"{self.task.features} features are {size}-d", option="reference")
+
+    # --- sampling ----------------------------------------------------------------------
+    def images(self, schedule: RhoSchedule, seeds: Sequence[int] | None = None,
+               progress: bool | str = True) -> torch.Tensor:
+        """uint8 images of ``seeds`` (default: the task's) sampled with ``schedule``."""
+        return torch.cat(list(self._batches(schedule, seeds, progress)))
+
+    def _batches(self, schedule: RhoSchedule, seeds: Sequence[int] | None, progress: bool | str):
+        self.controller.use(schedule)
+        return generate_batches(self.denoiser, self.task.sampler, self.sigmas, list(seeds or self.task.seeds),
+                                self.shape, self.batch_size, progress, self.device,
+                                self.model_info.get("label_dim", 0), autocast_dtype(self.task.precision))
+
+    def features(self, schedule: RhoSchedule, seeds: Sequence[int] | None = None, progress: bool | str = True,
+                 keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature vectors of the samples of ``seeds`` (default: the task's) and the first ``keep``
+        uint8 images (a sample grid); batch by batch, so the N images are never all in memory."""
+        features, first = [], []
+        for images in self._batches(schedule, seeds, progress):
+            features.append(extract_features(images, self.extractor, self.batch_size))
+            if sum(map(len, first)) < keep:
+                first.append(images)
+        return torch.cat(features), torch.cat(first)[:keep]
+
+    # --- scoring -----------------------------------------------------------------------
+    def score(self, schedule: RhoSchedule, rungs: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
+              progress: bool | str = True) -> Iterator[Rung]:
+        """Score ``schedule`` on ``seeds`` (default: the task's) at each rung (default: the task's),
+        a sample count: each rung samples only the seeds the previous one did not, then yields
+        FID (and KID) of all samples so far; the first rung also carries the first 64 images."""
+        seeds = list(seeds or self.task.seeds)
+        rungs = tuple(rungs or self.task.rungs)
+        if rungs[-1] > len(seeds):
+            raise InputError(f"rung {rungs[-1]} asks for more samples than the {len(seeds)} seeds given")
+        features, done = [], 0
+        for rung in rungs:
+            label = progress and (f"{progress}, N={rung}" if isinstance(progress, str) else f"N={rung}")
+            more, images = self.features(schedule, seeds[done:rung], progress=label)
+            features.append(more)
+            result = rung_score(torch.cat(features), self.reference)
+            if done == 0:
+                result.images = images
+            done = rung
+            yield result
+
+    def fid(self, schedule: RhoSchedule, progress: bool | str = True, keep: int = 64) -> tuple[float, torch.Tensor]:
+        """FID of the task's samples (all at once, no rungs), and the first ``keep`` of them."""
+        features, images = self.features(schedule, progress=progress, keep=keep)
+        return fid_from_features(features, self.reference), images

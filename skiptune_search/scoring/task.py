@@ -1,0 +1,119 @@
+"""The task: what every trial of a study samples and how it is scored.
+
+Two FIDs compare only when their tasks match (model, sampler, NFE, σ grid, samples, seeds,
+features, reference, rungs, objective, prompts, guidance, precision): a study stores its task's
+``scoring_key`` and refuses to resume under another one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from ..core.errors import InputError
+from ..models.loaders import DEFAULT_MODEL_NAME
+from ..sampling.samplers import check_sigma_grid, default_sigma_grid, steps_for_nfe
+from . import DEFAULT_FEATURES, OBJECTIVES, PRECISIONS
+
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of text models when none is given (diffusers' SD default)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one trial generates and how it is scored: every trial of a study shares it."""
+
+    model: str = DEFAULT_MODEL_NAME
+    sampler: str = "heun"
+    nfe: int = 9
+    n: int = 1000  # samples per trial
+    seed: int = 0  # trial samples use seeds seed .. seed + n - 1
+    features: str = DEFAULT_FEATURES
+    reference: str = "bundled"  # 'bundled', an .npz (mu, sigma), 'fashion-mnist:test' or an image folder
+    rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
+    objective: str = "fid"  # 'fid' (at n), 'fid_inf' (extrapolated to N -> inf over the rungs) or 'kid'
+    sigma_grid: str | None = None  # 'karras' or 'model'; None: the sampler's default (default_sigma_grid)
+    prompts: str | None = None  # a text model's prompt file (one per line); seed s uses prompt s mod P
+    guidance: float | None = None  # classifier-free guidance scale of a text model (1: none)
+    precision: str = "fp32"  # a key of PRECISIONS
+
+    def __post_init__(self) -> None:
+        rungs = tuple(self.rungs) or (self.n,)
+        if self.n < 2:
+            raise InputError(f"{self.n} samples per trial: FID needs at least 2 (a covariance)", option="n")
+        if self.seed < 0:
+            raise InputError(f"seed {self.seed} is negative; seeds start at 0", option="seed")
+        if list(rungs) != sorted(set(rungs)) or rungs[0] < 2 or rungs[-1] != self.n:
+            raise InputError(f"rungs {','.join(map(str, rungs))} must increase from at least 2 up to n = {self.n}",
+                             option="rungs")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+                             option="precision")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}",
+                             option="objective")
+        if self.objective == "fid_inf" and len(rungs) < 2:
+            raise InputError("objective fid_inf needs at least two rungs (e.g. 250,1000)", option="rungs")
+        object.__setattr__(self, "rungs", rungs)
+        steps_for_nfe(self.sampler, self.nfe)
+        grid = self.sigma_grid or default_sigma_grid(self.sampler)
+        check_sigma_grid(self.sampler, grid)
+        object.__setattr__(self, "sigma_grid", grid)
+        if self.prompts is None and self.guidance is not None:
+            raise InputError("guidance applies to text-to-image models: give a prompt file too", option="guidance")
+        if self.prompts is not None:
+            guidance = DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)
+            if not guidance >= 0:
+                raise InputError(f"guidance {self.guidance} must be at least 0 (1 is no guidance)", option="guidance")
+            object.__setattr__(self, "guidance", guidance)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.n))
+
+    @property
+    def seed_label(self) -> str:
+        return f"{self.seed}-{self.seed + self.n - 1}"
+
+    def scoring_key(self) -> dict:
+        """The settings that must match for two FIDs to be comparable (with the prompts' digest,
+        so an edited prompt file is another task)."""
+        key = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.prompts is not None:
+            from ..models.prompts import prompts_digest
+
+            key["prompts_sha256"] = prompts_digest(self.prompts)
+        return key
+
+
+def with_legacy_defaults(task_key: dict) -> dict:
+    """A stored task key with the fields added since it was written, at the values it ran with."""
+    defaults = {"sigma_grid": default_sigma_grid(task_key.get("sampler", "heun")), "prompts": None, "guidance": None,
+                "precision": "fp32"}
+    return {**defaults, **task_key}
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' is the first CUDA GPU when there is one (CUDA_VISIBLE_DEVICES applies), else the CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        # MPS and the rest: the σ and ρ arithmetic runs in float64, which MPS lacks
+        raise InputError(f"{device}: not a device this tool runs on; use 'auto', 'cpu', 'cuda' or 'cuda:N'",
+                         option="device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"{device}: no CUDA GPU is visible to torch; use the CPU", option="device")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise InputError(f"{device}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0",
+                         option="device")
+    return torch.device(device)
+
+
+def autocast_dtype(precision: str):
+    """The torch dtype the model's forward is autocast to, or None for fp32."""
+    import torch
+
+    name = PRECISIONS[precision]
+    return getattr(torch, name) if name else None

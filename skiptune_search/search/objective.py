@@ -1,0 +1,186 @@
+"""The trial objective: the one function from an Optuna trial to a score.
+
+Everything that runs a trial goes through ``Objective``: ``search`` and its workers (scored by
+sampling the model), benchmark table 2's Optuna timing (made-up scores) and table 4's replays
+(scores looked up in the exhaustive grid). So a change to the rungs, the pruning rule or the
+trial's attributes changes the benchmarks too. A scorer is anything with
+``score(schedule, progress) -> iterator of Rung``, one per rung, in growing sample counts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import optuna
+
+from ..core.errors import NonFiniteSamplesError
+from ..core.schedule import RhoSchedule, SkipInfo
+from ..scoring.evaluator import Rung
+from ..scoring.metrics import fid_inf
+from . import interrupts
+from .space import Space
+from .study import finished_trials, is_finished, recover_dead_trials, worker_id
+
+
+class Scorer(Protocol):
+    """Scores a schedule rung by rung: ``Evaluator`` samples the model; the benchmarks look
+    scores up or make them up."""
+
+    def score(self, schedule: RhoSchedule, progress: bool | str = False) -> Iterator[Rung]: ...
+
+
+class SurplusTrial(Exception):
+    """A trial beyond the study's target count, started by one of several processes at once: it
+    stops before it suggests or samples anything, and is not counted."""
+
+
+class Objective:
+    """Suggest a schedule from ``space``, score it rung by rung, report each rung to Optuna and
+    prune (never the ρ = 1 baseline: it is the reference of every change), and record what the
+    dashboard and ``export`` read: ρ, FID (and KID) at each rung, FID∞, wall time, seeds.
+
+    With ``limit``, a new trial first takes its place in the study: when the trials ahead of it
+    (by Optuna's trial number, which the storage hands out atomically) that have finished, run or
+    wait already make ``limit``, it is surplus and stops at once; so several processes sharing a
+    study end with exactly ``limit`` finished trials."""
+
+    def __init__(self, scorer: Scorer, space: Space, arch: str, skips: Sequence[SkipInfo], rungs: Sequence[int],
+                 objective: str = "fid", seeds: str | None = None, artifacts: Path | None = None,
+                 label: Callable[[], str] | None = None, limit: int | None = None) -> None:
+        self.scorer, self.space, self.arch, self.skips = scorer, space, arch, list(skips)
+        self.rungs, self.objective, self.seeds, self.limit = tuple(rungs), objective, seeds, limit
+        self.store = None
+        if artifacts is not None:
+            from optuna.artifacts import FileSystemArtifactStore
+
+            artifacts.mkdir(parents=True, exist_ok=True)
+            self.store = FileSystemArtifactStore(str(artifacts))
+        self.label = label
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        interrupts.check()  # a signal that came while Optuna set this trial up: it ends failed, not RUNNING
+        trial.set_user_attr("worker", worker_id())  # first: a later run on this host can tell if its process died
+        if self.limit is not None and (why := self._surplus(trial)):
+            trial.set_user_attr("surplus", True)
+            if why == "count":  # the study is full: this process is done
+                trial.study.stop()
+            raise SurplusTrial(f"trial {trial.number}: {why}")
+        params, placement = self.space.suggest(trial, self.skips)
+        schedule = self.space.schedule(self.arch, self.skips, {**params, "placement": placement})
+        start = time.perf_counter()
+        trial.set_user_attr("rho", schedule.rho)
+        label = self.label() if self.label else False
+        fids: dict[int, float] = {}
+        kids: dict[int, float] = {}
+        grid = None
+        scores = self.scorer.score(schedule, progress=label)
+        try:
+            for k in range(len(self.rungs)):
+                with interrupts.immediate():  # sampling: the long part, where Ctrl-C acts at once
+                    rung = next(scores)
+                fids[rung.n] = rung.fid
+                trial.set_user_attr("fid_at", {str(n): v for n, v in fids.items()})
+                if rung.kid is not None:
+                    kids[rung.n] = rung.kid
+                    trial.set_user_attr("kid_at", {str(n): v for n, v in kids.items()})
+                grid = rung.images if grid is None else grid
+                trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
+                # rungs report FID (KID for the kid objective); FID∞ needs every rung
+                value, metric = (rung.kid, "KID") if self.objective == "kid" else (rung.fid, "FID")
+                trial.report(value, step=rung.n)
+                if k < len(self.rungs) - 1 and trial.should_prune() and not trial.user_attrs.get("baseline"):
+                    raise optuna.TrialPruned(f"{metric} {value:.4g} at N={rung.n}")
+        except NonFiniteSamplesError as exc:
+            trial.set_user_attr("fail_reason", str(exc))  # a failure of its own: counts as finished
+            raise
+        n = self.rungs[-1]
+        trial.set_user_attr("fid", fids[n])
+        trial.set_user_attr("n", n)
+        if self.seeds:
+            trial.set_user_attr("seeds", self.seeds)
+        if kids:
+            trial.set_user_attr("kid", kids[n])
+        if len(fids) > 1:
+            trial.set_user_attr("fid_inf", fid_inf(list(fids), list(fids.values())))
+        if self.store is not None and grid is not None:
+            self._upload_grid(trial, grid)
+        return {"fid": fids[n], "fid_inf": trial.user_attrs.get("fid_inf"), "kid": kids.get(n)}[self.objective]
+
+    def _surplus(self, trial: optuna.Trial) -> str | None:
+        """Why this trial must not run, or None: 'count' when the trials ahead of it already
+        make the target, 'duplicate' for a second baseline or ramp (two processes opening a new
+        study at once both queue them). Retries of dead trials always run."""
+        if "retry_of" in trial.user_attrs:
+            return None
+        live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        ahead, marks = 0, set()
+        for t in trial.study.get_trials(deepcopy=False):
+            if t.number >= trial.number or not (is_finished(t) or t.state in live):
+                continue
+            mark = next((m for m in ("baseline", "paper_ramp") if t.user_attrs.get(m)), None)
+            if mark in marks:
+                continue  # a duplicate: it will not run either
+            marks.add(mark) if mark else None
+            ahead += 1
+        mine = next((m for m in ("baseline", "paper_ramp") if trial.user_attrs.get(m)), None)
+        if mine is not None:
+            return "duplicate" if mine in marks else None
+        return "count" if ahead >= self.limit else None
+
+    def _upload_grid(self, trial: optuna.Trial, images) -> None:
+        from optuna.artifacts import upload_artifact
+
+        from ..sampling.images import save_grid
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_grid(images[:64], Path(tmp) / f"trial-{trial.number}-samples.png", nrow=8)
+            upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
+                            mimetype="image/png")
+
+
+def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeout: float | None = None,
+               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+               artifacts: Path | None = None, share: int | None = None, progress: bool = True) -> optuna.Study:
+    """Run trials of ``evaluator``'s task until the study holds ``trials`` finished (complete,
+    pruned or failed) trials, or, for one of several workers, exactly ``share`` trials. Trials
+    queued again after a dead process (the baseline among them) run even when the count is met.
+
+    With ``artifacts`` (a folder), each completed trial uploads a grid of its first 64 samples as
+    an Optuna artifact, which optuna-dashboard shows on the trial's page."""
+    task = evaluator.task
+    # the bar counts finished trials, not trial numbers: a retried trial of a dead worker has a number too
+    label = (lambda: f"trial {finished_trials(study) + 1}/{trials}") if progress else None
+    objective = Objective(evaluator, space, evaluator.controller.arch, evaluator.controller.skips, task.rungs,
+                          task.objective, task.seed_label, artifacts, label, limit=trials)
+
+    def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # other processes (workers, machines) add trials too: --trials is the study's total
+        if interrupts.state.seen or finished_trials(study) >= trials and not _queued(study):
+            study.stop()
+
+    recover_dead_trials(study)
+    remaining = max(trials - finished_trials(study), len(_queued(study))) if share is None else share
+    if remaining > 0:
+        callbacks = [*([on_trial] if on_trial else []), stop_at_total]
+        verbosity = optuna.logging.get_verbosity()
+        # the caller reports each trial's end itself: Optuna's own warnings would repeat a NaN
+        # trial's failure, or print an interrupted trial's traceback before the one clear line
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            with interrupts.deferred():  # Ctrl-C acts inside a trial's sampling, or between trials
+                study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
+                               catch=(NonFiniteSamplesError, SurplusTrial), gc_after_trial=False)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        interrupts.check()
+    return study
+
+
+def _queued(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Waiting trials that must run even past the trial count: the ρ = 1 baseline (every export
+    compares with it) and retries of trials whose process died."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+            if t.user_attrs.get("baseline") or "retry_of" in t.user_attrs]

@@ -1,0 +1,277 @@
+"""Studies of this tool: create or resume one (checked against its task, space and weights), tell
+them from anyone else's, recover trials a dead process left running, and export the best.
+
+A study is this tool's when it minimizes one value and carries the settings and skip layout this
+tool writes (studies made since 0.2 also carry ``created_by``). Anything else in the same storage
+is refused before a single write, and listed as foreign.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import optuna
+
+from ..core.errors import StudyError
+from ..core.schedule import RhoSchedule, SkipInfo
+from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
+from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
+from .optimizers import make_pruner, make_sampler
+from .space import Space
+
+MARKER = "skiptune-search"  # the created_by attribute of this tool's studies
+NAME_CHARS = "letters, digits and . _ - (at most 128)"
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_study_name(name: str) -> str:
+    """A study name of letters, digits, '.', '_' and '-', at most 128 long, not starting with '.':
+    it names files (the exported schedule), so it must stay inside its folder."""
+    if not name or len(name) > 128 or not set(name) <= _NAME_OK or name.startswith("."):
+        raise StudyError(f"study name {name!r} is not allowed: use {NAME_CHARS}, not starting with '.'",
+                         option="study")
+    return name
+
+
+def default_study_name(task: Task, space: Space) -> str:
+    model = Path(task.model).name if task.model != DEFAULT_MODEL_NAME else task.model
+    model = "".join(c if c in _NAME_OK else "_" for c in model).lstrip(".")[:60] or "model"
+    grid = "" if task.sigma_grid == default_sigma_grid(task.sampler) else f"-{task.sigma_grid}grid"
+    cfg = f"-cfg{task.guidance:g}" if task.prompts is not None else ""
+    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}-{space.family}-{space.placement}"
+
+
+# --- whose study is it ------------------------------------------------------------------------
+def is_own(user_attrs: dict, directions) -> bool:
+    """Made by this tool: one minimized value, and its settings and skip layout."""
+    settings, layout = user_attrs.get("settings"), user_attrs.get("layout")
+    return (len(directions) == 1 and directions[0] == optuna.study.StudyDirection.MINIMIZE
+            and isinstance(settings, dict) and isinstance(settings.get("task"), dict)
+            and isinstance(layout, dict) and "skips" in layout)
+
+
+def _foreign(name: str) -> StudyError:
+    return StudyError(f"study {name!r} was not made by skiptune-search (or was made for another purpose): it is "
+                      f"left untouched; use another study name", option="study")
+
+
+def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) -> optuna.Study:
+    """An existing study of this tool, or a one-line error (missing, or someone else's)."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        raise StudyError(f"no study {name!r} in {where}; list them with 'skiptune-search studies'",
+                         option="study") from None
+    if not is_own(storage.get_study_user_attrs(study_id), storage.get_study_directions(study_id)):
+        raise _foreign(name)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space, controller,
+               seed: int, optimizer: str = "tpe", parallel: bool = False) -> optuna.Study:
+    """Create the study, or load it and check it is this tool's and was run with the same task,
+    space and weights (of ``controller``'s model: its ``arch``, ``skips`` and ``unet``); nothing
+    is written to a study that fails a check. Trials a dead process
+    left running are failed and queued again, and the first trials (ρ = 1 baseline, paper-style
+    ramp) are queued where they are neither finished nor pending.
+
+    ``seed`` makes a new study's search reproducible. A study resumed, or shared by ``parallel``
+    workers, reseeds its optimizer from the system instead: with the same seed it would propose
+    the points it proposed before (all of them, for random search)."""
+    check_study_name(name)
+    arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
+    settings = json.loads(json.dumps({"task": task.scoring_key(), **space.as_dict()}))
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        study_id = None
+    if study_id is not None:
+        attrs = storage.get_study_user_attrs(study_id)
+        if not is_own(attrs, storage.get_study_directions(study_id)):
+            raise _foreign(name)
+        _check_settings(name, attrs, settings, weights, task.model)
+    sampler = make_sampler(optimizer, space, skips, seed)
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
+                                pruner=make_pruner(task.rungs), load_if_exists=True)
+    if study_id is None:
+        study.set_user_attr("settings", settings)
+        study.set_user_attr("layout", {"arch": arch, "skips": [s.as_dict() for s in skips]})
+        study.set_user_attr("weights", weights)
+        study.set_user_attr("created_by", MARKER)
+    elif "weights" not in study.user_attrs:  # a study from before weights were recorded
+        study.set_user_attr("weights", weights)
+    if parallel or study_id is not None:
+        study.sampler.reseed_rng()
+    recover_dead_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    pending = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    for attr, params in space.first_trials(skips, optimizer):
+        if not any(t.user_attrs.get(attr) and (is_finished(t) or t.state in pending) for t in trials):
+            study.enqueue_trial(params, user_attrs={attr: True})
+    return study
+
+
+def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs) -> optuna.Study:
+    """A study in memory with the search's optimizer, pruner and first trials: what the
+    benchmarks replay a search on."""
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(optimizer, space, skips, seed),
+                                pruner=make_pruner(rungs))
+    for attr, params in space.first_trials(skips, optimizer):
+        study.enqueue_trial(params, user_attrs={attr: True})
+    return study
+
+
+def _check_settings(name: str, attrs: dict, settings: dict, weights: str, model: str) -> None:
+    old = {**attrs["settings"], "task": with_legacy_defaults(attrs["settings"]["task"])}
+    if old != settings:
+        flat_old, flat_new = _flatten(old), _flatten(settings)
+        diff = [f"{k}: {flat_old.get(k)} (now {v})" for k, v in flat_new.items() if flat_old.get(k) != v]
+        raise StudyError(f"study {name!r} exists with other settings ({'; '.join(diff)}); use the same settings to "
+                         f"resume it, or another study name", option="study")
+    stored = attrs.get("weights")
+    if stored is not None and stored != weights:  # the same model path with other weights: retrained in place
+        raise StudyError(f"study {name!r} was run with other weights of {model} (retrained, or loaded in another "
+                         f"precision), so its FIDs do not compare with this model's; use another study name",
+                         option="study")
+
+
+def _flatten(settings: dict) -> dict:
+    """{'task': {'n': 1}, 'family': 'linear'} -> {'n': 1, 'family': 'linear'}."""
+    flat = dict(settings.get("task", {}))
+    flat.update({k: v for k, v in settings.items() if k != "task"})
+    return flat
+
+
+def study_settings(study: optuna.Study) -> dict:
+    """The task and space a study was run with; a one-line error for a study of another tool."""
+    if not is_own(study.user_attrs, study.directions):
+        raise _foreign(study.study_name)
+    return study.user_attrs["settings"]
+
+
+def study_space(study: optuna.Study) -> Space:
+    s = study_settings(study)
+    return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"))
+
+
+def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:
+    study_settings(study)
+    layout = study.user_attrs["layout"]
+    return layout["arch"], [SkipInfo(**s) for s in layout["skips"]]
+
+
+# --- trials: finished, dead, recovered -------------------------------------------------------------
+def worker_id() -> dict:
+    """Who runs a trial: this host and process (stored on the trial, so a later run on the same host
+    can tell a trial whose process died from one still running)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _process_gone(worker: dict | None) -> bool:
+    if not worker or worker.get("host") != socket.gethostname():
+        return False  # another machine's: its heartbeat tells
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError, ValueError, TypeError):
+        return False
+    return int(worker["pid"]) == os.getpid()  # a trial of this very process, which runs none yet: left by a reused pid
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail every RUNNING trial whose process is gone (killed, out of disk, machine lost) and queue
+    its parameters again, with its baseline or ramp mark: on this host at once, by its process id;
+    elsewhere once its heartbeat is stale (Optuna's own retry queues those). Returns the numbers
+    of the trials failed here."""
+    with warnings.catch_warnings():  # heartbeats are 'experimental' in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    failed = []
+    storage = study._storage  # noqa: SLF001 - Optuna's own way to fail a trial it did not run
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not _process_gone(trial.user_attrs.get("worker")):
+            continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process recovered it first
+        marks = {k: True for k in ("baseline", "paper_ramp") if trial.user_attrs.get(k)}
+        study.enqueue_trial(trial.params, user_attrs={**marks, "retry_of": trial.number})
+        failed.append(trial.number)
+    return failed
+
+
+def study_rows(storage: optuna.storages.BaseStorage) -> list[dict]:
+    """One row per study of the storage, by name: this tool's with their trial counts (done,
+    running, pruned, failed; surplus trials of concurrent runs are not failures), baseline and
+    best values; other tools' studies as ``{"name": ..., "foreign": True}``, never read further."""
+    rows = []
+    states = optuna.trial.TrialState
+    for summary in sorted(optuna.get_all_study_summaries(storage, include_best_trial=False),
+                          key=lambda s: s.study_name):
+        if not is_own(summary.user_attrs, summary.directions):
+            rows.append({"name": summary.study_name, "foreign": True})
+            continue
+        trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)
+        count = {s.name.lower(): sum(t.state == s and not t.user_attrs.get("surplus") for t in trials) for s in states}
+        base = next((t.value for t in trials if t.state == states.COMPLETE and t.user_attrs.get("baseline")), None)
+        best = min((t.value for t in trials if t.state == states.COMPLETE), default=None)
+        rows.append({"name": summary.study_name, "foreign": False, **count, "baseline": base, "best": best})
+    return rows
+
+
+def is_finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Completed, pruned, or failed for a reason of its own (NaN samples); not one interrupted or
+    whose process died (those are retried)."""
+    return (trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            or (trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs))
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return sum(map(is_finished, study.get_trials(deepcopy=False)))
+
+
+def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline"):
+            return t
+    return None
+
+
+def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float = 0.02) -> list[str]:
+    """The ρ parameters of ``params`` within ``margin`` of the range's width of one of its bounds,
+    as 'name = value': an optimum there may lie outside the searched range."""
+    lo, hi = rho_range
+    edge = margin * (hi - lo)
+    return [f"{k} = {v:.3f}" for k, v in params.items()
+            if isinstance(v, float) and (v - lo <= edge or hi - v <= edge)]
+
+
+# --- export -------------------------------------------------------------------------------------
+def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
+    """The best completed trial of ``study`` as a schedule, with where it came from."""
+    settings = study_settings(study)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise StudyError(f"study {study.study_name!r} has no completed trial yet; run its search first")
+    best = min(complete, key=lambda t: t.value)
+    task = with_legacy_defaults(settings["task"])
+    arch, skips = study_layout(study)
+    base = baseline_trial(study)
+    tuned_for = {"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
+                 "sigma_grid": task["sigma_grid"], "precision": task["precision"]}
+    if task["prompts"] is not None:
+        tuned_for.update(prompts=task["prompts"], guidance=task["guidance"])
+    return study_space(study).schedule(
+        arch, skips, best.params,
+        tuned_for=tuned_for,
+        metric={"name": task.get("objective", "fid"), "features": task["features"], "n": task["n"],
+                "seeds": f"{task['seed']}-{task['seed'] + task['n'] - 1}", "value": best.value,
+                "baseline": base.value if base else None},
+        source={"study": study.study_name, "trial": best.number, "storage": storage_url},
+    )

@@ -1,0 +1,236 @@
+"""Hostile input and faults (issue 21): no code runs unasked, no study of another tool is written,
+no baseline is lost to a killed run, every fault is one line with a nonzero exit."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from skiptune_search.cli import main
+
+EXE = str(Path(sys.executable).parent / "skiptune-search")
+STATES = optuna.trial.TrialState
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.startswith("Error:") and len(message.splitlines()) == 1, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def tiny_search(model_dir, *extra):
+    return ["search", "--model", model_dir, "--nfe", 3, "--n", 4, "--rungs", 4, "--batch", 4, *extra]
+
+
+# --- foreign studies ------------------------------------------------------------------------------
+def test_a_study_of_another_tool_is_refused_before_any_write_and_listed_as_foreign(run, tmp_path, tiny_model_dir):
+    url = f"sqlite:///{tmp_path}/studies/skiptune.db"
+    (tmp_path / "studies").mkdir()
+    plain = optuna.create_study(study_name="plain", storage=url)
+    plain.set_user_attr("mine", "yes")
+    plain.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    multi = optuna.create_study(study_name="multi", storage=url, directions=["minimize", "maximize"])
+    multi.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
+
+    def snapshot():
+        return {n: (optuna.load_study(study_name=n, storage=url).user_attrs,
+                    [(t.state, t.params, t.user_attrs) for t in optuna.load_study(study_name=n, storage=url).trials])
+                for n in ("plain", "multi")}
+
+    before = snapshot()
+    for name in ("plain", "multi"):
+        one_line_error(run(*tiny_search(tiny_model_dir, "--study", name)), f"--study: study {name!r} was not made by "
+                       "skiptune-search", "left untouched")
+        one_line_error(run("export", "--study", name, "-o", "x.json"), "was not made by skiptune-search")
+        one_line_error(run("report", "--study", name, "-o", "x.html", "--samples", 0), "was not made by")
+    assert snapshot() == before and not (tmp_path / "x.json").exists()
+    assert run(*tiny_search(tiny_model_dir, "--trials", 1)).exit_code == 0  # a study of ours beside them
+    listing = run("studies")
+    assert listing.exit_code == 0, listing.output
+    assert "plain" in listing.output and "multi" in listing.output
+    assert listing.output.count("(not a skiptune-search study: left alone)") == 2
+    row = next(line for line in listing.output.splitlines() if line.startswith("tiny-model"))
+    assert row.split()[1:5] == ["1", "0", "0", "0"]  # done, running, pruned, failed
+    assert snapshot() == before
+
+
+# --- killed and terminated runs -------------------------------------------------------------------
+def _baseline_running_with_its_worker(tmp_path):
+    """The ρ = 1 trial is under way and has recorded its process (the first thing a trial does)."""
+    path = tmp_path / "studies" / "skiptune.db"
+    if _states(tmp_path)[:1] != ["RUNNING"]:
+        return False
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+        keys = {row[0] for row in db.execute("SELECT a.key FROM trial_user_attributes a JOIN trials t "
+                                              "ON a.trial_id = t.trial_id WHERE t.number = 0")}
+    return {"worker", "baseline"} <= keys
+
+
+def _states(tmp_path):
+    """Trial states read without creating anything (read-only SQLite): [] before the study exists."""
+    path = tmp_path / "studies" / "skiptune.db"
+    if not path.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
+    except sqlite3.Error:
+        return []
+
+
+def _wait_for(predicate, process, timeout=180.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the search ended early: {process.communicate()[1][-1500:]}")
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("no trial got under way")
+
+
+def _slow_search(model_dir, *extra):
+    # N = 400 at NFE 3, batch 20: long enough per trial to be stopped mid-way
+    return [EXE, "search", "--model", str(model_dir), "--nfe", "3", "--n", "400", "--rungs", "400",
+            "--batch", "20", "--threads", "1", *map(str, extra)]
+
+
+def test_a_run_killed_during_the_baseline_loses_no_baseline(tiny_model_dir, tmp_path):
+    """SIGKILL while the ρ = 1 trial runs, then at once the same command (heartbeat 60 s, so no
+    heartbeat has gone stale): the dead trial is failed and run again, the baseline is reported and
+    exported, and nothing is left RUNNING."""
+    worker = subprocess.Popen(_slow_search(tiny_model_dir, "--trials", 2), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _baseline_running_with_its_worker(tmp_path), worker)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        worker.kill()
+    assert _states(tmp_path)[0] == "RUNNING"
+    result = subprocess.run(_slow_search(tiny_model_dir, "--trials", 2), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "baseline FID (ρ = 1): " in result.stdout and "not finished" not in result.stdout
+    study = optuna.load_study(study_name="tiny-model-heun-nfe3-linear-input",
+                              storage=f"sqlite:///{tmp_path}/studies/skiptune.db")
+    states = [t.state for t in study.trials]
+    assert STATES.RUNNING not in states and states[0] == STATES.FAIL
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == 0)
+    assert retry.state == STATES.COMPLETE and retry.user_attrs["baseline"] and retry.params == study.trials[0].params
+    exported = json.loads((tmp_path / "studies" / "tiny-model-heun-nfe3-linear-input.best.json").read_text())
+    assert exported["metric"]["baseline"] == retry.value
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_code_143(tiny_model_dir, tmp_path):
+    worker = subprocess.Popen(_slow_search(tiny_model_dir, "--trials", 3), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _states(tmp_path)[:1] == ["RUNNING"], worker)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 143, err[-1500:]
+    assert "terminated: every finished trial is saved; rerun the same command to resume" in err
+    assert "Traceback" not in err
+    assert "RUNNING" not in _states(tmp_path)  # the trial under way is marked failed, to be run again
+
+
+# --- output paths ---------------------------------------------------------------------------------
+def test_outputs_are_regular_files_only(run, tmp_path, tiny_model_dir):
+    assert run(*tiny_search(tiny_model_dir, "--trials", 1)).exit_code == 0
+    study = "tiny-model-heun-nfe3-linear-input"
+    target = tmp_path / "target.json"
+    target.write_text("keep me")
+    os.symlink(target, tmp_path / "link.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "folder.json").mkdir()
+    for path, kind in (("link.json", "a symbolic link"), ("fifo.json", "a FIFO"), ("/dev/null", "a device")):
+        one_line_error(run("export", "--study", study, "-o", path), f"{path} is {kind}", "pass another path")
+    one_line_error(run("export", "--study", study, "-o", "folder.json"), "folder.json")
+    (tmp_path / "afile").write_text("x")
+    one_line_error(run("export", "--study", study, "-o", "afile/best.json"), "cannot write afile/best.json")
+    assert target.read_text() == "keep me" and (tmp_path / "link.json").is_symlink()
+    assert run("export", "--study", study, "-o", "out/best.json").exit_code == 0  # folders are made
+    assert json.loads((tmp_path / "out" / "best.json").read_text())["source"]["study"] == study
+
+
+@pytest.mark.parametrize("name, why", [("../outside", "not allowed"), ("a" * 300, "not allowed"),
+                                       ("", "not allowed"), (".hidden", "not starting with '.'"),
+                                       ("spaces in name", "not allowed")])
+def test_study_names_stay_inside_their_folder(run, tmp_path, tiny_model_dir, name, why):
+    one_line_error(run(*tiny_search(tiny_model_dir, "--study", name)), "--study: study name", why)
+    assert not (tmp_path / "studies").exists() and not list(tmp_path.parent.glob("outside*"))
+
+
+# --- bounds -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, says", [
+    ("--nfe", 1_000_000_000, "1<=x<=1000"), ("--batch", 0, "1<=x"), ("--threads", -1, "0<=x"),
+    ("--trials", 0, "1<=x"), ("--timeout", -5, "x>0"), ("--seed", -5, "0<=x"), ("--workers", 0, "1<=x"),
+    ("--n", 1, "2<=x"), ("--rho-min", 0, "0<x<=4"), ("--rho-max", 9, "0<x<=4"), ("--knots", 1, "2<=x"),
+    ("--heartbeat", -1, "0<=x"), ("--search-seed", -1, "0<=x"), ("--guidance", -1, "0<=x"),
+])
+def test_every_numeric_option_is_bounded_before_any_work(run, tmp_path, tiny_model_dir, option, value, says):
+    start = time.perf_counter()
+    one_line_error(run(*tiny_search(tiny_model_dir, option, value)), f"Invalid value for '{option}'", says,
+                   "skiptune-search search --help")
+    assert not (tmp_path / "studies").exists()
+
+
+# --- reference statistics -----------------------------------------------------------------------
+@pytest.mark.parametrize("mu, sigma, says", [
+    (np.zeros(1280), np.eye(1279), "do not fit together"),
+    (np.full(1280, np.nan), np.eye(1280), "NaN or inf"),
+    (np.zeros(64), np.eye(64), "holds 64-d statistics, but efficientnet-lite0 features are 1280-d"),
+])
+def test_reference_statistics_are_checked_before_sampling(run, tmp_path, tiny_model_dir, monkeypatch, mu, sigma, says):
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    monkeypatch.setattr(Evaluator, "_batches", lambda *a, **k: pytest.fail("sampled before checking"))
+    one_line_error(run(*tiny_search(tiny_model_dir, "--reference", "ref.npz")), "--reference" if "d statistics" in says
+                   else "ref.npz", says)
+    assert not (tmp_path / "studies").exists()
+
+
+# --- storage and files --------------------------------------------------------------------------
+def test_a_corrupt_study_file_is_one_line(run, tmp_path, tiny_model_dir):
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "skiptune.db").write_bytes(b"this is not a database" * 100)
+    one_line_error(run("studies"), "cannot open storage")
+    one_line_error(run(*tiny_search(tiny_model_dir)), "cannot open storage")
+
+
+def test_a_model_folder_with_a_damaged_record_is_one_line(run, tmp_path, tiny_model_dir):
+    info = json.loads((tiny_model_dir / "skiptune_model.json").read_text())
+    del info["sigma_data"]
+    (tiny_model_dir / "skiptune_model.json").write_text(json.dumps(info))
+    one_line_error(run("inspect", "--model", tiny_model_dir), "key 'sigma_data' is missing")
+    (tiny_model_dir / "skiptune_model.json").write_text("{not json")
+    one_line_error(run("inspect", "--model", tiny_model_dir), "is not valid JSON")
+
+
+def test_a_schedule_path_that_cannot_be_read_is_one_line(run, tmp_path):
+    os.symlink(tmp_path / "loop.json", tmp_path / "loop.json")
+    deep = "/".join(["d"] * 2000) + "/s.json"
+    for path in ("loop.json", deep, "missing.json"):
+        result = run("sample", "--schedule", path, "-o", "g.png")
+        one_line_error(result)
+        assert "schedule" in result.output
