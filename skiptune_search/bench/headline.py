@@ -64,7 +64,7 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
         if "untuned" not in row:
             row["untuned"], row["untuned_seconds"] = held_out_fid(evaluator.controller.identity(), "untuned")
             save()
-        knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), 3)
+        knots = log_spaced_knots(*evaluator.sigma_range, 3)
         for family in families:
             space = Space(family, "input", (0.5, 1.5), knots if family == "per_noise" else ())
             runs = row.setdefault(family, [])

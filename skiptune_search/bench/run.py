@@ -51,7 +51,7 @@ def controller_overhead(evaluator: Evaluator, n: int, repeats: int) -> list[dict
 
     ctl = evaluator.controller
     seeds = evaluator.task.seeds[:n]
-    knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), 3)
+    knots = log_spaced_knots(*evaluator.sigma_range, 3)
     per_noise = {f"rho_{end}_k{k}": v for k, (inner, outer) in enumerate(((0.8, 1.0), (0.9, 0.95), (1.1, 1.0)))
                  for end, v in (("inner", inner), ("outer", outer))}
     variants = {"no controller": None, "no controller, again": None,

@@ -81,12 +81,9 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
     from ..search import workers as W
     from ..search.objective import run_search
     from ..search.optimizers import unpruned_rungs
-    from ..search.space import Space, log_spaced_knots
-    from ..search.storage import artifact_dir, make_storage
-    from ..search.study import (
-        baseline_trial, check_study_name, default_study_name, export_best, finished_trials, open_study,
-        params_at_edge,
-    )
+    from ..search.storage import artifact_dir
+    from ..search.study import baseline_trial, check_study_name, export_best, finished_trials, params_at_edge
+    from ..search.tune import prepare
 
     if rho_min >= rho_max:
         raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
@@ -102,15 +99,11 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
     evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                           feature_weights=inception_weights, device=device)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
-    sigma_knots = ()
-    if family == "per_noise":
-        sigma_knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), knots)
-    space = Space(family, placement, (rho_min, rho_max), sigma_knots)
-    name = study or default_study_name(task, space)
+    space, st = prepare(evaluator, storage, family=family, placement=placement, rho_range=(rho_min, rho_max),
+                        knots=knots, study=study, heartbeat=heartbeat, search_seed=search_seed, optimizer=optimizer,
+                        parallel=workers > 1 or W.worker_share() is not None)
+    name = st.study_name
     out_path = out_path or Path("studies") / f"{name}.best.json"
-    storage_obj = make_storage(storage, heartbeat)
-    st = open_study(storage_obj, name, task, space, evaluator.controller, search_seed, optimizer,
-                    parallel=workers > 1 or W.worker_share() is not None)
     click.echo(f"study {name!r} in {storage}: {finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "

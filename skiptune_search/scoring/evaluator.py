@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..core.controller import SkipController
 from ..core.errors import InputError, ReferenceStatsError
@@ -25,7 +26,7 @@ from .metrics import (
     DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, kid_from_features, load_extractor,
     load_images, reference_from_images,
 )
-from .task import Task, autocast_dtype, resolve_device
+from .task import CUSTOM, Task, autocast_dtype, resolve_device
 
 CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
 
@@ -47,17 +48,38 @@ def rung_score(features: torch.Tensor, reference: ReferenceStats) -> Rung:
     return Rung(len(features), fid_from_features(features, reference), kid, features)
 
 
+SampleFn = Callable[[list[int]], torch.Tensor]  # seeds -> uint8 images [len(seeds), C, H, W]
+
+
 class Evaluator:
-    """Loads the model, controller, extractor and reference once; scores schedules."""
+    """Loads the model, controller, extractor and reference once; scores schedules.
+
+    The model is ``task.model`` loaded by name and sampled by the task's sampler; or, from
+    Python, any ``model`` the adapters understand with the caller's own ``sample(seeds)`` (uint8
+    images, the same for a seed in every call), its task's sampler ``CUSTOM``."""
 
     def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
-                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto") -> None:
+                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto",
+                 model: torch.nn.Module | None = None, sample: SampleFn | None = None,
+                 timestep_to_sigma: Callable | None = None, sigma_range: tuple[float, float] | None = None) -> None:
         if batch_size < 1:
             raise InputError(f"batch size {batch_size} must be at least 1", option="batch")
         self.task = task
         self.feature_weights = feature_weights
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        self._extractor = None
+        self._reference = None
+        self._sample = sample
+        if (model is None) != (sample is None) or (model is None) != (task.sampler != CUSTOM):
+            raise InputError(f"a model of your own needs its sample function and a task with sampler {CUSTOM!r}; "
+                             f"a model by name needs neither")
+        if model is not None:  # the caller's model and sampling loop
+            self.denoiser, self.model_info = model, {"name": task.model}
+            self.controller = SkipController(model, timestep_to_sigma)
+            self.controller.attach()
+            self._sigma_range = sigma_range
+            return
         self.steps = steps_for_nfe(task.sampler, task.nfe)
         self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
         self._set_prompts()
@@ -71,8 +93,15 @@ class Evaluator:
                                      self.model_info["sigma_max"], getattr(self.denoiser, "sigma_table", None),
                                      self.model_info["name"])
         self.shape = (self.model_info["channels"], self.model_info["resolution"], self.model_info["resolution"])
-        self._extractor = None
-        self._reference = None
+        self._sigma_range = (float(self.sigmas[-2]), float(self.sigmas[0]))
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """The lowest and highest σ the sampler visits (above 0): where σ knots of a schedule go."""
+        if self._sigma_range is None:
+            raise InputError("a σ-dependent family needs the σ range your sampler visits (sigma_range)",
+                             option="sigma_range")
+        return self._sigma_range
 
     def _set_prompts(self) -> None:
         """Give a text model its prompts and guidance; refuse prompts for any other model."""
@@ -131,9 +160,28 @@ class Evaluator:
 
     def _batches(self, schedule: RhoSchedule, seeds: Sequence[int] | None, progress: bool | str):
         self.controller.use(schedule)
+        if self._sample is not None:
+            return self._own_batches(list(seeds or self.task.seeds), progress)
         return generate_batches(self.denoiser, self.task.sampler, self.sigmas, list(seeds or self.task.seeds),
                                 self.shape, self.batch_size, progress, self.device,
                                 self.model_info.get("label_dim", 0), autocast_dtype(self.task.precision))
+
+    def _own_batches(self, seeds: list[int], progress: bool | str) -> Iterator[torch.Tensor]:
+        """The caller's ``sample`` on batches of seeds, its output checked."""
+        with tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else "sampling", unit="img",
+                  disable=not progress, leave=False) as bar:
+            for start in range(0, len(seeds), self.batch_size):
+                batch = seeds[start:start + self.batch_size]
+                with torch.inference_mode():
+                    images = self._sample(batch)
+                if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4
+                        and len(images) == len(batch) and images.shape[1] in (1, 3)):
+                    what = (f"{images.dtype} {list(images.shape)}" if torch.is_tensor(images)
+                            else type(images).__name__)
+                    raise InputError(f"sample(seeds) returned {what} for {len(batch)} seeds: return uint8 images "
+                                     f"[{len(batch)}, C, H, W] with C = 1 or 3, one per seed, in seed order")
+                bar.update(len(batch))
+                yield images.cpu()
 
     def features(self, schedule: RhoSchedule, seeds: Sequence[int] | None = None, progress: bool | str = True,
                  keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

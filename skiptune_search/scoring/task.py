@@ -15,6 +15,7 @@ from ..models.loaders import DEFAULT_MODEL_NAME
 from ..sampling.samplers import check_sigma_grid, default_sigma_grid, steps_for_nfe
 from . import DEFAULT_FEATURES, OBJECTIVES, PRECISIONS
 
+CUSTOM = "custom"  # the sampler of a model sampled by the caller's own loop (Python API)
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of text models when none is given (diffusers' SD default)
 
 
@@ -54,10 +55,13 @@ class Task:
         if self.objective == "fid_inf" and len(rungs) < 2:
             raise InputError("objective fid_inf needs at least two rungs (e.g. 250,1000)", option="rungs")
         object.__setattr__(self, "rungs", rungs)
-        steps_for_nfe(self.sampler, self.nfe)
-        grid = self.sigma_grid or default_sigma_grid(self.sampler)
-        check_sigma_grid(self.sampler, grid)
-        object.__setattr__(self, "sigma_grid", grid)
+        if self.sampler == CUSTOM:  # the caller's loop: its NFE is a label, it has no σ grid of ours
+            object.__setattr__(self, "sigma_grid", CUSTOM)
+        else:
+            steps_for_nfe(self.sampler, self.nfe)
+            grid = self.sigma_grid or default_sigma_grid(self.sampler)
+            check_sigma_grid(self.sampler, grid)
+            object.__setattr__(self, "sigma_grid", grid)
         if self.prompts is None and self.guidance is not None:
             raise InputError("guidance applies to text-to-image models: give a prompt file too", option="guidance")
         if self.prompts is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -77,7 +78,15 @@ def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storag
                 kwargs["failed_trial_callback"] = retry_from_first_rung(
                     optuna.storages.RetryFailedTrialCallback(max_retry=3))
             kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
-        return optuna.storages.RDBStorage(url, **kwargs)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, **kwargs)
+            except sqlalchemy.exc.OperationalError as exc:
+                # two processes creating a new database at once: the second finds the first's tables
+                # half made; once the first is done, opening it again works
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
 
 def artifact_dir(storage_url: str) -> Path:

@@ -1,0 +1,72 @@
+"""A search from start to export, in one place for the CLI and for Python.
+
+``prepare`` turns an evaluator (a task's model, ready to score) and the search settings into a
+space and an opened study; ``tune`` is the whole search for a model and sampling loop of your own:
+
+>>> from skiptune_search.search.tune import tune
+>>> best = tune(unet, my_sample, name="my-unet", reference="ref.npz", trials=16)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import torch
+
+from ..core.schedule import RhoSchedule
+from ..scoring import DEFAULT_FEATURES
+from ..scoring.evaluator import Evaluator, SampleFn
+from ..scoring.task import CUSTOM, Task
+from . import DEFAULT_STORAGE
+from .objective import run_search
+from .space import Space, log_spaced_knots
+from .storage import artifact_dir, make_storage
+from .study import check_study_name, default_study_name, export_best, open_study
+
+
+def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", placement: str = "input",
+            rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, study: str | None = None,
+            heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
+            parallel: bool = False) -> tuple[Space, optuna.Study]:
+    """The search space (σ knots of per_noise log-spaced over the sampler's σ range) and the study
+    (created, or resumed after its settings are checked; named after the task unless given)."""
+    sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
+    space = Space(family, placement, tuple(rho_range), sigma_knots)
+    name = check_study_name(study) if study else default_study_name(evaluator.task, space)
+    opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
+                        search_seed, optimizer, parallel)
+    return space, opened
+
+
+def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str, trials: int = 16,
+         n: int = 1000, rungs: tuple[int, ...] | None = None, seed: int = 0, nfe: int = 1,
+         features: str = DEFAULT_FEATURES, objective: str = "fid", family: str = "linear",
+         placement: str = "input", rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3,
+         sigma_range: tuple[float, float] | None = None, timestep_to_sigma: Callable | None = None,
+         storage: str = DEFAULT_STORAGE, study: str | None = None, optimizer: str = "tpe", search_seed: int = 0,
+         batch_size: int = 250, feature_weights: str | None = None, out: str | Path | None = None,
+         progress: bool = True) -> RhoSchedule:
+    """Run (or resume) the study for ``model`` (any module the adapters understand, or one holding
+    it at .unet/.net/.model) sampled by your own ``sample(seeds) -> uint8 images [N, C, H, W]``
+    (sample i from seeds[i], the same in every call): the same storage, rungs, pruning, first
+    trials, dashboard artifacts and export as ``skiptune-search search``. ``name`` labels the
+    model (study names, the schedule's tuned_for), ``nfe`` your sampler's model calls (a label);
+    ``reference`` is an .npz of reference statistics or a folder of images. σ-dependent families
+    need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
+    Precond wrapper, ``timestep_to_sigma``. Returns the best schedule, also written to ``out``."""
+    task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
+                rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
+    evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
+                          timestep_to_sigma=timestep_to_sigma, sigma_range=sigma_range)
+    evaluator.check_reference()
+    evaluator.images(evaluator.controller.identity(), seeds=[seed], progress=False)  # the loop's output, checked
+    space, opened = prepare(evaluator, storage, family=family, placement=placement, rho_range=rho_range,
+                            knots=knots, study=study or f"{check_study_name(name)}-{family}-{placement}",
+                            search_seed=search_seed, optimizer=optimizer)
+    run_search(evaluator, opened, space, trials, artifacts=artifact_dir(storage), progress=progress)
+    best = export_best(opened, storage)
+    if out is not None:
+        best.save(out)
+    return best
