@@ -36,6 +36,16 @@ def one_line_error(result, *needles):
         assert needle in message, message
 
 
+def ends_in_one_line_error(result, *needles):
+    """A command that ran for a while (its progress printed) and then failed: its last line is the
+    one-line error, with no traceback anywhere."""
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error:") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in last, last
+
+
 def tiny_search(model_dir, *extra):
     return ["search", "--model", model_dir, "--nfe", 3, "--n", 4, "--rungs", 4, "--batch", 4, *extra]
 
@@ -234,3 +244,50 @@ def test_a_schedule_path_that_cannot_be_read_is_one_line(run, tmp_path):
         result = run("sample", "--schedule", path, "-o", "g.png")
         one_line_error(result)
         assert "schedule" in result.output
+
+
+def test_a_damaged_page_inside_a_study_file_is_one_line(run, tmp_path, tiny_model_dir):
+    assert run(*tiny_search(tiny_model_dir, "--trials", 2)).exit_code == 0
+    path = tmp_path / "studies" / "skiptune.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+    data = bytearray(path.read_bytes())
+    for p in range(1, pages):  # every page but the header's: the schema reads, the tables do not
+        data[p * page:(p + 1) * page] = b"\xff" * page
+    path.write_bytes(bytes(data))
+    for args in (["studies"], ["export", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "b.json"],
+                 tiny_search(tiny_model_dir, "--trials", 3)):
+        result = run(*args)
+        one_line_error(result, "--storage: ")
+        assert "storage" in result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_a_full_disk_during_a_trial_is_one_line_and_the_run_resumes(run, tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    from skiptune_search.search import objective
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "studies/artifacts/x.png")
+
+    with monkeypatch.context() as m:
+        m.setattr(objective.Objective, "_upload_grid", disk_full)
+        result = run(*tiny_search(tiny_model_dir, "--trials", 2))
+    ends_in_one_line_error(result, "the disk is full", "run the same command again")
+    assert "RUNNING" not in _states(tmp_path)
+    again = run(*tiny_search(tiny_model_dir, "--trials", 2))
+    assert again.exit_code == 0 and "baseline FID (ρ = 1): " in again.output
+
+
+def test_a_dashboard_port_in_use_is_one_line(run, tmp_path, tiny_model_dir):
+    import socket
+
+    assert run(*tiny_search(tiny_model_dir, "--trials", 1)).exit_code == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(run("dashboard", "--port", port), f"--port: cannot serve on 127.0.0.1:{port}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 from optuna.artifacts import FileSystemArtifactStore
 
@@ -15,13 +16,22 @@ def serve(storage_url: str, host: str, port: int, announce=print) -> None:
     from optuna_dashboard import run_server
 
     storage = make_storage(storage_url, create=False)
+    try:  # found out before the server announces itself (it would bind the same address next)
+        with socket.socket() as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        _refuse(exc, host, port)
     folder = artifact_dir(storage_url)
     folder.mkdir(parents=True, exist_ok=True)
     announce(f"optuna-dashboard on {storage_url} (artifacts in {folder}): http://{host}:{port}/  (Ctrl-C stops)")
     try:
         run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
     except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-            raise SkiptuneError(f"cannot serve on {host}:{port} ({exc.strerror}); pick another port or host",
-                                option="port") from None
-        raise
+        _refuse(exc, host, port)
+
+
+def _refuse(exc: OSError, host: str, port: int) -> None:
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) or isinstance(exc, socket.gaierror):
+        raise SkiptuneError(f"cannot serve on {host}:{port} ({exc.strerror}); pick another port or host",
+                            option="port") from None
+    raise exc

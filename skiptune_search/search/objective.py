@@ -22,6 +22,7 @@ from ..scoring.evaluator import Rung
 from ..scoring.metrics import fid_inf
 from . import interrupts
 from .space import Space
+from .storage import storage_faults
 from .study import finished_trials, is_finished, recover_dead_trials, worker_id
 
 
@@ -141,6 +142,7 @@ class Objective:
                             mimetype="image/png")
 
 
+@storage_faults
 def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeout: float | None = None,
                on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                artifacts: Path | None = None, share: int | None = None, progress: bool = True) -> optuna.Study:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import functools
 import sqlite3
 import time
 import warnings
@@ -53,6 +55,29 @@ def make_storage(url: str, heartbeat: int | None = 60, create: bool = True) -> o
         reason = str(exc).splitlines()[0][:200]
         raise StorageError(f"cannot open storage {url} ({reason}); check that the path or server exists, "
                            f"is reachable and is writable", option="storage") from None
+
+
+def storage_faults(fn):
+    """Turn a storage that fails under a command (a damaged SQLite file, a full disk, a database
+    gone read-only or away) into a one-line StorageError. Finished trials are kept: each one was
+    committed when it ended."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except sqlalchemy.exc.DatabaseError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+            raise StorageError(f"the study storage failed ({reason}); if it is a damaged file, restore a copy or "
+                               f"use another storage; a full disk: free space and run the command again",
+                               option="storage") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StorageError(f"the disk is full ({exc.filename or 'writing'}); free space and run the same "
+                               f"command again: every finished trial is kept") from None
+
+    return wrapper
 
 
 def retry_from_first_rung(retry: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]):

@@ -22,6 +22,7 @@ from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
 from .optimizers import make_pruner, make_sampler
 from .space import Space
+from .storage import storage_faults
 
 MARKER = "skiptune-search"  # the created_by attribute of this tool's studies
 NAME_CHARS = "letters, digits and . _ - (at most 128)"
@@ -59,6 +60,7 @@ def _foreign(name: str) -> StudyError:
                       f"left untouched; use another study name", option="study")
 
 
+@storage_faults
 def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) -> optuna.Study:
     """An existing study of this tool, or a one-line error (missing, or someone else's)."""
     try:
@@ -71,6 +73,7 @@ def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) 
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@storage_faults
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space, controller,
                seed: int, optimizer: str = "tpe", parallel: bool = False) -> optuna.Study:
     """Create the study, or load it and check it is this tool's and was run with the same task,
@@ -206,6 +209,7 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
+@storage_faults
 def study_rows(storage: optuna.storages.BaseStorage) -> list[dict]:
     """One row per study of the storage, by name: this tool's with their trial counts (done,
     running, pruned, failed; surplus trials of concurrent runs are not failures), baseline and
@@ -253,6 +257,7 @@ def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float =
 
 
 # --- export -------------------------------------------------------------------------------------
+@storage_faults
 def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
     """The best completed trial of ``study`` as a schedule, with where it came from."""
     settings = study_settings(study)
