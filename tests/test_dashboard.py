@@ -52,6 +52,8 @@ def test_dashboard_shows_study_and_trial_grid(tiny_model_dir, tmp_path, monkeypa
         trial = json.loads(_get(f"{base}/api/studies/{study_id}"))["trials"][0]
         artifact = trial["artifacts"][0]
         assert artifact["mimetype"] == "image/png"
+        # one numbering everywhere: the grid is named by the trial number the dashboard shows
+        assert artifact["filename"] == f"trial-{trial['number']}-samples.png"
         png = _get(f"{base}/artifacts/{study_id}/{trial['trial_id']}/{artifact['artifact_id']}")
         assert png.startswith(b"\x89PNG")
 

@@ -11,7 +11,7 @@ from .common import MAX_NFE, UserError, friendly, threads_option, torch_setup
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="A small run (a minute or two) that only keeps the command working.")
+@click.option("--quick", is_flag=True, help="Small sizes that only keep the command working (the test suite runs it).")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="The Markdown file to write (all tables: measured now or earlier under --work) [default: "
                    "BENCHMARKS.md for studies/bench, else WORK/BENCHMARKS.md: --quick and other folders never "
@@ -43,7 +43,7 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
     5  headline: held-out FID of the untuned model and each family's best, NFE 5, 9, 19
     6  GPU scaling: images/s and seconds per proxy trial of a 64 px ADM-sized UNet, fp32 vs bf16
 
-    Tables 3-5 take hours on a CPU: their results are saved point by point under --work, and
+    Tables 3-5 sample the most: their results are saved point by point under --work, and
     rerunning the same command resumes them. One run at a time measures into a --work folder
     (a second is refused); '--tables none' renders beside it.
     """
