@@ -98,3 +98,10 @@ def test_concurrent_searches_stop_at_exactly_the_trial_count(tiny_model_dir, tmp
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sum(bool(t.user_attrs.get("baseline")) for t in complete) == 1
     assert all(t.user_attrs.get("surplus") for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
+
+
+def test_every_package_folder_is_a_package():
+    """A folder of modules without __init__.py imports in a checkout but is left out of a wheel."""
+    folders = [d for d in PACKAGE.rglob("*") if d.is_dir() and any(d.glob("*.py"))]
+    assert len(folders) >= 8
+    assert [d for d in folders if not (d / "__init__.py").is_file()] == []
