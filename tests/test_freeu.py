@@ -1,12 +1,15 @@
 """FreeU through the controller: the same output as diffusers' own FreeU, b = s = 1 bit-exact, the
 right channels on every adapter, the σ window per sample, the schedule file (version 2 beside 1),
-and one-line errors for bad input."""
+the search's first trials, and one-line errors for bad input."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import optuna
 import pytest
 import torch
+from click.testing import CliRunner
 from diffusers.utils.torch_utils import fourier_filter
 
 from edm_standins import EDMPrecond as EDMStandinPrecond
@@ -16,6 +19,7 @@ from skiptune_search.core import freeu
 from skiptune_search.core.errors import ScheduleError
 from skiptune_search.core.schedule import FORMAT, FORMAT_FREEU, SkipInfo
 from skiptune_search.models.denoisers import EDMPrecond
+from skiptune_search.search.space import Space
 
 FACTORS = dict(b1=1.5, b2=1.6, s1=0.9, s2=0.2)  # SD1.5's preset
 ROOT = Path(__file__).parent.parent
@@ -264,3 +268,148 @@ def test_enable_freeu_call_only_where_diffusers_does_the_same():
     assert make("UNet2DConditionModel", window=(1.0, 2.0)).enable_freeu_call() is None  # σ-dependent
     assert make("UNet2DModel").enable_freeu_call() is None  # no enable_freeu there
     assert make("UNet2DConditionModel", s2=0.0).enable_freeu_call() is None  # diffusers reads 0 as off
+
+
+# --- the search space --------------------------------------------------------------------------
+def test_ranges_hold_every_preset_and_the_first_trials_are_untuned_preset_ramp():
+    space = Space("linear_freeu", "input", (0.5, 1.5), sigma_range=(0.002, 80.0), freeu_model="SDXL")
+    ranges = space.ranges(SKIPS)
+    for preset in freeu.PRESETS.values():
+        for name, value in zip(freeu.FACTORS, preset):
+            assert ranges[name][0] <= value <= ranges[name][1]
+    assert ranges["sigma_lo"] == (0.002, 80.0, True) and ranges["rho_inner"] == (0.5, 1.5, False)
+    firsts = space.first_trials(SKIPS, "tpe")
+    assert [attr for attr, _ in firsts] == ["baseline", "freeu_preset", "paper_ramp"]
+    base, preset, ramp = (params for _, params in firsts)
+    assert base == {"rho_inner": 1.0, "rho_outer": 1.0, "b1": 1.0, "b2": 1.0, "s1": 1.0, "s2": 1.0,
+                    "sigma_lo": 0.002, "sigma_hi": 80.0}
+    assert preset == {**base, "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}
+    assert ramp == {**base, "rho_inner": 0.8, "rho_outer": 1.0}
+    assert space.marks("freeu_preset") == {"freeu_preset": "SDXL", "freeu_preset_note": "SDXL layout: SDXL's preset"}
+    assert space.schedule("A", SKIPS, base).is_identity() and not space.schedule("A", SKIPS, base).depends_on_sigma
+    grid = space.grid(SKIPS, 11)
+    assert all(v in grid[name] for name, v in preset.items())  # a grid search can run the preset too
+    unknown = Space("freeu", "input", sigma_range=(0.002, 80.0))
+    assert unknown.marks("freeu_preset")["freeu_preset"] == "SD1.5"
+    assert "no published FreeU preset" in unknown.marks("freeu_preset")["freeu_preset_note"]
+
+
+def test_sd_families_are_recognized_from_the_unet_config():
+    def fake(**config):
+        unet = type("UNet2DConditionModel", (), {})()
+        unet.config = SimpleNamespace(**{"in_channels": 4, "addition_embed_type": None, **config})
+        return unet
+
+    sd = dict(block_out_channels=(320, 640, 1280, 1280))
+    assert freeu.recognize(fake(cross_attention_dim=768, **sd)) == "SD1.x"
+    assert freeu.recognize(fake(cross_attention_dim=1024, **sd)) == "SD2.x"
+    assert freeu.recognize(fake(cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                                addition_embed_type="text_time")) == "SDXL"
+    assert freeu.recognize(fake(cross_attention_dim=16, block_out_channels=(8, 16))) is None
+    assert freeu.preset_for("SD1.x")[:2] == ("SD1.5", freeu.FreeU(1.5, 1.6, 0.9, 0.2))
+    assert "SD1.4 and SD1.5 share" in freeu.preset_for("SD1.x")[2]
+    assert freeu.preset_for("SD2.x")[1] == freeu.FreeU(1.4, 1.6, 0.9, 0.2)
+
+
+def test_trial_windows_in_either_order_whole_range_and_one_sigma():
+    space = Space("freeu", "input", sigma_range=(0.002, 80.0))
+    assert space.window({"sigma_lo": 5.0, "sigma_hi": 0.5}) == (0.5, 5.0)
+    assert space.window({"sigma_lo": 0.002, "sigma_hi": 80.0}) is None  # every step: σ-independent
+    lo, hi = space.window({"sigma_lo": 80.0, "sigma_hi": 80.0})  # an optimizer clipped both to a bound
+    assert lo < 80.0 < hi and hi / lo < 1.001
+
+
+def test_a_one_level_model_writes_no_study(tmp_path):
+    from skiptune_search.search.storage import make_storage
+    from skiptune_search.search.study import open_study
+
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    flat = [SkipInfo(f"s{i}", f"c{i}", 8, 16) for i in range(3)]
+    controller = SimpleNamespace(arch="UNet2DModel", skips=flat, unet=torch.nn.Linear(1, 1))
+    with pytest.raises(ScheduleError, match="two decoder stages") as caught:
+        open_study(storage, "flat", None, Space("freeu", "input", sigma_range=(0.002, 80.0)), controller, 0)
+    assert caught.value.option == "family" and "--" not in str(caught.value)
+    assert optuna.get_all_study_summaries(storage) == []
+
+
+# --- the command line ----------------------------------------------------------------------------
+@pytest.fixture
+def quick_fid(monkeypatch):
+    """FID's mean term only: these tests check what the command line does with FreeU, not FID
+    (tested elsewhere), and the full one's matrix square root takes seconds per trial here."""
+    import numpy as np
+
+    import skiptune_search.scoring.evaluator as E
+
+    monkeypatch.setattr(E, "fid_from_features", lambda features, reference: float(
+        ((features.double().mean(0).numpy() - np.asarray(reference.mu, dtype=np.float64)) ** 2).sum()))
+
+
+def test_search_linear_freeu_export_and_apply_from_the_command_line(tiny_model_dir, tmp_path, monkeypatch, quick_fid):
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = lambda *a: CliRunner().invoke(main, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
+    assert "[0.8, 1.8]" in run("search", "--help").output and "[0, 1.2]" in run("search", "--help").output
+    table = run("inspect", "--model", tiny_model_dir)
+    assert table.exit_code == 0 and "FreeU" in table.output and "b1/s1" in table.output
+    skips = json.loads(run("inspect", "--model", tiny_model_dir, "--json").output)["skips"]
+    assert [s["freeu_stage"] for s in skips] == [2, 2, 1, 1]  # tiny_unet: skips at 16, 16, 8, 8 px
+    result = run("search", "--model", tiny_model_dir, "--family", "linear_freeu", "--trials", 3, "--n", 8,
+                 "--rungs", 8, "--nfe", 3, "--batch", 8)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "(baseline)" in out and "(FreeU preset: no published FreeU preset for this model: SD1.5's values)" in out
+    assert "best FreeU: b1=" in out
+    name = "tiny-model-heun-nfe3-linear_freeu-input"
+    best = json.loads((tmp_path / "studies" / f"{name}.best.json").read_text())
+    assert best["format"] == "skiptune-schedule/2" and set(best["freeu"]) == {*freeu.FACTORS, "sigma_window"}
+    study = optuna.load_study(study_name=name, storage="sqlite:///studies/skiptune.db")
+    preset = next(t for t in study.trials if t.user_attrs.get("freeu_preset"))
+    assert preset.number == 1 and preset.user_attrs["freeu_preset"] == "SD1.5"
+    assert preset.user_attrs["freeu"] == {**FACTORS, "sigma_window": None}
+    result = run("export", "--study", name, "-o", "best.json")
+    assert result.exit_code == 0 and "FreeU: b1=" in result.output
+    assert "enable_freeu" not in result.output  # a UNet2DModel: diffusers has no enable_freeu there
+    from skiptune_search.models.loaders import load_denoiser
+
+    denoiser, _ = load_denoiser(tiny_model_dir)
+    with torch.no_grad(), apply(denoiser, "best.json") as ctl:  # the exported file applies
+        assert ctl.schedule.freeu == load_schedule(tmp_path / "studies" / f"{name}.best.json").freeu
+        assert torch.isfinite(denoiser(torch.randn(2, 1, 16, 16), torch.tensor([0.5, 20.0]))).all()
+
+
+def test_search_freeu_on_a_one_level_model_is_a_one_line_error(tmp_path, monkeypatch):
+    from diffusers import UNet2DModel
+
+    from skiptune_search.cli import main
+    from skiptune_search.models.loaders import save_model_dir
+
+    torch.manual_seed(0)
+    flat = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)).eval()
+    save_model_dir(flat, tmp_path / "flat", training={"steps": 0})
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["search", "--model", str(tmp_path / "flat"), "--family", "freeu", "--n", "8",
+                                       "--nfe", "3"], catch_exceptions=False)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("Error: --family: family freeu: FreeU needs two decoder stages")
+    storage = "sqlite:///studies/skiptune.db"
+    assert not (tmp_path / "studies" / "skiptune.db").exists() or optuna.get_all_study_summaries(storage) == []
+
+
+def test_export_prints_diffusers_enable_freeu_for_a_text_model(tiny_sd_dir, prompt_file, tmp_path, monkeypatch,
+                                                              quick_fid):
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["search", "--model", str(tiny_sd_dir), "--prompts", str(prompt_file), "--guidance",
+                                  "3", "--family", "freeu", "--trials", "2", "--n", "4", "--rungs", "4", "--nfe", "3",
+                                  "--sampler", "euler", "--batch", "4"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["export", "--study", "tiny-sd-euler-nfe3-cfg3-freeu-input", "-o", "best.json"])
+    assert result.exit_code == 0, result.output
+    schedule = load_schedule(tmp_path / "best.json")  # the baseline or SD1.5's preset, both at every σ
+    assert f"diffusers: {schedule.freeu.enable_freeu_call()}" in result.output
+    assert "pipe.enable_freeu(s1=" in result.output
