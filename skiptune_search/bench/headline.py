@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import StudyError
-from ..core.schedule import FAMILIES
+from ..core.schedule import RHO_FAMILIES
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
@@ -26,7 +26,7 @@ from .search import HELD_OUT_SEED, check_same_settings, load_results, save_resul
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
                  trials: int, n: int, rungs: tuple[int, ...], truth_n: int, batch: int,
-                 families: tuple[str, ...] = FAMILIES, progress: bool = True) -> dict:
+                 families: tuple[str, ...] = RHO_FAMILIES, progress: bool = True) -> dict:
     """Search each family at each NFE ``seeds`` times and score the untuned model and each best
     schedule on ``truth_n`` held-out samples."""
     results = load_results(path)

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from ..core import freeu
 from ..core.schedule import FAMILIES, PLACEMENTS
 from ..sampling import SAMPLER_NAMES, SIGMA_GRIDS
 from ..scoring import FEATURE_LAYERS, PRECISIONS
@@ -186,10 +187,16 @@ def features_option(fn, default: str | None = "efficientnet-lite0"):
 
 
 def family_options(fn):
+    (b_lo, b_hi), (s_lo, s_hi) = freeu.B_RANGE, freeu.S_RANGE
     fn = click.option("--family", default="linear", show_default=True, type=click.Choice(FAMILIES),
                       help="ρ parameterization: linear (ρ_inner at the deepest skip to ρ_outer at the outermost), "
                            "per_level (one ρ per resolution), per_layer (one per skip), per_noise (a linear pair "
-                           "at each of --knots σ knots, interpolated in log σ).")(fn)
+                           "at each of --knots σ knots, interpolated in log σ); freeu (FreeU on the two "
+                           f"lowest-resolution decoder stages: backbone factors b1, b2 in [{b_lo:g}, {b_hi:g}], skip "
+                           f"low-frequency factors s1, s2 in [{s_lo:g}, {s_hi:g}], acting while σ is inside a window "
+                           "searched in log σ over the sampler's σ range; ρ = 1; its first trials are the untuned "
+                           "model, then FreeU's published preset for the model: SD1.x, SD2.x, SDXL recognized from "
+                           "the UNet's config, else SD1.5's values), linear_freeu (linear ρ plus freeu).")(fn)
     return click.option("--placement", default="input", show_default=True, type=click.Choice([*PLACEMENTS, "search"]),
                         help="Where ρ acts: input (the skip before its block, as in the paper), normalized (the "
                              "skip channels after the block's GroupNorm, which cannot cancel it), both, or search."
@@ -218,6 +225,20 @@ def config_option(fn):
                         callback=_load_config,
                         help="TOML file of option values (keys as the long options, e.g. nfe = 19); the command "
                              "line wins. --trust-pickle and --edm-path are command-line only.")(fn)
+
+
+def freeu_lines(schedule, prefix: str = "") -> list[str]:
+    """What a schedule's FreeU part does, and diffusers' equivalent call where there is one."""
+    f = schedule.freeu
+    if f is None:
+        return []
+    where = "at every σ" if f.window is None else f"while σ is in [{f.window[0]:.4g}, {f.window[1]:.4g}]"
+    lines = [f"{prefix}FreeU: b1={f.b1:.3f} b2={f.b2:.3f} s1={f.s1:.3f} s2={f.s2:.3f} {where}"]
+    call = schedule.enable_freeu_call()
+    if call is not None:
+        rho_one = all(r == 1.0 for row in schedule.rho for r in row)
+        lines.append(f"diffusers: {call}" + ("" if rho_one else "  (FreeU only; its ρ needs skiptune_search.apply)"))
+    return lines
 
 
 def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:

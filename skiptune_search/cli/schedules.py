@@ -19,24 +19,34 @@ from .common import (
 @friendly
 def inspect(model, trust_pickle, edm_path, as_json) -> None:
     """List a model's long skips in encoder order (0 = outermost): name, resolution, channels,
-    the block that consumes it, and whether GroupNorm cancels a ρ placed on its input."""
+    the block that consumes it, the FreeU stage whose factors act there (b1/s1 at the lowest
+    resolution, b2/s2 at the next), and whether GroupNorm cancels a ρ placed on its input."""
     import json
 
+    from ..core import freeu
     from ..core.controller import SkipController
+    from ..core.errors import ScheduleError
     from ..models.loaders import load_denoiser
 
     denoiser, _ = load_denoiser(model, trust_pickle, edm_path)
     ctl = SkipController(denoiser)
-    rows = [{"index": i, **s.as_dict(), **g} for i, (s, g) in enumerate(zip(ctl.skips, ctl.groupnorm_report()))]
+    try:
+        stages = freeu.stages(ctl.skips)
+    except ScheduleError:  # skips at one resolution: no FreeU stages
+        stages = [None] * len(ctl.skips)
+    rows = [{"index": i, **s.as_dict(), "freeu_stage": None if st is None else st + 1, **g}
+            for i, (s, g, st) in enumerate(zip(ctl.skips, ctl.groupnorm_report(), stages))]
     if as_json:
         click.echo(json.dumps({"arch": ctl.arch, "skips": rows}, indent=1))
         return
     click.echo(f"{ctl.arch}: {len(rows)} long skips (0 = outermost)")
-    click.echo(f"{'#':>2}  {'skip':<30} {'res':>4} {'ch':>4}  {'consumer':<24} input-placement ρ")
+    click.echo(f"{'#':>2}  {'skip':<30} {'res':>4} {'ch':>4}  {'consumer':<24} {'FreeU':<5}  input-placement ρ")
     for r in rows:
         fate = ("cancelled by GroupNorm (acts via 1x1 shortcut only)" if r["cancelled"]
                 else "reaches the main branch through a mixed group")
-        click.echo(f"{r['index']:>2}  {r['name']:<30} {r['resolution']:>4} {r['channels']:>4}  {r['consumer']:<24} {fate}")
+        stage = f"b{r['freeu_stage']}/s{r['freeu_stage']}" if r["freeu_stage"] else "-"
+        click.echo(f"{r['index']:>2}  {r['name']:<30} {r['resolution']:>4} {r['channels']:>4}  {r['consumer']:<24} "
+                   f"{stage:<5}  {fate}")
 
 
 @click.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import friendly, model_options, storage_option, torch_setup
+from .common import freeu_lines, friendly, model_options, storage_option, torch_setup
 
 STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
 
@@ -41,7 +41,9 @@ def studies(storage) -> None:
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
 @friendly
 def export(storage, study, out) -> None:
-    """Write the best completed trial of a study as a schedule JSON file."""
+    """Write the best completed trial of a study as a schedule JSON file. For a FreeU schedule it
+    also prints the factors, and diffusers' equivalent pipe.enable_freeu(...) call when there is
+    one (a UNet2DConditionModel, FreeU at every σ)."""
     from ..search.storage import make_storage
     from ..search.study import export_best, load_own_study
 
@@ -50,6 +52,8 @@ def export(storage, study, out) -> None:
     schedule.save(out)
     click.echo(f"wrote {out}: trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
                f"(baseline {schedule.metric['baseline']})")
+    for line in freeu_lines(schedule):
+        click.echo(line)
 
 
 @click.command()

@@ -9,7 +9,7 @@ import click
 from ..scoring import OBJECTIVES
 from ..search import OPTIMIZERS
 from .common import (
-    UserError, batch_option, config_option, family_options, features_option, friendly, parse_rungs,
+    UserError, batch_option, config_option, family_options, features_option, freeu_lines, friendly, parse_rungs,
     storage_option, task_options, torch_setup,
 )
 
@@ -66,13 +66,14 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
            inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
-    The first trial is the untuned model (ρ = 1 everywhere); for the linear family the second
-    is a paper-style ramp. Each trial samples N images from the same seeds (seed SEED+i for
-    sample i), scores them against the reference at each rung (FID, KID, and FID∞ over the
-    rungs), and may be pruned at a lower rung by successive halving. Every trial lands in the
-    storage when it ends, with its sample grid as an artifact; rerunning the same command
-    resumes the study until it holds --trials finished trials. At the end the best completed
-    trial is exported as a schedule JSON (apply it with skiptune_search.apply).
+    The first trial is the untuned model (ρ = 1 everywhere); for the FreeU families the next is
+    FreeU's published preset for the model; for the linear families then a paper-style ramp.
+    Each trial samples N images from the same seeds (seed SEED+i for sample i), scores them
+    against the reference at each rung (FID, KID, and FID∞ over the rungs), and may be pruned
+    at a lower rung by successive halving. Every trial lands in the storage when it ends, with
+    its sample grid as an artifact; rerunning the same command resumes the study until it holds
+    --trials finished trials. At the end the best completed trial is exported as a schedule JSON
+    (apply it with skiptune_search.apply).
 
     Trial numbers are Optuna's (from 0), as optuna-dashboard shows them.
     """
@@ -124,9 +125,12 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
         if trial.value is None:
             click.echo(f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
             return
-        params = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        tag = (" (baseline)" if trial.user_attrs.get("baseline")
-               else " (paper-style ramp)" if trial.user_attrs.get("paper_ramp") else "")
+        params = " ".join(f"{k}={v:.4g}" if k.startswith("sigma") else f"{k}={v:.3f}" if isinstance(v, float)
+                          else f"{k}={v}" for k, v in trial.params.items())
+        attrs = trial.user_attrs
+        tag = (" (baseline)" if attrs.get("baseline")
+               else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
+               else " (paper-style ramp)" if attrs.get("paper_ramp") else "")
         click.echo(f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 
@@ -159,6 +163,8 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
         click.echo(f"{f'{label} change:':<22}{change:+.1f}% vs baseline")
     knots_text = f" at σ knots {', '.join(f'{k:.3g}' for k in schedule.sigma_knots)}" if schedule.sigma_knots else ""
     click.echo(f"best ρ (outer→inner): {rhos}{knots_text}  [{schedule.placement} placement]")
+    for line in freeu_lines(schedule, prefix="best "):
+        click.echo(line)
     if edge := params_at_edge(schedule.params, space.rho_range):
         click.echo(f"note: {', '.join(edge)} at the edge of the range [{rho_min:g}, {rho_max:g}]: the optimum may "
                    f"lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")

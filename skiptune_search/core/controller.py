@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from . import freeu
 from .adapters import find_layout
 from .errors import NoSkipsError, ScheduleError
 from .interp import bracket
@@ -28,11 +29,13 @@ class SkipController:
 
     Placements: ``input`` scales the skip channels of the consuming block's input (what the
     paper does); ``normalized`` scales them right after that block's first normalization, which
-    therefore cannot cancel ρ; ``both`` does both. A σ-dependent schedule needs each call's
-    noise level, per sample. Where σ comes from: the UNet's own timestep argument mapped through
-    ``timestep_to_sigma`` when there is such a map (the one given, else the wrapper's
-    ``sigma_from_timestep``: EDM's c_noise = ln(σ)/4, a VP model's σ table), so loops that call
-    the UNet directly work too; else the ``sigma`` argument of an EDM-style ``*Precond`` wrapper.
+    therefore cannot cancel ρ; ``both`` does both. A schedule's FreeU factors (``freeu.py``) act
+    on the consuming block's input whatever the placement, before ρ. A σ-dependent schedule (ρ
+    between σ knots, or FreeU in a σ window) needs each call's noise level, per sample. Where σ
+    comes from: the UNet's own timestep argument mapped through ``timestep_to_sigma`` when there
+    is such a map (the one given, else the wrapper's ``sigma_from_timestep``: EDM's c_noise =
+    ln(σ)/4, a VP model's σ table), so loops that call the UNet directly work too; else the
+    ``sigma`` argument of an EDM-style ``*Precond`` wrapper.
 
     >>> ctl = SkipController(denoiser)      # discovers the skips, hooks nothing yet
     >>> with ctl.attached():                # hooks installed, ρ = 1 (exact no-op)
@@ -52,6 +55,7 @@ class SkipController:
         self._handles: list[Any] = []
         self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # its knot index and weight
+        self._freeu_active: torch.Tensor | None = None  # per sample: σ inside FreeU's window
         self._set(RhoSchedule.identity(self.arch, self.skips))
 
     @property
@@ -97,7 +101,7 @@ class SkipController:
         """Switch to another schedule (checked against this model's skip layout)."""
         schedule = load_schedule(schedule)
         schedule.check_layout(self.arch, self.skips)
-        if not schedule.is_constant and self._precond is None and self.timestep_to_sigma is None:
+        if schedule.depends_on_sigma and self._precond is None and self.timestep_to_sigma is None:
             raise ScheduleError(
                 "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
                 "pass SkipController(model, timestep_to_sigma=...) or the model inside its Precond wrapper"
@@ -111,6 +115,7 @@ class SkipController:
         self._log_knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
         self._table = torch.tensor(schedule.rho, dtype=torch.float64)  # [skip, knot]
         self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._freeu = freeu.per_skip(schedule.freeu, schedule.skips)  # (b, s) per skip, or None
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-σ knots and the ρ table on ``device``, copied once per schedule: a σ-dependent
@@ -152,13 +157,17 @@ class SkipController:
         position, name = (1, "sigma") if source == "precond" else self.layout.noise_arg
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._schedule.is_constant:
+            if not self._schedule.depends_on_sigma:
                 return
             x = args[0] if args else next(iter(kwargs.values()))
             value = kwargs[name] if name in kwargs else args[position]
             value = torch.as_tensor(value, device=x.device).reshape(-1).to(torch.float64)
             sigma = value if source == "precond" else self.timestep_to_sigma(value)
             self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+            if self._schedule.freeu is not None:
+                self._freeu_active = self._schedule.freeu.active(self._sigma.to(x.device))
+            if self._schedule.is_constant:
+                return
             # where each sample's σ falls between the knots (interpolation in log σ, clamped outside);
             # the same for every skip, so once per call
             knots = self._on(x.device)[0]
@@ -167,18 +176,37 @@ class SkipController:
         return hook
 
     def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
-        self._sigma = self._weights = None
+        self._sigma = self._weights = self._freeu_active = None
+
+    def _transform_input(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
+        """The consuming block's input with FreeU's factors and (``input``, ``both``) ρ applied;
+        None when neither changes it."""
+        changed = None
+        # --- FreeU (core/freeu.py): one call on the (hidden, skip) views of the input ------------
+        if self._freeu[index] is not None:
+            if self._schedule.freeu.window is not None and self._freeu_active is None:
+                raise RuntimeError("σ-dependent schedule used outside a model call")
+            if x.requires_grad:
+                x = x.clone()  # autograd: leave the block's input as it was, change a copy
+            c = self.skips[index].channels
+            freeu.apply_(x[:, :-c], x[:, -c:], *self._freeu[index], active=self._freeu_active)
+            changed = x
+        # ------------------------------------------------------------------------------------------
+        if self.placement == "normalized":
+            return changed
+        scaled = self._scale_trailing(x, index)
+        return changed if scaled is None else scaled
 
     def _input_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self.placement == "normalized" or self._identity:
+            if self._identity:
                 return None  # exact no-op: the untouched tensors go through
             if args:
-                scaled = self._scale_trailing(args[0], index)
-                return None if scaled is None else ((scaled, *args[1:]), kwargs)
+                new = self._transform_input(args[0], index)
+                return None if new is None else ((new, *args[1:]), kwargs)
             key = next(iter(kwargs))  # called with keywords only: the first one is the input
-            scaled = self._scale_trailing(kwargs[key], index)
-            return None if scaled is None else (args, {**kwargs, key: scaled})
+            new = self._transform_input(kwargs[key], index)
+            return None if new is None else (args, {**kwargs, key: new})
 
         return hook
 
@@ -206,7 +234,7 @@ class SkipController:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._sigma = self._weights = None
+        self._sigma = self._weights = self._freeu_active = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["SkipController"]:

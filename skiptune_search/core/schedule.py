@@ -4,8 +4,10 @@ A schedule is a table ρ[skip, knot] over the model's ordered skips (index 0 = o
 first tensor the encoder saves; last = deepest) and optional noise-level knots σ_k. With no
 knots ρ is constant in σ. Families (``linear``: the paper's ramp from ρ_inner at the deepest
 skip to ρ_outer at the outermost) only decide how the table is filled: a reader needs nothing
-but the table. Imports neither Optuna, torch-fidelity nor the CLI, and torch only to interpolate
-in σ, so the CLI can list the families and placements without loading torch.
+but the table. A schedule may also hold FreeU's factors (``freeu.py``; families ``freeu``, ρ = 1,
+and ``linear_freeu``, the linear ramp plus FreeU); such a file is format version 2, the others
+stay version 1, and both load. Imports neither Optuna, torch-fidelity nor the CLI, and torch only
+to interpolate in σ, so the CLI can list the families and placements without loading torch.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from typing import Any, Sequence
 
 from .errors import ScheduleError
 from .files import atomic_path
+from .freeu import FACTORS as FREEU_FACTORS
+from .freeu import WINDOW_PARAMS, FreeU, stages
 
-FORMAT = "skiptune-schedule/1"
+FORMAT = "skiptune-schedule/1"  # ρ only
+FORMAT_FREEU = "skiptune-schedule/2"  # adds the "freeu" object
+FORMATS = (FORMAT, FORMAT_FREEU)
 RHO_LIMITS = (0.0, 4.0)  # a ρ outside is almost surely a typo, not a schedule
 
 
@@ -53,8 +59,19 @@ def linear_rhos(n_skips: int, rho_inner: float, rho_outer: float) -> list[float]
     return [rho_outer + (rho_inner - rho_outer) * i / (n_skips - 1) for i in range(n_skips)]
 
 
-FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
+RHO_FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
+FAMILIES = (*RHO_FAMILIES, "freeu", "linear_freeu")
 PLACEMENTS = ("input", "normalized", "both")
+
+
+def split_family(family: str) -> tuple[str | None, bool]:
+    """(the ρ family or None for ρ = 1, whether FreeU's factors come with it): 'linear_freeu' ->
+    ('linear', True), 'freeu' -> (None, True), 'per_layer' -> ('per_layer', False)."""
+    if family not in FAMILIES:
+        raise ScheduleError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family == "freeu":
+        return None, True
+    return family.removesuffix("_freeu"), family.endswith("_freeu")
 
 
 def family_params(family: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> list[str]:
@@ -62,7 +79,13 @@ def family_params(family: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> l
 
     linear: ρ_inner, ρ_outer. per_level: one ρ per resolution (``rho_28px``...). per_layer: one
     ρ per skip (``rho_0`` outermost...). per_noise: a linear pair per σ knot (``rho_inner_k0``...).
+    freeu: b1, b2, s1, s2 and the σ window's ends (``sigma_lo``, ``sigma_hi``); linear_freeu:
+    linear's and freeu's.
     """
+    rho_family, with_freeu = split_family(family)
+    if with_freeu:
+        rho = family_params(rho_family, skips, n_knots) if rho_family else []
+        return [*rho, *FREEU_FACTORS, *WINDOW_PARAMS]
     if family == "linear":
         return ["rho_inner", "rho_outer"]
     if family == "per_level":
@@ -78,7 +101,10 @@ def family_params(family: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> l
 
 def family_table(family: str, skips: Sequence[SkipInfo], params: dict[str, float],
                  n_knots: int = 3) -> list[list[float]]:
-    """The ρ table [skip][knot] of a family's parameters."""
+    """The ρ table [skip][knot] of a family's parameters (all 1 for ``freeu``)."""
+    rho_family, with_freeu = split_family(family)
+    if with_freeu:
+        return family_table(rho_family, skips, params, n_knots) if rho_family else [[1.0] for _ in skips]
     names = family_params(family, skips, n_knots)
     missing = [n for n in names if n not in params]
     if missing:
@@ -108,6 +134,7 @@ class RhoSchedule:
     tuned_for: dict[str, Any] = field(default_factory=dict)
     metric: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    freeu: FreeU | None = None  # FreeU's factors and σ window, on top of ρ
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,14 +157,18 @@ class RhoSchedule:
 
     @classmethod
     def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
-                    sigma_knots: Sequence[float] = (), **meta) -> "RhoSchedule":
-        """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``."""
-        knots = [float(k) for k in sigma_knots] if family == "per_noise" else []
-        if family == "per_noise" and not knots:
+                    sigma_knots: Sequence[float] = (), sigma_window: tuple[float, float] | None = None,
+                    **meta) -> "RhoSchedule":
+        """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``, the FreeU
+        families their σ window from ``sigma_window`` (None: FreeU acts at every σ)."""
+        rho_family, with_freeu = split_family(family)
+        knots = [float(k) for k in sigma_knots] if rho_family == "per_noise" else []
+        if rho_family == "per_noise" and not knots:
             raise ScheduleError("a per_noise schedule needs sigma_knots")
         table = family_table(family, skips, params, n_knots=len(knots) or 3)
+        freeu = FreeU.from_params(params, window=sigma_window) if with_freeu else None
         return cls(arch=arch, skips=list(skips), rho=table, sigma_knots=knots, family=family,
-                   params={k: float(v) for k, v in params.items()}, **meta)
+                   params={k: float(v) for k, v in params.items()}, freeu=freeu, **meta)
 
     # --- evaluation --------------------------------------------------------------------
     @property
@@ -146,7 +177,13 @@ class RhoSchedule:
 
     @property
     def is_constant(self) -> bool:
+        """ρ is the same at every σ (FreeU's window aside: see ``depends_on_sigma``)."""
         return not self.sigma_knots
+
+    @property
+    def depends_on_sigma(self) -> bool:
+        """Anything changes with σ: ρ between knots, or FreeU's factors through a window."""
+        return not self.is_constant or (self.freeu is not None and self.freeu.window is not None)
 
     def rhos_at(self, sigma: float | None = None) -> list[float]:
         """ρ of every skip at noise level σ (interpolated in log σ, clamped outside the knots)."""
@@ -162,8 +199,19 @@ class RhoSchedule:
         log_sigma = torch.tensor(max(float(sigma), 1e-30), dtype=torch.float64).log()
         return interp(log_knots, torch.tensor(self.rho, dtype=torch.float64), log_sigma).tolist()
 
+    def enable_freeu_call(self) -> str | None:
+        """diffusers' ``pipe.enable_freeu(s1=..., s2=..., b1=..., b2=...)`` with this schedule's
+        FreeU factors, where diffusers does the same: a UNet2DConditionModel, no σ window (diffusers
+        acts at every step) and no factor 0 (diffusers then switches FreeU off). ρ is not part of
+        it. None otherwise."""
+        f = self.freeu
+        if (f is None or f.window is not None or self.arch != "UNet2DConditionModel"
+                or 0.0 in (f.b1, f.b2, f.s1, f.s2)):
+            return None
+        return f.enable_freeu_call()
+
     def is_identity(self) -> bool:
-        return all(r == 1.0 for row in self.rho for r in row)
+        return all(r == 1.0 for row in self.rho for r in row) and (self.freeu is None or self.freeu.is_identity())
 
     # --- checks ------------------------------------------------------------------------
     def validate(self) -> None:
@@ -188,6 +236,8 @@ class RhoSchedule:
                     )
         if self.placement not in PLACEMENTS:
             raise ScheduleError(f"placement {self.placement!r} is unknown; use one of {', '.join(PLACEMENTS)}")
+        if self.freeu is not None:
+            stages(self.skips)  # FreeU needs the two lowest-resolution decoder stages
 
     def check_layout(self, arch: str, skips: Sequence[SkipInfo]) -> None:
         """Fail with the first difference when this schedule was made for another layout."""
@@ -207,8 +257,9 @@ class RhoSchedule:
 
     # --- JSON --------------------------------------------------------------------------
     def to_json(self) -> dict:
+        """Format version 1 for a ρ schedule (as every earlier version wrote it), 2 with FreeU."""
         return {
-            "format": FORMAT,
+            "format": FORMAT if self.freeu is None else FORMAT_FREEU,
             "arch": self.arch,
             "fingerprint": self.fingerprint,
             "skips": [s.as_dict() for s in self.skips],
@@ -220,6 +271,7 @@ class RhoSchedule:
             "tuned_for": self.tuned_for,
             "metric": self.metric,
             "source": self.source,
+            **({"freeu": self.freeu.as_json()} if self.freeu is not None else {}),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -234,6 +286,7 @@ class RhoSchedule:
             family=data.get("family", "custom"), params=data.get("params", {}),
             placement=data.get("placement", "input"), tuned_for=data.get("tuned_for", {}),
             metric=data.get("metric", {}), source=data.get("source", {}),
+            freeu=FreeU.from_json(data["freeu"]) if data.get("freeu") is not None else None,
         )
         if data["fingerprint"] != schedule.fingerprint:
             raise ScheduleError(f"{where}: fingerprint does not match its skip list (file edited by hand?)")
@@ -285,6 +338,9 @@ _SCHEMA = {
         "tuned_for": {"type": "object"},
         "metric": {"type": "object"},
         "source": {"type": "object"},
+        "freeu": {"type": ["object", "null"], "required": list(FREEU_FACTORS), "properties": {
+            **{name: {"type": "number"} for name in FREEU_FACTORS},
+            "sigma_window": {"type": ["array", "null"], "minItems": 2, "maxItems": 2, "items": {"type": "number"}}}},
     },
 }
 
@@ -292,11 +348,13 @@ _SCHEMA = {
 def _validate_json(data: Any, where: str) -> None:
     import jsonschema
 
-    if isinstance(data, dict) and data.get("format") != FORMAT:
+    if isinstance(data, dict) and data.get("format") not in FORMATS:
         raise ScheduleError(
-            f"{where}: format {data.get('format')!r} is not {FORMAT!r}; "
+            f"{where}: format {data.get('format')!r} is not {FORMAT!r} or {FORMAT_FREEU!r}; "
             f"export it again with this version of skiptune-search"
         )
+    if isinstance(data, dict) and data.get("format") == FORMAT and "freeu" in data:
+        raise ScheduleError(f"{where}: FreeU factors need format {FORMAT_FREEU!r}, the file says {FORMAT!r}")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_SCHEMA).iter_errors(data))
     if error is not None:
         at = "/".join(str(p) for p in error.absolute_path) or "top level"

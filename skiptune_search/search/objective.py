@@ -21,7 +21,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..scoring.evaluator import Rung
 from ..scoring.metrics import fid_inf
 from . import interrupts
-from .space import Space
+from .space import FIRST_MARKS, Space
 from .storage import storage_faults
 from .study import finished_trials, is_finished, recover_dead_trials, worker_id
 
@@ -73,6 +73,8 @@ class Objective:
         schedule = self.space.schedule(self.arch, self.skips, {**params, "placement": placement})
         start = time.perf_counter()
         trial.set_user_attr("rho", schedule.rho)
+        if schedule.freeu is not None:
+            trial.set_user_attr("freeu", schedule.freeu.as_json())
         label = self.label() if self.label else False
         fids: dict[int, float] = {}
         kids: dict[int, float] = {}
@@ -112,7 +114,7 @@ class Objective:
 
     def _surplus(self, trial: optuna.Trial) -> str | None:
         """Why this trial must not run, or None: 'count' when the trials ahead of it already
-        make the target, 'duplicate' for a second baseline or ramp (two processes opening a new
+        make the target, 'duplicate' for a second baseline, preset or ramp (two processes opening a new
         study at once both queue them). Retries of dead trials always run."""
         if "retry_of" in trial.user_attrs:
             return None
@@ -121,12 +123,12 @@ class Objective:
         for t in trial.study.get_trials(deepcopy=False):
             if t.number >= trial.number or not (is_finished(t) or t.state in live):
                 continue
-            mark = next((m for m in ("baseline", "paper_ramp") if t.user_attrs.get(m)), None)
+            mark = next((m for m in FIRST_MARKS if t.user_attrs.get(m)), None)
             if mark in marks:
                 continue  # a duplicate: it will not run either
             marks.add(mark) if mark else None
             ahead += 1
-        mine = next((m for m in ("baseline", "paper_ramp") if trial.user_attrs.get(m)), None)
+        mine = next((m for m in FIRST_MARKS if trial.user_attrs.get(m)), None)
         if mine is not None:
             return "duplicate" if mine in marks else None
         return "count" if ahead >= self.limit else None

@@ -10,14 +10,15 @@ import optuna
 from ..core.errors import InputError
 from ..core.schedule import PLACEMENTS, SkipInfo
 from . import OPTIMIZERS
-from .space import Space, grid_values
+from .space import Space
 
 REDUCTION_FACTOR = 3  # successive halving keeps the best third at each checked rung
 
 
 def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
                  grid_points: int = 11) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler that proposes trials; 'grid' spans each ρ with ``grid_points`` values."""
+    """The Optuna sampler that proposes trials; 'grid' spans each ρ with ``grid_points`` values
+    (``Space.grid``)."""
     with warnings.catch_warnings():  # multivariate TPE and GP are 'experimental' in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if optimizer == "tpe":
@@ -31,8 +32,7 @@ def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
         if optimizer == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if optimizer == "grid":
-            values = grid_values(grid_points, *space.rho_range)
-            grid: dict[str, list] = {n: values for n in space.params(skips)}
+            grid: dict[str, list] = space.grid(skips, grid_points)
             if space.placement == "search":
                 grid["placement"] = list(PLACEMENTS)
             return optuna.samplers.GridSampler(grid, seed=seed)

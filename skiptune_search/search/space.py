@@ -7,62 +7,145 @@ from dataclasses import dataclass
 
 import optuna
 
-from ..core.schedule import PLACEMENTS, RhoSchedule, SkipInfo, family_params
+from ..core import freeu
+from ..core.errors import InputError, ScheduleError
+from ..core.schedule import PLACEMENTS, RhoSchedule, SkipInfo, family_params, split_family
 
 PAPER_RAMP = {"rho_inner": 0.8, "rho_outer": 1.0}  # the paper's shape: deep skips damped, outer kept
+# the user attributes that mark the first trials (the one that carries a value: freeu_preset, the
+# preset's name); freeu_preset_note says why that preset
+FIRST_MARKS = ("baseline", "freeu_preset", "paper_ramp")
+MARK_ATTRS = (*FIRST_MARKS, "freeu_preset_note")
+FREEU_GRID_STEP = 0.1  # a grid search's FreeU factors: 0.1 apart, so 1 and every preset lie on it
 
 
 @dataclass(frozen=True)
 class Space:
     """A family, a placement ('search' to let Optuna pick one), ρ bounds and σ knots; ``step``
-    restricts each ρ to a grid (the benchmark's replays on the exhaustive grid)."""
+    restricts each ρ to a grid (the benchmark's replays on the exhaustive grid). The FreeU
+    families (``freeu``, ``linear_freeu``) search b1, b2 in ``freeu.B_RANGE``, s1, s2 in
+    ``freeu.S_RANGE`` and the σ window's ends in log σ over ``sigma_range`` (the sampler's σ_min,
+    σ_max); ``freeu_model`` is the model family FreeU's preset is picked for (``freeu.recognize``;
+    None: no published preset)."""
 
     family: str = "linear"
     placement: str = "input"
     rho_range: tuple[float, float] = (0.5, 1.5)
     sigma_knots: tuple[float, ...] = ()  # per_noise only
     step: float | None = None
+    sigma_range: tuple[float, ...] = ()  # FreeU families only
+    freeu_model: str | None = None  # FreeU families only
+
+    @property
+    def with_freeu(self) -> bool:
+        return split_family(self.family)[1]
 
     def as_dict(self) -> dict:
+        freeu_keys = {"sigma_range": list(self.sigma_range), "freeu_model": self.freeu_model} if self.with_freeu else {}
         return {"family": self.family, "placement": self.placement, "rho_range": list(self.rho_range),
-                "sigma_knots": list(self.sigma_knots), **({"step": self.step} if self.step else {})}
+                "sigma_knots": list(self.sigma_knots), **({"step": self.step} if self.step else {}), **freeu_keys}
 
     def params(self, skips: list[SkipInfo]) -> list[str]:
         return family_params(self.family, skips, len(self.sigma_knots))
 
+    def ranges(self, skips: list[SkipInfo]) -> dict[str, tuple[float, float, bool]]:
+        """(low, high, log scale) of each parameter."""
+        def bounds(name: str) -> tuple[float, float, bool]:
+            if name in freeu.RANGES:
+                return (*freeu.RANGES[name], False)
+            if name in freeu.WINDOW_PARAMS:
+                return (*self.sigma_range, True)
+            return (*self.rho_range, False)
+
+        return {name: bounds(name) for name in self.params(skips)}
+
+    def check(self, skips: list[SkipInfo]) -> None:
+        """Fail, before a study is written, when the family cannot act on this skip layout."""
+        if not self.with_freeu:
+            return
+        if len(self.sigma_range) != 2 or not 0 < self.sigma_range[0] < self.sigma_range[1]:
+            raise InputError(f"the {self.family} family needs the sampler's σ range (σ_min < σ_max), got "
+                             f"{list(self.sigma_range)}", option="family")
+        try:
+            freeu.stages(skips)
+        except ScheduleError as exc:
+            raise ScheduleError(f"family {self.family}: {exc}", option="family") from None
+
     def baseline(self, skips: list[SkipInfo]) -> dict:
-        """Parameters of ρ = 1 everywhere."""
+        """Parameters of the untuned model: ρ = 1 everywhere, FreeU's factors 1 at every σ."""
         params: dict = {name: 1.0 for name in self.params(skips)}
+        if self.with_freeu:
+            params.update(zip(freeu.WINDOW_PARAMS, self.sigma_range))
         if self.placement == "search":
             params["placement"] = "input"
         return params
 
     def first_trials(self, skips: list[SkipInfo], optimizer: str) -> list[tuple[str, dict]]:
-        """What every study runs first, by the user attribute that marks it: the ρ = 1 baseline,
-        then (linear family, inside the range, not on a grid search) the paper-style ramp."""
-        firsts = [("baseline", self.baseline(skips))]
+        """What every study runs first, by the user attribute that marks it: the untuned model;
+        for the FreeU families FreeU's published preset for the model (``marks`` names it); then
+        (linear families, inside the range, not on a grid search) the paper-style ramp."""
+        base = self.baseline(skips)
+        firsts = [("baseline", base)]
+        if self.with_freeu:
+            preset = freeu.preset_for(self.freeu_model)[1]
+            firsts.append(("freeu_preset", {**base, **{name: getattr(preset, name) for name in freeu.FACTORS}}))
         lo, hi = self.rho_range
 
         def allowed(v: float) -> bool:  # inside the range, and on the grid when ρ moves in steps
             return lo <= v <= hi and (not self.step or abs((v - lo) / self.step - round((v - lo) / self.step)) < 1e-6)
 
-        if self.family == "linear" and optimizer != "grid" and all(map(allowed, PAPER_RAMP.values())):
-            firsts.append(("paper_ramp", dict(PAPER_RAMP, **({"placement": "input"}
-                                                             if self.placement == "search" else {}))))
+        if (split_family(self.family)[0] == "linear" and optimizer != "grid"
+                and all(map(allowed, PAPER_RAMP.values()))):
+            firsts.append(("paper_ramp", {**base, **PAPER_RAMP}))
         return firsts
 
+    def marks(self, attr: str) -> dict:
+        """The user attributes of a first trial: ``{attr: True}``, or for FreeU's preset its name
+        and why that one."""
+        if attr != "freeu_preset":
+            return {attr: True}
+        name, _, why = freeu.preset_for(self.freeu_model)
+        return {"freeu_preset": name, "freeu_preset_note": why}
+
+    def grid(self, skips: list[SkipInfo], points: int) -> dict[str, list[float]]:
+        """A grid search's values: ``points`` per ρ over its range; FreeU's factors 0.1 apart over
+        theirs; the σ window fixed to the whole σ range (not searched on a grid)."""
+        values = {}
+        for name, (lo, hi, _) in self.ranges(skips).items():
+            if name in freeu.WINDOW_PARAMS:
+                values[name] = [lo] if name == "sigma_lo" else [hi]
+            elif name in freeu.RANGES:
+                values[name] = grid_values(round((hi - lo) / FREEU_GRID_STEP) + 1, lo, hi)
+            else:
+                values[name] = grid_values(points, lo, hi)
+        return values
+
     def suggest(self, trial: optuna.Trial, skips: list[SkipInfo]) -> tuple[dict[str, float], str]:
-        lo, hi = self.rho_range
-        params = {name: trial.suggest_float(name, lo, hi, step=self.step) for name in self.params(skips)}
+        params = {name: trial.suggest_float(name, lo, hi, log=log, step=None if log or name in freeu.RANGES
+                                            else self.step)
+                  for name, (lo, hi, log) in self.ranges(skips).items()}
         placement = (trial.suggest_categorical("placement", list(PLACEMENTS))
                      if self.placement == "search" else self.placement)
         return params, placement
 
+    def window(self, params: dict) -> tuple[float, float] | None:
+        """FreeU's σ window of a trial's ``sigma_lo`` and ``sigma_hi`` (in either order): None
+        when it spans the whole σ range (FreeU at every step, σ-independent); ends that meet are
+        widened by the window's tolerance (a window at one σ)."""
+        lo, hi = sorted((float(params["sigma_lo"]), float(params["sigma_hi"])))
+        r = freeu.WINDOW_RTOL
+        if lo <= self.sigma_range[0] * (1 + r) and hi >= self.sigma_range[1] * (1 - r):
+            return None
+        if hi <= lo * (1 + r):
+            lo, hi = lo * (1 - r), hi * (1 + r)
+        return lo, hi
+
     def schedule(self, arch: str, skips: list[SkipInfo], params: dict, **meta) -> RhoSchedule:
         params = dict(params)
         placement = params.pop("placement", self.placement)
+        window = self.window(params) if self.with_freeu else None
         return RhoSchedule.from_family(self.family, arch, skips, params, sigma_knots=self.sigma_knots,
-                                       placement=placement, **meta)
+                                       sigma_window=window, placement=placement, **meta)
 
 
 def log_spaced_knots(sigma_min: float, sigma_max: float, k: int) -> tuple[float, ...]:

@@ -21,7 +21,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
 from .optimizers import make_pruner, make_sampler
-from .space import Space
+from .space import MARK_ATTRS, Space
 from .storage import storage_faults
 
 MARKER = "skiptune-search"  # the created_by attribute of this tool's studies
@@ -86,6 +86,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     workers, reseeds its optimizer from the system instead: with the same seed it would propose
     the points it proposed before (all of them, for random search)."""
     check_study_name(name)
+    space.check(controller.skips)
     arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
     settings = json.loads(json.dumps({"task": task.scoring_key(), **space.as_dict()}))
     try:
@@ -114,17 +115,18 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     pending = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     for attr, params in space.first_trials(skips, optimizer):
         if not any(t.user_attrs.get(attr) and (is_finished(t) or t.state in pending) for t in trials):
-            study.enqueue_trial(params, user_attrs={attr: True})
+            study.enqueue_trial(params, user_attrs=space.marks(attr))
     return study
 
 
 def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs) -> optuna.Study:
     """A study in memory with the search's optimizer, pruner and first trials: what the
     benchmarks replay a search on."""
+    space.check(skips)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(optimizer, space, skips, seed),
                                 pruner=make_pruner(rungs))
     for attr, params in space.first_trials(skips, optimizer):
-        study.enqueue_trial(params, user_attrs={attr: True})
+        study.enqueue_trial(params, user_attrs=space.marks(attr))
     return study
 
 
@@ -158,7 +160,8 @@ def study_settings(study: optuna.Study) -> dict:
 
 def study_space(study: optuna.Study) -> Space:
     s = study_settings(study)
-    return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"))
+    return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"),
+                 tuple(s.get("sigma_range", ())), s.get("freeu_model"))
 
 
 def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:
@@ -203,7 +206,7 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process recovered it first
-        marks = {k: True for k in ("baseline", "paper_ramp") if trial.user_attrs.get(k)}
+        marks = {k: trial.user_attrs[k] for k in MARK_ATTRS if trial.user_attrs.get(k)}
         study.enqueue_trial(trial.params, user_attrs={**marks, "retry_of": trial.number})
         failed.append(trial.number)
     return failed
@@ -248,12 +251,12 @@ def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float = 0.02) -> list[str]:
-    """The ρ parameters of ``params`` within ``margin`` of the range's width of one of its bounds,
-    as 'name = value': an optimum there may lie outside the searched range."""
+    """The ρ parameters of ``params`` (named rho_...) within ``margin`` of the range's width of one
+    of its bounds, as 'name = value': an optimum there may lie outside the searched range."""
     lo, hi = rho_range
     edge = margin * (hi - lo)
     return [f"{k} = {v:.3f}" for k, v in params.items()
-            if isinstance(v, float) and (v - lo <= edge or hi - v <= edge)]
+            if k.startswith("rho") and isinstance(v, float) and (v - lo <= edge or hi - v <= edge)]
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Callable
 import optuna
 import torch
 
-from ..core.schedule import RhoSchedule
+from ..core import freeu
+from ..core.schedule import RhoSchedule, split_family
 from ..scoring import DEFAULT_FEATURES
 from ..scoring.evaluator import Evaluator, SampleFn
 from ..scoring.task import CUSTOM, Task
@@ -30,10 +31,13 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
             rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, study: str | None = None,
             heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
             parallel: bool = False) -> tuple[Space, optuna.Study]:
-    """The search space (σ knots of per_noise log-spaced over the sampler's σ range) and the study
-    (created, or resumed after its settings are checked; named after the task unless given)."""
+    """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
+    the study (created, or resumed after its settings are checked; named after the task unless given)."""
     sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
-    space = Space(family, placement, tuple(rho_range), sigma_knots)
+    # FreeU's window is searched over the sampler's σ range; its preset is picked for the model
+    freeu_args = (dict(sigma_range=evaluator.sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet))
+                  if split_family(family)[1] else {})
+    space = Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
     name = check_study_name(study) if study else default_study_name(evaluator.task, space)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
                         search_seed, optimizer, parallel)
