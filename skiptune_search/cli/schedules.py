@@ -34,7 +34,8 @@ def inspect(model, trust_pickle, edm_path, as_json) -> None:
     click.echo(f"{ctl.arch}: {len(rows)} long skips (0 = outermost)")
     click.echo(f"{'#':>2}  {'skip':<30} {'res':>4} {'ch':>4}  {'consumer':<24} input-placement ρ")
     for r in rows:
-        fate = ("cancelled by GroupNorm (acts via 1x1 shortcut only)" if r["cancelled"]
+        fate = ("no normalization at the decoder input: reaches the block as it is" if not r["normalization"]
+                else "cancelled by GroupNorm (acts via 1x1 shortcut only)" if r["cancelled"]
                 else "reaches the main branch through a mixed group")
         click.echo(f"{r['index']:>2}  {r['name']:<30} {r['resolution']:>4} {r['channels']:>4}  {r['consumer']:<24} {fate}")
 

@@ -102,6 +102,11 @@ def search(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
     evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                           feature_weights=inception_weights, device=device)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
+    if placement != "search":
+        evaluator.controller.check_placement(placement)  # before any trial, as the rest
+    elif evaluator.controller.placements == ("input",):
+        raise UserError(f"--placement search picks among input, normalized and both, but {evaluator.controller.arch} "
+                        f"has no normalization at the decoder input, so only input applies: use --placement input")
     sigma_knots = ()
     if family == "per_noise":
         sigma_knots = log_spaced_knots(float(evaluator.sigmas[-2]), float(evaluator.sigmas[0]), knots)

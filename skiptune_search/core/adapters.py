@@ -1,22 +1,40 @@
 """Architecture adapters: where a UNet's long skips are made and where they are consumed.
 
 An adapter turns a model into a ``Layout``: the ordered skips (index 0 = outermost, the first
-tensor the encoder saves) and, for each, the block that consumes it. In every supported
-architecture the consuming block's first input is ``cat([hidden, skip], dim=1)``, so the skip is
-its trailing ``channels`` channels, and the block normalizes that input first. Users register
-adapters for other architectures with ``register_adapter``.
+tensor the encoder saves) and, for each, the block that consumes it, where the skip enters that
+block (a ``SkipEntry``) and the block's first normalization, if it has one. In the convolutional
+UNets (diffusers, EDM, EDM2) the consuming block's first input is ``cat([hidden, skip], dim=1)``,
+so the skip is its trailing ``channels`` channels; U-ViT's decoder blocks take the skip as an
+argument of its own. Users register adapters for other architectures with ``register_adapter``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
 from .errors import NoSkipsError
 from .schedule import SkipInfo
+
+
+@dataclass(frozen=True)
+class SkipEntry:
+    """Where a skip enters its consumer: in the argument at position ``arg`` (or the keyword
+    ``name`` when it is passed by keyword; ``None``: the first keyword of a keywords-only call),
+    its channels along dimension ``dim``, either as the trailing ``channels`` of that argument
+    (``whole=False``: the argument is cat([hidden, skip], dim)) or as the whole argument
+    (``whole=True``: the consumer is called block(hidden, skip))."""
+
+    arg: int = 0
+    name: str | None = None
+    dim: int = 1
+    whole: bool = False
+
+
+CONCATENATED = SkipEntry()  # the consumer's first input is cat([hidden, skip], dim=1)
 
 
 @dataclass
@@ -26,9 +44,21 @@ class Layout:
     arch: str
     unet: nn.Module
     skips: list[SkipInfo]
-    consumers: list[nn.Module]  # per skip: the block whose first input ends with the skip
-    norms: list[nn.Module]  # per skip: that block's first normalization
+    consumers: list[nn.Module]  # per skip: the block the skip enters
+    norms: list[nn.Module | None]  # per skip: that block's first normalization (None: it has none)
     noise_arg: tuple[int, str]  # position and name of the noise-level argument of unet.forward
+    entries: list[SkipEntry] = field(default_factory=list)  # per skip: where it enters (default CONCATENATED)
+
+    def __post_init__(self) -> None:
+        self.entries = list(self.entries) or [CONCATENATED] * len(self.skips)
+        if not len(self.skips) == len(self.consumers) == len(self.norms) == len(self.entries):
+            raise NoSkipsError(f"{self.arch}: the layout lists {len(self.skips)} skips, {len(self.consumers)} "
+                               f"consumers, {len(self.norms)} norms and {len(self.entries)} entries")
+
+    @property
+    def has_norms(self) -> bool:
+        """Does every consumer normalize its input first (what placements other than input need)?"""
+        return all(norm is not None for norm in self.norms)
 
 
 # --- diffusers UNet2DModel and UNet2DConditionModel -----------------------------------------
