@@ -142,10 +142,52 @@ def edm_layout(net: nn.Module) -> Layout:
     return Layout(type(net).__name__, net, skips, consumers, [c.norm0 for c in consumers], (1, "noise_labels"))
 
 
+# --- EDM2 UNet (NVlabs/edm2 training/networks_edm2.py) ------------------------------------
+def is_edm2_unet(module: nn.Module) -> bool:
+    """EDM2's magnitude-preserving UNet: class ``UNet`` with ``enc``/``dec`` ModuleDicts and the
+    ``concat_balance`` its decoder's mp_cat uses."""
+    return (type(module).__name__ == "UNet" and hasattr(module, "concat_balance")
+            and isinstance(getattr(module, "enc", None), nn.ModuleDict)
+            and isinstance(getattr(module, "dec", None), nn.ModuleDict))
+
+
+def edm2_layout(net: nn.Module) -> Layout:
+    """EDM2's forward appends every encoder output to ``skips`` (the first conv's included); before
+    each decoder entry whose name contains 'block' it computes ``x = mp_cat(x, skips.pop())``, so the
+    skip is the trailing channels of that block's input, already weighted by mp_cat (ρ multiplies on
+    top of that weight). Its decoder blocks normalize nothing at their input (the pixel norm is in
+    the encoder flavour only): no norms, so only the input placement applies."""
+    producers = []
+    for name, block in net.enc.items():
+        match = re.match(r"(\d+)x\d+_", name)
+        if not match:
+            raise NoSkipsError(f"{type(net).__name__}: encoder entry {name!r} has no resolution prefix")
+        producers.append((f"enc.{name}", int(block.out_channels), int(match.group(1))))
+    stack = list(range(len(producers)))
+    channels = producers[-1][1]
+    consumer_of: dict[int, str] = {}
+    for name, block in net.dec.items():
+        if "block" in name:
+            if not stack:
+                raise NoSkipsError(f"{type(net).__name__}: decoder block {name} wants a skip, none left")
+            i = stack.pop()
+            # a decoder block's first conv (and its 1x1 conv_skip) takes the concatenated channels
+            if channels + producers[i][1] != block.conv_res0.weight.shape[1]:
+                raise NoSkipsError(f"{type(net).__name__}: decoder block {name} channels do not add up")
+            consumer_of[i] = f"dec.{name}"
+        channels = int(block.out_channels)
+    if stack:
+        raise NoSkipsError(f"{type(net).__name__}: {len(stack)} encoder outputs are never consumed")
+    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
+    consumers = [net.get_submodule(s.consumer) for s in skips]
+    return Layout(type(net).__name__, net, skips, consumers, [None] * len(skips), (1, "noise_labels"))
+
+
 # --- registry ---------------------------------------------------------------------------
 ADAPTERS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Layout]]] = [
     ("diffusers UNet2DModel / UNet2DConditionModel", _is_diffusers_unet, diffusers_layout),
     ("EDM SongUNet / DhariwalUNet", _is_edm_unet, edm_layout),
+    ("EDM2 UNet", is_edm2_unet, edm2_layout),
 ]
 
 
