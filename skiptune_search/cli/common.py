@@ -113,13 +113,13 @@ def model_options(fn):
     """--model, --trust-pickle, --edm-path: which model, and consent to run a pickle's code
     (command line only: a config file cannot give it)."""
     fn = click.option("--edm-path", default=None, type=click.Path(file_okay=False),
-                      help="Checkout of NVlabs/edm, needed to unpickle EDM networks.")(fn)
+                      help="Checkout of NVlabs/edm (NVlabs/edm2 for EDM2 networks), needed to unpickle them.")(fn)
     fn = click.option("--trust-pickle", is_flag=True,
-                      help="Allow loading an EDM .pkl (unpickling runs code from the file).")(fn)
+                      help="Allow loading an EDM or EDM2 .pkl (unpickling runs code from the file).")(fn)
     fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
                       help="'fashion-mnist-edm' (bundled), a model folder written by train-default, a "
                            "diffusers DDPM-family or Stable-Diffusion-style pipeline (folder, or repo id in the "
-                           "local cache), or an EDM network pickle (.pkl, with --trust-pickle).")(fn)
+                           "local cache), or an EDM or EDM2 network pickle (.pkl, with --trust-pickle).")(fn)
     return fn
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..core.errors import ModelLoadError
 from .denoisers import EDMPrecond
+from .edm2 import is_edm2_precond, load_edm2
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "fashion-mnist-edm"
@@ -213,10 +214,12 @@ def load_text_to_image(source: str, index: dict, folder: str | None = None) -> t
 
 
 def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike | None) -> tuple[torch.nn.Module, dict]:
-    """An EDM network pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``): its ``ema`` Precond net.
+    """An EDM or EDM2 network pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``, ``edm2-*.pkl``):
+    its ``ema`` Precond net (EDM2's through ``edm2.load_edm2``).
 
-    Unpickling executes code named in the file and needs EDM's own modules (``torch_utils``,
-    ``training``) importable: pass ``edm_path``, a checkout of NVlabs/edm.
+    Unpickling executes code named in the file and needs the code base's own modules
+    (``torch_utils``, ``training``, ``dnnlib``) importable: pass ``edm_path``, a checkout of
+    NVlabs/edm, or of NVlabs/edm2 for an EDM2 pickle.
     """
     if not trust_pickle:
         raise ModelLoadError(
@@ -236,11 +239,13 @@ def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike 
     except ModuleNotFoundError as exc:
         raise ModelLoadError(
             f"{path} needs the module {exc.name!r} of the EDM code base: give the path of a "
-            f"checkout of NVlabs/edm", option="edm_path"
+            f"checkout of NVlabs/edm (of NVlabs/edm2 for an EDM2 network)", option="edm_path"
         ) from None
     except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
         raise ModelLoadError(f"{path} is not a readable network pickle ({exc}); download it again") from None
     net = data["ema"] if isinstance(data, dict) and "ema" in data else data
+    if is_edm2_precond(net):  # NVlabs/edm2: EDM2's own σ range, and latent models decode through a VAE
+        return load_edm2(path, net, data)
     missing = [a for a in ("sigma_min", "sigma_max", "img_resolution", "img_channels") if not hasattr(net, a)]
     if not isinstance(net, torch.nn.Module) or missing:
         raise ModelLoadError(f"{path} holds no EDM Precond network (missing {', '.join(missing) or 'nn.Module'})")
