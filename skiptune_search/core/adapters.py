@@ -10,6 +10,7 @@ argument of its own. Users register adapters for other architectures with ``regi
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -183,11 +184,45 @@ def edm2_layout(net: nn.Module) -> Layout:
     return Layout(type(net).__name__, net, skips, consumers, [None] * len(skips), (1, "noise_labels"))
 
 
+# --- U-ViT (baofff/U-ViT libs/uvit.py) ----------------------------------------------------
+UVIT_ENTRY = SkipEntry(arg=1, name="skip", dim=-1, whole=True)  # blk(x, skip): tokens [B, L, D]
+
+
+def is_uvit(module: nn.Module) -> bool:
+    return (type(module).__name__ == "UViT" and isinstance(getattr(module, "in_blocks", None), nn.ModuleList)
+            and isinstance(getattr(module, "out_blocks", None), nn.ModuleList)
+            and isinstance(getattr(module, "mid_block", None), nn.Module))
+
+
+def uvit_layout(net: nn.Module) -> Layout:
+    """U-ViT's forward appends each ``in_blocks`` output (tokens [B, L, D]) to ``skips``; each
+    ``out_blocks`` entry is called ``blk(x, skips.pop())`` and first computes
+    ``skip_linear(cat([x, skip], dim=-1))``: the skip is an argument of its own, its channels the
+    last dimension, and nothing normalizes it before that linear layer (no norms). Every skip has
+    the token grid's size, (number of patch tokens)^½ a side."""
+    name = type(net).__name__
+    depth = len(net.in_blocks)
+    if depth == 0 or len(net.out_blocks) != depth:
+        raise NoSkipsError(f"{name}: {depth} in_blocks and {len(net.out_blocks)} out_blocks; a long skip pairs one of each")
+    width = int(net.pos_embed.shape[-1])
+    side = math.isqrt(int(net.pos_embed.shape[1]) - int(getattr(net, "extras", 1)))
+    for k, block in enumerate(net.out_blocks):
+        linear = getattr(block, "skip_linear", None)
+        if linear is None:
+            raise NoSkipsError(f"{name}: out_blocks.{k} has no skip_linear (a U-ViT built with skip=False has no long skips)")
+        if int(linear.weight.shape[1]) != 2 * width:
+            raise NoSkipsError(f"{name}: out_blocks.{k}.skip_linear takes {linear.weight.shape[1]} features, not 2 x {width}")
+    skips = [SkipInfo(f"in_blocks.{i}", f"out_blocks.{depth - 1 - i}", width, side) for i in range(depth)]
+    consumers = [net.get_submodule(s.consumer) for s in skips]
+    return Layout(name, net, skips, consumers, [None] * depth, (1, "timesteps"), [UVIT_ENTRY] * depth)
+
+
 # --- registry ---------------------------------------------------------------------------
 ADAPTERS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Layout]]] = [
     ("diffusers UNet2DModel / UNet2DConditionModel", _is_diffusers_unet, diffusers_layout),
     ("EDM SongUNet / DhariwalUNet", _is_edm_unet, edm_layout),
     ("EDM2 UNet", is_edm2_unet, edm2_layout),
+    ("U-ViT", is_uvit, uvit_layout),
 ]
 
 

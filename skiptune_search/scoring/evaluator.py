@@ -51,7 +51,8 @@ class Evaluator:
     """Loads the model, controller, extractor and reference once; scores schedules."""
 
     def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
-                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto") -> None:
+                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto",
+                 uvit_path: str | None = None, uvit_config: str | None = None) -> None:
         if batch_size < 1:
             raise InputError(f"batch size {batch_size} must be at least 1", option="batch")
         self.task = task
@@ -59,7 +60,7 @@ class Evaluator:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.steps = steps_for_nfe(task.sampler, task.nfe)
-        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
+        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path, uvit_path, uvit_config)
         self._set_prompts()
         self.denoiser.to(self.device)
         self.controller = SkipController(self.denoiser)
