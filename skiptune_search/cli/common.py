@@ -199,7 +199,8 @@ def family_options(fn):
                            "at each of --knots σ knots, interpolated in log σ).")(fn)
     return click.option("--placement", default="input", show_default=True, type=click.Choice([*PLACEMENTS, "search"]),
                         help="Where ρ acts: input (the skip before its block, as in the paper), normalized (the "
-                             "skip channels after the block's GroupNorm, which cannot cancel it), both, or search."
+                             "skip channels after the block's GroupNorm, which cannot cancel it), both, or search. "
+                             "EDM2 and U-ViT have no normalization there: input only."
                         )(fn)
 
 

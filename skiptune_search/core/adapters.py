@@ -254,5 +254,5 @@ def find_layout(model: Any) -> tuple[Layout, list[nn.Module]]:
     raise NoSkipsError(
         f"no UNet with long skips found in {type(model).__name__}: supported are {supported} (bare, a "
         f"pipeline's .unet, or a wrapper's .net/.model); register others with "
-        f"skiptune_search.adapters.register_adapter"
+        f"skiptune_search.core.adapters.register_adapter"
     )
