@@ -219,6 +219,7 @@ def test_uvit_checkpoint_from_a_checkout(uvit_checkout, tmp_path):
      "needs the package 'uvit_test_absent_package', which is not installed: pip install uvit_test_absent_package"),
     ({"uvit_path": "REPO", "model": "nnet_ema.pth", "uvit_config": "tiny_uvit"}, None, "does not load into the U-ViT"),
     ({"uvit_path": "REPO", "model": "missing.pth", "uvit_config": "tiny_uvit"}, "model", "missing.pth not found"),
+    ({"uvit_path": "REPO", "model": "fashion-mnist-edm"}, "model", "a U-ViT checkpoint is a state dict (.pth)"),
 ])
 def test_uvit_says_what_is_missing(uvit_checkout, tmp_path, monkeypatch, kwargs, option, message):
     monkeypatch.chdir(tmp_path)

@@ -122,6 +122,9 @@ def _config_file(root: Path, model: Path, uvit_config: str | None) -> Path:
 
 def load_uvit(model: str | os.PathLike, uvit_path, uvit_config: str | None = None) -> tuple[nn.Module, dict]:
     """The denoiser and info of a U-ViT checkpoint ``model`` (a state dict, e.g. cifar10_uvit_small.pth)."""
+    if model is None or not str(model).endswith(".pth"):
+        raise ModelLoadError(f"a U-ViT checkpoint is a state dict (.pth) to build with the checkout's code; "
+                             f"got {model}", option="model")
     model = Path(model)
     root = _checkout(uvit_path)
     config_path = _config_file(root, model, uvit_config)
