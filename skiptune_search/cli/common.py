@@ -111,16 +111,23 @@ def storage_option(fn):
 
 
 def model_options(fn):
-    """--model, --trust-pickle, --edm-path: which model, and consent to run a pickle's code
-    (command line only: a config file cannot give it)."""
+    """--model, --trust-pickle, --edm-path, --uvit-path, --uvit-config: which model, and consent
+    to run a pickle's or a checkout's code (command line only: a config file cannot give it)."""
+    fn = click.option("--uvit-config", default=None,
+                      help="Name of a U-ViT checkpoint's config in the checkout's configs/ (e.g. cifar10_uvit_small) "
+                           "[default: the checkpoint's file name].")(fn)
+    fn = click.option("--uvit-path", default=None, type=click.Path(file_okay=False),
+                      help="Checkout of baofff/U-ViT, needed to build a U-ViT .pth checkpoint's network (runs the "
+                           "checkout's libs/uvit.py and config).")(fn)
     fn = click.option("--edm-path", default=None, type=click.Path(file_okay=False),
-                      help="Checkout of NVlabs/edm, needed to unpickle EDM networks.")(fn)
+                      help="Checkout of NVlabs/edm (NVlabs/edm2 for EDM2 networks), needed to unpickle them.")(fn)
     fn = click.option("--trust-pickle", is_flag=True,
-                      help="Allow loading an EDM .pkl (unpickling runs code from the file).")(fn)
+                      help="Allow loading an EDM or EDM2 .pkl (unpickling runs code from the file).")(fn)
     fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
                       help="'fashion-mnist-edm' (bundled), a model folder written by train-default, a "
                            "diffusers DDPM-family or Stable-Diffusion-style pipeline (folder, or repo id in the "
-                           "local cache), or an EDM network pickle (.pkl, with --trust-pickle).")(fn)
+                           "local cache), an EDM or EDM2 network pickle (.pkl, with --trust-pickle), or a U-ViT "
+                           "state dict (.pth, with --uvit-path).")(fn)
     return fn
 
 
@@ -199,7 +206,8 @@ def family_options(fn):
                            "the UNet's config, else SD1.5's values), linear_freeu (linear ρ plus freeu).")(fn)
     return click.option("--placement", default="input", show_default=True, type=click.Choice([*PLACEMENTS, "search"]),
                         help="Where ρ acts: input (the skip before its block, as in the paper), normalized (the "
-                             "skip channels after the block's GroupNorm, which cannot cancel it), both, or search."
+                             "skip channels after the block's GroupNorm, which cannot cancel it), both, or search. "
+                             "EDM2 and U-ViT have no normalization there: input only."
                         )(fn)
 
 
@@ -224,7 +232,7 @@ def config_option(fn):
     return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                         callback=_load_config,
                         help="TOML file of option values (keys as the long options, e.g. nfe = 19); the command "
-                             "line wins. --trust-pickle and --edm-path are command-line only.")(fn)
+                             "line wins. --trust-pickle, --edm-path and --uvit-path are command-line only.")(fn)
 
 
 def freeu_lines(schedule, prefix: str = "") -> list[str]:

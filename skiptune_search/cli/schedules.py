@@ -17,7 +17,7 @@ from .common import (
 @model_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"skips": [...]} as JSON instead of a table.')
 @friendly
-def inspect(model, trust_pickle, edm_path, as_json) -> None:
+def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> None:
     """List a model's long skips in encoder order (0 = outermost): name, resolution, channels,
     the block that consumes it, the FreeU stage whose factors act there (b1/s1 at the lowest
     resolution, b2/s2 at the next), and whether GroupNorm cancels a ρ placed on its input."""
@@ -28,7 +28,7 @@ def inspect(model, trust_pickle, edm_path, as_json) -> None:
     from ..core.errors import ScheduleError
     from ..models.loaders import load_denoiser
 
-    denoiser, _ = load_denoiser(model, trust_pickle, edm_path)
+    denoiser, _ = load_denoiser(model, trust_pickle, edm_path, uvit_path, uvit_config)
     ctl = SkipController(denoiser)
     try:
         stages = freeu.stages(ctl.skips)
@@ -42,7 +42,8 @@ def inspect(model, trust_pickle, edm_path, as_json) -> None:
     click.echo(f"{ctl.arch}: {len(rows)} long skips (0 = outermost)")
     click.echo(f"{'#':>2}  {'skip':<30} {'res':>4} {'ch':>4}  {'consumer':<24} {'FreeU':<5}  input-placement ρ")
     for r in rows:
-        fate = ("cancelled by GroupNorm (acts via 1x1 shortcut only)" if r["cancelled"]
+        fate = ("no normalization at the decoder input: reaches the block as it is" if not r["normalization"]
+                else "cancelled by GroupNorm (acts via 1x1 shortcut only)" if r["cancelled"]
                 else "reaches the main branch through a mixed group")
         stage = f"b{r['freeu_stage']}/s{r['freeu_stage']}" if r["freeu_stage"] else "-"
         click.echo(f"{r['index']:>2}  {r['name']:<30} {r['resolution']:>4} {r['channels']:>4}  {r['consumer']:<24} "
@@ -56,7 +57,7 @@ def inspect(model, trust_pickle, edm_path, as_json) -> None:
 @click.option("-n", "n", default=64, show_default=True, type=click.IntRange(1, 100_000), help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @friendly
-def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads,
+def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads,
            device, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned. With --schedule, the model,
     sampler, NFE, σ grid, prompts, guidance and precision it was tuned for are the defaults."""
@@ -73,7 +74,8 @@ def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
         schedule = load_schedule(schedule)
         settings = tuned_for_defaults(schedule, **settings)
     task = Task(n=max(n, 2), seed=seed, **settings)
-    evaluator = Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device)
+    evaluator = Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device, uvit_path=uvit_path,
+                          uvit_config=uvit_config)
     images = evaluator.images(schedule or evaluator.controller.identity(), seeds=range(seed, seed + n))
     save_grid(images, out)
     what = f"schedule {path}" if schedule else "untuned model"
@@ -103,7 +105,7 @@ def sample(model, trust_pickle, edm_path, sigma_grid, prompts, guidance, precisi
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @friendly
-def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, prompts, guidance, precision, n, blocks,
+def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sampler, nfe, sigma_grid, prompts, guidance, precision, n, blocks,
              seed, features, inception_weights, reference, batch, threads, device, as_json) -> None:
     """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
     on the same N new samples, with a 95% interval from independent seed blocks."""
@@ -126,7 +128,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, sampler, nfe, sigma_grid, 
     task = Task(n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
                 reference=reference, **settings)
     evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
-                          feature_weights=inception_weights, device=device)
+                          feature_weights=inception_weights, device=device, uvit_path=uvit_path, uvit_config=uvit_config)
     evaluator.check_reference()
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)
     result["schedule"] = str(schedule)

@@ -64,7 +64,7 @@ def export(storage, study, out) -> None:
               help="Sample the model for baseline and best grids (0: no grids, no model needed).")
 @model_options
 @friendly
-def report(storage, study, out, samples, model, trust_pickle, edm_path) -> None:
+def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_path, uvit_config) -> None:
     """Write one self-contained HTML report of a study: optimization history, ρ heatmap of the
     best schedule, parameter importances, FID at each rung, FID vs NFE across sibling studies,
     and baseline vs best sample grids. --model defaults to the study's model."""
@@ -85,7 +85,7 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path) -> None:
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
                                    sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],
                                    precision=task["precision"]),
-                              trust_pickle=trust_pickle, edm_path=edm_path)
+                              trust_pickle=trust_pickle, edm_path=edm_path, uvit_path=uvit_path, uvit_config=uvit_config)
         best = export_best(st, storage)
         grids = (evaluator.images(evaluator.controller.identity(), progress="baseline grid")[:samples],
                  evaluator.images(best, progress="best grid")[:samples])

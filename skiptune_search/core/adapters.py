@@ -1,22 +1,41 @@
 """Architecture adapters: where a UNet's long skips are made and where they are consumed.
 
 An adapter turns a model into a ``Layout``: the ordered skips (index 0 = outermost, the first
-tensor the encoder saves) and, for each, the block that consumes it. In every supported
-architecture the consuming block's first input is ``cat([hidden, skip], dim=1)``, so the skip is
-its trailing ``channels`` channels, and the block normalizes that input first. Users register
-adapters for other architectures with ``register_adapter``.
+tensor the encoder saves) and, for each, the block that consumes it, where the skip enters that
+block (a ``SkipEntry``) and the block's first normalization, if it has one. In the convolutional
+UNets (diffusers, EDM, EDM2) the consuming block's first input is ``cat([hidden, skip], dim=1)``,
+so the skip is its trailing ``channels`` channels; U-ViT's decoder blocks take the skip as an
+argument of its own. Users register adapters for other architectures with ``register_adapter``.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
 from .errors import NoSkipsError
 from .schedule import SkipInfo
+
+
+@dataclass(frozen=True)
+class SkipEntry:
+    """Where a skip enters its consumer: in the argument at position ``arg`` (or the keyword
+    ``name`` when it is passed by keyword; ``None``: the first keyword of a keywords-only call),
+    its channels along dimension ``dim``, either as the trailing ``channels`` of that argument
+    (``whole=False``: the argument is cat([hidden, skip], dim)) or as the whole argument
+    (``whole=True``: the consumer is called block(hidden, skip))."""
+
+    arg: int = 0
+    name: str | None = None
+    dim: int = 1
+    whole: bool = False
+
+
+CONCATENATED = SkipEntry()  # the consumer's first input is cat([hidden, skip], dim=1)
 
 
 @dataclass
@@ -26,9 +45,21 @@ class Layout:
     arch: str
     unet: nn.Module
     skips: list[SkipInfo]
-    consumers: list[nn.Module]  # per skip: the block whose first input ends with the skip
-    norms: list[nn.Module]  # per skip: that block's first normalization
+    consumers: list[nn.Module]  # per skip: the block the skip enters
+    norms: list[nn.Module | None]  # per skip: that block's first normalization (None: it has none)
     noise_arg: tuple[int, str]  # position and name of the noise-level argument of unet.forward
+    entries: list[SkipEntry] = field(default_factory=list)  # per skip: where it enters (default CONCATENATED)
+
+    def __post_init__(self) -> None:
+        self.entries = list(self.entries) or [CONCATENATED] * len(self.skips)
+        if not len(self.skips) == len(self.consumers) == len(self.norms) == len(self.entries):
+            raise NoSkipsError(f"{self.arch}: the layout lists {len(self.skips)} skips, {len(self.consumers)} "
+                               f"consumers, {len(self.norms)} norms and {len(self.entries)} entries")
+
+    @property
+    def has_norms(self) -> bool:
+        """Does every consumer normalize its input first (what placements other than input need)?"""
+        return all(norm is not None for norm in self.norms)
 
 
 # --- diffusers UNet2DModel and UNet2DConditionModel -----------------------------------------
@@ -112,10 +143,86 @@ def edm_layout(net: nn.Module) -> Layout:
     return Layout(type(net).__name__, net, skips, consumers, [c.norm0 for c in consumers], (1, "noise_labels"))
 
 
+# --- EDM2 UNet (NVlabs/edm2 training/networks_edm2.py) ------------------------------------
+def is_edm2_unet(module: nn.Module) -> bool:
+    """EDM2's magnitude-preserving UNet: class ``UNet`` with ``enc``/``dec`` ModuleDicts and the
+    ``concat_balance`` its decoder's mp_cat uses."""
+    return (type(module).__name__ == "UNet" and hasattr(module, "concat_balance")
+            and isinstance(getattr(module, "enc", None), nn.ModuleDict)
+            and isinstance(getattr(module, "dec", None), nn.ModuleDict))
+
+
+def edm2_layout(net: nn.Module) -> Layout:
+    """EDM2's forward appends every encoder output to ``skips`` (the first conv's included); before
+    each decoder entry whose name contains 'block' it computes ``x = mp_cat(x, skips.pop())``, so the
+    skip is the trailing channels of that block's input, already weighted by mp_cat (ρ multiplies on
+    top of that weight). Its decoder blocks normalize nothing at their input (the pixel norm is in
+    the encoder flavour only): no norms, so only the input placement applies."""
+    producers = []
+    for name, block in net.enc.items():
+        match = re.match(r"(\d+)x\d+_", name)
+        if not match:
+            raise NoSkipsError(f"{type(net).__name__}: encoder entry {name!r} has no resolution prefix")
+        producers.append((f"enc.{name}", int(block.out_channels), int(match.group(1))))
+    stack = list(range(len(producers)))
+    channels = producers[-1][1]
+    consumer_of: dict[int, str] = {}
+    for name, block in net.dec.items():
+        if "block" in name:
+            if not stack:
+                raise NoSkipsError(f"{type(net).__name__}: decoder block {name} wants a skip, none left")
+            i = stack.pop()
+            # a decoder block's first conv (and its 1x1 conv_skip) takes the concatenated channels
+            if channels + producers[i][1] != block.conv_res0.weight.shape[1]:
+                raise NoSkipsError(f"{type(net).__name__}: decoder block {name} channels do not add up")
+            consumer_of[i] = f"dec.{name}"
+        channels = int(block.out_channels)
+    if stack:
+        raise NoSkipsError(f"{type(net).__name__}: {len(stack)} encoder outputs are never consumed")
+    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
+    consumers = [net.get_submodule(s.consumer) for s in skips]
+    return Layout(type(net).__name__, net, skips, consumers, [None] * len(skips), (1, "noise_labels"))
+
+
+# --- U-ViT (baofff/U-ViT libs/uvit.py) ----------------------------------------------------
+UVIT_ENTRY = SkipEntry(arg=1, name="skip", dim=-1, whole=True)  # blk(x, skip): tokens [B, L, D]
+
+
+def is_uvit(module: nn.Module) -> bool:
+    return (type(module).__name__ == "UViT" and isinstance(getattr(module, "in_blocks", None), nn.ModuleList)
+            and isinstance(getattr(module, "out_blocks", None), nn.ModuleList)
+            and isinstance(getattr(module, "mid_block", None), nn.Module))
+
+
+def uvit_layout(net: nn.Module) -> Layout:
+    """U-ViT's forward appends each ``in_blocks`` output (tokens [B, L, D]) to ``skips``; each
+    ``out_blocks`` entry is called ``blk(x, skips.pop())`` and first computes
+    ``skip_linear(cat([x, skip], dim=-1))``: the skip is an argument of its own, its channels the
+    last dimension, and nothing normalizes it before that linear layer (no norms). Every skip has
+    the token grid's size, (number of patch tokens)^½ a side."""
+    name = type(net).__name__
+    depth = len(net.in_blocks)
+    if depth == 0 or len(net.out_blocks) != depth:
+        raise NoSkipsError(f"{name}: {depth} in_blocks and {len(net.out_blocks)} out_blocks; a long skip pairs one of each")
+    width = int(net.pos_embed.shape[-1])
+    side = math.isqrt(int(net.pos_embed.shape[1]) - int(getattr(net, "extras", 1)))
+    for k, block in enumerate(net.out_blocks):
+        linear = getattr(block, "skip_linear", None)
+        if linear is None:
+            raise NoSkipsError(f"{name}: out_blocks.{k} has no skip_linear (a U-ViT built with skip=False has no long skips)")
+        if int(linear.weight.shape[1]) != 2 * width:
+            raise NoSkipsError(f"{name}: out_blocks.{k}.skip_linear takes {linear.weight.shape[1]} features, not 2 x {width}")
+    skips = [SkipInfo(f"in_blocks.{i}", f"out_blocks.{depth - 1 - i}", width, side) for i in range(depth)]
+    consumers = [net.get_submodule(s.consumer) for s in skips]
+    return Layout(name, net, skips, consumers, [None] * depth, (1, "timesteps"), [UVIT_ENTRY] * depth)
+
+
 # --- registry ---------------------------------------------------------------------------
 ADAPTERS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Layout]]] = [
     ("diffusers UNet2DModel / UNet2DConditionModel", _is_diffusers_unet, diffusers_layout),
     ("EDM SongUNet / DhariwalUNet", _is_edm_unet, edm_layout),
+    ("EDM2 UNet", is_edm2_unet, edm2_layout),
+    ("U-ViT", is_uvit, uvit_layout),
 ]
 
 
@@ -147,5 +254,5 @@ def find_layout(model: Any) -> tuple[Layout, list[nn.Module]]:
     raise NoSkipsError(
         f"no UNet with long skips found in {type(model).__name__}: supported are {supported} (bare, a "
         f"pipeline's .unet, or a wrapper's .net/.model); register others with "
-        f"skiptune_search.adapters.register_adapter"
+        f"skiptune_search.core.adapters.register_adapter"
     )

@@ -19,7 +19,7 @@ from . import freeu
 from .adapters import find_layout
 from .errors import NoSkipsError, ScheduleError
 from .interp import bracket
-from .schedule import RhoSchedule, load_schedule
+from .schedule import PLACEMENTS, RhoSchedule, load_schedule
 
 __all__ = ["NoSkipsError", "SkipController", "apply"]
 
@@ -80,27 +80,55 @@ class SkipController:
 
         The block normalizes cat([hidden, skip]) in groups; a group holding only skip channels
         undoes any scaling of them, so ``input`` placement reaches the main branch only through
-        groups that mix hidden and skip channels (and a 1x1 shortcut conv always sees it).
+        groups that mix hidden and skip channels (and a 1x1 shortcut conv always sees it). A block
+        with no normalization at its input (EDM2, U-ViT) cancels nothing: ``normalization`` is
+        False and the group counts are None.
         """
         report = []
         for skip, block, norm in zip(self.skips, self.layout.consumers, self.layout.norms):
+            shortcut = any(isinstance(getattr(block, a, None), nn.Module) for a in ("conv_shortcut", "skip", "conv_skip"))
+            if norm is None:
+                report.append({"normalization": False, "groups": None, "channels_in": None, "pure_skip_groups": None,
+                               "mixed_group": None, "cancelled": False, "shortcut": shortcut})
+                continue
             total = int(getattr(norm, "num_channels", None) or norm.weight.shape[0])  # EDM's GroupNorm has no num_channels
             groups = int(norm.num_groups)
             size = total // groups
             first_skip = total - skip.channels
             mixed = first_skip % size != 0
             report.append({
-                "groups": groups, "channels_in": total,
+                "normalization": True, "groups": groups, "channels_in": total,
                 "pure_skip_groups": sum(1 for g in range(groups) if g * size >= first_skip),
-                "mixed_group": mixed, "cancelled": not mixed,
-                "shortcut": any(isinstance(getattr(block, a, None), nn.Module) for a in ("conv_shortcut", "skip")),
+                "mixed_group": mixed, "cancelled": not mixed, "shortcut": shortcut,
             })
         return report
+
+    @property
+    def placements(self) -> tuple[str, ...]:
+        """The placements this model allows: all of them when every consumer normalizes its
+        input first, else only ``input``."""
+        return PLACEMENTS if self.layout.has_norms else ("input",)
+
+    def check_placement(self, placement: str) -> None:
+        """A one-line ScheduleError when ``placement`` needs a normalization this model lacks."""
+        if placement in self.placements:
+            return
+        if placement not in PLACEMENTS:
+            raise ScheduleError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}",
+                                option="placement")
+        bare = next(s.consumer for s, n in zip(self.skips, self.layout.norms) if n is None)
+        raise ScheduleError(
+            f"placement {placement!r} scales the skip after its block's first normalization, but {self.arch} has no "
+            f"normalization at the decoder input (e.g. {bare} takes the skip as it is): use placement 'input'",
+            option="placement")
 
     def use(self, schedule: RhoSchedule | str | os.PathLike) -> None:
         """Switch to another schedule (checked against this model's skip layout)."""
         schedule = load_schedule(schedule)
         schedule.check_layout(self.arch, self.skips)
+        self.check_placement(schedule.placement)
+        if schedule.freeu is not None:
+            self._check_freeu_entries(schedule)
         if schedule.depends_on_sigma and self._precond is None and self.timestep_to_sigma is None:
             raise ScheduleError(
                 "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
@@ -126,7 +154,7 @@ class SkipController:
 
     # --- ρ of the current call ---------------------------------------------------------
     def _rho(self, index: int) -> float | torch.Tensor:
-        """ρ of skip ``index``: a float, or a [B, 1, 1, 1] tensor for σ-dependent schedules."""
+        """ρ of skip ``index``: a float, or one per sample (a [B] tensor) for σ-dependent schedules."""
         schedule = self._schedule
         if schedule.is_constant:
             return schedule.rho[index][0]
@@ -134,23 +162,29 @@ class SkipController:
             raise RuntimeError("σ-dependent schedule used outside a model call")
         k, w = self._weights
         row = self._on(k.device)[1][index]
-        return (row[k - 1] + w * (row[k] - row[k - 1])).reshape(-1, 1, 1, 1)
+        return row[k - 1] + w * (row[k] - row[k - 1])
 
-    def _scale_trailing(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
-        """x with its last ``channels`` channels (skip ``index``) times ρ; None when ρ is 1."""
+    def _scale_skip(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
+        """``x`` with the part of it that is skip ``index`` times ρ (where the layout's entry says:
+        its trailing channels along a dimension, or all of it); None when ρ is 1."""
         rho = self._rho(index)
         if not torch.is_tensor(rho):
             if rho == 1.0:
                 return None
         else:  # one ρ per sample, interpolated in float64
-            rho = rho.to(dtype=x.dtype)
-        c = self.skips[index].channels
+            rho = rho.to(dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        entry = self.layout.entries[index]
+        if entry.whole:
+            # the producer's own output, which the network may still hold: scaled into a copy
+            return x * rho
+        c, dim = self.skips[index].channels, entry.dim % x.ndim
+        start = x.shape[dim] - c
         if not x.requires_grad:
             # x is the consumer's own fresh input (the decoder's cat, or the norm's output):
             # scaling its skip channels in place spares a copy of the whole tensor
-            x[:, -c:].mul_(rho)
+            x.narrow(dim, start, c).mul_(rho)
             return x
-        return torch.cat([x[:, :-c], x[:, -c:] * rho], dim=1)  # autograd: leave x as it was
+        return torch.cat([x.narrow(dim, 0, start), x.narrow(dim, start, c) * rho], dim=dim)  # autograd: leave x as it was
 
     # --- hooks -------------------------------------------------------------------------
     def _capture_sigma(self, source: str):
@@ -178,6 +212,18 @@ class SkipController:
     def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
         self._sigma = self._weights = self._freeu_active = None
 
+    def _check_freeu_entries(self, schedule: RhoSchedule) -> None:
+        """FreeU splits a consumer's input into backbone and skip channels: only where the skip is
+        the trailing channels of a [B, C, H, W] input."""
+        for index, factors in enumerate(freeu.per_skip(schedule.freeu, schedule.skips)):
+            entry = self.layout.entries[index]
+            if factors is not None and (entry.whole or entry.dim not in (1, -3)):
+                raise ScheduleError(f"FreeU scales backbone channels and filters skip features in space, but "
+                                    f"{self.arch} passes skip {index} ({self.skips[index].name}) to "
+                                    f"{self.skips[index].consumer} "
+                                    f"{'as an argument of its own' if entry.whole else 'along dimension ' + str(entry.dim)}"
+                                    f"; use a ρ family on this model")
+
     def _transform_input(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
         """The consuming block's input with FreeU's factors and (``input``, ``both``) ρ applied;
         None when neither changes it."""
@@ -194,19 +240,25 @@ class SkipController:
         # ------------------------------------------------------------------------------------------
         if self.placement == "normalized":
             return changed
-        scaled = self._scale_trailing(x, index)
+        scaled = self._scale_skip(x, index)
         return changed if scaled is None else scaled
 
     def _input_hook(self, index: int):
+        entry = self.layout.entries[index]
+
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if self._identity:
                 return None  # exact no-op: the untouched tensors go through
-            if args:
-                new = self._transform_input(args[0], index)
-                return None if new is None else ((new, *args[1:]), kwargs)
-            key = next(iter(kwargs))  # called with keywords only: the first one is the input
-            new = self._transform_input(kwargs[key], index)
-            return None if new is None else (args, {**kwargs, key: new})
+            if entry.arg < len(args):
+                scaled = self._transform_input(args[entry.arg], index)
+                return None if scaled is None else ((*args[:entry.arg], scaled, *args[entry.arg + 1:]), kwargs)
+            # passed by keyword (a keywords-only call of a first-input entry: its first keyword)
+            key = entry.name if entry.name is not None else next(iter(kwargs))
+            if kwargs.get(key) is None:
+                raise RuntimeError(f"{self.skips[index].consumer} was called without its skip (argument "
+                                   f"{entry.arg}, {key!r}): the {self.arch} layout does not fit this call")
+            scaled = self._transform_input(kwargs[key], index)
+            return None if scaled is None else (args, {**kwargs, key: scaled})
 
         return hook
 
@@ -214,7 +266,7 @@ class SkipController:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             if self.placement == "input" or self._identity:
                 return None
-            return self._scale_trailing(output, index)
+            return self._scale_skip(output, index)
 
         return hook
 
@@ -228,7 +280,8 @@ class SkipController:
             self._handles.append(source[0].register_forward_hook(self._forget_sigma))
         for index, (block, norm) in enumerate(zip(self.layout.consumers, self.layout.norms)):
             self._handles.append(block.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
-            self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))
+            if norm is not None:
+                self._handles.append(norm.register_forward_hook(self._normalized_hook(index)))
 
     def detach(self) -> None:
         for handle in self._handles:

@@ -21,6 +21,8 @@ import torch
 
 from ..core.errors import ModelLoadError
 from .denoisers import EDMPrecond
+from .edm2 import is_edm2_precond, load_edm2
+from .uvit import load_uvit
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "fashion-mnist-edm"
@@ -70,14 +72,19 @@ def load_model_info(model_dir: Path) -> dict:
 
 
 def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = False,
-                  edm_path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
+                  edm_path: str | os.PathLike | None = None, uvit_path: str | os.PathLike | None = None,
+                  uvit_config: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The denoiser D(x, σ) of ``model`` and its info (name, resolution, channels, σ range).
 
-    ``model`` is 'fashion-mnist-edm' (bundled), a model folder written by train-default, or an
-    EDM network pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``.
+    ``model`` is 'fashion-mnist-edm' (bundled), a model folder written by train-default, an
+    EDM or EDM2 network pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``,
+    or a U-ViT state dict (``*.pth``, with ``uvit_path``, a checkout of baofff/U-ViT, and the name
+    of its config there, ``uvit_config``; see ``uvit.py``).
     """
     if model not in (None, DEFAULT_MODEL_NAME) and str(model).endswith(".pkl"):
         return load_edm_pickle(Path(model), trust_pickle, edm_path)
+    if uvit_path is not None or str(model).endswith(".pth"):
+        return load_uvit(model, uvit_path, uvit_config)
     model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
     if not (model_dir / MODEL_INFO_FILE).is_file() and (
         (model_dir / "model_index.json").is_file() or (not model_dir.exists() and _looks_like_repo_id(str(model)))
@@ -86,7 +93,8 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
     if not model_dir.is_dir():
         raise ModelLoadError(
             f"model {model} not found: use {DEFAULT_MODEL_NAME} (bundled), a model folder written by "
-            f"'skiptune-search train-default', a diffusers pipeline, or an EDM .pkl (trusted)", option="model"
+            f"'skiptune-search train-default', a diffusers pipeline, an EDM or EDM2 .pkl (trusted), or a U-ViT .pth",
+            option="model"
         )
     info = load_model_info(model_dir)
     if info.get("precond") != "edm":
@@ -213,10 +221,12 @@ def load_text_to_image(source: str, index: dict, folder: str | None = None) -> t
 
 
 def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike | None) -> tuple[torch.nn.Module, dict]:
-    """An EDM network pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``): its ``ema`` Precond net.
+    """An EDM or EDM2 network pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``, ``edm2-*.pkl``):
+    its ``ema`` Precond net (EDM2's through ``edm2.load_edm2``).
 
-    Unpickling executes code named in the file and needs EDM's own modules (``torch_utils``,
-    ``training``) importable: pass ``edm_path``, a checkout of NVlabs/edm.
+    Unpickling executes code named in the file and needs the code base's own modules
+    (``torch_utils``, ``training``, ``dnnlib``) importable: pass ``edm_path``, a checkout of
+    NVlabs/edm, or of NVlabs/edm2 for an EDM2 pickle.
     """
     if not trust_pickle:
         raise ModelLoadError(
@@ -236,11 +246,13 @@ def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike 
     except ModuleNotFoundError as exc:
         raise ModelLoadError(
             f"{path} needs the module {exc.name!r} of the EDM code base: give the path of a "
-            f"checkout of NVlabs/edm", option="edm_path"
+            f"checkout of NVlabs/edm (of NVlabs/edm2 for an EDM2 network)", option="edm_path"
         ) from None
     except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
         raise ModelLoadError(f"{path} is not a readable network pickle ({exc}); download it again") from None
     net = data["ema"] if isinstance(data, dict) and "ema" in data else data
+    if is_edm2_precond(net):  # NVlabs/edm2: EDM2's own σ range, and latent models decode through a VAE
+        return load_edm2(path, net, data)
     missing = [a for a in ("sigma_min", "sigma_max", "img_resolution", "img_channels") if not hasattr(net, a)]
     if not isinstance(net, torch.nn.Module) or missing:
         raise ModelLoadError(f"{path} holds no EDM Precond network (missing {', '.join(missing) or 'nn.Module'})")

@@ -12,7 +12,10 @@ from ..core.files import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 in [0, 255] (EDM's rounding)."""
+    """Images in [-1, 1] -> uint8 in [0, 255] (EDM's rounding); uint8 images (a decoder that
+    makes its own, as EDM2's VAE decoding) pass as they are."""
+    if x.dtype == torch.uint8:
+        return x
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 

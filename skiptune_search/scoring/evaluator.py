@@ -60,6 +60,7 @@ class Evaluator:
 
     def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
                  edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto",
+                 uvit_path: str | None = None, uvit_config: str | None = None,
                  model: torch.nn.Module | None = None, sample: SampleFn | None = None,
                  timestep_to_sigma: Callable | None = None, sigma_range: tuple[float, float] | None = None) -> None:
         if batch_size < 1:
@@ -81,7 +82,7 @@ class Evaluator:
             self._sigma_range = sigma_range
             return
         self.steps = steps_for_nfe(task.sampler, task.nfe)
-        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path)
+        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path, uvit_path, uvit_config)
         self._set_prompts()
         self.denoiser.to(self.device)
         self.controller = SkipController(self.denoiser)

@@ -16,6 +16,7 @@ import optuna
 import torch
 
 from ..core import freeu
+from ..core.errors import ScheduleError
 from ..core.schedule import RhoSchedule, split_family
 from ..scoring import DEFAULT_FEATURES
 from ..scoring.evaluator import Evaluator, SampleFn
@@ -33,6 +34,13 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
             parallel: bool = False) -> tuple[Space, optuna.Study]:
     """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
     the study (created, or resumed after its settings are checked; named after the task unless given)."""
+    ctl = evaluator.controller
+    if placement != "search":
+        ctl.check_placement(placement)  # before any trial: a placement the architecture cannot take
+    elif ctl.placements == ("input",):
+        raise ScheduleError(f"a searched placement picks among input, normalized and both, but {ctl.arch} has no "
+                            f"normalization at the decoder input, so only input applies: use placement input",
+                            option="placement")
     sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
     # FreeU's window is searched over the sampler's σ range; its preset is picked for the model
     freeu_args = (dict(sigma_range=evaluator.sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet))
