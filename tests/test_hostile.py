@@ -119,8 +119,8 @@ def _wait_for(predicate, process, timeout=180.0):
 
 
 def _slow_search(model_dir, *extra):
-    # N = 400 at NFE 3, batch 20: long enough per trial to be stopped mid-way
-    return [EXE, "search", "--model", str(model_dir), "--nfe", "3", "--n", "400", "--rungs", "400",
+    # N = 200 at NFE 3, batch 20: long enough per trial to be stopped mid-way
+    return [EXE, "search", "--model", str(model_dir), "--nfe", "3", "--n", "200", "--rungs", "200",
             "--batch", "20", "--threads", "1", *map(str, extra)]
 
 
