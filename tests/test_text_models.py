@@ -254,3 +254,25 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     prompt_file.write_text("a green cat\n")
     again = runner.invoke(main, args)
     assert again.exit_code == 2 and "prompts_sha256" in again.output
+
+
+def test_an_sdxl_search_records_its_size(tiny_sdxl_dir, prompt_file, tmp_path, monkeypatch):
+    """The image size is part of the study (its name, its task) and of the exported schedule, and
+    sample takes it from the schedule."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["search", "--model", str(tiny_sdxl_dir), "--prompts", str(prompt_file), "--sampler",
+                                  "euler_discrete", "--nfe", "2", "--height", "24", "--width", "32", "--trials", "1",
+                                  "--n", "4", "--rungs", "4", "--batch", "4"])
+    assert result.exit_code == 0, result.output
+    name = "tiny-sdxl-euler_discrete-nfe2-cfg7.5-32x24-linear-input"
+    best = json.loads((tmp_path / "studies" / f"{name}.best.json").read_text())
+    assert (best["tuned_for"]["height"], best["tuned_for"]["width"]) == (24, 32)
+    result = runner.invoke(main, ["sample", "--schedule", f"studies/{name}.best.json", "-n", "1", "-o", "g.png"])
+    assert result.exit_code == 0, result.output
+    assert "euler_discrete NFE 2" in result.output and Image.open(tmp_path / "g.png").size == (32, 24)
