@@ -140,6 +140,17 @@ def test_the_nfe_is_exact_and_guidance_doubles_the_batch_not_the_calls(tiny_sd_d
     assert sizes == [2] * nfe
 
 
+@torch.no_grad()
+def test_bf16_runs_the_pipeline_under_autocast(tiny_sd_dir, prompt_file):
+    evaluator = _evaluator(tiny_sd_dir, prompt_file, precision="bf16")
+    seen = []
+    handle = evaluator.pipeline.pipe.unet.register_forward_pre_hook(
+        lambda m, a: seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+    images = evaluator.images(evaluator.controller.identity(), seeds=[0, 1], progress=False)
+    handle.remove()
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 16, 16) and seen == [torch.bfloat16] * 3
+
+
 def test_an_impossible_nfe_names_the_nearest(tiny_sd_dir, prompt_file):
     with pytest.raises(InputError, match="NFE 4 is impossible for heun_discrete; nearest valid: 3, 5"):
         _evaluator(tiny_sd_dir, prompt_file, sampler="heun_discrete", nfe=4)
