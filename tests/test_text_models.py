@@ -170,13 +170,19 @@ def test_text_is_encoded_once_per_call_not_per_step(tiny_sd_dir, prompt_file):
     assert counts == [4, 4]  # per pipeline call: the prompts, then the empty negative prompt
 
 
+@pytest.fixture(scope="module")
+def sd_linspace_dir(tiny_sd_dir, tmp_path_factory):
+    """The tiny SD pipeline with 'linspace' timestep spacing: Euler-type schedulers then pass
+    fractional timesteps to the UNet."""
+    return _variant(tiny_sd_dir, tmp_path_factory.mktemp("sdlin") / "tiny-sd-linspace", timestep_spacing="linspace")
+
+
 @torch.no_grad()
-def test_a_sigma_dependent_schedule_follows_the_schedulers_own_sigma(tiny_sd_dir, prompt_file, tmp_path):
+def test_a_sigma_dependent_schedule_follows_the_schedulers_own_sigma(sd_linspace_dir, prompt_file):
     """Euler on 'linspace' spacing passes fractional timesteps: the σ the controller reads from each
     is the scheduler's own σ of that step, every sample of the [uncond, cond] batch at it; ρ is the
     schedule's there."""
-    model_dir = _variant(tiny_sd_dir, tmp_path / "tiny-sd-linspace", timestep_spacing="linspace")
-    evaluator = _evaluator(model_dir, prompt_file, sampler="euler_discrete", nfe=3, guidance=3.0)
+    evaluator = _evaluator(sd_linspace_dir, prompt_file, sampler="euler_discrete", nfe=3, guidance=3.0)
     ctl, pipe = evaluator.controller, evaluator.pipeline.pipe
     params = {"rho_inner_k0": 0.6, "rho_outer_k0": 0.9, "rho_inner_k1": 1.3, "rho_outer_k1": 1.1}
     schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params,
@@ -195,6 +201,33 @@ def test_a_sigma_dependent_schedule_follows_the_schedulers_own_sigma(tiny_sd_dir
         expected = schedule.rhos_at(float(own))[deepest]
         assert torch.allclose(rho.double(), torch.full((4,), expected, dtype=torch.float64), rtol=1e-4)
     assert len({round(float(r[0]), 6) for _, r in seen}) == 3  # a different ρ at each step
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler, nfe", [("kdpm2", 5), ("lms", 4), ("heun_discrete", 5)])
+def test_sigma_of_each_call_is_the_one_the_scheduler_scales_by(sd_linspace_dir, prompt_file, sampler, nfe):
+    """KDPM2 calls the UNet at interpolated σ between its steps, LMS and Heun at theirs: the σ the
+    controller reads from each call's timestep is the σ the scheduler scales that call's input by
+    (x / sqrt(σ² + 1)), and the one the evaluator planned."""
+    evaluator = _evaluator(sd_linspace_dir, prompt_file, sampler=sampler, nfe=nfe, guidance=3.0)
+    scheduler, ctl = evaluator.pipeline.pipe.scheduler, evaluator.controller
+    scaled, read = [], []
+    scale = scheduler.scale_model_input
+
+    def spy(sample, timestep):
+        out = scale(sample, timestep)
+        scaled.append(float(((sample.double() / out.double()).flatten()[0] ** 2 - 1).sqrt()))
+        return out
+
+    scheduler.scale_model_input = spy
+    params = {"rho_inner_k0": 0.9, "rho_outer_k0": 0.9, "rho_inner_k1": 1.1, "rho_outer_k1": 1.1}
+    schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 10.0])
+    handle = evaluator.pipeline.pipe.unet.up_blocks[0].register_forward_pre_hook(
+        lambda m, a: read.append(float(ctl._sigma[0])))
+    evaluator.images(schedule, seeds=[0, 1], progress=False)
+    handle.remove()
+    assert len(read) == nfe and read == pytest.approx(scaled, rel=1e-3)  # scaled: from float32 ratios
+    assert read == pytest.approx(evaluator.sigmas[:-1].tolist(), rel=1e-6)
 
 
 # --- SDXL ---------------------------------------------------------------------------------------
