@@ -130,6 +130,12 @@ def test_the_nfe_is_exact_and_guidance_doubles_the_batch_not_the_calls(tiny_sd_d
     Heun two per step but the last."""
     evaluator = _evaluator(tiny_sd_dir, prompt_file, sampler=sampler, nfe=nfe, guidance=4.0)
     assert evaluator.steps == steps and evaluator.task.sampler == sampler.replace("DDIMScheduler", "ddim")
+    # the σ of each call, then 0: on SD's training timesteps (its 'leading' spacing), on its scaled_linear σ table
+    alphas = evaluator.pipeline.pipe.scheduler.alphas_cumprod.double()
+    table = ((1 - alphas) / alphas).sqrt()
+    assert 0.02 < table[0] < 0.05 and 10 < table[-1] < 20
+    assert len(evaluator.sigmas) == nfe + 1 and evaluator.sigmas[-1] == 0
+    assert all(torch.isclose(table, s, rtol=1e-9).any() for s in evaluator.sigmas[:-1])
     sizes, _, handle = _unet_calls(evaluator.pipeline.pipe.unet)
     evaluator.images(evaluator.controller.identity(), seeds=[0, 1], progress=False)
     assert sizes == [4] * nfe
