@@ -96,6 +96,41 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     return root / "tiny-sd"
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """An SDXL-style pipeline folder with tiny random parts: two CLIP text encoders (16-d hidden
+    states each, concatenated to the UNet's 32-d cross-attention; the second with a 16-d pooled
+    projection), a UNet2DConditionModel with SDXL's 'text_time' added embeddings (the pooled text
+    and the six size and crop numbers), an AutoencoderKL (8x8 latents -> 16x16 RGB) and SDXL base's
+    scheduler config (Euler, scaled_linear betas, 'leading' spacing)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("sdxl")
+    tokenizer = write_tiny_clip_tokenizer(root / "tokenizer-files")
+    torch.manual_seed(0)
+    config = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=16)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2, use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4,
+    ).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(root / "tiny-sdxl")
+    return root / "tiny-sdxl"
+
+
 @pytest.fixture
 def prompt_file(tmp_path: Path) -> Path:
     """Three prompts, with blank lines around them (ignored)."""

@@ -174,6 +174,7 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
     from skiptune_search.cli.config import read_config
     from skiptune_search.cli.tune import search
     from skiptune_search.core.errors import ModelLoadError
+    from skiptune_search.sampling import SCHEDULERS, SIGMA_SAMPLERS
     from skiptune_search.sampling.samplers import steps_for_nfe
     from skiptune_search.scoring.evaluator import Evaluator
     from skiptune_search.scoring.task import Task
@@ -182,8 +183,7 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
     values = read_config(config, [p.name for p in search.params])
     values_for_task = {f.name: values[f.name] for f in fields(Task) if f.name in values}
     values_for_task["rungs"] = parse_rungs(values.get("rungs"), values["n"])
-    task = Task(**values_for_task)  # validates rungs, objective
-    steps_for_nfe(task.sampler, task.nfe)
+    task = Task(**values_for_task)  # validates rungs, objective, the sampler's name (a σ-space sampler's NFE)
     Space(values["family"], values["placement"], (values["rho_min"], values["rho_max"]))
     if task.model == "fashion-mnist-edm":
         evaluator = Evaluator(task)  # loads the model, attaches the controller, builds the σ grid
@@ -198,7 +198,12 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
             Evaluator(task)
         evaluator = Evaluator(replace(task, model=_stand_in(task, request, tmp_path), n=4, rungs=(2, 4), **(
             {"prompts": str(_write(tmp_path / "p.txt", "a cat\n"))} if task.prompts else {})), device="cpu")
-        assert len(evaluator.sigmas) == evaluator.steps + 1 and evaluator.sigmas[-1] == 0
+        if task.sampler in SIGMA_SAMPLERS:
+            assert len(evaluator.sigmas) == steps_for_nfe(task.sampler, task.nfe) + 1
+        else:  # a scheduler: the σ of each of its NFE UNet calls, then 0
+            assert len(evaluator.sigmas) == task.nfe + 1 and evaluator.pipeline.pipe.scheduler.__class__.__name__ == (
+                SCHEDULERS[task.sampler])
+        assert evaluator.sigmas[-1] == 0
         images = evaluator.images(evaluator.controller.identity(), progress=False)
         assert images.dtype == torch.uint8 and images.shape[0] == 4
     ctx = search.make_context("search", ["--config", str(config)], resilient_parsing=True)
@@ -211,10 +216,10 @@ def _write(path, text):
 
 
 def _stand_in(task, request, tmp_path) -> str:
-    """A tiny random pipeline of the task's model family: Stable-Diffusion-style when the task has
+    """A tiny random pipeline of the task's model family: SDXL or Stable Diffusion when the task has
     prompts, else a DDPM pipeline with google/ddpm-cifar10-32's scheduler config."""
     if task.prompts:
-        return str(request.getfixturevalue("tiny_sd_dir"))
+        return str(request.getfixturevalue("tiny_sdxl_dir" if "-xl-" in task.model else "tiny_sd_dir"))
     from diffusers import DDPMPipeline, DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)

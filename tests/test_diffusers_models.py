@@ -1,4 +1,5 @@
-"""Diffusers DDPM-family pipelines as denoisers in σ-space, loaded offline."""
+"""Unconditional diffusers DDPM/DDIM pipelines, loaded offline: their UNet as a denoiser in
+σ-space for the EDM samplers, or the pipeline sampled by its own __call__ with a scheduler."""
 
 import math
 
@@ -65,6 +66,12 @@ def test_cached_repo_with_the_flat_layout_of_google_ddpm(monkeypatch, tmp_path, 
     denoiser, info = load_denoiser("someone/tiny-ddpm")
     assert isinstance(denoiser, DiffusersVPPrecond) and info["precond"] == "vp-epsilon" and info["resolution"] == 16
     assert info["name"] == "someone/tiny-ddpm"
+    # and sampled by its own __call__
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
+
+    evaluator = Evaluator(Task(model="someone/tiny-ddpm", sampler="ddim", nfe=2, n=2), batch_size=2)
+    assert evaluator.images(evaluator.controller.identity(), progress=False).shape == (2, 1, 16, 16)
 
 
 def test_uncached_repo_id_is_a_clear_offline_error(monkeypatch, tmp_path):
@@ -75,26 +82,70 @@ def test_uncached_repo_id_is_a_clear_offline_error(monkeypatch, tmp_path):
 
 
 @torch.no_grad()
-def test_native_ddim_with_a_per_noise_schedule(ddpm_dir):
-    """diffusers' DDIM at 5 steps: 5 UNet calls, each with the ρ of its own timestep's σ."""
+def test_the_pipelines_own_ddim_with_a_per_noise_schedule(ddpm_dir):
+    """DDPMPipeline's own loop with diffusers' DDIM at 5 steps: 5 UNet calls, each with the ρ of its
+    own timestep's σ, and the images the pipeline gives under apply() for the same generators."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from skiptune_search import apply
     from skiptune_search.core.schedule import RhoSchedule
     from skiptune_search.scoring.evaluator import Evaluator
     from skiptune_search.scoring.task import Task
 
     evaluator = Evaluator(Task(model=str(ddpm_dir), sampler="ddim", nfe=5, n=2), batch_size=2)
-    ctl = evaluator.controller
+    ctl, run = evaluator.controller, evaluator.pipeline
+    assert isinstance(run.pipe, DDPMPipeline) and isinstance(run.pipe.scheduler, DDIMScheduler)
     params = {"rho_inner_k0": 0.6, "rho_outer_k0": 0.9, "rho_inner_k1": 1.3, "rho_outer_k1": 1.1}
     schedule = RhoSchedule.from_family("per_noise", ctl.arch, ctl.skips, params, sigma_knots=[0.1, 50.0])
     calls = []
-    unet = evaluator.denoiser.unet
+    unet = run.pipe.unet
     handle = unet.up_blocks[0].register_forward_pre_hook(
         lambda m, a: calls.append((float(ctl._sigma[0]), float(ctl._rho(len(ctl.skips) - 1).flatten()[0]))))
     images = evaluator.images(schedule, progress=False)
     handle.remove()
     assert images.shape == (2, 1, 16, 16) and len(calls) == 5
-    for sigma, rho in calls:
+    for (sigma, rho), planned in zip(calls, evaluator.sigmas):
         assert rho == pytest.approx(schedule.rhos_at(sigma)[-1], rel=1e-6)
+        assert sigma == pytest.approx(float(planned), rel=1e-9)
     assert calls[0][0] > calls[-1][0]  # from high noise to low
+    ctl.detach()
+    with apply(unet, schedule, timestep_to_sigma=run.timestep_to_sigma):
+        out = run.pipe(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                       num_inference_steps=5, output_type="np").images
+    assert torch.equal(images, torch.from_numpy((out * 255).round().astype("uint8")).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("sampler, says", [
+    ("unipc", "passes generator= to the scheduler's step, which UniPCMultistepScheduler does not take"),
+    ("euler_discrete", "neither scales the initial noise nor the UNet's input, as EulerDiscreteScheduler needs"),
+])
+def test_schedulers_the_ddpm_pipelines_own_loop_cannot_drive(ddpm_dir, sampler, says):
+    from skiptune_search.core.errors import InputError
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
+
+    with pytest.raises(InputError, match=says) as info:
+        Evaluator(Task(model=str(ddpm_dir), sampler=sampler, nfe=3, n=2))
+    assert info.value.option == "sampler" and "σ-space sampler (heun, euler, dpmpp_2m)" in str(info.value)
+
+
+@torch.no_grad()
+def test_a_ddim_pipeline_steps_only_ddim(tmp_path, tiny_unet):
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from skiptune_search.core.errors import InputError
+    from skiptune_search.scoring.evaluator import Evaluator
+    from skiptune_search.scoring.task import Task
+
+    DDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "ddim")
+    evaluator = Evaluator(Task(model=str(tmp_path / "ddim"), sampler="ddim", nfe=4, n=2), batch_size=2)
+    sizes = []
+    handle = evaluator.pipeline.pipe.unet.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    assert evaluator.images(evaluator.controller.identity(), progress=False).shape == (2, 1, 16, 16)
+    handle.remove()
+    assert sizes == [2] * 4
+    with pytest.raises(InputError, match="DDIMPipeline, whose own loop steps only DDIMScheduler"):
+        Evaluator(Task(model=str(tmp_path / "ddim"), sampler="dpmsolver", nfe=4, n=2))
 
 
 def test_native_sampler_needs_a_diffusers_model(tmp_path):

@@ -406,9 +406,9 @@ def test_export_prints_diffusers_enable_freeu_for_a_text_model(tiny_sd_dir, prom
     runner = CliRunner()
     result = runner.invoke(main, ["search", "--model", str(tiny_sd_dir), "--prompts", str(prompt_file), "--guidance",
                                   "3", "--family", "freeu", "--trials", "2", "--n", "4", "--rungs", "4", "--nfe", "3",
-                                  "--sampler", "euler", "--batch", "4"])
+                                  "--sampler", "euler_discrete", "--batch", "4"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["export", "--study", "tiny-sd-euler-nfe3-cfg3-freeu-input", "-o", "best.json"])
+    result = runner.invoke(main, ["export", "--study", "tiny-sd-euler_discrete-nfe3-cfg3-freeu-input", "-o", "best.json"])
     assert result.exit_code == 0, result.output
     schedule = load_schedule(tmp_path / "best.json")  # the baseline or SD1.5's preset, both at every σ
     assert f"diffusers: {schedule.freeu.enable_freeu_call()}" in result.output

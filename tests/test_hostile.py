@@ -195,7 +195,7 @@ def test_study_names_stay_inside_their_folder(run, tmp_path, tiny_model_dir, nam
     ("--nfe", 1_000_000_000, "1<=x<=1000"), ("--batch", 0, "1<=x"), ("--threads", -1, "0<=x"),
     ("--trials", 0, "1<=x"), ("--timeout", -5, "x>0"), ("--seed", -5, "0<=x"), ("--workers", 0, "1<=x"),
     ("--n", 1, "2<=x"), ("--rho-min", 0, "0<x<=4"), ("--rho-max", 9, "0<x<=4"), ("--knots", 1, "2<=x"),
-    ("--heartbeat", -1, "0<=x"), ("--search-seed", -1, "0<=x"), ("--guidance", -1, "0<=x"),
+    ("--heartbeat", -1, "0<=x"), ("--search-seed", -1, "0<=x"), ("--guidance", 0.5, "1<=x"),
 ])
 def test_every_numeric_option_is_bounded_before_any_work(run, tmp_path, tiny_model_dir, option, value, says):
     start = time.perf_counter()

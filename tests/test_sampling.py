@@ -78,8 +78,12 @@ def test_solvers_converge_at_their_order(fn, order):
 def test_impossible_nfe_lists_nearest_valid():
     with pytest.raises(ValueError, match="nearest valid: 9, 11"):
         steps_for_nfe("heun", 10)
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match="unknown σ-space sampler 'lms'"):  # a scheduler: its own steps count
         steps_for_nfe("lms", 10)
+    from skiptune_search.scoring.task import Task
+
+    with pytest.raises(ValueError, match="unknown sampler 'zigzag'"):
+        Task(sampler="zigzag")
 
 
 def test_sample_noise_depends_on_its_seed_only():

@@ -317,12 +317,12 @@ def test_a_study_of_other_weights_of_the_same_model_is_refused(evaluator, tmp_pa
 
 
 def test_a_study_from_before_sigma_grids_and_prompts_resumes(evaluator, tmp_path):
-    """Studies stored before the σ grid, prompts and precision joined the task ran on the Karras
-    grid, unprompted, in fp32."""
+    """Studies stored before the σ grid, prompts, precision and image size joined the task ran on
+    the Karras grid, unprompted, in fp32, at the model's own size."""
     storage = make_storage(f"sqlite:///{tmp_path}/s.db")
     study = open_study(storage, "old", evaluator.task, SPACE, evaluator.controller, 0)
     settings = study.user_attrs["settings"]
-    for key in ("sigma_grid", "prompts", "guidance", "precision"):
+    for key in ("sigma_grid", "prompts", "guidance", "precision", "height", "width"):
         del settings["task"][key]
     study.set_user_attr("settings", settings)
     open_study(storage, "old", evaluator.task, SPACE, evaluator.controller, 0)  # no mismatch

@@ -16,7 +16,7 @@ import click
 
 from ..core import freeu
 from ..core.schedule import FAMILIES, PLACEMENTS
-from ..sampling import SAMPLER_NAMES, SIGMA_GRIDS
+from ..sampling import SAMPLER_NAMES, SCHEDULERS, SIGMA_GRIDS, canonical_sampler
 from ..scoring import FEATURE_LAYERS, PRECISIONS
 from ..search import DEFAULT_STORAGE, interrupts
 
@@ -125,27 +125,39 @@ def model_options(fn):
                       help="Allow loading an EDM or EDM2 .pkl (unpickling runs code from the file).")(fn)
     fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
                       help="'fashion-mnist-edm' (bundled), a model folder written by train-default, a "
-                           "diffusers DDPM-family or Stable-Diffusion-style pipeline (folder, or repo id in the "
-                           "local cache), an EDM or EDM2 network pickle (.pkl, with --trust-pickle), or a U-ViT "
-                           "state dict (.pth, with --uvit-path).")(fn)
+                           "diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL, DDPM or DDIM (folder, or repo id "
+                           "in the local cache), an EDM or EDM2 network pickle (.pkl, with --trust-pickle), or a "
+                           "U-ViT state dict (.pth, with --uvit-path).")(fn)
     return fn
 
 
-def grid_option(fn, default_help: str = "karras; model for ddim, dpmsolver, unipc"):
+def grid_option(fn, default_help: str = "karras; model for diffusers schedulers, which step on their own"):
     return click.option("--sigma-grid", default=None, type=click.Choice(SIGMA_GRIDS),
                         help="σ steps of heun/euler/dpmpp_2m: karras (Karras et al. ρ = 7, σ_max to σ_min) or "
-                             "model (the model's own training timesteps, evenly spaced, rounded; diffusers "
-                             f"DDPM-family and text models only). [default: {default_help}]")(fn)
+                             "model (the model's own training timesteps, evenly spaced, rounded; unconditional "
+                             f"diffusers pipelines only). [default: {default_help}]")(fn)
 
 
 def text_options(fn, default: str = "none; required for text-to-image models",
                  guidance_default: str = "7.5 with --prompts"):
-    fn = click.option("--guidance", default=None, type=click.FloatRange(0, 100),
-                      help="Classifier-free guidance scale of a text-to-image model: uncond + G*(cond - uncond) "
-                           f"in one batched UNet call; 1 = no guidance (one call). [default: {guidance_default}]")(fn)
+    fn = click.option("--guidance", default=None, type=click.FloatRange(1, 100),
+                      help="Classifier-free guidance scale of a text-to-image pipeline (its guidance_scale): "
+                           "uncond + G*(cond - uncond) in one batched UNet call; 1 = no guidance (one call). "
+                           f"[default: {guidance_default}]")(fn)
     fn = click.option("--prompts", default=None, type=click.Path(dir_okay=False),
                       help="Prompt file of a text-to-image model (Stable Diffusion style): one prompt per line, "
                            f"blank lines ignored; the sample of seed s uses prompt s mod P. [default: {default}]")(fn)
+    return fn
+
+
+def size_options(fn, default: str = "the pipeline's own (SD: 512 or 768, SDXL: 1024)"):
+    """--height, --width: a text-to-image pipeline's image size."""
+    for name in ("width", "height"):
+        fn = click.option(f"--{name}", default=None, type=click.IntRange(8, 16384),
+                          help=f"Image {name} in pixels of a text-to-image pipeline (its {name} argument; SDXL "
+                               f"builds its size micro-conditioning from it), a multiple of its VAE's scale factor (8 "
+                               f"for SD and SDXL). "
+                               f"[default: {default}]")(fn)
     return fn
 
 
@@ -158,19 +170,35 @@ def precision_option(fn, default: str | None = "fp32"):
                              + ("" if default else " [default: the schedule's]"))(fn)
 
 
+class SamplerName(click.ParamType):
+    """A sampler's short name, or a diffusers scheduler class name (checked against the pipeline
+    when it loads)."""
+
+    name = "sampler"
+
+    def convert(self, value, param, ctx):
+        sampler = canonical_sampler(value) if isinstance(value, str) else None
+        if sampler is None:
+            self.fail(f"{value!r} is not one of {', '.join(SAMPLER_NAMES)}, nor a diffusers scheduler class name "
+                      f"(e.g. KDPM2AncestralDiscreteScheduler)", param, ctx)
+        return sampler
+
+
 def sampler_option(fn, default: str | None = "heun"):
-    return click.option("--sampler", default=default, show_default=default is not None,
-                        type=click.Choice(list(SAMPLER_NAMES)),
-                        help="ODE sampler in σ space on --sigma-grid: EDM's Heun (NFE = 2*steps-1), Euler or "
-                             "DPM-Solver++(2M) (NFE = steps); or, for diffusers pipelines, diffusers' own DDIM, "
-                             "DPM-Solver multistep or UniPC on the model's timesteps (NFE = steps)."
+    return click.option("--sampler", default=default, show_default=default is not None, type=SamplerName(),
+                        help="heun, euler, dpmpp_2m: ODE samplers in σ space on --sigma-grid (EDM's Heun: NFE = "
+                             "2*steps-1; Euler, DPM-Solver++(2M): NFE = steps), for the bundled model, EDM networks "
+                             "and unconditional diffusers pipelines. Any other name is a diffusers scheduler (short "
+                             f"name: {', '.join(SCHEDULERS)}; or a class name) with which a diffusers pipeline "
+                             "samples itself, at exactly --nfe UNet calls."
                              + ("" if default else " [default: the schedule's]"))(fn)
 
 
 def nfe_option(fn, default: int | None = 9):
     return click.option("--nfe", default=default, show_default=default is not None,
                         type=click.IntRange(1, MAX_NFE),
-                        help="Denoiser evaluations per sample (Heun: 2*steps-1, so odd)."
+                        help="Denoiser (UNet) evaluations per sample (Heun: 2*steps-1, so odd; guidance batches "
+                             "both halves in one)."
                              + ("" if default else " [default: the schedule's]"))(fn)
 
 
@@ -179,7 +207,7 @@ def task_options(fn):
     fn = click.option("--seed", default=0, show_default=True, type=Seeds,
                       help="First seed; sample i uses seed SEED+i (same noise in every trial).")(fn)
     fn = nfe_option(sampler_option(fn))
-    fn = precision_option(text_options(grid_option(fn)))
+    fn = precision_option(size_options(text_options(grid_option(fn))))
     fn = model_options(fn)
     return device_option(threads_option(fn))
 

@@ -8,8 +8,8 @@ import click
 
 from .common import (
     Seeds, UserError, batch_option, config_option, device_option, features_option, friendly, grid_option,
-    model_options, nfe_option, precision_option, sampler_option, task_options, text_options, threads_option,
-    torch_setup, tuned_for_defaults,
+    model_options, nfe_option, precision_option, sampler_option, size_options, task_options, text_options,
+    threads_option, torch_setup, tuned_for_defaults,
 )
 
 
@@ -27,9 +27,11 @@ def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> N
     from ..core.controller import SkipController
     from ..core.errors import ScheduleError
     from ..models.loaders import load_denoiser
+    from ..models.pipelines import is_pipeline_source, load_pipeline_unet
 
-    denoiser, _ = load_denoiser(model, trust_pickle, edm_path, uvit_path, uvit_config)
-    ctl = SkipController(denoiser)
+    # a pipeline's UNet alone, whatever samples it; anything else as the denoiser its sampler sees
+    ctl = SkipController(load_pipeline_unet(model) if is_pipeline_source(model)
+                         else load_denoiser(model, trust_pickle, edm_path, uvit_path, uvit_config)[0])
     try:
         stages = freeu.stages(ctl.skips)
     except ScheduleError:  # skips at one resolution: no FreeU stages
@@ -57,10 +59,11 @@ def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> N
 @click.option("-n", "n", default=64, show_default=True, type=click.IntRange(1, 100_000), help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @friendly
-def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads,
-           device, schedule, n, out) -> None:
+def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width,
+           precision, sampler, nfe, seed, threads, device, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned. With --schedule, the model,
-    sampler, NFE, σ grid, prompts, guidance and precision it was tuned for are the defaults."""
+    sampler, NFE, σ grid, prompts, guidance, image size and precision it was tuned for are the
+    defaults."""
     from ..core.schedule import load_schedule
     from ..sampling.images import save_grid
     from ..scoring.evaluator import Evaluator
@@ -68,7 +71,7 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
 
     torch_setup(threads)
     settings = dict(model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid, prompts=prompts,
-                    guidance=guidance, precision=precision)
+                    guidance=guidance, height=height, width=width, precision=precision)
     path = schedule
     if schedule is not None:
         schedule = load_schedule(schedule)
@@ -91,6 +94,7 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
 @functools.partial(nfe_option, default=None)
 @functools.partial(grid_option, default_help="the schedule's")
 @functools.partial(text_options, default="the schedule's", guidance_default="the schedule's")
+@functools.partial(size_options, default="the schedule's")
 @functools.partial(precision_option, default=None)
 @click.option("--n", "n", default=5000, show_default=True, type=click.IntRange(4, 10_000_000),
               help="Held-out samples per variant.")
@@ -105,8 +109,9 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @friendly
-def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sampler, nfe, sigma_grid, prompts, guidance, precision, n, blocks,
-             seed, features, inception_weights, reference, batch, threads, device, as_json) -> None:
+def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sampler, nfe, sigma_grid, prompts,
+             guidance, height, width, precision, n, blocks, seed, features, inception_weights, reference, batch, threads,
+             device, as_json) -> None:
     """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
     on the same N new samples, with a 95% interval from independent seed blocks."""
     import json
@@ -119,7 +124,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sa
     torch_setup(threads)
     sched = load_schedule(schedule)
     settings = tuned_for_defaults(sched, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid,
-                                  prompts=prompts, guidance=guidance, precision=precision)
+                                  prompts=prompts, guidance=guidance, height=height, width=width, precision=precision)
     searched = sched.metric.get("seeds", "")
     if searched and "-" in searched:
         first, last = (int(v) for v in searched.split("-"))

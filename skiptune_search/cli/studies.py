@@ -84,7 +84,7 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
         evaluator = Evaluator(Task(model=task["model"] if source == click.core.ParameterSource.DEFAULT else model,
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
                                    sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],
-                                   precision=task["precision"]),
+                                   height=task["height"], width=task["width"], precision=task["precision"]),
                               trust_pickle=trust_pickle, edm_path=edm_path, uvit_path=uvit_path, uvit_config=uvit_config)
         best = export_best(st, storage)
         grids = (evaluator.images(evaluator.controller.identity(), progress="baseline grid")[:samples],

@@ -61,8 +61,9 @@ RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
                    "after two missed beats (0: off; on this machine a dead worker's trial is retried at once).")
 @friendly
-def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, precision, sampler, nfe, seed, threads, device,
-           storage, study, family, placement, knots, trials, n, rungs, objective, rho_min, rho_max, batch, features,
+def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width, precision,
+           sampler, nfe, seed, threads, device, storage, study, family, placement, knots, trials, n, rungs, objective,
+           rho_min, rho_max, batch, features,
            inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
@@ -96,7 +97,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
         W.own_setup(workers)
     task = Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
-                guidance=guidance, precision=precision)
+                guidance=guidance, height=height, width=width, precision=precision)
     evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
                           feature_weights=inception_weights, device=device, uvit_path=uvit_path, uvit_config=uvit_config)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit

@@ -14,7 +14,6 @@ import pickle
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -77,19 +76,20 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
     """The denoiser D(x, σ) of ``model`` and its info (name, resolution, channels, σ range).
 
     ``model`` is 'fashion-mnist-edm' (bundled), a model folder written by train-default, an
-    EDM or EDM2 network pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``,
-    or a U-ViT state dict (``*.pth``, with ``uvit_path``, a checkout of baofff/U-ViT, and the name
-    of its config there, ``uvit_config``; see ``uvit.py``).
+    unconditional diffusers pipeline (``pipelines.load_vp_denoiser``), an EDM or EDM2 network
+    pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``, or a U-ViT state
+    dict (``*.pth``, with ``uvit_path``, a checkout of baofff/U-ViT, and the name of its config
+    there, ``uvit_config``; see ``uvit.py``).
     """
     if model not in (None, DEFAULT_MODEL_NAME) and str(model).endswith(".pkl"):
         return load_edm_pickle(Path(model), trust_pickle, edm_path)
     if uvit_path is not None or str(model).endswith(".pth"):
         return load_uvit(model, uvit_path, uvit_config)
+    from .pipelines import is_pipeline_source, load_vp_denoiser
+
+    if is_pipeline_source(model):  # a diffusers pipeline's UNet in σ-space
+        return load_vp_denoiser(str(model))
     model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
-    if not (model_dir / MODEL_INFO_FILE).is_file() and (
-        (model_dir / "model_index.json").is_file() or (not model_dir.exists() and _looks_like_repo_id(str(model)))
-    ):
-        return load_diffusers_pipeline(str(model))
     if not model_dir.is_dir():
         raise ModelLoadError(
             f"model {model} not found: use {DEFAULT_MODEL_NAME} (bundled), a model folder written by "
@@ -107,116 +107,6 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
         sigma_max=info["sigma_max"],
     )
     info = dict(info, name=DEFAULT_MODEL_NAME if model_dir == DEFAULT_MODEL_DIR else str(model_dir))
-    return denoiser, info
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
-
-
-def _offline_error(source: str, exc: Exception) -> ModelLoadError:
-    where = "is not in the local Hugging Face cache" if not Path(source).exists() else "could not be read"
-    return ModelLoadError(
-        f"diffusers model {source} {where} ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
-        f"on a machine with internet run: hf download {source}"
-    )
-
-
-def _pipeline_folder(source: str) -> str:
-    """The folder of a pipeline: ``source`` itself, or a repo id's snapshot in the local Hugging
-    Face cache (found by its model_index.json; partial downloads are fine, nothing is fetched)."""
-    if Path(source).exists() or not _looks_like_repo_id(source):
-        return source
-    from huggingface_hub import try_to_load_from_cache
-
-    index = try_to_load_from_cache(source, "model_index.json")
-    if not isinstance(index, str):
-        raise _offline_error(source, FileNotFoundError("no model_index.json of it in the cache"))
-    return str(Path(index).parent)
-
-
-def load_diffusers_pipeline(source: str) -> tuple[torch.nn.Module, dict]:
-    """A diffusers pipeline (a local folder or a Hugging Face repo id already in the local cache)
-    as a denoiser in σ-space: a DDPM-family UNet2DModel + scheduler, or a Stable-Diffusion-style
-    text-to-image pipeline (``load_text_to_image``). Never downloads."""
-    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
-
-    folder = _pipeline_folder(source)
-    try:
-        with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
-            warnings.simplefilter("ignore", UserWarning)
-            index = DiffusionPipeline.load_config(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise _offline_error(source, exc) from None
-    if index.get("text_encoder", [None])[0] is not None:
-        return load_text_to_image(source, index, folder)
-    try:
-        # a local folder: diffusers falls back to its top level when there is no unet/ or scheduler/
-        # (the flat layout of google/ddpm-* repos)
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                           low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise _offline_error(source, exc) from None
-    from .denoisers import DiffusersVPPrecond
-
-    denoiser = DiffusersVPPrecond(unet.eval().requires_grad_(False), scheduler.alphas_cumprod,
-                                  scheduler.config.prediction_type, dict(scheduler.config))
-    size = unet.config.sample_size
-    info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type,
-            "resolution": int(size if isinstance(size, int) else size[0]), "channels": int(unet.config.in_channels),
-            "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
-    return denoiser, info
-
-
-def load_text_to_image(source: str, index: dict, folder: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """A Stable-Diffusion-style pipeline (unet = UNet2DConditionModel, text_encoder, tokenizer,
-    vae = AutoencoderKL, scheduler; ``index`` is its model_index.json; ``folder`` where it is, by
-    default ``source``) as a classifier-free-guided denoiser in latent σ-space. Each part is loaded
-    by the class model_index.json names, offline."""
-    folder = folder or source
-    import importlib
-
-    from diffusers import DDPMScheduler
-
-    from .denoisers import TextCFGPrecond
-
-    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if index.get(part, [None])[0] is None]
-    if missing or index["unet"][1] != "UNet2DConditionModel":
-        raise ModelLoadError(f"{source} is not a Stable-Diffusion-style pipeline (needs a UNet2DConditionModel unet, "
-                             f"vae, text_encoder, tokenizer, scheduler; missing: {', '.join(missing) or 'none'})")
-    if index.get("text_encoder_2", [None])[0] is not None:
-        raise ModelLoadError(f"{source} is an SDXL-style pipeline (two text encoders), which is not supported; "
-                             f"use a Stable Diffusion 1.x or 2.x-style one")
-    parts = {}
-    try:
-        for part in ("unet", "vae", "text_encoder", "tokenizer"):
-            library, cls = index[part]
-            kwargs = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
-            parts[part] = getattr(importlib.import_module(library), cls).from_pretrained(
-                folder, subfolder=part, local_files_only=True, **kwargs)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    except ImportError as exc:
-        raise ModelLoadError(f"{source} needs the package {exc.name or 'transformers'} (text encoders): "
-                             f"pip install 'skiptune-search[text]'") from None
-    except (OSError, ValueError) as exc:
-        raise _offline_error(source, exc) from None
-    unet_config = parts["unet"].config
-    if unet_config.get("addition_embed_type") or unet_config.in_channels != unet_config.out_channels:
-        raise ModelLoadError(f"{source}: its UNet needs inputs besides the latents and the prompt (added embeddings, "
-                             f"or {unet_config.in_channels} input channels for {unet_config.out_channels} predicted: "
-                             f"an SDXL, inpainting or image-conditioned model); only plain text-to-image is supported")
-    frozen = {k: v.eval().requires_grad_(False) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
-    denoiser = TextCFGPrecond(frozen["unet"], scheduler.alphas_cumprod, scheduler.config.prediction_type,
-                              dict(scheduler.config), frozen["text_encoder"], frozen["tokenizer"], frozen["vae"])
-    size = frozen["unet"].config.sample_size
-    latent = int(size if isinstance(size, int) else size[0])
-    vae_scale = 2 ** (len(frozen["vae"].config.block_out_channels) - 1)
-    info = {"name": source, "precond": "vp-" + scheduler.config.prediction_type + "-cfg", "text": True,
-            "resolution": latent, "channels": int(frozen["unet"].config.in_channels),
-            "image_resolution": latent * vae_scale, "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
     return denoiser, info
 
 

@@ -1,6 +1,6 @@
 """Prompt files for text-to-image models: one prompt per line, blank lines ignored.
 
-Which prompt a sample gets is ``sampling.prompt_indices``: seed s uses prompt s mod P.
+Which prompt a sample gets is ``prompt_indices``: seed s uses prompt s mod P.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 from ..core.errors import InputError
 
@@ -32,3 +33,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 def prompts_digest(path: str | os.PathLike) -> str:
     """16 hex digits of the prompts of a file (so an edited file is a different task)."""
     return hashlib.sha256("\n".join(read_prompts(path)).encode()).hexdigest()[:16]
+
+
+def prompt_indices(seeds: Sequence[int], n_prompts: int) -> list[int]:
+    """The prompt of each seed's sample: seed s uses prompt s mod P (the (s mod P)-th non-blank
+    line of the prompt file), so it is the same in every trial and every batch, and P
+    consecutive seeds use every prompt once."""
+    return [int(seed) % n_prompts for seed in seeds]

@@ -27,3 +27,9 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
     with atomic_path(path, suffix=".png") as tmp:
         save_image(images.float().div(255), tmp, nrow=nrow, padding=2, format="png")
     return Path(path)
+
+
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (a diffusers pipeline's tensor output) -> uint8 on the CPU, rounded as the
+    pipeline's own PIL and NumPy-to-PIL output rounds them: round(255 x)."""
+    return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()

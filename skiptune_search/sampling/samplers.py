@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import InputError, NonFiniteSamplesError
-from . import NATIVE_SCHEDULERS, SAMPLER_NAMES, SIGMA_GRIDS
+from . import SIGMA_GRIDS, SIGMA_SAMPLERS
 from .images import to_uint8
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,68 +105,38 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -
     return x
 
 
-def native_scheduler(precond, sampler: str, steps: int, device: torch.device | str = "cpu"):
-    """diffusers' scheduler ``sampler`` built from the model's own scheduler config, set to ``steps``."""
-    import diffusers
-
-    config = getattr(precond, "scheduler_config", None)
-    if not config:
-        raise InputError(f"sampler {sampler} needs a diffusers pipeline model (its scheduler config)",
-                         option="sampler")
-    scheduler = getattr(diffusers, NATIVE_SCHEDULERS[sampler]).from_config(config)
-    scheduler.set_timesteps(steps, device=device)
-    return scheduler
-
-
-def native_sigmas(precond, sampler: str, steps: int) -> torch.Tensor:
-    """The σ of each timestep a native scheduler visits (its spacing is the model's config's), then 0."""
-    timesteps = native_scheduler(precond, sampler, steps).timesteps
-    return torch.cat([precond.sigma_from_timestep(timesteps).double().cpu(), torch.zeros(1, dtype=torch.float64)])
-
-
-@torch.no_grad()
-def sample_native(precond, noise: torch.Tensor, steps: int, sampler: str, cond: dict | None = None) -> torch.Tensor:
-    """Sample a diffusers DDPM-family model with one of diffusers' own schedulers, built from the
-    model's scheduler config, calling its UNet directly (the skip controller sees each call);
-    ``cond`` goes to every call (a text model's prompt embeddings)."""
-    scheduler = native_scheduler(precond, sampler, steps, noise.device)
-    x = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        out = precond.unet_output(scheduler.scale_model_input(x, t), t, **(cond or {}))
-        x = scheduler.step(out, t, x).prev_sample
-    return x
-
-
 # name -> (function, steps for an NFE or None when impossible, NFE of a number of steps)
 SAMPLERS: dict[str, tuple[Callable, Callable[[int], int | None], Callable[[int], int]]] = {
     "heun": (sample_heun, lambda nfe: (nfe + 1) // 2 if nfe >= 1 and nfe % 2 == 1 else None,
              lambda steps: 2 * steps - 1),
     "euler": (sample_euler, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
     "dpmpp_2m": (sample_dpmpp_2m, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps),
-    **{name: (sample_native, lambda nfe: nfe if nfe >= 1 else None, lambda steps: steps)
-       for name in NATIVE_SCHEDULERS},
 }
-assert tuple(SAMPLERS) == SAMPLER_NAMES, "sampling/__init__.py lists the samplers by name for the CLI"
+assert tuple(SAMPLERS) == SIGMA_SAMPLERS, "sampling/__init__.py lists the samplers by name for the CLI"
 
 
 def default_sigma_grid(sampler: str) -> str:
-    """'model' for diffusers' own schedulers (they step on the model's timesteps), else 'karras'."""
-    return "model" if sampler in NATIVE_SCHEDULERS else "karras"
+    """'karras' for the σ-space samplers, 'model' for diffusers' schedulers (they step on the
+    model's timesteps)."""
+    return "karras" if sampler in SIGMA_SAMPLERS else "model"
 
 
 def check_sigma_grid(sampler: str, grid: str) -> None:
     """A σ grid the sampler can step on; a one-line error otherwise."""
     if grid not in SIGMA_GRIDS:
         raise InputError(f"unknown σ grid {grid!r}; choose one of {', '.join(SIGMA_GRIDS)}", option="sigma_grid")
-    if sampler in NATIVE_SCHEDULERS and grid != "model":
+    if sampler not in SIGMA_SAMPLERS and grid != "model":
         raise InputError(f"sampler {sampler} steps on its scheduler's own timesteps: use the model σ grid, "
                          f"or a σ-space sampler (heun, euler, dpmpp_2m) on the Karras grid", option="sigma_grid")
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
-    """Steps that spend exactly ``nfe`` evaluations; an impossible NFE lists the nearest valid."""
+    """Steps of σ-space sampler ``sampler`` that spend exactly ``nfe`` evaluations; an impossible
+    NFE lists the nearest valid. (A diffusers scheduler's steps come from the scheduler itself:
+    ``models.pipelines.steps_for_nfe``.)"""
     if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}", option="sampler")
+        raise InputError(f"unknown σ-space sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}",
+                         option="sampler")
     _, to_steps, to_nfe = SAMPLERS[sampler]
     steps = to_steps(nfe)
     if steps is None:
@@ -198,13 +168,6 @@ def seeded_inputs(seeds: Sequence[int], shape: Sequence[int], label_dim: int) ->
     return noise, labels
 
 
-def prompt_indices(seeds: Sequence[int], n_prompts: int) -> list[int]:
-    """The prompt of each seed's sample: seed s uses prompt s mod P (the (s mod P)-th non-blank
-    line of the prompt file), so it is the same in every trial and every batch, and P
-    consecutive seeds use every prompt once."""
-    return [int(seed) % n_prompts for seed in seeds]
-
-
 def generate_batches(
     denoiser: Denoiser,
     sampler: str,
@@ -219,15 +182,13 @@ def generate_batches(
 ) -> Iterator[torch.Tensor]:
     """uint8 images [B, C, H, W] (on the CPU) for ``seeds``, one batch of ``batch_size`` at a time,
     sampled on ``device``. The noise (and the class of a ``label_dim``-class model) is drawn on the
-    CPU, so a seed gives the same sample inputs on any device. A text model (a denoiser with
-    ``num_prompts``) gets prompt ``prompt_indices(seeds)``, encoded once per batch; a latent
-    model (a denoiser with ``decode``) has its latents decoded into images. With ``autocast`` (a
+    CPU, so a seed gives the same sample inputs on any device. A latent model (a denoiser with
+    ``decode``, as EDM2's img512 models) has its latents decoded into images. With ``autocast`` (a
     dtype), the model runs under torch.autocast in it; the sampler's own updates stay fp32."""
     fn = SAMPLERS[sampler][0]
+    decode = getattr(denoiser, "decode", None)
     sigma_max = float(sigmas[0])
     desc = progress if isinstance(progress, str) else "sampling"
-    n_prompts = int(getattr(denoiser, "num_prompts", 0))
-    decode = getattr(denoiser, "decode", None)
     with tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(seeds), batch_size):
             batch_seeds = seeds[start : start + batch_size]
@@ -235,17 +196,11 @@ def generate_batches(
             with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=autocast,
                                                         enabled=autocast is not None):
                 noise, labels = seeded_inputs(batch_seeds, shape, label_dim)
-                # conditioning of the batch, the same at every step: class labels or prompt embeddings
-                cond: dict = {}
-                if labels is not None:
-                    cond["class_labels"] = labels.to(device)
-                if n_prompts:
-                    cond.update(denoiser.condition(prompt_indices(batch_seeds, n_prompts)))
-                model = (lambda x, sigma: denoiser(x, sigma, **cond)) if cond else denoiser  # noqa: E731
-                if sampler in NATIVE_SCHEDULERS:
-                    x = sample_native(denoiser, noise.to(device), len(sigmas) - 1, sampler, cond)
-                else:
-                    x = fn(model, noise.to(device) * sigma_max, sigmas)
+                # a class-conditional model's labels, the same at every step
+                labels = None if labels is None else labels.to(device)
+                model = denoiser if labels is None else (
+                    lambda x, sigma: denoiser(x, sigma, class_labels=labels))  # noqa: E731
+                x = fn(model, noise.to(device) * sigma_max, sigmas)
                 if not torch.isfinite(x).all():
                     raise NonFiniteSamplesError(
                         f"non-finite values in samples of seeds {batch_seeds[0]}..{batch_seeds[-1]}"

@@ -19,8 +19,8 @@ from ..core.controller import SkipController
 from ..core.errors import InputError, ReferenceStatsError
 from ..core.schedule import RhoSchedule
 from ..models.loaders import load_denoiser
-from ..sampling import NATIVE_SCHEDULERS
-from ..sampling.samplers import generate_batches, native_sigmas, sigma_grid, steps_for_nfe
+from ..sampling import SIGMA_SAMPLERS
+from ..sampling.samplers import generate_batches, sigma_grid, steps_for_nfe
 from . import DEFAULT_FEATURES
 from .metrics import (
     DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, kid_from_features, load_extractor,
@@ -54,9 +54,12 @@ SampleFn = Callable[[list[int]], torch.Tensor]  # seeds -> uint8 images [len(see
 class Evaluator:
     """Loads the model, controller, extractor and reference once; scores schedules.
 
-    The model is ``task.model`` loaded by name and sampled by the task's sampler; or, from
-    Python, any ``model`` the adapters understand with the caller's own ``sample(seeds)`` (uint8
-    images, the same for a seed in every call), its task's sampler ``CUSTOM``."""
+    The model is ``task.model`` loaded by name: a denoiser sampled on a σ grid by a σ-space
+    sampler, or a diffusers pipeline sampled by its own ``__call__`` with the scheduler the task
+    names (``models.pipelines.PipelineRun``); or, from Python, any ``model`` the adapters understand
+    with the caller's own ``sample(seeds)`` (uint8 images, the same for a seed in every call), its
+    task's sampler ``CUSTOM``. A pipeline and the caller's loop are sampled alike: by a sample
+    function of seeds, the controller reading σ from the UNet's timestep."""
 
     def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
                  edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto",
@@ -75,26 +78,57 @@ class Evaluator:
         if (model is None) != (sample is None) or (model is None) != (task.sampler != CUSTOM):
             raise InputError(f"a model of your own needs its sample function and a task with sampler {CUSTOM!r}; "
                              f"a model by name needs neither")
-        if model is not None:  # the caller's model and sampling loop
-            self.denoiser, self.model_info = model, {"name": task.model}
-            self.controller = SkipController(model, timestep_to_sigma)
-            self.controller.attach()
-            self._sigma_range = sigma_range
+        if model is None and task.sampler in SIGMA_SAMPLERS:
+            self._load_denoiser(trust_pickle, edm_path, uvit_path, uvit_config)
             return
+        if model is None:  # a diffusers pipeline, sampled by its own __call__
+            run = self._load_pipeline()
+            model, sample, timestep_to_sigma = run.pipe, run.sample, run.timestep_to_sigma
+            sigma_range = (float(run.sigmas.min()), float(run.sigmas.max()))
+        else:  # the caller's model and sampling loop
+            self.model_info = {"name": task.model}
+        self.denoiser, self._sample = model, sample
+        self.controller = SkipController(model, timestep_to_sigma)
+        self.controller.attach()
+        self._sigma_range = sigma_range
+
+    def _load_denoiser(self, trust_pickle: bool, edm_path: str | None, uvit_path: str | None,
+                       uvit_config: str | None) -> None:
+        """``task.model`` as a denoiser D(x, σ), on the task's σ grid."""
+        task = self.task
         self.steps = steps_for_nfe(task.sampler, task.nfe)
         self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path, uvit_path, uvit_config)
-        self._set_prompts()
+        if task.prompts is not None:
+            raise InputError(f"{task.model} takes no text; prompts and guidance are for text-to-image pipelines "
+                             f"(Stable Diffusion style)", option="prompts")
+        if task.height is not None or task.width is not None:
+            raise InputError(f"{task.model} samples at its own size; an image size is for text-to-image pipelines",
+                             option="height" if task.height is not None else "width")
         self.denoiser.to(self.device)
         self.controller = SkipController(self.denoiser)
         self.controller.attach()
-        if task.sampler in NATIVE_SCHEDULERS:  # the σ of the scheduler's own timesteps
-            self.sigmas = native_sigmas(self.denoiser, task.sampler, self.steps)
-        else:
-            self.sigmas = sigma_grid(task.sigma_grid, self.steps, self.model_info["sigma_min"],
-                                     self.model_info["sigma_max"], getattr(self.denoiser, "sigma_table", None),
-                                     self.model_info["name"])
+        self.sigmas = sigma_grid(task.sigma_grid, self.steps, self.model_info["sigma_min"],
+                                 self.model_info["sigma_max"], getattr(self.denoiser, "sigma_table", None),
+                                 self.model_info["name"])
         self.shape = (self.model_info["channels"], self.model_info["resolution"], self.model_info["resolution"])
         self._sigma_range = (float(self.sigmas[-2]), float(self.sigmas[0]))
+
+    def _load_pipeline(self):
+        """``task.model`` as a diffusers pipeline with the task's scheduler at its NFE; ``sigmas``
+        are then the σ of each UNet call of a sample, in order, and 0 (the end)."""
+        from ..models.pipelines import PipelineRun, is_pipeline_source
+
+        task = self.task
+        if not is_pipeline_source(task.model):
+            raise InputError(f"sampler {task.sampler} is a diffusers scheduler: it needs a diffusers pipeline model "
+                             f"(a folder with model_index.json, or a repo id in the local Hugging Face cache); "
+                             f"{task.model} is sampled by heun, euler or dpmpp_2m", option="sampler")
+        run = PipelineRun(task.model, task.sampler, task.nfe, prompts=task.prompts, guidance=task.guidance,
+                          height=task.height, width=task.width, device=self.device,
+                          autocast=autocast_dtype(task.precision))
+        self.pipeline, self.model_info, self.steps = run, run.info, run.steps
+        self.sigmas = torch.cat([run.sigmas.double(), torch.zeros(1, dtype=torch.float64)])
+        return run
 
     @property
     def sigma_range(self) -> tuple[float, float]:
@@ -103,19 +137,6 @@ class Evaluator:
             raise InputError("a σ-dependent family needs the σ range your sampler visits (sigma_range)",
                              option="sigma_range")
         return self._sigma_range
-
-    def _set_prompts(self) -> None:
-        """Give a text model its prompts and guidance; refuse prompts for any other model."""
-        from ..models.prompts import read_prompts
-
-        if hasattr(self.denoiser, "set_prompts"):
-            if self.task.prompts is None:
-                raise InputError(f"{self.task.model} is a text-to-image model: it needs a prompt file (one prompt "
-                                 f"per line; seed s uses prompt s mod P)", option="prompts")
-            self.denoiser.set_prompts(read_prompts(self.task.prompts), self.task.guidance)
-        elif self.task.prompts is not None:
-            raise InputError(f"{self.task.model} takes no text; prompts and guidance are for text-to-image "
-                             f"pipelines (Stable Diffusion style)", option="prompts")
 
     @property
     def extractor(self):

@@ -1,8 +1,8 @@
 """The task: what every trial of a study samples and how it is scored.
 
 Two FIDs compare only when their tasks match (model, sampler, NFE, σ grid, samples, seeds,
-features, reference, rungs, objective, prompts, guidance, precision): a study stores its task's
-``scoring_key`` and refuses to resume under another one.
+features, reference, rungs, objective, prompts, guidance, image size, precision): a study stores
+its task's ``scoring_key`` and refuses to resume under another one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from ..core.errors import InputError
 from ..models.loaders import DEFAULT_MODEL_NAME
+from ..sampling import SAMPLER_NAMES, SIGMA_SAMPLERS, canonical_sampler
 from ..sampling.samplers import check_sigma_grid, default_sigma_grid, steps_for_nfe
 from . import DEFAULT_FEATURES, OBJECTIVES, PRECISIONS
 
@@ -24,7 +25,7 @@ class Task:
     """What one trial generates and how it is scored: every trial of a study shares it."""
 
     model: str = DEFAULT_MODEL_NAME
-    sampler: str = "heun"
+    sampler: str = "heun"  # a σ-space sampler, or a diffusers scheduler (short or class name) for a pipeline
     nfe: int = 9
     n: int = 1000  # samples per trial
     seed: int = 0  # trial samples use seeds seed .. seed + n - 1
@@ -35,6 +36,8 @@ class Task:
     sigma_grid: str | None = None  # 'karras' or 'model'; None: the sampler's default (default_sigma_grid)
     prompts: str | None = None  # a text model's prompt file (one per line); seed s uses prompt s mod P
     guidance: float | None = None  # classifier-free guidance scale of a text model (1: none)
+    height: int | None = None  # a text-to-image pipeline's image size (None: the pipeline's own)
+    width: int | None = None
     precision: str = "fp32"  # a key of PRECISIONS
 
     def __post_init__(self) -> None:
@@ -58,7 +61,14 @@ class Task:
         if self.sampler == CUSTOM:  # the caller's loop: its NFE is a label, it has no σ grid of ours
             object.__setattr__(self, "sigma_grid", CUSTOM)
         else:
-            steps_for_nfe(self.sampler, self.nfe)
+            sampler = canonical_sampler(self.sampler)
+            if sampler is None:
+                raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)} or a "
+                                 f"diffusers scheduler class name (e.g. KDPM2AncestralDiscreteScheduler)",
+                                 option="sampler")
+            object.__setattr__(self, "sampler", sampler)
+            if sampler in SIGMA_SAMPLERS:  # a scheduler's NFE is checked against the scheduler itself
+                steps_for_nfe(self.sampler, self.nfe)
             grid = self.sigma_grid or default_sigma_grid(self.sampler)
             check_sigma_grid(self.sampler, grid)
             object.__setattr__(self, "sigma_grid", grid)
@@ -66,9 +76,15 @@ class Task:
             raise InputError("guidance applies to text-to-image models: give a prompt file too", option="guidance")
         if self.prompts is not None:
             guidance = DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)
-            if not guidance >= 0:
-                raise InputError(f"guidance {self.guidance} must be at least 0 (1 is no guidance)", option="guidance")
+            if not guidance >= 1:  # diffusers pipelines guide only above 1, and treat anything below as 1
+                raise InputError(f"guidance {self.guidance} must be at least 1 (1 is no guidance)", option="guidance")
             object.__setattr__(self, "guidance", guidance)
+        for option in ("height", "width"):
+            value = getattr(self, option)
+            if value is not None and (self.prompts is None or isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 8):
+                raise InputError(f"{option} {value}: an image size is a whole number of pixels (at least 8) of a "
+                                 f"text-to-image pipeline, given with its prompt file", option=option)
 
     @property
     def seeds(self) -> list[int]:
@@ -92,7 +108,7 @@ class Task:
 def with_legacy_defaults(task_key: dict) -> dict:
     """A stored task key with the fields added since it was written, at the values it ran with."""
     defaults = {"sigma_grid": default_sigma_grid(task_key.get("sampler", "heun")), "prompts": None, "guidance": None,
-                "precision": "fp32"}
+                "precision": "fp32", "height": None, "width": None}
     return {**defaults, **task_key}
 
 

@@ -43,7 +43,8 @@ def default_study_name(task: Task, space: Space) -> str:
     model = "".join(c if c in _NAME_OK else "_" for c in model).lstrip(".")[:60] or "model"
     grid = "" if task.sigma_grid == default_sigma_grid(task.sampler) else f"-{task.sigma_grid}grid"
     cfg = f"-cfg{task.guidance:g}" if task.prompts is not None else ""
-    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}-{space.family}-{space.placement}"
+    size = f"-{task.width or 'auto'}x{task.height or 'auto'}" if task.height or task.width else ""
+    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}{size}-{space.family}-{space.placement}"
 
 
 # --- whose study is it ------------------------------------------------------------------------
@@ -275,6 +276,7 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
                  "sigma_grid": task["sigma_grid"], "precision": task["precision"]}
     if task["prompts"] is not None:
         tuned_for.update(prompts=task["prompts"], guidance=task["guidance"])
+    tuned_for.update({k: task[k] for k in ("height", "width") if task[k] is not None})
     return study_space(study).schedule(
         arch, skips, best.params,
         tuned_for=tuned_for,
