@@ -58,7 +58,7 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
             """FID on the held-out samples, and the seconds it took."""
             start = time.perf_counter()
             rung = next(evaluator.score(schedule, rungs=(len(held_out),), seeds=held_out,
-                                        progress=progress and f"NFE {nfe} {label} held-out"))
+                                        progress=progress and f"NFE {nfe} {label} held-out", kid=False))
             return rung.fid, time.perf_counter() - start
 
         if "untuned" not in row:

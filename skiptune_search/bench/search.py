@@ -259,7 +259,7 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
         inner, outer = (float(v) for v in key.split(","))
         schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
         pooled = next(evaluator.score(schedule, rungs=(truth_n,), seeds=seeds,
-                                      progress=progress and f"held-out {k + 1}/{len(keys)} ρ=({key})"))
+                                      progress=progress and f"held-out {k + 1}/{len(keys)} ρ=({key})", kid=False))
         # every proxy on each block of N held-out samples, as a search would score that block
         blocks = [_scores([rung_score(pooled.features[b:b + r], evaluator.reference) for r in task.rungs])
                   for b in range(0, truth_n, task.n)]

@@ -42,9 +42,9 @@ class Rung:
     images: torch.Tensor | None = None  # the first samples (a grid's worth), at the first rung only
 
 
-def rung_score(features: torch.Tensor, reference: ReferenceStats) -> Rung:
-    """FID, and KID where the reference has features, of ``features``."""
-    kid = kid_from_features(features, reference) if reference.kid_features is not None else None
+def rung_score(features: torch.Tensor, reference: ReferenceStats, kid: bool = True) -> Rung:
+    """FID, and (``kid``) KID where the reference has features, of ``features``."""
+    kid = kid_from_features(features, reference) if kid and reference.kid_features is not None else None
     return Rung(len(features), fid_from_features(features, reference), kid, features)
 
 
@@ -218,10 +218,11 @@ class Evaluator:
 
     # --- scoring -----------------------------------------------------------------------
     def score(self, schedule: RhoSchedule, rungs: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
-              progress: bool | str = True) -> Iterator[Rung]:
+              progress: bool | str = True, kid: bool = True) -> Iterator[Rung]:
         """Score ``schedule`` on ``seeds`` (default: the task's) at each rung (default: the task's),
         a sample count: each rung samples only the seeds the previous one did not, then yields
-        FID (and KID) of all samples so far; the first rung also carries the first 64 images."""
+        FID (and, with ``kid``, KID) of all samples so far; the first rung also carries the first
+        64 images. Held-out scores need FID alone (``kid=False``: KID's kernels grow with N²)."""
         seeds = list(seeds or self.task.seeds)
         rungs = tuple(rungs or self.task.rungs)
         if rungs[-1] > len(seeds):
@@ -231,7 +232,7 @@ class Evaluator:
             label = progress and (f"{progress}, N={rung}" if isinstance(progress, str) else f"N={rung}")
             more, images = self.features(schedule, seeds[done:rung], progress=label)
             features.append(more)
-            result = rung_score(torch.cat(features), self.reference)
+            result = rung_score(torch.cat(features), self.reference, kid)
             if done == 0:
                 result.images = images
             done = rung

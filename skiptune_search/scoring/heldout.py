@@ -38,11 +38,11 @@ def evaluate_schedule(evaluator: Evaluator, schedule: RhoSchedule, seeds: list[i
                     "features": evaluator.task.features}
     per_block = {}
     for label, sched in (("baseline", evaluator.controller.identity()), ("tuned", schedule)):
-        pooled = next(evaluator.score(sched, rungs=(len(seeds),), seeds=seeds, progress=f"{label}"))
+        pooled = next(evaluator.score(sched, rungs=(len(seeds),), seeds=seeds, progress=f"{label}", kid=False))
         features = pooled.features
         block_fids = [fid_from_features(features[b * size:(b + 1) * size], evaluator.reference) for b in range(blocks)]
         per_block[label] = block_fids
-        result[label] = {"fid": pooled.fid, "kid": pooled.kid, "block_fid": _interval(block_fids),
+        result[label] = {"fid": pooled.fid, "block_fid": _interval(block_fids),
                          "block_fids": block_fids}
     diffs = [t - b for t, b in zip(per_block["tuned"], per_block["baseline"])]
     result["difference"] = _interval(diffs)
