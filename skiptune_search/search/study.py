@@ -122,8 +122,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
 
 def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs) -> optuna.Study:
     """A study in memory with the search's optimizer, pruner and first trials: what the
-    benchmarks replay a search on."""
+    benchmarks replay a search on (Optuna's own log set to warnings, as ``make_storage`` does)."""
     space.check(skips)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(optimizer, space, skips, seed),
                                 pruner=make_pruner(rungs))
     for attr, params in space.first_trials(skips, optimizer):
