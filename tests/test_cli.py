@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from cli_helpers import one_line_error
 from skiptune_search.cli import main
 
 
@@ -67,32 +68,24 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     assert f"of {tiny_model_dir}, heun NFE 3 (karras σ grid, fp32)" in result.output
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2
-    message = result.output.strip()
-    assert message.startswith("Error:") and len(message.splitlines()) == 1, message
-    for needle in needles:
-        assert needle in message
-
-
 def test_bad_input_is_a_one_line_error(run, tiny_model_dir, tmp_path):
-    _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 10), "nearest valid: 9, 11")
-    _one_line_error(run("search", "--model", tiny_model_dir, "--rho-min", 2), "--rho-min")
-    _one_line_error(run("search", "--model", tmp_path / "nowhere"), "--model: model", "not found",
+    one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 10), "nearest valid: 9, 11")
+    one_line_error(run("search", "--model", tiny_model_dir, "--rho-min", 2), "--rho-min")
+    one_line_error(run("search", "--model", tmp_path / "nowhere"), "--model: model", "not found",
                     "use fashion-mnist-edm (bundled)")
-    _one_line_error(run("sample", "--model", tiny_model_dir, "--schedule", "missing.json", "-o", "g.png"),
+    one_line_error(run("sample", "--model", tiny_model_dir, "--schedule", "missing.json", "-o", "g.png"),
                     "missing.json not found")
-    _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study storage at studies/skiptune.db")
+    one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study storage at studies/skiptune.db")
     for read_only in (["studies"], ["export", "--study", "s", "-o", "x.json"], ["report", "--study", "s", "-o", "r.html"],
                       ["dashboard"]):  # a mistyped storage path is not created empty
-        _one_line_error(run(*read_only, "--storage", "sqlite:///typo/s.db"), "no study storage at typo/s.db")
+        one_line_error(run(*read_only, "--storage", "sqlite:///typo/s.db"), "no study storage at typo/s.db")
     assert not (tmp_path / "typo").exists()
     import optuna
 
     from skiptune_search.search.storage import make_storage
 
     optuna.create_study(storage=make_storage("sqlite:///studies/skiptune.db"), study_name="other")
-    _one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study 'nope'")
+    one_line_error(run("export", "--study", "nope", "-o", "x.json"), "no study 'nope'")
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "g.png").exists()
 
 
@@ -100,7 +93,7 @@ def test_changed_settings_do_not_touch_the_study(run, tiny_model_dir, tmp_path):
     assert run(*_search_args(tiny_model_dir)[:-4], "--trials", 1, "--batch", 5).exit_code == 0, "setup"
     db = (tmp_path / "studies" / "skiptune.db").read_bytes()
     result = run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 20, "--trials", 2)
-    _one_line_error(result, "--study: study", "n: 10 (now 20)", "or another study name")
+    one_line_error(result, "--study: study", "n: 10 (now 20)", "or another study name")
     assert (tmp_path / "studies" / "skiptune.db").read_bytes() == db
 
 
@@ -126,11 +119,11 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir,
     assert result.exit_code == 0, result.output
     assert "heun NFE 3 (karras σ grid), N = 6 samples" in result.output
     (tmp_path / "bad.toml").write_text("nfee = 3\n")
-    _one_line_error(run("search", "--config", "bad.toml"), "unknown key 'nfee'", "did you mean 'nfe'?")
+    one_line_error(run("search", "--config", "bad.toml"), "unknown key 'nfee'", "did you mean 'nfe'?")
     (tmp_path / "broken.toml").write_text("nfe = \n")
-    _one_line_error(run("search", "--config", "broken.toml"), "not valid TOML")
+    one_line_error(run("search", "--config", "broken.toml"), "not valid TOML")
     (tmp_path / "latin1.toml").write_bytes('model = "modèle"\n'.encode("latin-1"))  # TOML must be UTF-8
-    _one_line_error(run("search", "--config", "latin1.toml"), "not valid TOML")
+    one_line_error(run("search", "--config", "latin1.toml"), "not valid TOML")
 
 
 @pytest.mark.parametrize("line, message", [
@@ -151,14 +144,14 @@ def test_config_values_are_type_checked_and_never_grant_trust(run, tmp_path, lin
     have its option's type: one line naming the file and the key, exit 2, no study written."""
     (tmp_path / "c.toml").write_text(f'model = "x.pkl"\n{line}\n' if not line.startswith("model") else line + "\n")
     result = run("search", "--config", "c.toml")
-    _one_line_error(result, "c.toml", message)
+    one_line_error(result, "c.toml", message)
     assert not (tmp_path / "studies").exists()
 
 
 def test_trust_from_the_command_line_still_reaches_the_loader(run, tmp_path):
     (tmp_path / "c.toml").write_text('model = "missing.pkl"\n')
     result = run("search", "--config", "c.toml", "--trust-pickle")
-    _one_line_error(result, "missing.pkl not found")  # past the trust gate: the file itself is missing
+    one_line_error(result, "missing.pkl not found")  # past the trust gate: the file itself is missing
     assert "Error: --trust-pickle: missing.pkl is a pickle" in run("search", "--config", "c.toml").output
 
 
@@ -242,7 +235,7 @@ def test_evaluate_on_held_out_seeds(run, tiny_model_dir, tmp_path):
     assert data["gain_holds"] == (data["difference"]["high"] < 0)
     text = run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--n", 12, "--blocks", 3, "--batch", 6)
     assert "untuned  FID" in text.output and ("gain holds" in text.output or "does NOT hold" in text.output)
-    _one_line_error(run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--seed", 5, "--n", 12),
+    one_line_error(run("evaluate", "--schedule", best, "--model", tiny_model_dir, "--seed", 5, "--n", 12),
                     "overlap the search's seeds 0-9")
 
 
@@ -253,21 +246,21 @@ def test_more_bad_input_each_one_line(run, tiny_model_dir, tmp_path):
 
     shutil.copytree(tiny_model_dir, broken)
     (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 100)
-    _one_line_error(run("search", "--model", broken, "--nfe", 3), "could not load")
+    one_line_error(run("search", "--model", broken, "--nfe", 3), "could not load")
     # missing reference statistics
-    _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--reference", "nope.npz"),
+    one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--reference", "nope.npz"),
                     "nope.npz not found")
     # a storage path that cannot be written (a file where a folder should be)
     (tmp_path / "afile").write_text("x")
-    _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--storage", "sqlite:///afile/s.db"),
+    one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--storage", "sqlite:///afile/s.db"),
                     "cannot open storage")
     # an impossible NFE and an unknown sampler for evaluate's schedule
-    _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "euler", "--nfe", 0), "'--nfe': 0 is not in the range 1<=x<=1000")
-    _one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "heun", "--nfe", 4), "--nfe: NFE 4 is impossible for heun")
+    one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "euler", "--nfe", 0), "'--nfe': 0 is not in the range 1<=x<=1000")
+    one_line_error(run("search", "--model", tiny_model_dir, "--sampler", "heun", "--nfe", 4), "--nfe: NFE 4 is impossible for heun")
     # devices this tool does not run on, or that this machine lacks
     for device, says in (("mps", "use 'auto', 'cpu', 'cuda' or 'cuda:N'"), ("gpu0", "use 'auto', 'cpu'"),
                          ("cuda:7", "cuda:7")):
-        _one_line_error(run("sample", "--model", tiny_model_dir, "-n", 2, "-o", "x.png", "--device", device), says)
+        one_line_error(run("sample", "--model", tiny_model_dir, "-n", 2, "-o", "x.png", "--device", device), says)
     assert not (tmp_path / "studies").exists()  # nothing was created by any of these
 
 
@@ -341,7 +334,7 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_batch(run, tiny_model_
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(Evaluator, "images", out_of_memory)
-    _one_line_error(run("sample", "--model", tiny_model_dir, "--nfe", 3, "-n", 2, "-o", "g.png"),
+    one_line_error(run("sample", "--model", tiny_model_dir, "--nfe", 3, "-n", 2, "-o", "g.png"),
                     "out of GPU memory: pass a smaller --batch")
 
 
@@ -355,7 +348,7 @@ def test_locked_storage_is_a_one_line_error(run, tiny_model_dir, tmp_path, monke
     holder = sqlite3.connect(tmp_path / "studies" / "skiptune.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock and never lets go
     try:
-        _one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 4), "cannot open storage",
+        one_line_error(run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 4), "cannot open storage",
                         "locked")
     finally:
         holder.execute("ROLLBACK")

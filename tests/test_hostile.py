@@ -15,6 +15,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
+from cli_helpers import ends_in_one_line_error, one_line_error
 from skiptune_search.cli import main
 
 EXE = str(Path(sys.executable).parent / "skiptune-search")
@@ -26,24 +27,6 @@ def run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    message = result.output.strip()
-    assert message.startswith("Error:") and len(message.splitlines()) == 1, message
-    for needle in needles:
-        assert needle in message, message
-
-
-def ends_in_one_line_error(result, *needles):
-    """A command that ran for a while (its progress printed) and then failed: its last line is the
-    one-line error, with no traceback anywhere."""
-    assert result.exit_code == 2, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error:") and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert needle in last, last
 
 
 def tiny_search(model_dir, *extra):

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from cli_helpers import one_line_error
 from skiptune_search.cli import main
 
 
@@ -16,14 +17,6 @@ def run(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runner = CliRunner()
     return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    message = result.output.strip()
-    assert message.startswith("Error:") and len(message.splitlines()) == 1, message
-    for needle in needles:
-        assert needle in message, message
 
 
 def text_search(model, prompts, *extra):

@@ -62,6 +62,19 @@ class Layout:
         return all(norm is not None for norm in self.norms)
 
 
+def _stack_layout(net: nn.Module, producers: list[tuple[str, int, int]], consumer_of: dict[int, str],
+                  stack: list[int], norm: str | None, noise_arg: tuple[int, str]) -> Layout:
+    """The layout of a UNet whose forward pushes each producer's output (name, channels,
+    resolution) on a stack that its decoder pops, once every skip has its consumer; ``norm`` names
+    the consumers' first normalization (None: they have none)."""
+    if stack:
+        raise NoSkipsError(f"{type(net).__name__}: {len(stack)} saved skips are never consumed")
+    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
+    consumers = [net.get_submodule(s.consumer) for s in skips]
+    norms = [getattr(c, norm) if norm else None for c in consumers]
+    return Layout(type(net).__name__, net, skips, consumers, norms, noise_arg)
+
+
 # --- diffusers UNet2DModel and UNet2DConditionModel -----------------------------------------
 def _is_diffusers_unet(module: nn.Module) -> bool:
     return type(module).__name__ in {"UNet2DModel", "UNet2DConditionModel"} and hasattr(module, "up_blocks")
@@ -90,11 +103,7 @@ def diffusers_layout(unet: nn.Module) -> Layout:
             if not stack:
                 raise NoSkipsError(f"{type(unet).__name__}: more decoder resnets than saved skips")
             consumer_of[stack.pop()] = f"up_blocks.{b}.resnets.{k}"
-    if stack:
-        raise NoSkipsError(f"{type(unet).__name__}: {len(stack)} saved skips are never consumed")
-    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
-    consumers = [unet.get_submodule(s.consumer) for s in skips]
-    return Layout(type(unet).__name__, unet, skips, consumers, [c.norm1 for c in consumers], (1, "timestep"))
+    return _stack_layout(unet, producers, consumer_of, stack, "norm1", (1, "timestep"))
 
 
 # --- EDM SongUNet and DhariwalUNet (NVlabs/edm training/networks.py) ------------------------
@@ -136,11 +145,7 @@ def edm_layout(net: nn.Module) -> Layout:
                 raise NoSkipsError(f"{type(net).__name__}: decoder block {name} channels do not add up")
             consumer_of[i] = f"dec.{name}"
         channels = block.out_channels
-    if stack:
-        raise NoSkipsError(f"{type(net).__name__}: {len(stack)} encoder outputs are never consumed")
-    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
-    consumers = [net.get_submodule(s.consumer) for s in skips]
-    return Layout(type(net).__name__, net, skips, consumers, [c.norm0 for c in consumers], (1, "noise_labels"))
+    return _stack_layout(net, producers, consumer_of, stack, "norm0", (1, "noise_labels"))
 
 
 # --- EDM2 UNet (NVlabs/edm2 training/networks_edm2.py) ------------------------------------
@@ -177,11 +182,7 @@ def edm2_layout(net: nn.Module) -> Layout:
                 raise NoSkipsError(f"{type(net).__name__}: decoder block {name} channels do not add up")
             consumer_of[i] = f"dec.{name}"
         channels = int(block.out_channels)
-    if stack:
-        raise NoSkipsError(f"{type(net).__name__}: {len(stack)} encoder outputs are never consumed")
-    skips = [SkipInfo(name, consumer_of[i], ch, r) for i, (name, ch, r) in enumerate(producers)]
-    consumers = [net.get_submodule(s.consumer) for s in skips]
-    return Layout(type(net).__name__, net, skips, consumers, [None] * len(skips), (1, "noise_labels"))
+    return _stack_layout(net, producers, consumer_of, stack, None, (1, "noise_labels"))
 
 
 # --- U-ViT (baofff/U-ViT libs/uvit.py) ----------------------------------------------------
