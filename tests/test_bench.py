@@ -429,3 +429,27 @@ def test_gpu_table_states_each_speedup_and_survives_out_of_memory():
     assert "at batch 1024" not in text  # no ratio with a row that ran out of memory
     old = dict(r, rows=[{k: v for k, v in x.items() if k != "memory_format"} for x in r["rows"][:2]])
     assert "| 256 | fp32 | contiguous | 50.0 | 20.0 |" in "\n".join(render(old))  # gpu.json before memory formats
+
+
+def test_a_queued_trial_killed_before_it_suggested_anything_keeps_its_parameters(tmp_path, tiny_unet):
+    """The baseline killed right after it started (its ρ still only queued, not suggested) is queued
+    again with ρ = 1, not as an empty trial that the optimizer would fill with its own values."""
+    import socket
+    import subprocess
+
+    from skiptune_search import SkipController
+    from skiptune_search.scoring.task import Task
+    from skiptune_search.search.space import Space
+    from skiptune_search.search.study import open_study
+
+    storage = make_storage(f"sqlite:///{tmp_path}/h.db", heartbeat=None)
+    space, task, controller = Space("linear", "input", (0.5, 1.5)), Task(nfe=3, n=4), SkipController(tiny_unet)
+    study = open_study(storage, "s", task, space, controller, 0)
+    started = study.ask()  # the baseline: RUNNING, its parameters not suggested yet
+    assert started.params == {}
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    started.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+    study = open_study(storage, "s", task, space, controller, 0)
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == started.number)
+    assert retry.user_attrs["baseline"] and retry.system_attrs["fixed_params"] == {"rho_inner": 1.0, "rho_outer": 1.0}

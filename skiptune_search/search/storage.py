@@ -106,10 +106,10 @@ def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storag
         for attempt in range(5):
             try:
                 return optuna.storages.RDBStorage(url, **kwargs)
-            except sqlalchemy.exc.OperationalError as exc:
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
                 # two processes creating a new database at once: the second finds the first's tables
-                # half made; once the first is done, opening it again works
-                if "already exists" not in str(exc) or attempt == 4:
+                # (or schema version row) half made; once the first is done, opening it again works
+                if not ("already exists" in str(exc) or "alembic_version" in str(exc)) or attempt == 4:
                     raise
                 time.sleep(0.5 * (attempt + 1))
 

@@ -209,7 +209,9 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process recovered it first
         marks = {k: trial.user_attrs[k] for k in MARK_ATTRS if trial.user_attrs.get(k)}
-        study.enqueue_trial(trial.params, user_attrs={**marks, "retry_of": trial.number})
+        # a queued trial killed before it suggested anything holds its parameters as fixed ones only
+        params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        study.enqueue_trial(params, user_attrs={**marks, "retry_of": trial.number})
         failed.append(trial.number)
     return failed
 
