@@ -228,9 +228,10 @@ def study_rows(storage: optuna.storages.BaseStorage) -> list[dict]:
         if not is_own(summary.user_attrs, summary.directions):
             rows.append({"name": summary.study_name, "foreign": True})
             continue
-        trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
         count = {s.name.lower(): sum(t.state == s and not t.user_attrs.get("surplus") for t in trials) for s in states}
-        base = next((t.value for t in trials if t.state == states.COMPLETE and t.user_attrs.get("baseline")), None)
+        base = getattr(baseline_trial(study), "value", None)
         best = min((t.value for t in trials if t.state == states.COMPLETE), default=None)
         rows.append({"name": summary.study_name, "foreign": False, **count, "baseline": base, "best": best})
     return rows
