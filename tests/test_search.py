@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import optuna
@@ -127,6 +128,37 @@ def test_export_of_a_study_of_another_tool_says_so(tmp_path):
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with pytest.raises(ValueError, match="not made by skiptune-search"):
         export_best(study, url)
+
+
+def test_a_study_another_process_is_creating_is_waited_for_not_called_foreign(tmp_path):
+    """Creating a study and writing its attributes are separate writes: a second search that finds
+    the study between them waits for the attributes (seen in CI: two searches started together)."""
+    import threading
+
+    from skiptune_search.search.study import _create_or_wait
+
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    attrs = {"created_by": "skiptune-search", "settings": {"task": {}}, "layout": {"arch": "x", "skips": []}}
+    born = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "born")
+
+    def finish_creating():
+        time.sleep(0.5)
+        for key in ("created_by", "settings", "layout"):
+            storage.set_study_user_attr(born, key, attrs[key])
+
+    writer = threading.Thread(target=finish_creating)
+    writer.start()
+    assert _create_or_wait(storage, "born", attrs) is False  # found, and ours once written
+    writer.join()
+    assert _create_or_wait(storage, "new", attrs) is True
+    assert storage.get_study_user_attrs(storage.get_study_id_from_name("new")) == attrs
+    storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "stillborn")
+    with pytest.raises(StudyMismatchError, match="not made by skiptune-search"):
+        _create_or_wait(storage, "stillborn", attrs, wait_s=0.3)  # never finished: someone else's
+    theirs = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "theirs")
+    storage.set_study_user_attr(theirs, "mine", "yes")
+    with pytest.raises(StudyMismatchError, match="not made by skiptune-search"):
+        _create_or_wait(storage, "theirs", attrs, wait_s=3600)  # attributes no search writes: refused at once
 
 
 def test_features_stream_batch_by_batch_and_keep_the_first_images(evaluator):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -90,26 +91,17 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     space.check(controller.skips)
     arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
     settings = json.loads(json.dumps({"task": task.scoring_key(), **space.as_dict()}))
-    try:
+    created = _create_or_wait(storage, name, {"weights": weights, "created_by": MARKER, "settings": settings,
+                                              "layout": {"arch": arch, "skips": [s.as_dict() for s in skips]}})
+    if not created:
         study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        study_id = None
-    if study_id is not None:
         attrs = storage.get_study_user_attrs(study_id)
-        if not is_own(attrs, storage.get_study_directions(study_id)):
-            raise _foreign(name)
         _check_settings(name, attrs, settings, weights, task.model)
-    sampler = make_sampler(optimizer, space, skips, seed)
-    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
-                                pruner=make_pruner(task.rungs), load_if_exists=True)
-    if study_id is None:
-        study.set_user_attr("settings", settings)
-        study.set_user_attr("layout", {"arch": arch, "skips": [s.as_dict() for s in skips]})
-        study.set_user_attr("weights", weights)
-        study.set_user_attr("created_by", MARKER)
-    elif "weights" not in study.user_attrs:  # a study from before weights were recorded
-        study.set_user_attr("weights", weights)
-    if parallel or study_id is not None:
+        if "weights" not in attrs:  # a study from before weights were recorded
+            storage.set_study_user_attr(study_id, "weights", weights)
+    study = optuna.load_study(storage=storage, study_name=name, sampler=make_sampler(optimizer, space, skips, seed),
+                              pruner=make_pruner(task.rungs))
+    if parallel or not created:
         study.sampler.reseed_rng()
     recover_dead_trials(study)
     trials = study.get_trials(deepcopy=False)
@@ -118,6 +110,33 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
         if not any(t.user_attrs.get(attr) and (is_finished(t) or t.state in pending) for t in trials):
             study.enqueue_trial(params, user_attrs=space.marks(attr))
     return study
+
+
+def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict, wait_s: float = 20.0) -> bool:
+    """Create the study with ``attrs`` (True), or find it existing and return False once it is this
+    tool's. Creating a study and writing its attributes are separate writes, so a study found
+    without attributes and trials may be one another process is creating this very moment: it is
+    waited for (up to ``wait_s``) before it is called someone else's. ``layout`` is written last,
+    so a study is this tool's only once all of ``attrs`` are there."""
+    try:
+        study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
+    except optuna.exceptions.DuplicatedStudyError:
+        study_id = None
+    if study_id is not None:
+        for key in sorted(attrs, key=lambda k: k == "layout"):
+            storage.set_study_user_attr(study_id, key, attrs[key])
+        return True
+    study_id = storage.get_study_id_from_name(name)
+    deadline = time.monotonic() + wait_s
+    while True:
+        found, directions = storage.get_study_user_attrs(study_id), storage.get_study_directions(study_id)
+        if is_own(found, directions):
+            return False
+        being_born = (set(found) <= set(attrs) and list(directions) == [optuna.study.StudyDirection.MINIMIZE]
+                      and not storage.get_all_trials(study_id, deepcopy=False))
+        if not being_born or time.monotonic() > deadline:
+            raise _foreign(name)
+        time.sleep(0.2)
 
 
 def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs) -> optuna.Study:
