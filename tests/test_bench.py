@@ -201,7 +201,7 @@ def test_an_incomplete_grid_renders_what_it_has(tmp_path):
     text = write_markdown(tmp_path / "B.md", tmp_path, SIZES[True]).read_text()
     assert "Grid incomplete: 2 of 9 points" in text and "baseline (1, 1): 110" in text
     assert "Best so far: FID 105 at (ρ_inner, ρ_outer) = (0.5,1)" in text
-    assert text.count("Not measured yet") == 5  # tables 1, 2, 3, 5 and 6
+    assert text.count("Not measured yet") == 6  # tables 1, 2, 3, 5, 6 and 8
 
 
 def _headline(rows, plan):
@@ -254,6 +254,33 @@ def test_headline_says_what_a_search_and_a_held_out_score_took():
     rows["9"]["linear"] = [run(0, 900.0)]
     assert "NFE 9: a search 15.0 min (1 search), 10,000 held-out samples scored 5.0 min (1 time)." in \
         "\n".join(render(_headline(rows, {"nfes": [5, 9], "families": ["linear"], "seeds": 3})))
+
+
+def test_freeu_table_compares_with_table_5_and_says_where_the_preset_hurt():
+    from skiptune_search.bench.headline import render_freeu
+
+    runs = lambda *fids: [{"seed": i, "held_out": f} for i, f in enumerate(fids)]  # noqa: E731
+    settings = _headline({}, {})["settings"]
+    table5 = {"settings": settings, "plan": {"nfes": [5, 9], "families": ["linear", "per_noise"], "seeds": 2},
+              "nfe": {"5": {"untuned": 100.0, "linear": runs(90.0, 92.0), "per_noise": runs(95.0, 95.0)},
+                      "9": {"untuned": 50.0, "linear": runs(45.0, 47.0), "per_noise": runs(40.0, 42.0)}}}
+    table8 = {**_headline({}, {}), "plan": {"nfes": [5, 9], "families": ["freeu_allsteps", "freeu", "linear_freeu"],
+                                            "seeds": 2, "fixed": ["untuned", "freeu_preset"]},
+              "freeu_preset": {"name": "SD1.5", "values": [1.5, 1.6, 0.9, 0.2], "why": "no published preset"},
+              "nfe": {"5": {"untuned": 100.0, "freeu_preset": 120.0, "machines": ["cpu box"], "freeu_allsteps": runs(85.0, 87.0),
+                            "freeu": runs(99.0, 101.0), "linear_freeu": runs(80.0, 82.0)},
+                      "9": {"untuned": 50.0, "freeu_preset": 48.0, "machines": ["cpu box"], "freeu_allsteps": runs(49.0),
+                            "freeu": runs(48.0, 49.0), "linear_freeu": runs(44.0, 46.0)}}}
+    text = "\n".join(render_freeu(table8, table5))
+    assert "| 5 | 100 | 120 (+20.0%) | 86 ± 1.41 (-14.0%, 2 seeds) | 100 ± 1.41 (+0.0%, 2 seeds, one or more no " \
+           "better than untuned) | 81 ± 1.41 (-19.0%, 2 seeds) | linear: 91 ± 1.41 (-9.0%, 2 seeds) |" in text
+    assert "| 9 | 50 | 48 (-4.0%) | 49 (-2.0%, 1 seed) | " in text and "| per_noise: 41 ± 1.41 (-18.0%, 2 seeds) |" in text
+    assert "NFE 5: best tuned linear ρ + FreeU (-19.0% held-out FID); FreeU's preset hurt (+20.0%)." in text
+    assert "NFE 9: best tuned ρ (per_noise) (-18.0% held-out FID); FreeU's preset helped (-4.0%)." in text
+    assert "Not measured yet: NFE 9 tuned FreeU (every σ) (1 of 2 search seeds)." in text
+    assert "SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2): no published preset" in text
+    table5["settings"] = {**settings, "trials": 8}  # table 5 of other settings: its numbers are not comparable
+    assert "| linear_freeu" not in text and "| – |" in "\n".join(render_freeu(table8, table5))
 
 
 def test_search_seconds_sums_the_trials_of_the_study(tmp_path):

@@ -379,6 +379,28 @@ def test_search_linear_freeu_export_and_apply_from_the_command_line(tiny_model_d
         assert torch.isfinite(denoiser(torch.randn(2, 1, 16, 16), torch.tensor([0.5, 20.0]))).all()
 
 
+def test_search_freeu_at_every_sigma_searches_no_window(tiny_model_dir, tmp_path, monkeypatch, quick_fid):
+    """--no-window: FreeU acts at every σ (as enable_freeu), the window's ends are not parameters,
+    the study is another one than the windowed search's; a ρ family without FreeU refuses it."""
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = lambda *a: CliRunner().invoke(main, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
+    result = run("search", "--model", tiny_model_dir, "--family", "freeu", "--no-window", "--trials", 4, "--n", 8,
+                 "--rungs", 8, "--nfe", 3, "--batch", 8)
+    assert result.exit_code == 0, result.output
+    name = "tiny-model-heun-nfe3-freeu-allsteps-input"
+    study = optuna.load_study(study_name=name, storage="sqlite:///studies/skiptune.db")
+    assert study.user_attrs["settings"]["freeu_window"] is False
+    assert all(set(t.params) == set(freeu.FACTORS) for t in study.trials) and len(study.trials) == 4
+    assert all(t.user_attrs["freeu"]["sigma_window"] is None for t in study.trials)
+    best = load_schedule(tmp_path / "studies" / f"{name}.best.json")
+    assert best.freeu.window is None and not best.depends_on_sigma
+    result = run("search", "--model", tiny_model_dir, "--family", "linear", "--no-window", "--n", 8, "--nfe", 3)
+    assert result.exit_code == 2 and result.output.startswith("Error: --family: FreeU acting at every σ (no window) "
+                                                              "needs a FreeU family"), result.output
+
+
 def test_search_freeu_on_a_one_level_model_is_a_one_line_error(tmp_path, monkeypatch):
     from diffusers import UNet2DModel
 

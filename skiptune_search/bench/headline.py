@@ -12,23 +12,49 @@ import statistics
 import time
 from pathlib import Path
 
+from ..core import freeu
 from ..core.errors import StudyError
-from ..core.schedule import RHO_FAMILIES
+from ..core.schedule import RHO_FAMILIES, RhoSchedule
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
 from ..search.objective import run_search
-from ..search.space import Space, log_spaced_knots
+from ..search.space import Space
 from ..search.storage import make_storage
 from ..search.study import export_best, load_own_study, open_study
+from ..search.tune import make_space
 from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+
+
+# what tables 5 and 8 compare: searched methods (a family, or FreeU at every σ) and fixed schedules
+FIXED = ("untuned", "freeu_preset")
+FREEU_METHODS = ("freeu_allsteps", "freeu", "linear_freeu")  # table 8's searches
+
+
+def method_space(evaluator: Evaluator, method: str) -> Space:
+    """A searched method's space: a family at input placement, ρ in [0.5, 1.5], per_noise on 3 σ
+    knots; ``freeu_allsteps`` is the freeu family acting at every σ (no window)."""
+    if method == "freeu_allsteps":
+        return make_space(evaluator, "freeu", freeu_window=False)
+    return make_space(evaluator, method)
+
+
+def fixed_schedule(evaluator: Evaluator, name: str) -> RhoSchedule:
+    """The untuned model, or FreeU's published preset for the model (SD1.5's when none is known)."""
+    ctl = evaluator.controller
+    if name == "untuned":
+        return ctl.identity()
+    preset = freeu.preset_for(freeu.recognize(ctl.unet))[1]
+    return RhoSchedule.from_family("freeu", ctl.arch, ctl.skips, {f: getattr(preset, f) for f in freeu.FACTORS})
 
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
                  trials: int, n: int, rungs: tuple[int, ...], truth_n: int, batch: int,
-                 families: tuple[str, ...] = RHO_FAMILIES, progress: bool = True) -> dict:
-    """Search each family at each NFE ``seeds`` times and score the untuned model and each best
-    schedule on ``truth_n`` held-out samples."""
+                 methods: tuple[str, ...] = RHO_FAMILIES, fixed: tuple[str, ...] = ("untuned",),
+                 known: Path | None = None, progress: bool = True) -> dict:
+    """Search each method at each NFE ``seeds`` times and score the ``fixed`` schedules and each
+    search's best on ``truth_n`` held-out samples. A fixed schedule already scored in ``known``
+    (another table's results file of the same settings) is taken from there."""
     results = load_results(path)
 
     def evaluator_for(nfe: int) -> Evaluator:
@@ -38,9 +64,14 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
                 "held_out_seed": HELD_OUT_SEED,  # and the weights: a model retrained in place is another model
                 "weights": weights_fingerprint(evaluator.controller.unet)}
-    check_same_settings(path, "headline results", results.get("settings"), settings)
+    check_same_settings(path, "held-out results", results.get("settings"), settings)
     results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
-                   plan={"nfes": list(nfes), "families": list(families), "seeds": seeds})
+                   plan={"nfes": list(nfes), "families": list(methods), "seeds": seeds, "fixed": list(fixed)})
+    if "freeu_preset" in fixed:  # which preset, and why that one (the model's own, or SD1.5's)
+        name, values, why = freeu.preset_for(freeu.recognize(evaluator.controller.unet))
+        results["freeu_preset"] = {"name": name, "values": [getattr(values, f) for f in freeu.FACTORS], "why": why}
+    other = load_results(known) if known else {}
+    other_rows = other.get("nfe", {}) if other.get("settings") == settings else {}
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"
     storage = make_storage(storage_url, heartbeat=None)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
@@ -61,28 +92,34 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                                         progress=progress and f"NFE {nfe} {label} held-out", kid=False))
             return rung.fid, time.perf_counter() - start
 
-        if "untuned" not in row:
-            row["untuned"], row["untuned_seconds"] = held_out_fid(evaluator.controller.identity(), "untuned")
+        for name in fixed:
+            if name in row:
+                continue
+            if name in other_rows.get(str(nfe), {}):  # the same held-out seeds and settings, scored there
+                row[name] = other_rows[str(nfe)][name]
+                row.setdefault("taken_from", {})[name] = str(known)
+                save_results(path, results)
+                continue
+            row[name], row[f"{name}_seconds"] = held_out_fid(fixed_schedule(evaluator, name), name)
             save()
-        knots = log_spaced_knots(*evaluator.sigma_range, 3)
-        for family in families:
-            space = Space(family, "input", (0.5, 1.5), knots if family == "per_noise" else ())
-            runs = row.setdefault(family, [])
+        for method in methods:
+            space = method_space(evaluator, method)
+            runs = row.setdefault(method, [])
             for run in runs:  # runs recorded before search times were: their trials' times are in the study
                 if "search_seconds" not in run:
                     try:
-                        old = load_own_study(storage, study_name(nfe, family, run["seed"]), storage_url)
+                        old = load_own_study(storage, study_name(nfe, method, run["seed"]), storage_url)
                     except StudyError:
                         continue
                     run["search_seconds"] = search_seconds(old)
                     save()
             for seed in range(len(runs), seeds):
                 # a trial a killed run left running is failed and queued again by open_study
-                study = open_study(storage, study_name(nfe, family, seed), evaluator.task, space,
+                study = open_study(storage, study_name(nfe, method, seed), evaluator.task, space,
                                    evaluator.controller, seed)
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
-                fid, seconds = held_out_fid(best, f"{family} seed {seed}")
+                fid, seconds = held_out_fid(best, f"{method} seed {seed}")
                 runs.append({"seed": seed, "search_value": best.metric["value"],
                              "search_baseline": best.metric["baseline"], "held_out": fid, "params": best.params,
                              "search_seconds": search_seconds(study), "held_out_seconds": seconds})
@@ -125,14 +162,10 @@ def render(results: dict) -> list[str]:
             fids = [r["held_out"] for r in row.get(family, [])]
             if len(fids) < plan["seeds"]:
                 missing.append(f"NFE {nfe} {family} ({len(fids)} of {plan['seeds']} search seeds)")
-            if not fids or "untuned" not in row:
-                cells.append("–")
-                continue
-            std = f" ± {statistics.stdev(fids):.3g}" if len(fids) > 1 else ""
-            changes[family] = 100 * (statistics.fmean(fids) - row["untuned"]) / row["untuned"]
-            some_no_better = max(fids) >= row["untuned"]
-            cells.append(f"{statistics.fmean(fids):.4g}{std} ({changes[family]:+.1f}%, {len(fids)} seed{'s' * (len(fids) > 1)}"
-                         + (", one or more no better than untuned" if some_no_better else "") + ")")
+            text, change = _cell(fids, row.get("untuned"))
+            cells.append(text)
+            if change is not None:
+                changes[family] = change
         lines.append(f"| {nfe} | {row.get('untuned', float('nan')):.4g} | " + " | ".join(cells) + " |")
         if changes:
             best = min(changes, key=changes.get)
@@ -158,12 +191,101 @@ def render(results: dict) -> list[str]:
     return lines
 
 
+def _cell(fids: list[float], untuned: float | None, searched: bool = True) -> tuple[str, float | None]:
+    """'mean ± std (change vs untuned, k seeds)' of a method's held-out FIDs (of its searches, or
+    of one fixed schedule: no seed count), and the change in %."""
+    if not fids or untuned is None:
+        return "–", None
+    std = f" ± {statistics.stdev(fids):.3g}" if len(fids) > 1 else ""
+    change = 100 * (statistics.fmean(fids) - untuned) / untuned
+    seeds = f", {len(fids)} seed{'s' * (len(fids) > 1)}" if searched else ""
+    no_better = ", one or more no better than untuned" if searched and max(fids) >= untuned else ""
+    return f"{statistics.fmean(fids):.4g}{std} ({change:+.1f}%{seeds}{no_better})", change
+
+
+FREEU_LABELS = {"freeu_allsteps": "tuned FreeU (every σ)", "freeu": "tuned FreeU + σ window",
+                "linear_freeu": "tuned linear ρ + FreeU"}
+
+
+def render_freeu(results: dict, headline: dict) -> list[str]:
+    """Table 8: per NFE the untuned model, FreeU's preset, each FreeU search (mean over search
+    seeds) and table 5's best ρ family on the same held-out seeds; which won, and where the
+    preset hurt."""
+    s, plan = results["settings"], results["plan"]
+    methods = tuple(plan["families"])
+    rows = {int(k): v for k, v in results.get("nfe", {}).items()}
+    rho_rows = headline.get("nfe", {}) if headline.get("settings") == s else {}
+    rho_families = tuple(headline.get("plan", {}).get("families", ())) if rho_rows else ()
+    machines = sorted({m for row in rows.values() for m in row.get("machines", [])})
+    preset = results.get("freeu_preset", {})
+    lines = [f"Written by `{results['command']}` on {results['date']}. Machine{'s' * (len(machines) > 1)}: "
+             f"{'; '.join(machines) or 'see table 5 (every number here was taken from there)'}.", "",
+             f"Model {s['model']}, Heun, Karras σ, the protocol of table 5: each method a search of {s['trials']} "
+             f"trials (N = {s['n']}, rungs {','.join(map(str, s['rungs']))}) per search seed, its exported best "
+             f"scored by FID on {s['truth_n']:,} held-out samples (seeds from {s['held_out_seed']:,}); mean ± std over "
+             f"search seeds, change vs untuned. FreeU searches b1, b2 in [{freeu.B_RANGE[0]:g}, {freeu.B_RANGE[1]:g}] "
+             f"and s1, s2 in [{freeu.S_RANGE[0]:g}, {freeu.S_RANGE[1]:g}], at every σ or inside a σ window searched in "
+             f"log σ; linear ρ + FreeU is the linear_freeu family (with the window). The preset is "
+             f"{preset.get('name', 'SD1.5')}'s (b1, b2, s1, s2 = {', '.join(f'{v:g}' for v in preset.get('values', ()))})"
+             f"{': ' + preset['why'] if preset.get('why') else ''}. Untuned and best ρ family: table 5's numbers "
+             f"(same model, settings and held-out seeds).", "",
+             "| NFE | untuned | FreeU preset | " + " | ".join(FREEU_LABELS.get(m, m) for m in methods)
+             + " | best ρ family (table 5) |",
+             "| ---: | ---: | ---: | " + " | ".join("---:" for _ in methods) + " | ---: |"]
+    verdicts, missing = [], []
+    for nfe, row in sorted(rows.items()):
+        untuned = row.get("untuned")
+        cells, changes = [], {}
+        text, changes["FreeU preset"] = _cell([row["freeu_preset"]] if "freeu_preset" in row else [], untuned,
+                                                searched=False)
+        cells.append(text)
+        for method in methods:
+            fids = [r["held_out"] for r in row.get(method, [])]
+            if len(fids) < plan["seeds"]:
+                missing.append(f"NFE {nfe} {FREEU_LABELS.get(method, method)} ({len(fids)} of {plan['seeds']} search seeds)")
+            text, changes[FREEU_LABELS.get(method, method)] = _cell(fids, untuned)
+            cells.append(text)
+        rho = rho_rows.get(str(nfe), {})
+        rho_changes = {f: _cell([r["held_out"] for r in rho.get(f, [])], untuned) for f in rho_families}
+        rho_changes = {f: c for f, c in rho_changes.items() if c[1] is not None}
+        if rho_changes:
+            best_rho = min(rho_changes, key=lambda f: rho_changes[f][1])
+            cells.append(f"{best_rho}: {rho_changes[best_rho][0]}")
+            changes[f"tuned ρ ({best_rho})"] = rho_changes[best_rho][1]
+        else:
+            cells.append("–")
+        lines.append(f"| {nfe} | {_fmt(untuned)} | " + " | ".join(cells) + " |")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            best = min(changes, key=changes.get)
+            verdict = f"NFE {nfe}: best {best} ({changes[best]:+.1f}% held-out FID)"
+            if "FreeU preset" in changes:
+                verdict += (f"; FreeU's preset {'hurt' if changes['FreeU preset'] >= 0 else 'helped'} "
+                            f"({changes['FreeU preset']:+.1f}%)")
+            verdicts.append(verdict)
+    missing += [f"NFE {nfe}" for nfe in plan["nfes"] if nfe not in rows]
+    if verdicts:
+        lines += ["", *(f"{v}." for v in verdicts)]
+    costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, methods, s["truth_n"]))]
+    if costs:
+        lines += ["", "Time each part took (medians of wall seconds on the row's machine, slower where other work "
+                      "shared it): " + "; ".join(costs) + "."]
+    if missing:
+        lines += ["", f"Not measured yet: {'; '.join(missing)}. Rerun the command to resume (each search is a "
+                      f"study in `freeu.db` beside the results)."]
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
 def _cost(nfe: int, row: dict, families: tuple[str, ...], truth_n: int) -> str:
     """'NFE n: a search X min (k searches), N held-out samples scored Y min (m times)' from what the row recorded."""
     runs = [r for f in families for r in row.get(f, [])]
     search = [r["search_seconds"] for r in runs if "search_seconds" in r]
     held = [r["held_out_seconds"] for r in runs if "held_out_seconds" in r]
-    held += [row["untuned_seconds"]] if "untuned_seconds" in row else []
+    held += [row[f"{name}_seconds"] for name in FIXED if f"{name}_seconds" in row]
     parts = ([f"a search {statistics.median(search) / 60:.1f} min ({_times(len(search), 'search')})"] if search else []) + \
             ([f"{truth_n:,} held-out samples scored {statistics.median(held) / 60:.1f} min ({_times(len(held), 'time')})"]
              if held else [])

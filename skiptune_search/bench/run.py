@@ -213,7 +213,7 @@ SIZES = {
                headline_families=("linear", "per_layer"), gpu_batches=(4, 8)),
 }
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
-ALL_TABLES = (1, 2, 3, 4, 5, 6)
+ALL_TABLES = (1, 2, 3, 4, 5, 6, 8)
 
 
 def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command: str,
@@ -260,14 +260,17 @@ def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command:
                 tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], work / "replays.json")["tpe,on"]
                 keys = BS.pick_schedules(results, tpe, size["schedules"])
                 BS.run_truth(evaluator, work / "truth.json", keys, truth_n, command, stamp["machine"], progress)
-        if 5 in tables:
-            from .headline import run_headline
+        from .headline import FREEU_METHODS, run_headline
 
-            quick_rungs = (size["search_n"],)
-            run_headline(model, size["headline_nfes"] or (nfe,), work / "headline.json", command, stamp["machine"],
-                         seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
-                         rungs=quick_rungs if quick else size["rungs"], truth_n=size["truth_n"],
-                         batch=size["batch"], families=size["headline_families"], progress=progress)
+        # table 8: table 5's protocol, settings and held-out seeds; its untuned FIDs taken from there
+        held_out_tables = {5: ("headline.json", size["headline_families"], ("untuned",), None),
+                           8: ("freeu.json", FREEU_METHODS, ("untuned", "freeu_preset"), work / "headline.json")}
+        for table, (file, methods, fixed, known) in held_out_tables.items():
+            if table in tables:
+                run_headline(model, size["headline_nfes"] or (nfe,), work / file, command, stamp["machine"],
+                             seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
+                             rungs=(size["search_n"],) if quick else size["rungs"], truth_n=size["truth_n"],
+                             batch=size["batch"], methods=methods, fixed=fixed, known=known, progress=progress)
         if 6 in tables:
             from .gpu import run_gpu_scaling
 
@@ -483,6 +486,7 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
     r1, r2 = load_results(work / "table1.json"), load_results(work / "table2.json")
     grid, truth = load_results(work / "grid.json"), load_results(work / "truth.json")
     headline, gpu = load_results(work / "headline.json"), load_results(work / "gpu.json")
+    freeu_table = load_results(work / "freeu.json")
     todo = ["Not measured yet: run `skiptune-search bench --tables N`."]
     lines = ["# Benchmarks", "",
              "Written by `skiptune-search bench`, table by table: each says the command and machine that measured it.",
@@ -497,5 +501,7 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
              *(bench_headline.render(headline) if headline.get("nfe") else todo),
              "", "## 6. GPU scaling", "",
              *(bench_gpu.render(gpu) if gpu else ["Not measured yet: needs a GPU (`skiptune-search bench --tables 6`)."]),
+             "", "## 8. FreeU head to head: held-out FID of FreeU's preset, tuned FreeU and tuned ρ", "",
+             *(bench_headline.render_freeu(freeu_table, headline) if freeu_table.get("nfe") else todo),
              ""]
     return write_text_atomic(out, "\n".join(lines))

@@ -17,7 +17,7 @@ from .common import MAX_NFE, UserError, friendly, threads_option, torch_setup
                    "BENCHMARKS.md for studies/bench, else WORK/BENCHMARKS.md: --quick and other folders never "
                    "overwrite the committed tables].")
 @click.option("--model", default="fashion-mnist-edm", show_default=True,
-              help="Model of tables 1-5 (as --model of search).")
+              help="Model of tables 1-5 and 8 (as --model of search).")
 @click.option("--nfe", default=9, show_default=True, type=click.IntRange(1, MAX_NFE),
               help="Heun NFE of tables 1-4 and 6.")
 @click.option("--tables", default=None,
@@ -27,8 +27,8 @@ from .common import MAX_NFE, UserError, friendly, threads_option, torch_setup
               help="Folder of the tables' raw results; long tables resume from it [default: studies/bench, "
                    "studies/bench-quick with --quick].")
 @click.option("--truth-n", default=None, type=click.IntRange(2, 10_000_000),
-              help="Held-out samples per schedule in table 3 [default: 10000; 32 with --quick]. Table 5 "
-                   "always scores 10,000 (32 with --quick).")
+              help="Held-out samples per schedule in table 3 [default: 10000; 32 with --quick]. Tables 5 "
+                   "and 8 always score 10,000 (32 with --quick).")
 @click.option("--threads", default=0, type=click.IntRange(0, 4096), help="torch CPU threads (0: torch's choice).")
 @friendly
 def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
@@ -42,8 +42,10 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
     4  search efficiency: an 11x11 grid of the linear family, optimizers replayed on it
     5  headline: held-out FID of the untuned model and each family's best, NFE 5, 9, 19
     6  GPU scaling: images/s and seconds per proxy trial of a 64 px ADM-sized UNet, fp32 vs bf16
+    8  FreeU head to head: FreeU's preset, tuned FreeU (every σ, σ window), linear ρ + FreeU,
+       at table 5's NFEs and protocol, beside table 5's untuned model and best ρ family
 
-    Tables 3-5 sample the most: their results are saved point by point under --work, and
+    Tables 3, 5 and 8 sample the most: their results are saved point by point under --work, and
     rerunning the same command resumes them. One run at a time measures into a --work folder
     (a second is refused); '--tables none' renders beside it.
     """

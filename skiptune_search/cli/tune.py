@@ -24,6 +24,9 @@ RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="Study name: letters, digits, '.', '_', '-', at most 128 [default: "
                    "MODEL-SAMPLER-nfeNFE-FAMILY-PLACEMENT].")
 @family_options
+@click.option("--window/--no-window", "freeu_window", default=True, show_default=True,
+              help="FreeU families: search the σ window FreeU acts in, or (--no-window) let it act at every σ, "
+                   "as diffusers' enable_freeu does (export then prints the enable_freeu line).")
 @click.option("--knots", default=3, show_default=True, type=click.IntRange(2, 32),
               help="σ knots of per_noise, log-spaced over the sampler's σ range.")
 @click.option("--trials", default=16, show_default=True, type=click.IntRange(1, 100_000),
@@ -62,7 +65,7 @@ RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
                    "after two missed beats (0: off; on this machine a dead worker's trial is retried at once).")
 @friendly
 def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width, precision,
-           sampler, nfe, seed, threads, device, storage, study, family, placement, knots, trials, n, rungs, objective,
+           sampler, nfe, seed, threads, device, storage, study, family, placement, freeu_window, knots, trials, n, rungs, objective,
            rho_min, rho_max, batch, features,
            inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
@@ -102,7 +105,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
                           feature_weights=inception_weights, device=device, uvit_path=uvit_path, uvit_config=uvit_config)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
     space, st = prepare(evaluator, storage, family=family, placement=placement, rho_range=(rho_min, rho_max),
-                        knots=knots, study=study, heartbeat=heartbeat, search_seed=search_seed, optimizer=optimizer,
+                        knots=knots, freeu_window=freeu_window, study=study, heartbeat=heartbeat, search_seed=search_seed, optimizer=optimizer,
                         parallel=workers > 1 or W.worker_share() is not None)
     name = st.study_name
     out_path = out_path or Path("studies") / f"{name}.best.json"

@@ -26,7 +26,8 @@ class Space:
     families (``freeu``, ``linear_freeu``) search b1, b2 in ``freeu.B_RANGE``, s1, s2 in
     ``freeu.S_RANGE`` and the σ window's ends in log σ over ``sigma_range`` (the sampler's σ_min,
     σ_max); ``freeu_model`` is the model family FreeU's preset is picked for (``freeu.recognize``;
-    None: no published preset)."""
+    None: no published preset); without ``freeu_window`` FreeU acts at every σ, as diffusers'
+    ``enable_freeu`` does, and the window's ends are not searched."""
 
     family: str = "linear"
     placement: str = "input"
@@ -35,6 +36,7 @@ class Space:
     step: float | None = None
     sigma_range: tuple[float, ...] = ()  # FreeU families only
     freeu_model: str | None = None  # FreeU families only
+    freeu_window: bool = True  # FreeU families: search the σ window (False: FreeU at every σ)
 
     @property
     def with_freeu(self) -> bool:
@@ -42,11 +44,14 @@ class Space:
 
     def as_dict(self) -> dict:
         freeu_keys = {"sigma_range": list(self.sigma_range), "freeu_model": self.freeu_model} if self.with_freeu else {}
+        if self.with_freeu and not self.freeu_window:  # only then: the settings of earlier studies stay as they were
+            freeu_keys["freeu_window"] = False
         return {"family": self.family, "placement": self.placement, "rho_range": list(self.rho_range),
                 "sigma_knots": list(self.sigma_knots), **({"step": self.step} if self.step else {}), **freeu_keys}
 
     def params(self, skips: list[SkipInfo]) -> list[str]:
-        return family_params(self.family, skips, len(self.sigma_knots))
+        names = family_params(self.family, skips, len(self.sigma_knots))
+        return names if self.freeu_window else [n for n in names if n not in freeu.WINDOW_PARAMS]
 
     def ranges(self, skips: list[SkipInfo]) -> dict[str, tuple[float, float, bool]]:
         """(low, high, log scale) of each parameter."""
@@ -74,7 +79,7 @@ class Space:
     def baseline(self, skips: list[SkipInfo]) -> dict:
         """Parameters of the untuned model: ρ = 1 everywhere, FreeU's factors 1 at every σ."""
         params: dict = {name: 1.0 for name in self.params(skips)}
-        if self.with_freeu:
+        if self.with_freeu and self.freeu_window:
             params.update(zip(freeu.WINDOW_PARAMS, self.sigma_range))
         if self.placement == "search":
             params["placement"] = "input"
@@ -143,7 +148,7 @@ class Space:
     def schedule(self, arch: str, skips: list[SkipInfo], params: dict, **meta) -> RhoSchedule:
         params = dict(params)
         placement = params.pop("placement", self.placement)
-        window = self.window(params) if self.with_freeu else None
+        window = self.window(params) if self.with_freeu and self.freeu_window else None
         return RhoSchedule.from_family(self.family, arch, skips, params, sigma_knots=self.sigma_knots,
                                        sigma_window=window, placement=placement, **meta)
 

@@ -45,7 +45,8 @@ def default_study_name(task: Task, space: Space) -> str:
     grid = "" if task.sigma_grid == default_sigma_grid(task.sampler) else f"-{task.sigma_grid}grid"
     cfg = f"-cfg{task.guidance:g}" if task.prompts is not None else ""
     size = f"-{task.width or 'auto'}x{task.height or 'auto'}" if task.height or task.width else ""
-    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}{size}-{space.family}-{space.placement}"
+    window = "" if space.freeu_window or not space.with_freeu else "-allsteps"
+    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}{size}-{space.family}{window}-{space.placement}"
 
 
 # --- whose study is it ------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def study_settings(study: optuna.Study) -> dict:
 def study_space(study: optuna.Study) -> Space:
     s = study_settings(study)
     return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"),
-                 tuple(s.get("sigma_range", ())), s.get("freeu_model"))
+                 tuple(s.get("sigma_range", ())), s.get("freeu_model"), s.get("freeu_window", True))
 
 
 def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:

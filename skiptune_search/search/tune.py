@@ -16,7 +16,7 @@ import optuna
 import torch
 
 from ..core import freeu
-from ..core.errors import ScheduleError
+from ..core.errors import InputError, ScheduleError
 from ..core.schedule import RhoSchedule, split_family
 from ..scoring import DEFAULT_FEATURES
 from ..scoring.evaluator import Evaluator, SampleFn
@@ -29,8 +29,8 @@ from .study import check_study_name, default_study_name, export_best, open_study
 
 
 def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", placement: str = "input",
-            rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, study: str | None = None,
-            heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
+            rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
+            study: str | None = None, heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
             parallel: bool = False) -> tuple[Space, optuna.Study]:
     """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
     the study (created, or resumed after its settings are checked; named after the task unless given)."""
@@ -41,15 +41,27 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
         raise ScheduleError(f"a searched placement picks among input, normalized and both, but {ctl.arch} has no "
                             f"normalization at the decoder input, so only input applies: use placement input",
                             option="placement")
-    sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
-    # FreeU's window is searched over the sampler's σ range; its preset is picked for the model
-    freeu_args = (dict(sigma_range=evaluator.sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet))
-                  if split_family(family)[1] else {})
-    space = Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
+    space = make_space(evaluator, family, placement, rho_range, knots, freeu_window)
     name = check_study_name(study) if study else default_study_name(evaluator.task, space)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
                         search_seed, optimizer, parallel)
     return space, opened
+
+
+def make_space(evaluator: Evaluator, family: str, placement: str = "input",
+               rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True) -> Space:
+    """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
+    log-spaced over the sampler's σ range; for the FreeU families their σ window over that range
+    (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
+    picked for."""
+    with_freeu = split_family(family)[1]
+    if not freeu_window and not with_freeu:
+        raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family (freeu, linear_freeu), not "
+                         f"{family}", option="family")
+    sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
+    freeu_args = (dict(sigma_range=evaluator.sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
+                       freeu_window=freeu_window) if with_freeu else {})
+    return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
 
 
 def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str, trials: int = 16,
