@@ -137,3 +137,16 @@ def prompt_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("a red cat\n\nthe blue sea\n   \nthree dogs\n")
     return path
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """The command line in-process, in an empty working folder, offline: run("search", "--nfe", 3)."""
+    from click.testing import CliRunner
+
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -5,6 +5,7 @@ import statistics
 
 import optuna
 import pytest
+import torch
 
 from skiptune_search.bench import search as BS
 from skiptune_search.search.space import grid_values
@@ -201,7 +202,7 @@ def test_an_incomplete_grid_renders_what_it_has(tmp_path):
     text = write_markdown(tmp_path / "B.md", tmp_path, SIZES[True]).read_text()
     assert "Grid incomplete: 2 of 9 points" in text and "baseline (1, 1): 110" in text
     assert "Best so far: FID 105 at (ρ_inner, ρ_outer) = (0.5,1)" in text
-    assert text.count("Not measured yet") == 6  # tables 1, 2, 3, 5, 6 and 8
+    assert text.count("Not measured yet") == 7  # tables 1, 2, 3, 5, 6, 7 and 8
 
 
 def _headline(rows, plan):
@@ -281,6 +282,43 @@ def test_freeu_table_compares_with_table_5_and_says_where_the_preset_hurt():
     assert "SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2): no published preset" in text
     table5["settings"] = {**settings, "trials": 8}  # table 5 of other settings: its numbers are not comparable
     assert "| linear_freeu" not in text and "| – |" in "\n".join(render_freeu(table8, table5))
+
+
+TINY_SD = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+               cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def test_table_7_measures_an_architecture_and_lists_the_ones_without_a_checkout(monkeypatch):
+    """Table 7's measurement on a small UNet2DConditionModel (the published sizes run in the
+    benchmark and the slow tests): hooks timed, ρ = 1 exact, a σ-dependent schedule changes the
+    output, the model's hooks all gone after; the table says which checkouts were not given."""
+    from skiptune_search.bench import sizes
+
+    built = []
+    monkeypatch.setitem(sizes.ARCHITECTURES, "sd15", ("tiny SD", None, lambda ck, dev: built.append(
+        sizes.build_sd(TINY_SD, "tiny", dev)) or built[-1]))
+    r = sizes.measure("sd15", None, calls=2, device=torch.device("cpu"))
+    assert (r["label"], r["skips"], r["arch"]) == ("tiny SD", 4, "UNet2DConditionModel")
+    assert r["params"] == sum(p.numel() for p in built[0].model.parameters())
+    assert r["rho1_exact"] and r["varying_changes"] and len(r["bare_s"]) == len(r["hooked_s"]) == 2
+    assert 0 < r["hooks_rho1_s"] < r["hooks_varying_s"] and r["peak_bytes"] > 0
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in built[0].model.modules())
+    text = "\n".join(sizes.render({"command": "c", "date": "d", "machine": "m", "calls": 2,
+                                    "rows": {"sd15": r, "edm-adm64": {"label": "EDM", "missing": "NVlabs/edm"}}}))
+    assert "| tiny SD | diffusers UNet2DConditionModel, tiny unet/config.json | 1x4x8x8 latent, 77x8 text | 4 | " in text
+    assert "| yes | yes |" in text
+    assert ("Not measured: SDXL base UNet (no result); EDM ADM ImageNet-64 (needs a checkout of NVlabs/edm); "
+            "EDM2-img64-S (needs a checkout of NVlabs/edm2)") in text
+
+
+def test_table_7_checkout_that_is_not_one_is_a_one_line_error(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("bench", "--tables", "7", "--uvit-path", tmp_path / "empty", "--work", tmp_path / "w")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: --uvit-path: {tmp_path / 'empty'} is not a checkout of baofff/U-ViT "
+                                    "(no libs/uvit.py in it)"), result.output
+    assert not (tmp_path / "w" / "sizes.json").exists()
 
 
 def test_search_seconds_sums_the_trials_of_the_study(tmp_path):

@@ -22,13 +22,6 @@ EXE = str(Path(sys.executable).parent / "skiptune-search")
 STATES = optuna.trial.TrialState
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def tiny_search(model_dir, *extra):
     return ["search", "--model", model_dir, "--nfe", 3, "--n", 4, "--rungs", 4, "--batch", 4, *extra]
 

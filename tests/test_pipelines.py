@@ -11,14 +11,6 @@ from cli_helpers import one_line_error
 from skiptune_search.cli import main
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    runner = CliRunner()
-    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def text_search(model, prompts, *extra):
     return ["search", "--model", model, "--prompts", prompts, "--sampler", "dpmsolver", "--nfe", 2, "--n", 4,
             "--rungs", 4, "--batch", 4, "--trials", 1, *extra]

@@ -1,24 +1,18 @@
 """Issue 19 item 5, part: the controller on real architectures at their published sizes, with
 random weights (no checkpoint is needed to check the hooks): ρ = 1 is bit-exact on one call and
-ρ ≠ 1 changes it. Slow (a full-size UNet on a CPU): run with -m slow. The configs below are the
-published UNet configs of Stable Diffusion 1.5 and SDXL base 1.0 (their unet/config.json)."""
+ρ ≠ 1 changes it. Slow (a full-size UNet on a CPU): run with -m slow. SD 1.5 and SDXL base 1.0
+are built from their published unet/config.json (``bench/sizes.py``, table 7's); EDM's ADM,
+EDM2-img64-S and U-ViT-M from checkouts named by SKIPTUNE_EDM_PATH, SKIPTUNE_EDM2_PATH and
+SKIPTUNE_UVIT_PATH (the test is skipped, saying so, where one is not set)."""
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from skiptune_search import RhoSchedule, SkipController, apply
-
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+from skiptune_search.bench.sizes import SD15, SDXL
 
 
 def _call(unet, config, latent):
@@ -52,3 +46,19 @@ def test_published_unet_rho_one_is_exact_and_rho_acts(config, skips, params):
         tuned = _call(unet, config, latent)
     assert not torch.equal(tuned, plain) and torch.isfinite(tuned).all()
     assert torch.equal(_call(unet, config, latent), plain)  # hooks gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, env, skips, params", [("edm-adm64", "SKIPTUNE_EDM_PATH", 16, 295_899_267),
+                                                     ("edm2-img64-s", "SKIPTUNE_EDM2_PATH", 16, 280_209_381),
+                                                     ("uvit-m-in64", "SKIPTUNE_UVIT_PATH", 8, 130_940_292)])
+def test_published_checkout_architecture_rho_one_is_exact_and_rho_acts(key, env, skips, params):
+    """Built by the checkout's own code at the published size, in a process of its own (table 7's
+    measurement, one call each): ρ = 1 bit-exact, a σ-dependent schedule changes the output."""
+    from skiptune_search.bench.sizes import measure_in_child
+
+    if not os.environ.get(env):
+        pytest.skip(f"set {env} to a checkout to build this architecture")
+    r = measure_in_child(key, Path(os.environ[env]), calls=1, device="cpu", threads=0)
+    assert (r["skips"], r["params"]) == (skips, params)
+    assert r["rho1_exact"] and r["varying_changes"]

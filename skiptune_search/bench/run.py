@@ -213,11 +213,12 @@ SIZES = {
                headline_families=("linear", "per_layer"), gpu_batches=(4, 8)),
 }
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
-ALL_TABLES = (1, 2, 3, 4, 5, 6, 8)
+ALL_TABLES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command: str,
-              tables: tuple[int, ...] = ALL_TABLES, truth_n: int | None = None, progress: bool = True) -> Path:
+              tables: tuple[int, ...] = ALL_TABLES, truth_n: int | None = None, checkouts: dict | None = None,
+              progress: bool = True) -> Path:
     """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
     render BENCHMARKS.md from everything ``work`` holds."""
     from ..scoring.task import Task, resolve_device
@@ -271,6 +272,11 @@ def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command:
                              seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
                              rungs=(size["search_n"],) if quick else size["rungs"], truth_n=size["truth_n"],
                              batch=size["batch"], methods=methods, fixed=fixed, known=known, progress=progress)
+        if 7 in tables:
+            from .sizes import run_sizes
+
+            run_sizes({k: Path(v) for k, v in (checkouts or {}).items() if v}, work / "sizes.json", stamp, device,
+                      calls=1 if quick else 3, progress=progress)
         if 6 in tables:
             from .gpu import run_gpu_scaling
 
@@ -481,12 +487,13 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
     measured it; a table with no results says so."""
     from . import gpu as bench_gpu
     from . import headline as bench_headline
+    from . import sizes as bench_sizes
     from .search import load_results
 
     r1, r2 = load_results(work / "table1.json"), load_results(work / "table2.json")
     grid, truth = load_results(work / "grid.json"), load_results(work / "truth.json")
     headline, gpu = load_results(work / "headline.json"), load_results(work / "gpu.json")
-    freeu_table = load_results(work / "freeu.json")
+    freeu_table, sizes = load_results(work / "freeu.json"), load_results(work / "sizes.json")
     todo = ["Not measured yet: run `skiptune-search bench --tables N`."]
     lines = ["# Benchmarks", "",
              "Written by `skiptune-search bench`, table by table: each says the command and machine that measured it.",
@@ -501,6 +508,8 @@ def write_markdown(out: Path, work: Path, size: dict) -> Path:
              *(bench_headline.render(headline) if headline.get("nfe") else todo),
              "", "## 6. GPU scaling", "",
              *(bench_gpu.render(gpu) if gpu else ["Not measured yet: needs a GPU (`skiptune-search bench --tables 6`)."]),
+             "", "## 7. Published sizes: the hooks on SD 1.5, SDXL, EDM, EDM2 and U-ViT with random weights", "",
+             *(bench_sizes.render(sizes) if sizes.get("rows") else todo),
              "", "## 8. FreeU head to head: held-out FID of FreeU's preset, tuned FreeU and tuned ρ", "",
              *(bench_headline.render_freeu(freeu_table, headline) if freeu_table.get("nfe") else todo),
              ""]

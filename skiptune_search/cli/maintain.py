@@ -30,8 +30,14 @@ from .common import MAX_NFE, UserError, friendly, threads_option, torch_setup
               help="Held-out samples per schedule in table 3 [default: 10000; 32 with --quick]. Tables 5 "
                    "and 8 always score 10,000 (32 with --quick).")
 @click.option("--threads", default=0, type=click.IntRange(0, 4096), help="torch CPU threads (0: torch's choice).")
+@click.option("--edm-path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Table 7: a checkout of NVlabs/edm, whose code builds EDM's ADM (imported: its code runs).")
+@click.option("--edm2-path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Table 7: a checkout of NVlabs/edm2, whose code builds EDM2-img64-S (imported: its code runs).")
+@click.option("--uvit-path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Table 7: a checkout of baofff/U-ViT, whose code builds U-ViT-M (imported: its code runs).")
 @friendly
-def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
+def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2_path, uvit_path) -> None:
     """Measure the benchmark tables and write them, each with its machine and command, to
     BENCHMARKS.md:
 
@@ -42,6 +48,9 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
     4  search efficiency: an 11x11 grid of the linear family, optimizers replayed on it
     5  headline: held-out FID of the untuned model and each family's best, NFE 5, 9, 19
     6  GPU scaling: images/s and seconds per proxy trial of a 64 px ADM-sized UNet, fp32 vs bf16
+    7  published sizes: SD 1.5, SDXL, EDM ADM-64, EDM2-img64-S, U-ViT-M with random weights:
+       skips, parameters, seconds per call, the hooks' time per call, peak memory (EDM, EDM2
+       and U-ViT from the checkouts given)
     8  FreeU head to head: FreeU's preset, tuned FreeU (every σ, σ window), linear ρ + FreeU,
        at table 5's NFEs and protocol, beside table 5's untuned model and best ρ family
 
@@ -67,8 +76,11 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads) -> None:
     out = out or ("BENCHMARKS.md" if folder == Path("studies/bench") else str(folder / "BENCHMARKS.md"))
     command = (f"skiptune-search bench{' --quick' if quick else ''} --out {out} --model {model} --nfe {nfe} "
                f"--tables {','.join(map(str, wanted)) or 'none'}" + (f" --work {work}" if work else "")
-               + (f" --truth-n {truth_n}" if truth_n else "") + (f" --threads {threads}" if threads else ""))
-    click.echo(f"wrote {run_bench(quick, Path(out), folder, model, nfe, command, wanted, truth_n)}")
+               + (f" --truth-n {truth_n}" if truth_n else "") + (f" --threads {threads}" if threads else "")
+               + "".join(f" --{k}-path {v}" for k, v in (("edm", edm_path), ("edm2", edm2_path), ("uvit", uvit_path))
+                         if v and 7 in wanted))
+    checkouts = {"edm": edm_path, "edm2": edm2_path, "uvit": uvit_path}
+    click.echo(f"wrote {run_bench(quick, Path(out), folder, model, nfe, command, wanted, truth_n, checkouts)}")
 
 
 @click.command("train-default")
