@@ -279,7 +279,7 @@ def test_freeu_table_compares_with_table_5_and_says_where_the_preset_hurt():
     assert "NFE 5: best tuned linear ρ + FreeU (-19.0% held-out FID); FreeU's preset hurt (+20.0%)." in text
     assert "NFE 9: best tuned ρ (per_noise) (-18.0% held-out FID); FreeU's preset helped (-4.0%)." in text
     assert "Not measured yet: NFE 9 tuned FreeU (every σ) (1 of 2 search seeds)." in text
-    assert "SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2): no published preset" in text
+    assert "SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2) (no published preset)." in text
     table5["settings"] = {**settings, "trials": 8}  # table 5 of other settings: its numbers are not comparable
     assert "| linear_freeu" not in text and "| – |" in "\n".join(render_freeu(table8, table5))
 

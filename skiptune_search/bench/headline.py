@@ -181,14 +181,7 @@ def render(results: dict) -> list[str]:
         lines += ["", f"Searches with no completed ρ = 1 trial: {', '.join(no_baseline)} (an interrupted run left "
                       f"that trial running and the resumed search did not queue it again, or queued it behind the "
                       f"ramp, where it was pruned; both fixed since). Their other trials ran as in every search."]
-    costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, families, s["truth_n"]))]
-    if costs:
-        lines += ["", "Time each part took (medians of wall seconds on the row's machine, slower where other work "
-                      "shared it): " + "; ".join(costs) + "."]
-    if missing:
-        lines += ["", f"Not measured yet: {'; '.join(missing)}. Rerun the command to resume (each search is a "
-                      f"study in `headline.db` beside the results)."]
-    return lines
+    return lines + _footer(rows, families, s["truth_n"], missing, "headline.db")
 
 
 def _cell(fids: list[float], untuned: float | None, searched: bool = True) -> tuple[str, float | None]:
@@ -227,7 +220,7 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
              f"and s1, s2 in [{freeu.S_RANGE[0]:g}, {freeu.S_RANGE[1]:g}], at every σ or inside a σ window searched in "
              f"log σ; linear ρ + FreeU is the linear_freeu family (with the window). The preset is "
              f"{preset.get('name', 'SD1.5')}'s (b1, b2, s1, s2 = {', '.join(f'{v:g}' for v in preset.get('values', ()))})"
-             f"{': ' + preset['why'] if preset.get('why') else ''}. Untuned and best ρ family: table 5's numbers "
+             f"{' (' + preset['why'] + ')' if preset.get('why') else ''}. Untuned and best ρ family: table 5's numbers "
              f"(same model, settings and held-out seeds).", "",
              "| NFE | untuned | FreeU preset | " + " | ".join(FREEU_LABELS.get(m, m) for m in methods)
              + " | best ρ family (table 5) |",
@@ -266,13 +259,19 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
     missing += [f"NFE {nfe}" for nfe in plan["nfes"] if nfe not in rows]
     if verdicts:
         lines += ["", *(f"{v}." for v in verdicts)]
-    costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, methods, s["truth_n"]))]
+    return lines + _footer(rows, methods, s["truth_n"], missing, "freeu.db")
+
+
+def _footer(rows: dict, methods: tuple[str, ...], truth_n: int, missing: list[str], db: str) -> list[str]:
+    """What each part took, and what is not measured yet, under a held-out table."""
+    lines = []
+    costs = [cost for nfe, row in sorted(rows.items()) if (cost := _cost(nfe, row, methods, truth_n))]
     if costs:
         lines += ["", "Time each part took (medians of wall seconds on the row's machine, slower where other work "
                       "shared it): " + "; ".join(costs) + "."]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}. Rerun the command to resume (each search is a "
-                      f"study in `freeu.db` beside the results)."]
+                      f"study in `{db}` beside the results)."]
     return lines
 
 
