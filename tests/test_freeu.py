@@ -396,6 +396,13 @@ def test_search_freeu_at_every_sigma_searches_no_window(tiny_model_dir, tmp_path
     assert all(t.user_attrs["freeu"]["sigma_window"] is None for t in study.trials)
     best = load_schedule(tmp_path / "studies" / f"{name}.best.json")
     assert best.freeu.window is None and not best.depends_on_sigma
+    result = run("report", "--study", name, "-o", "r.html", "--samples", 0)
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    preset = next(t for t in study.trials if t.user_attrs.get("freeu_preset"))
+    assert f"<th>FreeU preset (SD1.5)</th><td>{preset.value:.3f} (trial {preset.number})</td>" in page
+    assert f"<th>best FreeU</th><td>b1={best.freeu.b1:.3f}, b2={best.freeu.b2:.3f}" in page and "at every σ" in page
+    assert "<h2>FreeU&#x27;s factors</h2>" in page and "<h2>Best schedule</h2>" not in page  # ρ = 1: no heatmap
     result = run("search", "--model", tiny_model_dir, "--family", "linear", "--no-window", "--n", 8, "--nfe", 3)
     assert result.exit_code == 2 and result.output.startswith("Error: --family: FreeU acting at every σ (no window) "
                                                               "needs a FreeU family"), result.output

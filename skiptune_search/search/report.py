@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import plotly.graph_objects as go
 
+from ..core import freeu
 from ..core.files import write_text_atomic
 from ..core.schedule import RhoSchedule
 from ..scoring.task import with_legacy_defaults
@@ -27,6 +28,11 @@ def _rho_heatmap(schedule: RhoSchedule) -> go.Figure:
     fig.update_layout(title=f"ρ of the best schedule ({schedule.family}, {schedule.placement} placement)",
                       yaxis={"autorange": "reversed"}, height=max(300, 28 * len(rows) + 120))
     return fig
+
+
+def _freeu_text(f: freeu.FreeU) -> str:
+    factors = ", ".join(f"{name}={getattr(f, name):.3f}" for name in freeu.FACTORS)
+    return factors + (" at every σ" if f.window is None else f", while σ is in [{f.window[0]:.4g}, {f.window[1]:.4g}]")
 
 
 def _but_nfe(study: optuna.Study) -> tuple:
@@ -77,10 +83,14 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
     schedule = export_best(study, storage_url)
     base = baseline_trial(study)
     figures: list[tuple[str, go.Figure]] = [
-        ("Optimization history", optuna.visualization.plot_optimization_history(study)),
-        ("Best schedule", _rho_heatmap(schedule)),
-    ]
+        ("Optimization history", optuna.visualization.plot_optimization_history(study))]
+    if schedule.family != "freeu":  # ρ = 1 everywhere there
+        figures.append(("Best schedule", _rho_heatmap(schedule)))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    freeu_params = [p for p in (*freeu.FACTORS, *freeu.WINDOW_PARAMS) if p in schedule.params]
+    if freeu_params and complete:  # each of FreeU's factors (and the window's ends) against the objective
+        figures.append(("FreeU's factors", optuna.visualization.plot_slice(study, params=freeu_params)))
+    preset = next((t for t in complete if t.user_attrs.get("freeu_preset")), None)
     if len(complete) >= 3 and len(study.best_params) > 1:
         figures.append(("Parameter importances", optuna.visualization.plot_param_importances(study)))
     if any(len(t.intermediate_values) > 1 for t in study.trials):
@@ -104,6 +114,9 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
         f"<tr><th>trials</th><td>{len(complete)} complete, {len(study.trials)} in all</td></tr>",
         f"<tr><th>baseline (ρ = 1)</th><td>{base.value:.3f}</td></tr>" if base else "",
         f"<tr><th>best</th><td>{metric['value']:.3f} (trial {schedule.source['trial']}, {change})</td></tr>",
+        (f"<tr><th>FreeU preset ({html.escape(str(preset.user_attrs['freeu_preset']))})</th><td>{preset.value:.3f} "
+         f"(trial {preset.number})</td></tr>" if preset else ""),
+        (f"<tr><th>best FreeU</th><td>{html.escape(_freeu_text(schedule.freeu))}</td></tr>" if schedule.freeu else ""),
         f"<tr><th>best parameters</th><td>{html.escape(str(schedule.params))}, "
         f"placement {schedule.placement}</td></tr>",
         f"<tr><th>written</th><td>{_dt.datetime.now().isoformat(timespec='seconds')}</td></tr></table>",
