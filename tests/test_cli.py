@@ -299,6 +299,9 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
                  "The preset is SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2)", "| best ρ family (table 5) |"):
         assert part in text, part
     raw = tmp_path / "studies" / "bench-quick"
+    headline, freeu_table = (json.loads((raw / f).read_text())["nfe"]["3"] for f in ("headline.json", "freeu.json"))
+    assert freeu_table["untuned"] == headline["untuned"] and "untuned" in freeu_table["taken_from"]  # not scored again
+    assert "untuned_seconds" not in freeu_table and len(freeu_table["freeu"]) == 1
     assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json",
                                                "headline.json", "gpu.json", "replays.json", "freeu.json"}
 

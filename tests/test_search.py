@@ -152,9 +152,21 @@ def test_a_study_another_process_is_creating_is_waited_for_not_called_foreign(tm
     writer.join()
     assert _create_or_wait(storage, "new", attrs) is True
     assert storage.get_study_user_attrs(storage.get_study_id_from_name("new")) == attrs
-    storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "stillborn")
+    assert list(storage.get_study_user_attrs(storage.get_study_id_from_name("new"))) [0] == "created_by"
+    storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "empty")
     with pytest.raises(StudyMismatchError, match="not made by skiptune-search"):
-        _create_or_wait(storage, "stillborn", attrs, wait_s=0.3)  # never finished: someone else's
+        _create_or_wait(storage, "empty", attrs, wait_s=0.3)  # no mark of ours, ever: someone else's
+    half = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "half")
+    storage.set_study_user_attr(half, "created_by", "skiptune-search")  # a search killed while creating it
+    storage.set_study_user_attr(half, "settings", {"task": {}})
+    assert _create_or_wait(storage, "half", attrs, wait_s=0.3) is False  # the same values: finished and used
+    assert storage.get_study_user_attrs(half) == attrs
+    other = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "half-other")
+    storage.set_study_user_attr(other, "created_by", "skiptune-search")
+    storage.set_study_user_attr(other, "settings", {"task": {"nfe": 5}})
+    with pytest.raises(StudyMismatchError, match="left half-made .* for other settings"):
+        _create_or_wait(storage, "half-other", attrs, wait_s=0.3)
+    assert "layout" not in storage.get_study_user_attrs(other)  # refused: nothing written
     theirs = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "theirs")
     storage.set_study_user_attr(theirs, "mine", "yes")
     with pytest.raises(StudyMismatchError, match="not made by skiptune-search"):

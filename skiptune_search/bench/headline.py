@@ -220,8 +220,7 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
              f"and s1, s2 in [{freeu.S_RANGE[0]:g}, {freeu.S_RANGE[1]:g}], at every σ or inside a σ window searched in "
              f"log σ; linear ρ + FreeU is the linear_freeu family (with the window). The preset is "
              f"{preset.get('name', 'SD1.5')}'s (b1, b2, s1, s2 = {', '.join(f'{v:g}' for v in preset.get('values', ()))})"
-             f"{' (' + preset['why'] + ')' if preset.get('why') else ''}. Untuned and best ρ family: table 5's numbers "
-             f"(same model, settings and held-out seeds).", "",
+             f"{' (' + preset['why'] + ')' if preset.get('why') else ''}. {_taken(rows, bool(rho_rows))}", "",
              "| NFE | untuned | FreeU preset | " + " | ".join(FREEU_LABELS.get(m, m) for m in methods)
              + " | best ρ family (table 5) |",
              "| ---: | ---: | ---: | " + " | ".join("---:" for _ in methods) + " | ---: |"]
@@ -273,6 +272,17 @@ def _footer(rows: dict, methods: tuple[str, ...], truth_n: int, missing: list[st
         lines += ["", f"Not measured yet: {'; '.join(missing)}. Rerun the command to resume (each search is a "
                       f"study in `{db}` beside the results)."]
     return lines
+
+
+def _taken(rows: dict, comparable: bool) -> str:
+    """Where table 8's untuned FIDs and best ρ family come from."""
+    copied = [nfe for nfe, row in sorted(rows.items()) if "untuned" in row.get("taken_from", {})]
+    untuned = ("Untuned: table 5's numbers" if copied and len(copied) == len(rows) else
+               f"Untuned: table 5's numbers at NFE {', '.join(map(str, copied))}, scored here at the others" if copied
+               else "Untuned: scored here")
+    rho = ("best ρ family: table 5's" if comparable else
+           "best ρ family: not shown (table 5 was run with other settings or not at all)")
+    return f"{untuned}; {rho} (same model, settings and held-out seeds)."
 
 
 def _fmt(value: float | None) -> str:

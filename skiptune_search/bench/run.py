@@ -230,6 +230,10 @@ def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command:
     if 6 in tables and device.type != "cuda" and not quick:
         raise InputError("table 6 measures a GPU and none is visible to torch; leave 6 out of the tables on this "
                          "machine", option="tables")
+    if 7 in tables:  # a folder that is not the checkout named: one line before hours of other tables
+        from .sizes import check_checkouts
+
+        check_checkouts({k: Path(v) for k, v in (checkouts or {}).items() if v})
     truth_n = truth_n or size["truth_n"]
     saved_truth_n = BS.load_results(work / "truth.json").get("settings", {}).get("truth_n", truth_n)
     if 3 in tables and saved_truth_n != truth_n:  # found out before anything is measured, not after tables 1-2

@@ -154,18 +154,19 @@ def check_checkouts(checkouts: dict[str, Path]) -> None:
 
 
 # --- one architecture, measured in its own process ---------------------------------------------------
-def _timed_hooks(ctl) -> list[float]:
+def _timed_hooks(ctl, clock: Callable[[], float]) -> list[float]:
     """Wrap each hook the controller installed so the seconds spent inside them add up in the
-    returned one-element list (the controller itself is not changed)."""
+    returned one-element list (the controller itself is not changed); ``clock`` synchronizes a
+    GPU, so its hooks' kernels are counted, not only their launches."""
     spent = [0.0]
 
     def timed(fn):
         def hook(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                spent[0] += clock() - start
         return hook
 
     for handle in ctl._handles:
@@ -208,7 +209,7 @@ def measure(key: str, checkout: Path | None, calls: int, device: torch.device) -
         else:
             ctl.attach()
             ctl.use(schedule)
-            spent = _timed_hooks(ctl)
+            spent = _timed_hooks(ctl, clock)
         seconds = []
         with torch.inference_mode():
             for _ in range(calls):
@@ -241,21 +242,22 @@ def measure_in_child(key: str, checkout: Path | None, calls: int, device: str, t
     command = [sys.executable, "-m", "skiptune_search.bench.sizes", key, "--calls", str(calls), "--device", device,
                "--threads", str(threads)] + (["--checkout", str(checkout)] if checkout else [])
     done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
+    if done.returncode != 0:  # the child's last line: its error (its traceback stays in the child's stderr)
         lines = done.stderr.strip().splitlines() or ["(no output)"]
-        raise InputError(f"measuring {ARCHITECTURES[key][0]} failed: {lines[-1]}", option="tables")
+        return {"key": key, "label": ARCHITECTURES[key][0], "failed": lines[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_sizes(checkouts: dict[str, Path | None], path: Path, stamp: dict, device: torch.device, calls: int,
               progress: bool = True) -> dict:
     """Measure every architecture whose checkout is given (diffusers' always), each in its own
-    process, saving the results after each; architectures without a checkout are listed as such."""
+    process, saving the results after each; architectures without a checkout are listed as such,
+    and one whose measurement failed with its error (the others are still measured). The
+    checkouts are checked by ``check_checkouts`` before any table runs."""
     from tqdm import tqdm
 
     from .search import load_results, save_results
 
-    check_checkouts(checkouts)
     results = load_results(path)
     rows = results.setdefault("rows", {})
     results.update({k: v for k, v in stamp.items()}, calls=calls)
@@ -276,13 +278,17 @@ def run_sizes(checkouts: dict[str, Path | None], path: Path, stamp: dict, device
 # --- the table ------------------------------------------------------------------------------------
 def render(results: dict) -> list[str]:
     rows = results["rows"]
-    lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {results['machine']}.", "",
+    machines = sorted({r["machine"] for r in rows.values() if "machine" in r}) or [results["machine"]]
+    where = (f"Machine: {machines[0]}." if len(machines) == 1 else
+             f"Rows measured on {len(machines)} machines: " + "; ".join(
+                 f"{', '.join(r['label'] for r in rows.values() if r.get('machine') == m)}: {m}" for m in machines) + ".")
+    lines = [f"Written by `{results['command']}` on {results['date']}. {where}", "",
              "Each architecture at its published size with seeded random weights (no checkpoint is needed to "
              "check the hooks; parameters a fresh model starts at zero, such as output layers and EDM2's gains, "
              "drawn from N(0, 0.02²) so the output depends on the skips), one class-conditional or text-conditional model call at batch 1 and σ ≈ 1 "
              f"({results['calls']} calls each: bare, hooked at ρ = 1, hooked at a σ-dependent per_noise schedule). "
              "Hooks: the seconds spent inside the controller's hooks per call (σ capture and skip scaling), "
-             "timed around each hook. Peak: the measuring process's peak RSS on a CPU (the model, its inputs "
+             "timed around each hook (on a GPU with a synchronize on each side). Peak: the measuring process's peak RSS on a CPU (the model, its inputs "
              "and Python), CUDA's peak allocation on a GPU.", "",
              "| architecture | built from | input | skips | parameters | s per call | hooks at ρ = 1 | "
              "hooks, σ-dependent | ρ = 1 bit-exact | ρ ≠ 1 changes it | peak memory |",
@@ -290,9 +296,11 @@ def render(results: dict) -> list[str]:
     missing = []
     for key in ARCHITECTURES:
         r = rows.get(key)
-        if r is None or "missing" in r:
+        if r is None or "missing" in r or "failed" in r:
             needs = ARCHITECTURES[key][1]
-            missing.append(f"{ARCHITECTURES[key][0]} ({f'needs a checkout of {CHECKOUTS[needs]}' if needs else 'no result'})")
+            why = (f"failed: {r['failed']}" if r and "failed" in r else
+                   f"needs a checkout of {CHECKOUTS[needs]}" if needs else "no result")
+            missing.append(f"{ARCHITECTURES[key][0]} ({why})")
             continue
         call = statistics.median(r["bare_s"])
         lines.append(f"| {r['label']} | {r['source']} | {r['input']} | {r['skips']} | {r['params']:,} | "

@@ -115,28 +115,43 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
 
 def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict, wait_s: float = 20.0) -> bool:
     """Create the study with ``attrs`` (True), or find it existing and return False once it is this
-    tool's. Creating a study and writing its attributes are separate writes, so a study found
-    without attributes and trials may be one another process is creating this very moment: it is
-    waited for (up to ``wait_s``) before it is called someone else's. ``layout`` is written last,
-    so a study is this tool's only once all of ``attrs`` are there."""
+    tool's. Creating a study and writing its attributes are separate writes: ``created_by`` goes
+    first and ``layout`` (which makes a study this tool's) last, so a study found with a part of
+    ``attrs`` and no trials may be one another process is creating this very moment. It is waited
+    for while its attributes keep coming (``wait_s`` after the last one). One that stops short with
+    this tool's mark was left half-made by a process that died creating it: with the same values it
+    is completed and used, with others refused; any other study is someone else's."""
     try:
         study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
     except optuna.exceptions.DuplicatedStudyError:
         study_id = None
     if study_id is not None:
-        for key in sorted(attrs, key=lambda k: k == "layout"):
+        for key in sorted(attrs, key=lambda k: (k != "created_by", k == "layout")):
             storage.set_study_user_attr(study_id, key, attrs[key])
         return True
     study_id = storage.get_study_id_from_name(name)
-    deadline = time.monotonic() + wait_s
+    deadline, seen = time.monotonic() + wait_s, None
     while True:
         found, directions = storage.get_study_user_attrs(study_id), storage.get_study_directions(study_id)
         if is_own(found, directions):
             return False
-        being_born = (set(found) <= set(attrs) and list(directions) == [optuna.study.StudyDirection.MINIMIZE]
+        being_born = (set(found) <= set(attrs) and found.get("created_by", MARKER) == MARKER
+                      and list(directions) == [optuna.study.StudyDirection.MINIMIZE]
                       and not storage.get_all_trials(study_id, deepcopy=False))
-        if not being_born or time.monotonic() > deadline:
+        if not being_born:
             raise _foreign(name)
+        if set(found) != seen:  # another process is still writing them
+            deadline, seen = time.monotonic() + wait_s, set(found)
+        elif time.monotonic() > deadline:
+            if found.get("created_by") != MARKER:
+                raise _foreign(name)
+            if any(json.dumps(found[k], sort_keys=True) != json.dumps(attrs[k], sort_keys=True) for k in found):
+                raise StudyError(f"study {name!r} was left half-made by a search that stopped while creating it, for "
+                                 f"other settings or weights; use another study name, or delete it with "
+                                 f"'optuna delete-study --study-name {name}' and the same storage", option="study")
+            for key in sorted(set(attrs) - set(found), key=lambda k: k == "layout"):  # ours, half-made: finish it
+                storage.set_study_user_attr(study_id, key, attrs[key])
+            return False
         time.sleep(0.2)
 
 

@@ -48,16 +48,22 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
     return space, opened
 
 
+def check_window_family(family: str, freeu_window: bool) -> bool:
+    """Whether ``family`` comes with FreeU; FreeU at every σ (no window) needs one that does."""
+    with_freeu = split_family(family)[1]
+    if not freeu_window and not with_freeu:
+        raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family (freeu, linear_freeu), not "
+                         f"{family}", option="family")
+    return with_freeu
+
+
 def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True) -> Space:
     """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
     log-spaced over the sampler's σ range; for the FreeU families their σ window over that range
     (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
     picked for."""
-    with_freeu = split_family(family)[1]
-    if not freeu_window and not with_freeu:
-        raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family (freeu, linear_freeu), not "
-                         f"{family}", option="family")
+    with_freeu = check_window_family(family, freeu_window)
     sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
     freeu_args = (dict(sigma_range=evaluator.sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
                        freeu_window=freeu_window) if with_freeu else {})
@@ -68,7 +74,8 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
          n: int = 1000, rungs: tuple[int, ...] | None = None, seed: int = 0, nfe: int = 1,
          features: str = DEFAULT_FEATURES, objective: str = "fid", family: str = "linear",
          placement: str = "input", rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3,
-         sigma_range: tuple[float, float] | None = None, timestep_to_sigma: Callable | None = None,
+         freeu_window: bool = True, sigma_range: tuple[float, float] | None = None,
+         timestep_to_sigma: Callable | None = None,
          storage: str = DEFAULT_STORAGE, study: str | None = None, optimizer: str = "tpe", search_seed: int = 0,
          batch_size: int = 250, feature_weights: str | None = None, out: str | Path | None = None,
          progress: bool = True) -> RhoSchedule:
@@ -79,7 +86,9 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     model (study names, the schedule's tuned_for), ``nfe`` your sampler's model calls (a label);
     ``reference`` is an .npz of reference statistics or a folder of images. σ-dependent families
     need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
-    Precond wrapper, ``timestep_to_sigma``. Returns the best schedule, also written to ``out``."""
+    Precond wrapper, ``timestep_to_sigma``; ``freeu_window=False`` makes a FreeU family act at
+    every σ (as ``search --no-window``). Returns the best schedule, also written to ``out``."""
+    check_window_family(family, freeu_window)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
     evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
@@ -87,7 +96,8 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     evaluator.check_reference()
     evaluator.images(evaluator.controller.identity(), seeds=[seed], progress=False)  # the loop's output, checked
     space, opened = prepare(evaluator, storage, family=family, placement=placement, rho_range=rho_range,
-                            knots=knots, study=study or f"{check_study_name(name)}-{family}-{placement}",
+                            knots=knots, freeu_window=freeu_window,
+                            study=study or f"{check_study_name(name)}-{family}{'' if freeu_window else '-allsteps'}-{placement}",
                             search_seed=search_seed, optimizer=optimizer)
     run_search(evaluator, opened, space, trials, artifacts=artifact_dir(storage), progress=progress)
     best = export_best(opened, storage)
