@@ -147,8 +147,8 @@ def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict
                 raise _foreign(name)
             if any(json.dumps(found[k], sort_keys=True) != json.dumps(attrs[k], sort_keys=True) for k in found):
                 raise StudyError(f"study {name!r} was left half-made by a search that stopped while creating it, for "
-                                 f"other settings or weights; use another study name, or delete it with "
-                                 f"'optuna delete-study --study-name {name}' and the same storage", option="study")
+                                 f"other settings or weights; use another study name, or delete that study with Optuna's "
+                                 f"delete-study command on the same storage", option="study")
             for key in sorted(set(attrs) - set(found), key=lambda k: k == "layout"):  # ours, half-made: finish it
                 storage.set_study_user_attr(study_id, key, attrs[key])
             return False
