@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edm2_standins import Precond, UNet
-from skiptune_search import RhoSchedule, ScheduleError, SkipController, apply
-from test_placements import check_sigma_per_sample
+from skiptune_search import RhoSchedule, ScheduleError, SkipController
+from test_placements import check_exact_and_unhooks, check_sigma_per_sample
 from test_skips import check_skip_routing
 
 
@@ -33,10 +33,6 @@ def _inputs(precond):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, precond.img_channels, precond.img_resolution, precond.img_resolution, generator=g)
     return x, torch.tensor([0.4, 7.0])
-
-
-def _hooks(model):
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
 
 
 def test_edm2_skips_and_their_decoder_blocks():
@@ -74,16 +70,7 @@ def test_edm2_rho_one_is_exact_and_unhooks(label_dim):
     precond = tiny_precond(label_dim)
     x, sigma = _inputs(precond)
     labels = torch.eye(5)[[1, 3]] if label_dim else None
-    before = _hooks(precond)
-    reference = precond(x, sigma, labels)
-    ctl = SkipController(precond)
-    with apply(precond, RhoSchedule.identity(ctl.arch, ctl.skips)):
-        assert _hooks(precond) != before
-        assert torch.equal(precond(x, sigma, labels), reference)
-    with apply(precond, RhoSchedule.linear(ctl.arch, ctl.skips, 0.7, 0.95)):
-        assert not torch.allclose(precond(x, sigma, labels), reference)
-    assert _hooks(precond) == before
-    assert torch.equal(precond(x, sigma, labels), reference)
+    check_exact_and_unhooks(precond, lambda: precond(x, sigma, labels))
 
 
 @torch.no_grad()

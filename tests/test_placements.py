@@ -69,14 +69,14 @@ def test_input_placement_reaches_the_main_branch_through_mixed_groups(tiny_unet)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_every_placement_is_exact_at_rho_one_and_unhooks(tiny_unet, placement):
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([0.1, 0.9])
-    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in tiny_unet.modules()]
+    hooks = hook_counts(tiny_unet)
     reference = tiny_unet(x, t).sample
     ctl = SkipController(tiny_unet)
     with apply(tiny_unet, RhoSchedule.constant(ctl.arch, ctl.skips, [1.0] * 4, placement=placement)):
         assert torch.equal(tiny_unet(x, t).sample, reference)
     with apply(tiny_unet, RhoSchedule.constant(ctl.arch, ctl.skips, [0.8] * 4, placement=placement)):
         assert not torch.allclose(tiny_unet(x, t).sample, reference)
-    assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in tiny_unet.modules()]
+    assert hooks == hook_counts(tiny_unet)
     assert torch.equal(tiny_unet(x, t).sample, reference)
 
 
@@ -84,6 +84,26 @@ def test_every_placement_is_exact_at_rho_one_and_unhooks(tiny_unet, placement):
 def test_sigma_dependent_schedule_is_applied_per_sample(tiny_unet):
     """In an EDM-style wrapper the controller reads σ from each call, one ρ per sample."""
     check_sigma_per_sample(EDMPrecond(tiny_unet), tiny_unet, channels=1, size=16)
+
+
+def hook_counts(model):
+    """Forward and forward-pre hooks per module: what must be the same before and after apply()."""
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def check_exact_and_unhooks(model, call):
+    """With the hooks installed, ρ = 1 leaves ``call()`` bit-exact and ρ 0.7 → 0.95 changes it;
+    every hook is gone after."""
+    before = hook_counts(model)
+    reference = call()
+    ctl = SkipController(model)
+    with apply(model, RhoSchedule.identity(ctl.arch, ctl.skips)):
+        assert hook_counts(model) != before
+        assert torch.equal(call(), reference)
+    with apply(model, RhoSchedule.linear(ctl.arch, ctl.skips, 0.7, 0.95)):
+        assert not torch.allclose(call(), reference)
+    assert hook_counts(model) == before
+    assert torch.equal(call(), reference)
 
 
 def check_sigma_per_sample(precond, unet, channels, size):

@@ -12,6 +12,7 @@ from skiptune_search import RhoSchedule, ScheduleError, SkipController, apply
 from skiptune_search.core.errors import ModelLoadError
 from skiptune_search.models.loaders import load_denoiser
 from skiptune_search.models.uvit import UViTPrecond
+from test_placements import check_exact_and_unhooks
 from uvit_standins import UViT
 
 
@@ -24,10 +25,6 @@ def tiny_uvit(num_classes=-1, use_checkpoint=False):
 def _call(net):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     return lambda: net(x, torch.tensor([10.0, 700.0]))
-
-
-def _hooks(model):
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
 
 
 def test_uvit_skips_pair_in_blocks_with_out_blocks_last_first():
@@ -86,16 +83,7 @@ def test_uvit_rho_one_is_exact_and_unhooks(num_classes):
     net = tiny_uvit(num_classes)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 900.0])
     y = torch.tensor([1, 4]) if num_classes > 0 else None
-    before = _hooks(net)
-    reference = net(x, t, y)
-    ctl = SkipController(net)
-    with apply(net, RhoSchedule.identity(ctl.arch, ctl.skips)):
-        assert _hooks(net) != before
-        assert torch.equal(net(x, t, y), reference)
-    with apply(net, RhoSchedule.linear(ctl.arch, ctl.skips, 0.7, 0.95)):
-        assert not torch.allclose(net(x, t, y), reference)
-    assert _hooks(net) == before
-    assert torch.equal(net(x, t, y), reference)
+    check_exact_and_unhooks(net, lambda: net(x, t, y))
 
 
 @torch.no_grad()
