@@ -260,7 +260,7 @@ def run_sizes(checkouts: dict[str, Path | None], path: Path, stamp: dict, device
 
     results = load_results(path)
     rows = results.setdefault("rows", {})
-    results.update({k: v for k, v in stamp.items()}, calls=calls)
+    results.update(stamp, calls=calls)
     for key in (bar := tqdm(list(ARCHITECTURES), desc="table 7", disable=not progress)):
         label, needs, _ = ARCHITECTURES[key]
         bar.set_postfix_str(label)
