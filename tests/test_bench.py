@@ -336,6 +336,59 @@ def test_search_seconds_sums_the_trials_of_the_study(tmp_path):
     assert search_seconds(study) == 12.5
 
 
+def test_held_out_searches_run_seed_by_seed_across_nfes_and_resume_where_stopped(tmp_path, monkeypatch):
+    """Searches go seed by seed (every NFE and method at seed 0 before any at seed 1), so a run
+    stopped early leaves a whole picture at fewer seeds; a rerun starts at the search it lost."""
+    from types import SimpleNamespace
+
+    from skiptune_search.bench import headline as H
+
+    searched = []
+
+    class Stop(Exception):
+        pass
+
+    class FakeEvaluator:
+        def __init__(self, task, batch_size):
+            self.task, self.controller = task, SimpleNamespace(unet=None)
+
+        def score(self, schedule, rungs, seeds, progress, kid):
+            yield SimpleNamespace(fid=float(len(searched)))
+
+    def fake_search(evaluator, study, space, trials, progress):
+        if len(searched) == stop_at:
+            raise Stop
+        searched.append(study)
+
+    for name, value in {"Evaluator": FakeEvaluator, "weights_fingerprint": lambda unet: "w",
+                        "make_storage": lambda url, heartbeat: None, "fixed_schedule": lambda ev, name: name,
+                        "method_space": lambda ev, method: method, "run_search": fake_search,
+                        "open_study": lambda storage, name, task, space, ctl, seed: name,
+                        "export_best": lambda study, url: SimpleNamespace(metric={"value": 1.0, "baseline": 2.0},
+                                                                          params={}),
+                        "search_seconds": lambda study: 0.0}.items():
+        monkeypatch.setattr(H, name, value)
+    path = tmp_path / "h.json"
+
+    def run_it():
+        H.run_headline("m", (5, 9), path, "c", "box", seeds=2, trials=4, n=8, rungs=(8,), truth_n=8, batch=8,
+                       methods=("a", "b"), progress=False)
+
+    stop_at = 5
+    with pytest.raises(Stop):
+        run_it()
+    assert searched == ["headline-nfe5-a-seed0", "headline-nfe5-b-seed0", "headline-nfe9-a-seed0",
+                        "headline-nfe9-b-seed0", "headline-nfe5-a-seed1"]
+    saved = json.loads(path.read_text())["nfe"]
+    assert [len(saved[nfe][m]) for nfe in ("5", "9") for m in ("a", "b")] == [2, 1, 1, 1]
+    assert {nfe: row["untuned"] for nfe, row in saved.items()} == {"5": 0.0, "9": 0.0}  # fixed ones first
+    stop_at = None
+    run_it()
+    assert searched[5:] == ["headline-nfe5-b-seed1", "headline-nfe9-a-seed1", "headline-nfe9-b-seed1"]
+    saved = json.loads(path.read_text())["nfe"]
+    assert [[r["seed"] for r in saved[nfe][m]] for nfe in ("5", "9") for m in ("a", "b")] == [[0, 1]] * 4
+
+
 def test_headline_names_searches_that_ran_without_their_baseline_trial():
     from skiptune_search.bench.headline import render
 

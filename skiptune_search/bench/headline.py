@@ -2,7 +2,7 @@
 
 For each NFE: the untuned model and the exported best schedule of a real search (the default
 task: 16 trials, rungs, pruning) of each family, for several search seeds, all scored by FID on
-many held-out samples. Searches live in a SQLite study file in the work folder, and every
+many held-out samples (table 8 runs the same driver over FreeU's methods). Searches live in a SQLite study file in the work folder, and every
 finished number is written to a JSON file at once: an interrupted run resumes where it stopped.
 """
 
@@ -53,8 +53,10 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                  methods: tuple[str, ...] = RHO_FAMILIES, fixed: tuple[str, ...] = ("untuned",),
                  known: Path | None = None, progress: bool = True) -> dict:
     """Search each method at each NFE ``seeds`` times and score the ``fixed`` schedules and each
-    search's best on ``truth_n`` held-out samples. A fixed schedule already scored in ``known``
-    (another table's results file of the same settings) is taken from there."""
+    search's best on ``truth_n`` held-out samples: the fixed schedules at every NFE first, then the
+    searches seed by seed (every NFE and method at search seed 0, then at seed 1, ...). A fixed
+    schedule already scored in ``known`` (another table's results file of the same settings) is
+    taken from there."""
     results = load_results(path)
 
     def evaluator_for(nfe: int) -> Evaluator:
@@ -75,23 +77,32 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"
     storage = make_storage(storage_url, heartbeat=None)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
-    for nfe in nfes:
-        row = results.setdefault("nfe", {}).setdefault(str(nfe), {})
-        if evaluator.task.nfe != nfe:  # each NFE its own evaluator (its σ grid); the previous one is dropped
-            evaluator = evaluator_for(nfe)
+    evaluators = {evaluator.task.nfe: evaluator}
 
-        def save() -> None:  # each finished number at once, with the machine that measured it
-            if machine not in row.setdefault("machines", []):
-                row["machines"].append(machine)
-            save_results(path, results)
+    def row_at(nfe: int) -> dict:
+        return results.setdefault("nfe", {}).setdefault(str(nfe), {})
 
-        def held_out_fid(schedule, label: str) -> tuple[float, float]:
-            """FID on the held-out samples, and the seconds it took."""
-            start = time.perf_counter()
-            rung = next(evaluator.score(schedule, rungs=(len(held_out),), seeds=held_out,
-                                        progress=progress and f"NFE {nfe} {label} held-out", kid=False))
-            return rung.fid, time.perf_counter() - start
+    def evaluator_at(nfe: int) -> Evaluator:
+        """The NFE's evaluator (its σ grid); only the one in use is kept."""
+        if nfe not in evaluators:
+            evaluators.clear()
+            evaluators[nfe] = evaluator_for(nfe)
+        return evaluators[nfe]
 
+    def save(row: dict) -> None:  # each finished number at once, with the machine that measured it
+        if machine not in row.setdefault("machines", []):
+            row["machines"].append(machine)
+        save_results(path, results)
+
+    def held_out_fid(evaluator: Evaluator, schedule, label: str) -> tuple[float, float]:
+        """FID on the held-out samples, and the seconds it took."""
+        start = time.perf_counter()
+        rung = next(evaluator.score(schedule, rungs=(len(held_out),), seeds=held_out,
+                                    progress=progress and f"NFE {evaluator.task.nfe} {label} held-out", kid=False))
+        return rung.fid, time.perf_counter() - start
+
+    for nfe in nfes:  # the fixed schedules first, then the searches
+        row = row_at(nfe)
         for name in fixed:
             if name in row:
                 continue
@@ -100,30 +111,39 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 row.setdefault("taken_from", {})[name] = str(known)
                 save_results(path, results)
                 continue
-            row[name], row[f"{name}_seconds"] = held_out_fid(fixed_schedule(evaluator, name), name)
-            save()
-        for method in methods:
-            space = method_space(evaluator, method)
-            runs = row.setdefault(method, [])
-            for run in runs:  # runs recorded before search times were: their trials' times are in the study
+            evaluator = evaluator_at(nfe)
+            row[name], row[f"{name}_seconds"] = held_out_fid(evaluator, fixed_schedule(evaluator, name), name)
+            save(row)
+        for method in methods:  # runs recorded before search times were: their trials' times are in the study
+            for run in row.get(method, []):
                 if "search_seconds" not in run:
                     try:
                         old = load_own_study(storage, study_name(nfe, method, run["seed"]), storage_url)
                     except StudyError:
                         continue
                     run["search_seconds"] = search_seconds(old)
-                    save()
-            for seed in range(len(runs), seeds):
+                    save(row)
+    # search seed by search seed, across NFEs and methods: a run stopped early leaves every
+    # NFE and method measured at the same number of seeds rather than some not at all
+    for seed in range(seeds):
+        for nfe in nfes:
+            for method in methods:
+                row = row_at(nfe)
+                runs = row.setdefault(method, [])
+                if len(runs) > seed:
+                    continue
+                evaluator = evaluator_at(nfe)
+                space = method_space(evaluator, method)
                 # a trial a killed run left running is failed and queued again by open_study
                 study = open_study(storage, study_name(nfe, method, seed), evaluator.task, space,
                                    evaluator.controller, seed)
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
-                fid, seconds = held_out_fid(best, f"{method} seed {seed}")
+                fid, seconds = held_out_fid(evaluator, best, f"{method} seed {seed}")
                 runs.append({"seed": seed, "search_value": best.metric["value"],
                              "search_baseline": best.metric["baseline"], "held_out": fid, "params": best.params,
                              "search_seconds": search_seconds(study), "held_out_seconds": seconds})
-                save()
+                save(row)
     return results
 
 
