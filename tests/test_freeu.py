@@ -239,6 +239,8 @@ def test_committed_version_1_files_load_and_apply_unchanged(path):
     (lambda d: d["freeu"].update(sigma_window=[0.0, 2.0]), "positive"),
     (lambda d: d["freeu"].update(sigma_window=[1.0]), "sigma_window"),
     (lambda d: d["freeu"].pop("s2"), "'s2' is a required property"),
+    (lambda d: d["freeu"].pop("sigma_window"), "'sigma_window' is a required property"),
+    (lambda d: d["freeu"].update(window=[0.3, 1.0]), r"Additional properties are not allowed \('window'"),
     (lambda d: d.update(format="skiptune-schedule/1"), "FreeU factors need format 'skiptune-schedule/2'"),
     (lambda d: d.update(format="skiptune-schedule/3"), "export it again"),
 ])
@@ -249,6 +251,14 @@ def test_bad_freeu_files_are_one_line_errors(tmp_path, edit, message):
     with pytest.raises(SkiptuneError, match=message) as caught:
         load_schedule(tmp_path / "bad.json")
     assert isinstance(caught.value, ScheduleError) and "\n" not in str(caught.value) and "--" not in str(caught.value)
+    assert str(caught.value).startswith(str(tmp_path / "bad.json"))  # which file
+
+
+def test_a_version_1_file_with_freeu_null_loads_as_plain_rho(tmp_path):
+    data = RhoSchedule.from_family("linear", "UNet2DModel", SKIPS, {"rho_inner": 0.8, "rho_outer": 1.0}).to_json()
+    assert data["format"] == "skiptune-schedule/1" and "freeu" not in data
+    (tmp_path / "s.json").write_text(json.dumps({**data, "freeu": None}))
+    assert load_schedule(tmp_path / "s.json").freeu is None
 
 
 def test_a_freeu_file_for_a_one_level_layout_is_refused(tmp_path):
@@ -268,6 +278,19 @@ def test_enable_freeu_call_only_where_diffusers_does_the_same():
     assert make("UNet2DConditionModel", window=(1.0, 2.0)).enable_freeu_call() is None  # σ-dependent
     assert make("UNet2DModel").enable_freeu_call() is None  # no enable_freeu there
     assert make("UNet2DConditionModel", s2=0.0).enable_freeu_call() is None  # diffusers reads 0 as off
+    assert make("UNet2DConditionModel", b1=1.23456789).enable_freeu_call() == \
+        "pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.23456789, b2=1.6)"  # the same factors, not rounded
+
+
+def test_export_lines_say_why_a_pipeline_schedule_has_no_enable_freeu_line():
+    from skiptune_search.cli.common import freeu_lines
+
+    windowed = RhoSchedule.from_family("freeu", "UNet2DConditionModel", SKIPS, FACTORS, sigma_window=(1.0, 2.0))
+    assert freeu_lines(windowed)[-1] == ("diffusers: no pipe.enable_freeu equivalent (it has a σ window); sample "
+                                         "with skiptune_search.apply")
+    zero = RhoSchedule.from_family("freeu", "UNet2DConditionModel", SKIPS, {**FACTORS, "s2": 0.0})
+    assert "a factor is 0" in freeu_lines(zero)[-1]
+    assert len(freeu_lines(RhoSchedule.from_family("freeu", "UNet2DModel", SKIPS, FACTORS, sigma_window=(1.0, 2.0)))) == 1
 
 
 # --- the search space --------------------------------------------------------------------------

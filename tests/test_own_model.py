@@ -62,3 +62,28 @@ def test_what_your_loop_returns_is_checked(net, tmp_path):
         tune(net, euler_loop(net), name="noise", reference="bundled", family="per_noise", trials=1, n=4,
              storage=f"sqlite:///{tmp_path}/s.db", progress=False)
     assert info.value.option == "sigma_range"
+
+
+def test_freeu_from_python_needs_the_sigma_map_only_with_its_window(tiny_unet, tmp_path):
+    """A bare UNet called with timesteps: FreeU at every σ needs neither σ range nor timestep map;
+    with its σ window the missing map is a one-line error before any study is written."""
+    def sample(seeds):  # a loop over the UNet's own timesteps
+        x = torch.stack([torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        for t in (900, 500, 100):
+            x = x - 0.3 * tiny_unet(x, t).sample
+        return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    with pytest.raises(InputError, match="no timestep_to_sigma was given") as info:
+        tune(tiny_unet, sample, name="bare", reference="bundled", family="freeu", sigma_range=(0.1, 80.0), trials=2,
+             n=4, storage=url, progress=False)
+    assert info.value.option == "family" and "\n" not in str(info.value)
+    assert not (tmp_path / "s.db").exists() or optuna.get_all_study_summaries(url) == []
+    best = tune(tiny_unet, sample, name="bare", reference="bundled", family="freeu", freeu_window=False, trials=2,
+                n=4, storage=url, progress=False, batch_size=4)
+    assert best.source["study"] == "bare-freeu-allsteps-input" and best.freeu is not None and best.freeu.window is None
+    study = optuna.load_study(study_name="bare-freeu-allsteps-input", storage=url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2  # baseline, preset
+    with apply(tiny_unet, best):
+        tuned = sample([0, 1])
+    assert torch.equal(tuned, sample([0, 1])) == best.is_identity()

@@ -43,7 +43,8 @@ def studies(storage) -> None:
 def export(storage, study, out) -> None:
     """Write the best completed trial of a study as a schedule JSON file. For a FreeU schedule it
     also prints the factors, and diffusers' equivalent pipe.enable_freeu(...) call when there is
-    one (a UNet2DConditionModel, FreeU at every σ)."""
+    one (a UNet2DConditionModel such as Stable Diffusion's and SDXL's, FreeU at every σ, no factor
+    0), or why there is none."""
     from ..search.storage import make_storage
     from ..search.study import export_best, load_own_study
 

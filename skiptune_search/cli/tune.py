@@ -22,11 +22,12 @@ RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
 @storage_option
 @click.option("--study", default=None,
               help="Study name: letters, digits, '.', '_', '-', at most 128 [default: "
-                   "MODEL-SAMPLER-nfeNFE-FAMILY-PLACEMENT].")
+                   "MODEL-SAMPLER-nfeNFE-FAMILY-PLACEMENT, FAMILY-allsteps with --no-window].")
 @family_options
 @click.option("--window/--no-window", "freeu_window", default=True, show_default=True,
               help="FreeU families: search the σ window FreeU acts in, or (--no-window) let it act at every σ, "
-                   "as diffusers' enable_freeu does (export then prints the enable_freeu line).")
+                   "as diffusers' enable_freeu does (for a Stable Diffusion or SDXL UNet, export then prints the "
+                   "enable_freeu line).")
 @click.option("--knots", default=3, show_default=True, type=click.IntRange(2, 32),
               help="σ knots of per_noise, log-spaced over the sampler's σ range.")
 @click.option("--trials", default=16, show_default=True, type=click.IntRange(1, 100_000),

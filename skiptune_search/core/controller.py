@@ -72,6 +72,12 @@ class SkipController:
     def placement(self) -> str:
         return self._schedule.placement
 
+    @property
+    def knows_sigma(self) -> bool:
+        """Whether each call's σ can be read: from a Precond wrapper, or the UNet's timestep
+        mapped by ``timestep_to_sigma`` (σ-dependent schedules need it)."""
+        return self._precond is not None or self.timestep_to_sigma is not None
+
     def identity(self) -> RhoSchedule:
         return RhoSchedule.identity(self.arch, self.skips)
 
@@ -129,10 +135,11 @@ class SkipController:
         self.check_placement(schedule.placement)
         if schedule.freeu is not None:
             self._check_freeu_entries(schedule)
-        if schedule.depends_on_sigma and self._precond is None and self.timestep_to_sigma is None:
+        if schedule.depends_on_sigma and not self.knows_sigma:
             raise ScheduleError(
-                "this schedule depends on σ, but the controller cannot map the UNet's timestep to σ: "
-                "pass SkipController(model, timestep_to_sigma=...) or the model inside its Precond wrapper"
+                "this schedule depends on σ (ρ per σ knot, or a FreeU σ window), but the UNet is called with "
+                "timesteps: pass timestep_to_sigma (apply(model, schedule, timestep_to_sigma=...); for a diffusers "
+                "pipeline timestep_to_sigma_from_scheduler(pipe.scheduler)) or the model inside its Precond wrapper"
             )
         self._set(schedule)
 

@@ -64,14 +64,16 @@ class FreeU:
         for name in FACTORS:
             value, (lo, hi) = getattr(self, name), RANGES[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise ScheduleError(f"FreeU {name} = {value!r} is outside [{lo:g}, {hi:g}]")
+                raise ScheduleError(f"FreeU {name} = {value!r} is outside [{lo:g}, {hi:g}]: set it inside that range")
         if self.window is not None:
             ends = tuple(self.window)
             if (len(ends) != 2 or any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in ends)
                     or not all(math.isfinite(e) and e > 0 for e in ends)):
-                raise ScheduleError(f"FreeU σ window {list(ends)!r} must be two positive, finite σ [σ_lo, σ_hi]")
+                raise ScheduleError(f"FreeU σ window {list(ends)!r} must be two positive, finite σ [σ_lo, σ_hi], "
+                                   f"or null for FreeU at every σ")
             if ends[0] >= ends[1]:
-                raise ScheduleError(f"FreeU σ window [{ends[0]:g}, {ends[1]:g}] is empty: need σ_lo < σ_hi")
+                raise ScheduleError(f"FreeU σ window [{ends[0]:g}, {ends[1]:g}] is empty: need σ_lo < σ_hi (swap the "
+                                   f"ends, or null for FreeU at every σ)")
             object.__setattr__(self, "window", (float(ends[0]), float(ends[1])))
 
     def is_identity(self) -> bool:
@@ -103,8 +105,8 @@ class FreeU:
         return cls(*(data[name] for name in FACTORS), window=tuple(window) if window is not None else None)
 
     def enable_freeu_call(self) -> str:
-        """The diffusers call with the same factors: ``pipe.enable_freeu(s1=..., s2=..., b1=..., b2=...)``."""
-        return "pipe.enable_freeu(" + ", ".join(f"{k}={getattr(self, k):.4g}" for k in ("s1", "s2", "b1", "b2")) + ")"
+        """The diffusers call with the same factors, not rounded: ``pipe.enable_freeu(s1=..., s2=..., b1=..., b2=...)``."""
+        return "pipe.enable_freeu(" + ", ".join(f"{k}={float(getattr(self, k))!r}" for k in ("s1", "s2", "b1", "b2")) + ")"
 
     # --- per model call ----------------------------------------------------------------------
     def active(self, sigma: "torch.Tensor") -> "torch.Tensor | None":
@@ -121,7 +123,8 @@ def stages(skips: Sequence["SkipInfo"]) -> list[int | None]:
     levels = sorted({s.resolution for s in skips})
     if len(levels) < 2:
         raise ScheduleError(f"FreeU needs two decoder stages (skips at two resolutions); this model's skips are all "
-                            f"at {levels[0] if levels else '?'} px")
+                            f"at {levels[0] if levels else '?'} px: tune it with a ρ family (linear, per_level, "
+                            f"per_layer, per_noise)")
     return [levels.index(s.resolution) if s.resolution in levels[:2] else None for s in skips]
 
 

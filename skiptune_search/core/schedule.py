@@ -280,14 +280,17 @@ class RhoSchedule:
         _validate_json(data, where)
         skips = [SkipInfo(s["name"], s.get("consumer", ""), s["channels"], s["resolution"])
                  for s in data["skips"]]
-        schedule = cls(
-            arch=data["arch"], skips=skips, rho=[list(map(float, r)) for r in data["rho"]],
-            sigma_knots=[float(s) for s in data.get("sigma_knots", [])],
-            family=data.get("family", "custom"), params=data.get("params", {}),
-            placement=data.get("placement", "input"), tuned_for=data.get("tuned_for", {}),
-            metric=data.get("metric", {}), source=data.get("source", {}),
-            freeu=FreeU.from_json(data["freeu"]) if data.get("freeu") is not None else None,
-        )
+        try:
+            schedule = cls(
+                arch=data["arch"], skips=skips, rho=[list(map(float, r)) for r in data["rho"]],
+                sigma_knots=[float(s) for s in data.get("sigma_knots", [])],
+                family=data.get("family", "custom"), params=data.get("params", {}),
+                placement=data.get("placement", "input"), tuned_for=data.get("tuned_for", {}),
+                metric=data.get("metric", {}), source=data.get("source", {}),
+                freeu=FreeU.from_json(data["freeu"]) if data.get("freeu") is not None else None,
+            )
+        except ScheduleError as exc:  # a value the schema cannot judge: say which file
+            raise ScheduleError(f"{where}: {exc}", option=exc.option) from None
         if data["fingerprint"] != schedule.fingerprint:
             raise ScheduleError(f"{where}: fingerprint does not match its skip list (file edited by hand?)")
         return schedule
@@ -338,7 +341,8 @@ _SCHEMA = {
         "tuned_for": {"type": "object"},
         "metric": {"type": "object"},
         "source": {"type": "object"},
-        "freeu": {"type": ["object", "null"], "required": list(FREEU_FACTORS), "properties": {
+        "freeu": {"type": ["object", "null"], "required": [*FREEU_FACTORS, "sigma_window"],
+                  "additionalProperties": False, "properties": {
             **{name: {"type": "number"} for name in FREEU_FACTORS},
             "sigma_window": {"type": ["array", "null"], "minItems": 2, "maxItems": 2, "items": {"type": "number"}}}},
     },
@@ -353,7 +357,7 @@ def _validate_json(data: Any, where: str) -> None:
             f"{where}: format {data.get('format')!r} is not {FORMAT!r} or {FORMAT_FREEU!r}; "
             f"export it again with this version of skiptune-search"
         )
-    if isinstance(data, dict) and data.get("format") == FORMAT and "freeu" in data:
+    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("freeu") is not None:
         raise ScheduleError(f"{where}: FreeU factors need format {FORMAT_FREEU!r}, the file says {FORMAT!r}")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_SCHEMA).iter_errors(data))
     if error is not None:

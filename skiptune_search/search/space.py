@@ -68,7 +68,7 @@ class Space:
         """Fail, before a study is written, when the family cannot act on this skip layout."""
         if not self.with_freeu:
             return
-        if len(self.sigma_range) != 2 or not 0 < self.sigma_range[0] < self.sigma_range[1]:
+        if self.freeu_window and (len(self.sigma_range) != 2 or not 0 < self.sigma_range[0] < self.sigma_range[1]):
             raise InputError(f"the {self.family} family needs the sampler's σ range (σ_min < σ_max), got "
                              f"{list(self.sigma_range)}", option="family")
         try:

@@ -64,8 +64,20 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
     (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
     picked for."""
     with_freeu = check_window_family(family, freeu_window)
-    sigma_knots = log_spaced_knots(*evaluator.sigma_range, knots) if family == "per_noise" else ()
-    freeu_args = (dict(sigma_range=evaluator.sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
+    sigma_dependent = family == "per_noise" or (with_freeu and freeu_window)
+    try:  # known for every model the CLI loads; for your own loop, needed only where σ matters
+        sigma_range = evaluator.sigma_range
+    except InputError:
+        if sigma_dependent:
+            raise
+        sigma_range = ()
+    if sigma_dependent and not evaluator.controller.knows_sigma:
+        raise InputError(f"the {family} family {'has a σ window' if with_freeu else 'sets ρ per σ'}, but the model "
+                         f"is called with timesteps and no timestep_to_sigma was given: pass timestep_to_sigma, or "
+                         f"the model inside its Precond wrapper" + (", or freeu_window=False" if with_freeu else ""),
+                         option="family")
+    sigma_knots = log_spaced_knots(*sigma_range, knots) if family == "per_noise" else ()
+    freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
                        freeu_window=freeu_window) if with_freeu else {})
     return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
 
@@ -86,8 +98,9 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     model (study names, the schedule's tuned_for), ``nfe`` your sampler's model calls (a label);
     ``reference`` is an .npz of reference statistics or a folder of images. σ-dependent families
     need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
-    Precond wrapper, ``timestep_to_sigma``; ``freeu_window=False`` makes a FreeU family act at
-    every σ (as ``search --no-window``). Returns the best schedule, also written to ``out``."""
+    Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
+    ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
+    neither. Returns the best schedule, also written to ``out``."""
     check_window_family(family, freeu_window)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
