@@ -77,17 +77,15 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"
     storage = make_storage(storage_url, heartbeat=None)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
-    evaluators = {evaluator.task.nfe: evaluator}
-
     def row_at(nfe: int) -> dict:
         return results.setdefault("nfe", {}).setdefault(str(nfe), {})
 
     def evaluator_at(nfe: int) -> Evaluator:
-        """The NFE's evaluator (its σ grid); only the one in use is kept."""
-        if nfe not in evaluators:
-            evaluators.clear()
-            evaluators[nfe] = evaluator_for(nfe)
-        return evaluators[nfe]
+        """The NFE's evaluator (its σ grid); the previous one is dropped."""
+        nonlocal evaluator
+        if evaluator.task.nfe != nfe:
+            evaluator = evaluator_for(nfe)
+        return evaluator
 
     def save(row: dict) -> None:  # each finished number at once, with the machine that measured it
         if machine not in row.setdefault("machines", []):

@@ -275,8 +275,8 @@ def freeu_lines(schedule, prefix: str = "") -> list[str]:
         rho_one = all(r == 1.0 for row in schedule.rho for r in row)
         lines.append(f"diffusers: {call}" + ("" if rho_one else "  (FreeU only; its ρ needs skiptune_search.apply)"))
     elif schedule.arch == "UNet2DConditionModel":  # a pipeline whose user will look for that line
-        why = "it has a σ window" if f.window is not None else "a factor is 0, which diffusers reads as FreeU off"
-        lines.append(f"diffusers: no pipe.enable_freeu equivalent ({why}); sample with skiptune_search.apply")
+        lines.append(f"diffusers: no pipe.enable_freeu equivalent ({schedule.why_no_enable_freeu()}); sample with "
+                     f"skiptune_search.apply")
     return lines
 
 

@@ -204,11 +204,20 @@ class RhoSchedule:
         FreeU factors, where diffusers does the same: a UNet2DConditionModel, no σ window (diffusers
         acts at every step) and no factor 0 (diffusers then switches FreeU off). ρ is not part of
         it. None otherwise."""
+        return None if self.why_no_enable_freeu() else self.freeu.enable_freeu_call()
+
+    def why_no_enable_freeu(self) -> str | None:
+        """Why diffusers' ``enable_freeu`` cannot do this schedule's FreeU; None where it can."""
         f = self.freeu
-        if (f is None or f.window is not None or self.arch != "UNet2DConditionModel"
-                or 0.0 in (f.b1, f.b2, f.s1, f.s2)):
-            return None
-        return f.enable_freeu_call()
+        if f is None:
+            return "no FreeU"
+        if self.arch != "UNet2DConditionModel":
+            return f"{self.arch} has no enable_freeu"
+        if f.window is not None:
+            return "it has a σ window"
+        if 0.0 in (f.b1, f.b2, f.s1, f.s2):
+            return "a factor is 0, which diffusers reads as FreeU off"
+        return None
 
     def is_identity(self) -> bool:
         return all(r == 1.0 for row in self.rho for r in row) and (self.freeu is None or self.freeu.is_identity())
