@@ -245,24 +245,25 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
     verdicts, missing = [], []
     for nfe, row in sorted(rows.items()):
         untuned = row.get("untuned")
-        cells, changes, fids_of = [], {}, {}
-        text, changes["FreeU preset"] = _cell([row["freeu_preset"]] if "freeu_preset" in row else [], untuned,
-                                                searched=False)
+        cells, changes = [], {}
+        fids_of = {"FreeU preset": [row["freeu_preset"]] if "freeu_preset" in row else []}  # each column's held-out FIDs
+        text, changes["FreeU preset"] = _cell(fids_of["FreeU preset"], untuned, searched=False)
         cells.append(text)
         for method in methods:
-            fids_of[FREEU_LABELS.get(method, method)] = fids = [r["held_out"] for r in row.get(method, [])]
+            label = FREEU_LABELS.get(method, method)
+            fids_of[label] = fids = [r["held_out"] for r in row.get(method, [])]
             if len(fids) < plan["seeds"]:
-                missing.append(f"NFE {nfe} {FREEU_LABELS.get(method, method)} ({len(fids)} of {plan['seeds']} search seeds)")
-            text, changes[FREEU_LABELS.get(method, method)] = _cell(fids, untuned)
+                missing.append(f"NFE {nfe} {label} ({len(fids)} of {plan['seeds']} search seeds)")
+            text, changes[label] = _cell(fids, untuned)
             cells.append(text)
         rho = rho_rows.get(str(nfe), {})
-        rho_changes = {f: _cell([r["held_out"] for r in rho.get(f, [])], untuned) for f in rho_families}
-        rho_changes = {f: c for f, c in rho_changes.items() if c[1] is not None}
+        rho_fids = {f: [r["held_out"] for r in rho.get(f, [])] for f in rho_families}
+        rho_changes = {f: c for f in rho_families if (c := _cell(rho_fids[f], untuned))[1] is not None}
         if rho_changes:
             best_rho = min(rho_changes, key=lambda f: rho_changes[f][1])
             cells.append(f"{best_rho}: {rho_changes[best_rho][0]}")
             changes[f"tuned ρ ({best_rho})"] = rho_changes[best_rho][1]
-            fids_of[f"tuned ρ ({best_rho})"] = [r["held_out"] for r in rho[best_rho]]
+            fids_of[f"tuned ρ ({best_rho})"] = rho_fids[best_rho]
         else:
             cells.append("–")
         lines.append(f"| {nfe} | {_fmt(untuned)} | " + " | ".join(cells) + " |")
@@ -271,7 +272,7 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
             best = min(changes, key=changes.get)
             verdict = f"NFE {nfe}: best {best} ({changes[best]:+.1f}% held-out FID)"
             if len(changes) > 1:
-                verdict += _lead(best, min((k for k in changes if k != best), key=changes.get), changes, fids_of, untuned)
+                verdict += _lead(best, min((k for k in changes if k != best), key=changes.get), changes, fids_of)
             if "FreeU preset" in changes:
                 verdict += (f"; FreeU's preset {'hurt' if changes['FreeU preset'] >= 0 else 'helped'} "
                             f"({changes['FreeU preset']:+.1f}%)")
@@ -282,11 +283,11 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
     return lines + _footer(rows, methods, s["truth_n"], missing, "freeu.db")
 
 
-def _lead(best: str, second: str, changes: dict, fids_of: dict, untuned: float) -> str:
+def _lead(best: str, second: str, changes: dict, fids_of: dict) -> str:
     """How far the best method is ahead of the runner-up, in FID, and whether that is more than
     the larger std over search seeds of the two (a lead within it is not settled by these seeds)."""
-    gap = (changes[second] - changes[best]) * untuned / 100
-    stds = [statistics.stdev(fids_of[k]) for k in (best, second) if len(fids_of.get(k, [])) > 1]
+    gap = statistics.fmean(fids_of[second]) - statistics.fmean(fids_of[best])
+    stds = [statistics.stdev(fids_of[k]) for k in (best, second) if len(fids_of[k]) > 1]
     spread = (f", {'more' if gap > max(stds) else 'less'} than the larger std over search seeds ({max(stds):.3g})"
               if stds else "")
     return f", {gap:.3g} FID ahead of {second} ({changes[second]:+.1f}%){spread}"
