@@ -41,11 +41,12 @@ def tiny_unet():
 
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path, tiny_unet) -> Path:
-    """A model folder as train-default writes it, holding the tiny random UNet."""
-    from skiptune_search.models.loaders import save_model_dir
+    """A model folder as train-default writes it after 0 steps: the tiny random UNet, its record
+    saying Fashion-MNIST (the data train-default trains on), so the bundled reference scores it."""
+    from skiptune_search.models.loaders import FASHION_MNIST, save_model_dir
 
     out = tmp_path / "tiny-model"
-    save_model_dir(tiny_unet, out, training={"steps": 0})
+    save_model_dir(tiny_unet, out, training={"steps": 0}, dataset=FASHION_MNIST)
     return out
 
 
@@ -129,6 +130,15 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(root / "tiny-sdxl")
     return root / "tiny-sdxl"
+
+
+@pytest.fixture
+def bundled_npz() -> str:
+    """The bundled Fashion-MNIST statistics as an explicit reference file: what a test of a model
+    that is no Fashion-MNIST model (a pipeline, a pickle, a network of its own) scores against."""
+    from skiptune_search.scoring.metrics import DEFAULT_REFERENCE
+
+    return str(DEFAULT_REFERENCE)
 
 
 @pytest.fixture

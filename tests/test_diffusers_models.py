@@ -35,14 +35,15 @@ def test_epsilon_model_as_sigma_space_denoiser(ddpm_dir, tiny_unet):
     assert torch.allclose(denoiser(x, sigma), x - sigma * eps, atol=1e-5)
 
 
-def test_search_on_a_diffusers_pipeline(ddpm_dir, tmp_path, monkeypatch):
+def test_search_on_a_diffusers_pipeline(ddpm_dir, tmp_path, monkeypatch, bundled_npz):
     from click.testing import CliRunner
 
     from skiptune_search.cli import main
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["search", "--model", str(ddpm_dir), "--nfe", "3", "--n", "6", "--trials", "2",
-                                       "--batch", "6", "--family", "per_noise", "--knots", "2"])
+                                       "--batch", "6", "--family", "per_noise", "--knots", "2", "--reference",
+                                       bundled_npz])
     assert result.exit_code == 0, result.output
     assert "ddpm-tiny-heun-nfe3-per_noise-input" in result.output
 
@@ -187,7 +188,7 @@ def test_model_grid_of_a_continuous_model_is_a_one_line_error(tiny_model_dir, tm
     assert "--sigma-grid: " in result.output and "continuous in σ" in result.output and "use the karras grid" in result.output
 
 
-def test_sigma_grid_is_part_of_the_study_and_the_schedule(ddpm_dir, tmp_path, monkeypatch):
+def test_sigma_grid_is_part_of_the_study_and_the_schedule(ddpm_dir, tmp_path, monkeypatch, bundled_npz):
     import json
 
     from click.testing import CliRunner
@@ -195,7 +196,8 @@ def test_sigma_grid_is_part_of_the_study_and_the_schedule(ddpm_dir, tmp_path, mo
     from skiptune_search.cli import main
 
     monkeypatch.chdir(tmp_path)
-    args = ["search", "--model", str(ddpm_dir), "--nfe", "3", "--n", "4", "--rungs", "4", "--trials", "1"]
+    args = ["search", "--model", str(ddpm_dir), "--nfe", "3", "--n", "4", "--rungs", "4", "--trials", "1",
+            "--reference", bundled_npz]
     result = CliRunner().invoke(main, [*args, "--sigma-grid", "model"])
     assert result.exit_code == 0, result.output
     best = json.loads((tmp_path / "studies" / "ddpm-tiny-heun-modelgrid-nfe3-linear-input.best.json").read_text())

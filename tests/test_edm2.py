@@ -7,6 +7,7 @@ import torch
 
 from edm2_standins import Precond, UNet
 from skiptune_search import RhoSchedule, ScheduleError, SkipController
+from skiptune_search.scoring.metrics import DEFAULT_REFERENCE
 from test_placements import check_exact_and_unhooks, check_sigma_per_sample
 from test_skips import check_skip_routing
 
@@ -203,7 +204,8 @@ def test_edm2_inspect_and_errors_through_the_cli(edm2_checkout, tmp_path, monkey
     assert result.output.count("no normalization at the decoder input") == 4
     for args, message in [([*load, "--placement", "normalized"], "--placement: placement 'normalized'"),
                           ([*load, "--placement", "search"], "--placement: a searched placement picks among")]:
-        result = runner.invoke(main, ["search", *args, "--nfe", "3", "--n", "8", "--trials", "2"])
+        result = runner.invoke(main, ["search", *args, "--nfe", "3", "--n", "8", "--trials", "2", "--reference",
+                                      str(DEFAULT_REFERENCE)])
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
 
@@ -228,7 +230,8 @@ def test_edm2_search_end_to_end(edm2_checkout, tmp_path, monkeypatch):
         return original(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "__call__", spy)
-    result = CliRunner().invoke(main, ["search", *load, "--nfe", "3", "--n", "8", "--trials", "2", "--batch", "4"])
+    result = CliRunner().invoke(main, ["search", *load, "--nfe", "3", "--n", "8", "--trials", "2", "--batch", "4",
+                                       "--reference", str(DEFAULT_REFERENCE)])
     assert result.exit_code == 0, result.output
     assert "best ρ (outer→inner)" in result.output and "[input placement]" in result.output
     assert seen and all(labels.shape[1] == 10 and torch.equal(labels.sum(1), torch.ones(len(labels))) for labels in seen)

@@ -440,7 +440,7 @@ def test_search_freeu_on_a_one_level_model_is_a_one_line_error(tmp_path, monkeyp
     torch.manual_seed(0)
     flat = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
                        norm_num_groups=4, down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)).eval()
-    save_model_dir(flat, tmp_path / "flat", training={"steps": 0})
+    save_model_dir(flat, tmp_path / "flat", training={"steps": 0}, dataset="fashion-mnist")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["search", "--model", str(tmp_path / "flat"), "--family", "freeu", "--n", "8",
                                        "--nfe", "3"], catch_exceptions=False)
@@ -451,14 +451,14 @@ def test_search_freeu_on_a_one_level_model_is_a_one_line_error(tmp_path, monkeyp
 
 
 def test_export_prints_diffusers_enable_freeu_for_a_text_model(tiny_sd_dir, prompt_file, tmp_path, monkeypatch,
-                                                              quick_fid):
+                                                              quick_fid, bundled_npz):
     from skiptune_search.cli import main
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     result = runner.invoke(main, ["search", "--model", str(tiny_sd_dir), "--prompts", str(prompt_file), "--guidance",
                                   "3", "--family", "freeu", "--trials", "2", "--n", "4", "--rungs", "4", "--nfe", "3",
-                                  "--sampler", "euler_discrete", "--batch", "4"])
+                                  "--sampler", "euler_discrete", "--batch", "4", "--reference", bundled_npz])
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["export", "--study", "tiny-sd-euler_discrete-nfe3-cfg3-freeu-input", "-o", "best.json"])
     assert result.exit_code == 0, result.output

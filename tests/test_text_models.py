@@ -270,7 +270,7 @@ def test_sdxl_size_must_fit_its_latents(tiny_sdxl_dir, prompt_file):
     assert info.value.option == "height"
 
 
-def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, monkeypatch):
+def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, monkeypatch, bundled_npz):
     from click.testing import CliRunner
 
     from skiptune_search.cli import main
@@ -278,7 +278,8 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     args = ["search", "--model", str(tiny_sd_dir), "--prompts", str(prompt_file), "--guidance", "3", "--trials", "2",
-            "--n", "4", "--rungs", "4", "--nfe", "3", "--sampler", "DPMSolverMultistepScheduler", "--batch", "4"]
+            "--n", "4", "--rungs", "4", "--nfe", "3", "--sampler", "DPMSolverMultistepScheduler", "--batch", "4",
+            "--reference", bundled_npz]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     name = "tiny-sd-dpmsolver-nfe3-cfg3-linear-input"
@@ -292,7 +293,7 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     seen = []
     monkeypatch.setattr(E, "evaluate_schedule", lambda evaluator, *a: seen.append(evaluator.task) or {"stub": 1})
     result = runner.invoke(main, ["evaluate", "--schedule", f"studies/{name}.best.json", "--n", "4", "--blocks", "2",
-                                  "--json"])
+                                  "--json", "--reference", bundled_npz])
     assert result.exit_code == 0, result.output
     assert (seen[0].model, seen[0].prompts, seen[0].guidance, seen[0].sigma_grid, seen[0].sampler) == (
         str(tiny_sd_dir), str(prompt_file), 3.0, "model", "dpmsolver")
@@ -306,7 +307,7 @@ def test_search_on_a_text_model_end_to_end(tiny_sd_dir, prompt_file, tmp_path, m
     assert again.exit_code == 2 and "prompts_sha256" in again.output
 
 
-def test_an_sdxl_search_records_its_size(tiny_sdxl_dir, prompt_file, tmp_path, monkeypatch):
+def test_an_sdxl_search_records_its_size(tiny_sdxl_dir, prompt_file, tmp_path, monkeypatch, bundled_npz):
     """The image size is part of the study (its name, its task) and of the exported schedule, and
     sample takes it from the schedule."""
     from click.testing import CliRunner
@@ -318,7 +319,7 @@ def test_an_sdxl_search_records_its_size(tiny_sdxl_dir, prompt_file, tmp_path, m
     runner = CliRunner()
     result = runner.invoke(main, ["search", "--model", str(tiny_sdxl_dir), "--prompts", str(prompt_file), "--sampler",
                                   "euler_discrete", "--nfe", "2", "--height", "24", "--width", "32", "--trials", "1",
-                                  "--n", "4", "--rungs", "4", "--batch", "4"])
+                                  "--n", "4", "--rungs", "4", "--batch", "4", "--reference", bundled_npz])
     assert result.exit_code == 0, result.output
     name = "tiny-sdxl-euler_discrete-nfe2-cfg7.5-32x24-linear-input"
     best = json.loads((tmp_path / "studies" / f"{name}.best.json").read_text())

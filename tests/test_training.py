@@ -65,12 +65,12 @@ def test_a_save_survives_a_leftover_of_a_killed_save_and_keeps_extra_folders(tmp
     from skiptune_search.models.loaders import save_model_dir
 
     out = tmp_path / "model"
-    save_model_dir(tiny_unet, out, training={"steps": 1})
+    save_model_dir(tiny_unet, out, training={"steps": 1}, dataset="fashion-mnist")
     (out / "grids").mkdir()
     (out / "grids" / "a.png").write_bytes(b"png")
     (tmp_path / ".model.old").mkdir()  # a run killed between its two renames leaves this
     (tmp_path / ".model.old" / "x").write_text("stale")
-    save_model_dir(tiny_unet, out, training={"steps": 2})
+    save_model_dir(tiny_unet, out, training={"steps": 2}, dataset="fashion-mnist")
     assert json.loads((out / MODEL_INFO_FILE).read_text())["training"] == {"steps": 2}
     assert (out / "grids" / "a.png").read_bytes() == b"png" and not (tmp_path / ".model.old").exists()
 

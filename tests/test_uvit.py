@@ -12,6 +12,7 @@ from skiptune_search import RhoSchedule, ScheduleError, SkipController, apply
 from skiptune_search.core.errors import ModelLoadError
 from skiptune_search.models.loaders import load_denoiser
 from skiptune_search.models.uvit import UViTPrecond
+from skiptune_search.scoring.metrics import DEFAULT_REFERENCE
 from test_placements import check_exact_and_unhooks
 from uvit_standins import UViT
 
@@ -254,7 +255,8 @@ def test_uvit_search_end_to_end(uvit_checkout, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["search", "--model", "nnet_ema.pth", "--uvit-path", str(uvit_checkout),
-                                       "--uvit-config", "tiny_uvit_cond", "--nfe", "3", "--n", "8", "--trials", "2"])
+                                       "--uvit-config", "tiny_uvit_cond", "--nfe", "3", "--n", "8", "--trials", "2",
+                                       "--reference", str(DEFAULT_REFERENCE)])
     assert result.exit_code == 0, result.output
     assert "baseline FID (ρ = 1):" in result.output and "[input placement]" in result.output
     assert (tmp_path / "studies" / "nnet_ema.pth-heun-nfe3-linear-input.best.json").is_file()

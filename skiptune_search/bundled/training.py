@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.denoisers import EDMPrecond, edm_training_sigmas
-from ..models.loaders import MODEL_INFO_FILE, save_model_dir
+from ..models.loaders import FASHION_MNIST, MODEL_INFO_FILE, save_model_dir
 from .data import load_fashion_mnist
 
 # Architecture of the bundled model: 28x28x1, three levels (28, 14, 7), attention at 7x7.
@@ -140,7 +140,7 @@ def train_default(
             "config": cfg.__dict__,
             "threads": torch.get_num_threads(),
         }
-        save_model_dir(ema, out_dir, training=info, sigma_data=cfg.sigma_data)
+        save_model_dir(ema, out_dir, training=info, sigma_data=cfg.sigma_data, dataset=FASHION_MNIST)
         tmp = state_path.with_suffix(".tmp")
         state_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(

@@ -9,20 +9,35 @@ traceback) into one line that names the command's flag for the setting.
 from __future__ import annotations
 
 import functools
+import math
+import os
 import signal
 import sys
 
 import click
 
 from ..core import freeu
+from ..core.limits import GUIDANCE_RANGE, MAX_BATCH, MAX_NFE, MAX_SEED, SIZE_RANGE
 from ..core.schedule import FAMILIES, PLACEMENTS
 from ..sampling import SAMPLER_NAMES, SCHEDULERS, SIGMA_GRIDS, canonical_sampler
 from ..scoring import FEATURE_LAYERS, PRECISIONS
 from ..search import DEFAULT_STORAGE, interrupts
 
-MAX_NFE = 1000  # more model calls per sample than any few-step sampler needs: surely a typo
-MAX_SEED = 2**63 - 1
 Seeds = click.IntRange(0, MAX_SEED)
+
+
+class Number(click.FloatRange):
+    """The one type of every float option: a finite number in its range. click's FloatRange
+    lets NaN through every bound (each comparison with NaN is false) and infinity through an
+    open end; neither means anything for any setting of this tool."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.types.FloatParamType.convert(self, value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 class UserError(click.ClickException):
@@ -73,9 +88,30 @@ def friendly(fn):
             if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise UserError("out of GPU memory: pass a smaller --batch (a text-to-image model doubles it for "
                                 "guidance)") from None
+            if is_cpu_out_of_memory(exc):
+                raise UserError(f"out of memory (CPU): {memory_hint(click.get_current_context(silent=True))}") from None
             raise
 
     return wrapper
+
+
+# what torch says when a CPU allocation fails (c10/core/impl/alloc_cpu.cpp; C++ new in its bindings)
+_CPU_ALLOC_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+                       "std::bad_alloc")
+
+
+def is_cpu_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, or torch's CPU allocator failing (a RuntimeError naming it)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                            and any(m in str(exc) for m in _CPU_ALLOC_FAILURES))
+
+
+def memory_hint(ctx: click.Context | None) -> str:
+    """What to lower when memory runs out: the command's batch, sample count and image size."""
+    flags = [f for f in (_flag(ctx, o) for o in ("batch", "n", "height", "width")) if f]
+    if not flags:
+        return "close other programs or use a machine with more memory"
+    return f"pass a smaller {flags[0]}" + (f" (or a smaller {', '.join(flags[1:])})" if flags[1:] else "")
 
 
 def torch_setup(threads: int = 0) -> None:
@@ -101,7 +137,7 @@ def device_option(fn):
 
 
 def batch_option(fn):
-    return click.option("--batch", default=250, show_default=True, type=click.IntRange(1, 1 << 20),
+    return click.option("--batch", default=250, show_default=True, type=click.IntRange(1, MAX_BATCH),
                         help="Sampling and feature batch size.")(fn)
 
 
@@ -140,7 +176,7 @@ def grid_option(fn, default_help: str = "karras; model for diffusers schedulers,
 
 def text_options(fn, default: str = "none; required for text-to-image models",
                  guidance_default: str = "7.5 with --prompts"):
-    fn = click.option("--guidance", default=None, type=click.FloatRange(1, 100),
+    fn = click.option("--guidance", default=None, type=Number(*GUIDANCE_RANGE),
                       help="Classifier-free guidance scale of a text-to-image pipeline (its guidance_scale): "
                            "uncond + G*(cond - uncond) in one batched UNet call; 1 = no guidance (one call). "
                            f"[default: {guidance_default}]")(fn)
@@ -153,7 +189,7 @@ def text_options(fn, default: str = "none; required for text-to-image models",
 def size_options(fn, default: str = "the pipeline's own (SD: 512 or 768, SDXL: 1024)"):
     """--height, --width: a text-to-image pipeline's image size."""
     for name in ("width", "height"):
-        fn = click.option(f"--{name}", default=None, type=click.IntRange(8, 16384),
+        fn = click.option(f"--{name}", default=None, type=click.IntRange(*SIZE_RANGE),
                           help=f"Image {name} in pixels of a text-to-image pipeline (its {name} argument; SDXL "
                                f"builds its size micro-conditioning from it), a multiple of its VAE's scale factor (8 "
                                f"for SD and SDXL). "
@@ -184,14 +220,13 @@ class SamplerName(click.ParamType):
         return sampler
 
 
-def sampler_option(fn, default: str | None = "heun"):
-    return click.option("--sampler", default=default, show_default=default is not None, type=SamplerName(),
+def sampler_option(fn, default_help: str = "heun; a text-to-image pipeline's own scheduler"):
+    return click.option("--sampler", default=None, type=SamplerName(),
                         help="heun, euler, dpmpp_2m: ODE samplers in σ space on --sigma-grid (EDM's Heun: NFE = "
                              "2*steps-1; Euler, DPM-Solver++(2M): NFE = steps), for the bundled model, EDM networks "
                              "and unconditional diffusers pipelines. Any other name is a diffusers scheduler (short "
                              f"name: {', '.join(SCHEDULERS)}; or a class name) with which a diffusers pipeline "
-                             "samples itself, at exactly --nfe UNet calls."
-                             + ("" if default else " [default: the schedule's]"))(fn)
+                             f"samples itself, at exactly --nfe UNet calls. [default: {default_help}]")(fn)
 
 
 def nfe_option(fn, default: int | None = 9):
@@ -293,11 +328,12 @@ def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
 def tuned_for_defaults(schedule, **given) -> dict:
     """The task settings of a command that applies ``schedule``: each one the command line (or
     --config) leaves unset is what the schedule was tuned for; its σ grid only with its sampler;
-    heun, NFE 9 and fp32 for a hand-written schedule that names none."""
+    the model's own sampler (``Task``: heun, or a text-to-image pipeline's scheduler), NFE 9 and
+    fp32 for a hand-written schedule that names none."""
     tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
     v = {name: tuned[name] if name in tuned and source(name) == click.core.ParameterSource.DEFAULT else value
          for name, value in given.items()}
     same_sampler = v["sampler"] == tuned.get("sampler")  # another sampler keeps its own default grid
     v["sigma_grid"] = given["sigma_grid"] or (tuned.get("sigma_grid") if same_sampler else None)
-    v["sampler"], v["nfe"], v["precision"] = v["sampler"] or "heun", v["nfe"] or 9, v["precision"] or "fp32"
+    v["nfe"], v["precision"] = v["nfe"] or 9, v["precision"] or "fp32"  # a sampler of None: the model's own
     return v

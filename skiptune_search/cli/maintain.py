@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import MAX_NFE, UserError, friendly, threads_option, torch_setup
+from ..core.limits import MAX_BATCH, MAX_N
+from .common import MAX_NFE, Number, UserError, friendly, threads_option, torch_setup
 
 
 @click.command()
@@ -26,7 +27,7 @@ from .common import MAX_NFE, UserError, friendly, threads_option, torch_setup
 @click.option("--work", default=None, type=click.Path(file_okay=False),
               help="Folder of the tables' raw results; long tables resume from it [default: studies/bench, "
                    "studies/bench-quick with --quick].")
-@click.option("--truth-n", default=None, type=click.IntRange(2, 10_000_000),
+@click.option("--truth-n", default=None, type=click.IntRange(2, MAX_N),
               help="Held-out samples per schedule in table 3 [default: 10000; 32 with --quick]. Tables 5 "
                    "and 8 always score 10,000 (32 with --quick).")
 @click.option("--threads", default=0, type=click.IntRange(0, 4096), help="torch CPU threads (0: torch's choice).")
@@ -86,8 +87,8 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2
 @click.command("train-default")
 @click.option("--steps", default=20000, show_default=True, type=click.IntRange(0, 10_000_000),
               help="Total optimizer steps (resume continues to this).")
-@click.option("--batch", default=128, show_default=True, type=click.IntRange(1, 1 << 16))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--batch", default=128, show_default=True, type=click.IntRange(1, MAX_BATCH))
+@click.option("--lr", default=1e-3, show_default=True, type=Number(0, 1, min_open=True))
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Model folder [default: the bundled model's folder].")
 @click.option("--state", default="studies/train-state.pt", show_default=True, type=click.Path(dir_okay=False),

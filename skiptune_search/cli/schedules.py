@@ -6,6 +6,7 @@ import functools
 
 import click
 
+from ..core.limits import MAX_N
 from .common import (
     Seeds, UserError, batch_option, config_option, device_option, features_option, friendly, grid_option,
     model_options, nfe_option, precision_option, sampler_option, size_options, task_options, text_options,
@@ -90,20 +91,22 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
 @config_option
 @click.option("--schedule", required=True, type=click.Path(dir_okay=False), help="Schedule JSON to evaluate.")
 @model_options
-@functools.partial(sampler_option, default=None)
+@functools.partial(sampler_option, default_help="the schedule's")
 @functools.partial(nfe_option, default=None)
 @functools.partial(grid_option, default_help="the schedule's")
 @functools.partial(text_options, default="the schedule's", guidance_default="the schedule's")
 @functools.partial(size_options, default="the schedule's")
 @functools.partial(precision_option, default=None)
-@click.option("--n", "n", default=5000, show_default=True, type=click.IntRange(4, 10_000_000),
+@click.option("--n", "n", default=5000, show_default=True, type=click.IntRange(4, MAX_N),
               help="Held-out samples per variant.")
 @click.option("--blocks", default=5, show_default=True, type=click.IntRange(2, 1000),
               help="Independent seed blocks for the interval.")
 @click.option("--seed", default=1_000_000, show_default=True, type=Seeds,
               help="First held-out seed (the search uses seeds from 0 by default).")
 @functools.partial(features_option, default=None)
-@click.option("--reference", default="bundled", show_default=True, help="Reference statistics (.npz) or 'bundled'.")
+@click.option("--reference", default="bundled", show_default=True,
+              help="Reference: an .npz with mu and sigma, a folder of images, 'fashion-mnist:test', or 'bundled' "
+                   "(Fashion-MNIST statistics: only for a model whose record says it was trained on Fashion-MNIST).")
 @batch_option
 @threads_option
 @device_option

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
+from ..core.limits import MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, RHO_MAX
 from ..scoring import OBJECTIVES
 from ..search import OPTIMIZERS
 from .common import (
-    UserError, batch_option, config_option, family_options, features_option, freeu_lines, friendly, parse_rungs,
+    Number, UserError, batch_option, config_option, family_options, features_option, freeu_lines, friendly, parse_rungs,
     storage_option, task_options, torch_setup,
 )
 
-RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
+RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
 
 
 @click.command()
@@ -28,11 +29,11 @@ RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="FreeU families: search the σ window FreeU acts in, or (--no-window) let it act at every σ, "
                    "as diffusers' enable_freeu does (for a Stable Diffusion or SDXL UNet, export then prints the "
                    "enable_freeu line).")
-@click.option("--knots", default=3, show_default=True, type=click.IntRange(2, 32),
+@click.option("--knots", default=3, show_default=True, type=click.IntRange(MIN_KNOTS, MAX_KNOTS),
               help="σ knots of per_noise, log-spaced over the sampler's σ range.")
-@click.option("--trials", default=16, show_default=True, type=click.IntRange(1, 100_000),
+@click.option("--trials", default=16, show_default=True, type=click.IntRange(1, MAX_TRIALS),
               help="Finished trials the study should hold; a resumed study runs only the rest.")
-@click.option("--n", "n", default=1000, show_default=True, type=click.IntRange(2, 10_000_000),
+@click.option("--n", "n", default=1000, show_default=True, type=click.IntRange(2, MAX_N),
               help="Samples per trial (proxy FID's N).")
 @click.option("--rungs", default=None,
               help="Sample counts at which a trial reports FID, ending at N, e.g. 250,1000 [default: N/4,N]. "
@@ -47,19 +48,21 @@ RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
 @features_option
 @click.option("--reference", default="bundled", show_default=True,
               help="Reference: 'bundled' (Fashion-MNIST test set, EfficientNet-Lite0 statistics and KID "
-                   "features), an .npz with mu and sigma (EDM's reference files work), 'fashion-mnist:test', "
-                   "or a folder of images (features cached under studies/cache by content hash).")
-@click.option("--timeout", default=None, type=click.FloatRange(0, min_open=True),
+                   "features; only for a model whose record says it was trained on Fashion-MNIST: any other "
+                   "model needs a reference of its own), an .npz with mu and sigma (EDM's reference files "
+                   "work), 'fashion-mnist:test', or a folder of images (features cached under studies/cache by content hash).")
+@click.option("--timeout", default=None, type=Number(0, min_open=True),
               help="Stop starting new trials after this many seconds.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
               help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
-@click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+@click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEARCH_SEED),
               help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "
                    "repeat its points).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Worker processes sharing the study on this machine (one per GPU when there are GPUs). "
+              help="Worker processes sharing the study on this machine (one per GPU when there are GPUs; at most "
+                   "one per GPU, or per CPU core without GPUs). "
                    "On other machines, run the same command with the same --storage.")
 @click.option("--heartbeat", default=60, show_default=True, type=click.IntRange(0, 86_400),
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "

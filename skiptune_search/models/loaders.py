@@ -27,6 +27,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "fashion-mnist-edm"
 DEFAULT_MODEL_NAME = "fashion-mnist-edm"
 MODEL_INFO_FILE = "skiptune_model.json"
+FASHION_MNIST = "fashion-mnist"  # the data set of the bundled model, as a model record names it
 
 
 def load_unet(model_dir: Path):
@@ -67,6 +68,9 @@ def load_model_info(model_dir: Path) -> dict:
         if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
             raise ModelLoadError(f"{path}: key {key!r} is missing or not a {getattr(kind, '__name__', 'number')}; "
                                  f"write the folder again with train-default")
+    if not isinstance(info.get("dataset", ""), str):  # optional: what the model was trained on
+        raise ModelLoadError(f"{path}: key 'dataset' is not a string (the name of the training data, e.g. "
+                             f"{FASHION_MNIST!r}); fix it or write the folder again with train-default")
     return info
 
 
@@ -156,8 +160,10 @@ def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike 
     return net, info
 
 
-def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5) -> None:
-    """Write a model folder atomically: a temp folder beside it, then a rename."""
+def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5, *, dataset: str) -> None:
+    """Write a model folder atomically: a temp folder beside it, then a rename. ``dataset``: what
+    the network was trained on (its record's 'dataset'; the bundled reference statistics serve
+    only a model trained on Fashion-MNIST)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -170,7 +176,7 @@ def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5)
             "sigma_data": sigma_data,
             "sigma_min": 0.002,
             "sigma_max": 80.0,
-            "dataset": "fashion-mnist",
+            "dataset": dataset,
             "resolution": int(unet.config.sample_size),
             "channels": int(unet.config.in_channels),
             "training": training,

@@ -27,6 +27,7 @@ import torch
 
 from ..core.errors import InputError, ModelLoadError, NonFiniteSamplesError
 from ..sampling import SCHEDULERS, scheduler_class
+from ..sampling.samplers import impossible_nfe
 from .denoisers import DiffusersVPPrecond, timestep_to_sigma_from_scheduler
 from .loaders import DEFAULT_MODEL_NAME, MODEL_INFO_FILE
 
@@ -223,6 +224,17 @@ def load_pipeline_unet(source: str) -> torch.nn.Module:
     return unet.eval().requires_grad_(False)
 
 
+def own_scheduler(source: str) -> str | None:
+    """The scheduler class a text-to-image pipeline carries (model_index.json's 'scheduler'), with
+    which it samples when no sampler is named; None for an unconditional pipeline (sampled in
+    σ-space by default) or one that names none."""
+    _, index = read_index(source)
+    if pipeline_kind(source, index) != "text":
+        return None
+    scheduler = _parts(index).get("scheduler")
+    return scheduler[1] if scheduler and isinstance(scheduler[1], str) else None
+
+
 def load_vp_denoiser(source: str) -> tuple[torch.nn.Module, dict]:
     """An unconditional DDPM-family pipeline's UNet as a denoiser D(x, σ) in EDM's σ-space (for the
     σ-space samplers), with its info. A text-to-image pipeline is sampled by its own __call__."""
@@ -300,9 +312,7 @@ def steps_for_nfe(scheduler, nfe: int, sampler: str) -> int:
         counts.append(len(probe.timesteps))
         if len(probe.timesteps) > nfe:
             break
-    nearest = sorted(sorted(set(counts), key=lambda v: (abs(v - nfe), v))[:2])
-    raise InputError(f"NFE {nfe} is impossible for {sampler}; nearest valid: {', '.join(map(str, nearest))}",
-                     option="nfe")
+    raise impossible_nfe(sampler, nfe, counts)
 
 
 def _check_drivable(pipe, scheduler, source: str) -> None:

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import InputError, NonFiniteSamplesError
+from ..core.limits import MAX_NFE, check_int
 from . import SIGMA_GRIDS, SIGMA_SAMPLERS
 from .images import to_uint8
 
@@ -138,13 +139,27 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
         raise InputError(f"unknown σ-space sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}",
                          option="sampler")
     _, to_steps, to_nfe = SAMPLERS[sampler]
+    nfe = check_int(nfe, "nfe", 1, MAX_NFE)
     steps = to_steps(nfe)
     if steps is None:
-        valid = sorted({to_nfe(s) for s in range(1, 200)}, key=lambda v: (abs(v - nfe), v))[:2]
-        raise InputError(
-            f"NFE {nfe} is impossible for {sampler}; nearest valid: {', '.join(map(str, sorted(valid)))}", option="nfe"
-        )
+        # to_nfe grows with the steps: the first step count reaching nfe, and its neighbours
+        low, high = 1, nfe
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if to_nfe(mid) >= nfe else (mid + 1, high)
+        raise impossible_nfe(sampler, nfe, [to_nfe(s) for s in range(max(1, low - 2), low + 3)])
     return steps
+
+
+def impossible_nfe(sampler: str, nfe: int, counts: Sequence[int]) -> InputError:
+    """The error for an NFE no step count of ``sampler`` spends, naming the two nearest that one
+    does (``counts``: NFEs it can spend, around ``nfe``) within the NFE bound."""
+    valid = sorted(sorted({c for c in counts if 1 <= c <= MAX_NFE}, key=lambda v: (abs(v - nfe), v))[:2])
+    if not valid:
+        return InputError(f"NFE {nfe} is impossible for {sampler}: no step count of it spends that many model calls; "
+                          f"choose another sampler", option="nfe")
+    return InputError(f"NFE {nfe} is impossible for {sampler}; nearest valid: {', '.join(map(str, valid))}",
+                      option="nfe")
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], sigma_max: float,

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..core.controller import SkipController
 from ..core.errors import InputError, ReferenceStatsError
 from ..core.schedule import RhoSchedule
-from ..models.loaders import load_denoiser
+from ..models.loaders import FASHION_MNIST, load_denoiser
 from ..sampling import SIGMA_SAMPLERS
 from ..sampling.samplers import generate_batches, sigma_grid, steps_for_nfe
 from . import DEFAULT_FEATURES
@@ -29,6 +29,20 @@ from .metrics import (
 from .task import CUSTOM, Task, autocast_dtype, resolve_device
 
 CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
+
+
+def check_bundled_reference(model: str, dataset: str | None) -> None:
+    """The bundled reference (Fashion-MNIST statistics in EfficientNet-Lite0 features) scores only
+    a model trained on Fashion-MNIST, as its record says (``dataset``): against any other model's
+    images its FID would measure nothing, so that model needs a reference of its own."""
+    if dataset == FASHION_MNIST:
+        return
+    said = f"its model record says it was trained on {dataset!r}" if dataset else "it has no model record saying so"
+    raise ReferenceStatsError(
+        f"the bundled reference holds Fashion-MNIST statistics and fits only a model trained on Fashion-MNIST; "
+        f"{model} is not one ({said}): give reference statistics of its own data: an .npz (made by "
+        f"'skiptune-search reference-stats' for Fashion-MNIST, or from a data set's images), a folder of real "
+        f"images, or for a text-to-image model the COCO folder configs/coco_prepare.py makes", option="reference")
 
 
 @dataclass
@@ -152,6 +166,9 @@ class Evaluator:
                     raise ReferenceStatsError(
                         f"the bundled statistics are {DEFAULT_FEATURES} features of Fashion-MNIST; with "
                         f"{self.task.features} features give reference statistics (an .npz)", option="reference")
+                # what the loaded model's record says (a custom model of the caller's has none)
+                check_bundled_reference(self.task.model, None if self.task.sampler == CUSTOM
+                                        else self.model_info.get("dataset"))
                 self._reference = ReferenceStats.load(DEFAULT_REFERENCE)
             elif self.task.reference.endswith(".npz"):
                 self._reference = ReferenceStats.load(self.task.reference)
@@ -227,6 +244,7 @@ class Evaluator:
         rungs = tuple(rungs or self.task.rungs)
         if rungs[-1] > len(seeds):
             raise InputError(f"rung {rungs[-1]} asks for more samples than the {len(seeds)} seeds given")
+        self.reference  # chosen and checked before any sampling
         features, done = [], 0
         for rung in rungs:
             label = progress and (f"{progress}, N={rung}" if isinstance(progress, str) else f"N={rung}")
@@ -240,5 +258,6 @@ class Evaluator:
 
     def fid(self, schedule: RhoSchedule, progress: bool | str = True, keep: int = 64) -> tuple[float, torch.Tensor]:
         """FID of the task's samples (all at once, no rungs), and the first ``keep`` of them."""
+        self.reference  # chosen and checked before any sampling
         features, images = self.features(schedule, progress=progress, keep=keep)
         return fid_from_features(features, self.reference), images

@@ -7,14 +7,17 @@ its task's ``scoring_key`` and refuses to resume under another one.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from ..core.errors import InputError
+from ..core.limits import GUIDANCE_RANGE, MAX_N, MAX_NFE, MAX_SEED, SIZE_RANGE, check_float, check_int
 from ..models.loaders import DEFAULT_MODEL_NAME
-from ..sampling import SAMPLER_NAMES, SIGMA_SAMPLERS, canonical_sampler
+from ..sampling import SAMPLER_NAMES, SIGMA_GRIDS, SIGMA_SAMPLERS, canonical_sampler
 from ..sampling.samplers import check_sigma_grid, default_sigma_grid, steps_for_nfe
-from . import DEFAULT_FEATURES, OBJECTIVES, PRECISIONS
+from . import DEFAULT_FEATURES, FEATURE_LAYERS, OBJECTIVES, PRECISIONS
 
 CUSTOM = "custom"  # the sampler of a model sampled by the caller's own loop (Python API)
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of text models when none is given (diffusers' SD default)
@@ -25,7 +28,9 @@ class Task:
     """What one trial generates and how it is scored: every trial of a study shares it."""
 
     model: str = DEFAULT_MODEL_NAME
-    sampler: str = "heun"  # a σ-space sampler, or a diffusers scheduler (short or class name) for a pipeline
+    # a σ-space sampler, or a diffusers scheduler (short or class name) for a pipeline; None: the
+    # model's own (``default_sampler``: a text-to-image pipeline's scheduler, else heun)
+    sampler: str | None = "heun"
     nfe: int = 9
     n: int = 1000  # samples per trial
     seed: int = 0  # trial samples use seeds seed .. seed + n - 1
@@ -41,11 +46,8 @@ class Task:
     precision: str = "fp32"  # a key of PRECISIONS
 
     def __post_init__(self) -> None:
+        self._check_types()
         rungs = tuple(self.rungs) or (self.n,)
-        if self.n < 2:
-            raise InputError(f"{self.n} samples per trial: FID needs at least 2 (a covariance)", option="n")
-        if self.seed < 0:
-            raise InputError(f"seed {self.seed} is negative; seeds start at 0", option="seed")
         if list(rungs) != sorted(set(rungs)) or rungs[0] < 2 or rungs[-1] != self.n:
             raise InputError(f"rungs {','.join(map(str, rungs))} must increase from at least 2 up to n = {self.n}",
                              option="rungs")
@@ -86,6 +88,44 @@ class Task:
                 raise InputError(f"{option} {value}: an image size is a whole number of pixels (at least 8) of a "
                                  f"text-to-image pipeline, given with its prompt file", option=option)
 
+    def _check_types(self) -> None:
+        """Each field of its type and within the bounds the command line has (``core.limits``):
+        one InputError naming the field, before anything loads."""
+        for name in ("model", "reference"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"{name} = {value!r} is not a name or path (a non-empty string)", option=name)
+        if self.sampler is None:  # the model's own: a text-to-image pipeline's scheduler, else heun
+            object.__setattr__(self, "sampler", default_sampler(self.model))
+        for name in ("sampler", "features", "objective", "precision"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} = {getattr(self, name)!r} is not a name (a string)", option=name)
+        if self.features not in FEATURE_LAYERS:
+            raise InputError(f"unknown features {self.features!r}; choose one of {', '.join(FEATURE_LAYERS)}",
+                             option="features")
+        object.__setattr__(self, "nfe", check_int(self.nfe, "nfe", 1, MAX_NFE))
+        object.__setattr__(self, "n", check_int(self.n, "n", 2, MAX_N))
+        object.__setattr__(self, "seed", check_int(self.seed, "seed", 0, MAX_SEED))
+        if self.seed + self.n - 1 > MAX_SEED:
+            raise InputError(f"seeds {self.seed}..{self.seed + self.n - 1} go past the last seed {MAX_SEED}; start "
+                             f"from a lower seed", option="seed")
+        if isinstance(self.rungs, (str, bytes)) or not isinstance(self.rungs, Iterable):
+            raise InputError(f"rungs = {self.rungs!r} is not a sequence of sample counts, e.g. (250, 1000)",
+                             option="rungs")
+        object.__setattr__(self, "rungs", tuple(check_int(r, "rungs", 2, self.n) for r in self.rungs))
+        if self.sigma_grid is not None and self.sigma_grid not in SIGMA_GRIDS + (CUSTOM,):
+            raise InputError(f"unknown sigma_grid {self.sigma_grid!r}; choose one of {', '.join(SIGMA_GRIDS)}",
+                             option="sigma_grid")
+        if self.prompts is not None and not isinstance(self.prompts, (str, os.PathLike)):
+            raise InputError(f"prompts = {self.prompts!r} is not the path of a prompt file", option="prompts")
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", check_float(self.guidance, "guidance", *GUIDANCE_RANGE))
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_int(getattr(self, name), name, *SIZE_RANGE))
+
     @property
     def seeds(self) -> list[int]:
         return list(range(self.seed, self.seed + self.n))
@@ -103,6 +143,15 @@ class Task:
 
             key["prompts_sha256"] = prompts_digest(self.prompts)
         return key
+
+
+def default_sampler(model: str) -> str:
+    """The sampler of a model for which none is named: a text-to-image pipeline's own scheduler
+    (the one its scheduler config names; it has no σ-space sampler), heun for the others."""
+    from ..models.pipelines import is_pipeline_source, own_scheduler
+
+    own = own_scheduler(model) if is_pipeline_source(model) else None
+    return canonical_sampler(own) or "heun" if own else "heun"
 
 
 def with_legacy_defaults(task_key: dict) -> dict:

@@ -9,6 +9,7 @@ space and an opened study; ``tune`` is the whole search for a model and sampling
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -16,12 +17,15 @@ import optuna
 import torch
 
 from ..core import freeu
-from ..core.errors import InputError, ScheduleError
-from ..core.schedule import RhoSchedule, split_family
+from ..core.errors import InputError, ScheduleError, StudyError
+from ..core.limits import (
+    MAX_BATCH, MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, check_float, check_int, check_rho_range,
+)
+from ..core.schedule import FAMILIES, PLACEMENTS, RhoSchedule, split_family
 from ..scoring import DEFAULT_FEATURES
-from ..scoring.evaluator import Evaluator, SampleFn
+from ..scoring.evaluator import Evaluator, SampleFn, check_bundled_reference
 from ..scoring.task import CUSTOM, Task
-from . import DEFAULT_STORAGE
+from . import DEFAULT_STORAGE, OPTIMIZERS
 from .objective import run_search
 from .space import Space, log_spaced_knots
 from .storage import artifact_dir, make_storage
@@ -63,6 +67,8 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
     log-spaced over the sampler's σ range; for the FreeU families their σ window over that range
     (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
     picked for."""
+    rho_range = check_rho_range(rho_range)
+    knots = check_int(knots, "knots", MIN_KNOTS, MAX_KNOTS)
     with_freeu = check_window_family(family, freeu_window)
     sigma_dependent = family == "per_noise" or (with_freeu and freeu_window)
     try:  # known for every model the CLI loads; for your own loop, needed only where σ matters
@@ -80,6 +86,60 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
     freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
                        freeu_window=freeu_window) if with_freeu else {})
     return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
+
+
+def _check_choice(value, name: str, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{name} = {value!r} is not one of {', '.join(choices)}", option=name)
+
+
+def _check_path(value, name: str, optional: bool = True) -> None:
+    if (value is None and optional) or (isinstance(value, (str, os.PathLike)) and os.fspath(value)):
+        return
+    raise InputError(f"{name} = {value!r} is not a path (a non-empty string)", option=name)
+
+
+def check_tune_arguments(args: dict) -> None:
+    """``tune``'s arguments, each of its type and in the command line's bounds (``core.limits``),
+    before anything loads or is written: one InputError naming the argument. (Those of the task,
+    n, nfe, seed, rungs, features, objective, are checked by ``Task``.)"""
+    if not isinstance(args["model"], torch.nn.Module):
+        raise InputError(f"model is a {type(args['model']).__name__}, not a torch.nn.Module", option="model")
+    for name in ("sample", "timestep_to_sigma"):
+        if not callable(args[name]) and (name == "sample" or args[name] is not None):
+            raise InputError(f"{name} = {args[name]!r} is not callable", option=name)
+    for name in ("name", "study"):  # name labels the model in study names
+        value = args[name]
+        if name == "study" and value is None:
+            continue
+        try:
+            check_study_name(value if isinstance(value, str) else "")
+        except StudyError as exc:
+            raise InputError(f"{name} = {value!r}: {exc}", option=name) from None
+    check_int(args["trials"], "trials", 1, MAX_TRIALS)
+    check_int(args["n"], "n", 2, MAX_N)  # before the default rungs are computed from it
+    check_int(args["knots"], "knots", MIN_KNOTS, MAX_KNOTS)
+    check_int(args["search_seed"], "search_seed", 0, MAX_SEARCH_SEED)
+    check_int(args["batch_size"], "batch_size", 1, MAX_BATCH)
+    _check_choice(args["family"], "family", FAMILIES)
+    _check_choice(args["placement"], "placement", (*PLACEMENTS, "search"))
+    _check_choice(args["optimizer"], "optimizer", OPTIMIZERS)
+    check_rho_range(args["rho_range"])
+    if args["sigma_range"] is not None:
+        sigma_range = args["sigma_range"]
+        if isinstance(sigma_range, (str, bytes)) or not hasattr(sigma_range, "__len__") or len(sigma_range) != 2:
+            raise InputError(f"sigma_range = {sigma_range!r} is not a pair (σ_min, σ_max)", option="sigma_range")
+        low, high = (check_float(v, "sigma_range", 0, low_open=True) for v in sigma_range)
+        if not low < high:
+            raise InputError(f"sigma_range = ({low:g}, {high:g}): σ_min must be below σ_max", option="sigma_range")
+    for name in ("freeu_window", "progress"):
+        if not isinstance(args[name], bool):
+            raise InputError(f"{name} = {args[name]!r} is not True or False", option=name)
+    if not isinstance(args["storage"], str) or not args["storage"]:
+        raise InputError(f"storage = {args['storage']!r} is not a storage URL (e.g. {DEFAULT_STORAGE})",
+                         option="storage")
+    _check_path(args["feature_weights"], "feature_weights")
+    _check_path(args["out"], "out")
 
 
 def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str, trials: int = 16,
@@ -101,9 +161,12 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
     ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
     neither. Returns the best schedule, also written to ``out``."""
+    check_tune_arguments(locals())
     check_window_family(family, freeu_window)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
+    if task.reference == "bundled":  # refused before your model is hooked: it has no record of its training data
+        check_bundled_reference(name, None)
     evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
                           timestep_to_sigma=timestep_to_sigma, sigma_range=sigma_range)
     evaluator.check_reference()

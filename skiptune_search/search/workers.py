@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from ..core.errors import InputError
+
 SHARE_ENV = "SKIPTUNE_WORKER_TRIALS"
 
 
@@ -57,9 +59,30 @@ def spawn(shares: list[int], argv: list[str] | None = None) -> list[subprocess.P
     return children
 
 
+def max_workers() -> tuple[int, str]:
+    """How many workers this machine can run side by side, and of what: one per visible GPU
+    when there are GPUs, else one per CPU core this process may use."""
+    gpus = visible_gpus()
+    if gpus:
+        return len(gpus), "GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores), "CPU core(s)"
+
+
+def check_workers(workers: int) -> None:
+    """More workers than GPUs or cores only share them (each worker holds its own model, about
+    1 GB for the bundled one): a one-line error before anything loads."""
+    most, what = max_workers()
+    if workers > most:
+        raise InputError(f"{workers} workers, but this machine has {most} {what} for them: use at most {most}, and "
+                         f"run the same search on other machines with the same storage for more", option="workers")
+
+
 def own_setup(workers: int) -> None:
-    """Give the calling (first) worker its share of CPU threads. On GPUs it needs nothing: it
-    uses cuda:0, the first visible GPU, and the workers it spawns get the others."""
+    """Check the worker count against the machine (``check_workers``), then give the calling
+    (first) worker its share of CPU threads. On GPUs it needs nothing: it uses cuda:0, the first
+    visible GPU, and the workers it spawns get the others."""
+    check_workers(workers)
     if not visible_gpus():
         import torch
 
