@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..core.limits import MAX_BATCH, MAX_SEED, check_float, check_int
 from ..models.denoisers import EDMPrecond, edm_training_sigmas
 from ..models.loaders import FASHION_MNIST, MODEL_INFO_FILE, save_model_dir
 from .data import load_fashion_mnist
@@ -58,6 +59,17 @@ class TrainConfig:
     save_every: int = 250
     threads: int = 0  # 0: torch's default
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Each number of its type, finite and in range (as train-default's options check them)."""
+        for name, low, high in (("steps", 0, 10_000_000), ("batch", 1, MAX_BATCH), ("warmup_steps", 0, 10_000_000),
+                                ("seed", 0, MAX_SEED), ("save_every", 1, 10_000_000), ("threads", 0, 4096)):
+            check_int(getattr(self, name), name, low, high)
+        check_float(self.lr, "lr", 0, 1, low_open=True)
+        for name in ("ema_halflife_kimg", "sigma_data", "p_std"):
+            check_float(getattr(self, name), name, 0, low_open=True)
+        check_float(self.ema_rampup, "ema_rampup", 0)  # 0: no ramp-up
+        check_float(self.p_mean, "p_mean")
 
 
 def _images_as_tensor(images: np.ndarray) -> torch.Tensor:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import signal
 import sys
 
 import click
 
 from ..core import freeu
-from ..core.limits import GUIDANCE_RANGE, MAX_BATCH, MAX_NFE, MAX_SEED, SIZE_RANGE
+from ..core.limits import GUIDANCE_RANGE, MAX_BATCH, MAX_NFE, MAX_SEED, SIZE_RANGE, usable_cores
 from ..core.schedule import FAMILIES, PLACEMENTS
 from ..sampling import SAMPLER_NAMES, SCHEDULERS, SIGMA_GRIDS, canonical_sampler
 from ..scoring import FEATURE_LAYERS, PRECISIONS
@@ -126,9 +125,19 @@ def torch_setup(threads: int = 0) -> None:
 
 
 # --- options ------------------------------------------------------------------------------------
+def check_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """--threads at most the CPU cores there are: more only makes torch's threads wait for each
+    other (and thousands of them exhaust the process limit)."""
+    cores = usable_cores()
+    if value is not None and value > cores:
+        raise click.BadParameter(f"{value} threads, but this process may use {cores} CPU core(s): use at most "
+                                 f"{cores} (0: torch's default)", ctx, param)
+    return value
+
+
 def threads_option(fn):
-    return click.option("--threads", default=0, type=click.IntRange(0, 4096),
-                        help="CPU threads for torch (0: torch's default).")(fn)
+    return click.option("--threads", default=0, type=click.IntRange(0, 4096), callback=check_threads,
+                        help="CPU threads for torch (0: torch's default; at most the CPU cores).")(fn)
 
 
 def device_option(fn):

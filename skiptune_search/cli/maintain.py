@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.limits import MAX_BATCH, MAX_N
-from .common import MAX_NFE, Number, UserError, friendly, threads_option, torch_setup
+from .common import MAX_NFE, Number, UserError, check_threads, friendly, threads_option, torch_setup
 
 
 @click.command()
@@ -30,7 +30,8 @@ from .common import MAX_NFE, Number, UserError, friendly, threads_option, torch_
 @click.option("--truth-n", default=None, type=click.IntRange(2, MAX_N),
               help="Held-out samples per schedule in table 3 [default: 10000; 32 with --quick]. Tables 5 "
                    "and 8 always score 10,000 (32 with --quick).")
-@click.option("--threads", default=0, type=click.IntRange(0, 4096), help="torch CPU threads (0: torch's choice).")
+@click.option("--threads", default=0, type=click.IntRange(0, 4096), callback=check_threads,
+              help="torch CPU threads (0: torch's choice; at most the CPU cores).")
 @click.option("--edm-path", default=None, type=click.Path(exists=True, file_okay=False),
               help="Table 7: a checkout of NVlabs/edm, whose code builds EDM's ADM (imported: its code runs).")
 @click.option("--edm2-path", default=None, type=click.Path(exists=True, file_okay=False),

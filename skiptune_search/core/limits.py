@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 from .errors import InputError
 
@@ -22,6 +23,14 @@ MIN_KNOTS, MAX_KNOTS = 2, 32
 RHO_MAX = 4.0  # a schedule's ρ lies in (0, RHO_MAX]
 GUIDANCE_RANGE = (1.0, 100.0)  # classifier-free guidance scale (1: no guidance)
 SIZE_RANGE = (8, 16384)  # a text-to-image pipeline's image height and width, in pixels
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one): the most
+    threads or worker processes that do not just wait for each other."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def check_int(value, name: str, low: int, high: int) -> int:

@@ -121,7 +121,8 @@ class Task:
         if self.prompts is not None and not isinstance(self.prompts, (str, os.PathLike)):
             raise InputError(f"prompts = {self.prompts!r} is not the path of a prompt file", option="prompts")
         if self.guidance is not None:
-            object.__setattr__(self, "guidance", check_float(self.guidance, "guidance", *GUIDANCE_RANGE))
+            # at least 1 is checked with the prompts below
+            object.__setattr__(self, "guidance", check_float(self.guidance, "guidance", high=GUIDANCE_RANGE[1]))
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_int(getattr(self, name), name, *SIZE_RANGE))

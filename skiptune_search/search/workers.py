@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from ..core.errors import InputError
+from ..core.limits import usable_cores
 
 SHARE_ENV = "SKIPTUNE_WORKER_TRIALS"
 
@@ -65,8 +66,7 @@ def max_workers() -> tuple[int, str]:
     gpus = visible_gpus()
     if gpus:
         return len(gpus), "GPU(s)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores), "CPU core(s)"
+    return usable_cores(), "CPU core(s)"
 
 
 def check_workers(workers: int) -> None:
