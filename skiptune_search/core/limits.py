@@ -20,8 +20,8 @@ MAX_TRIALS = 100_000
 MAX_N = 10_000_000  # samples per trial or per held-out variant
 MAX_BATCH = 4096  # sampling and feature batch: past this a batch only costs memory
 MIN_KNOTS, MAX_KNOTS = 2, 32
-RHO_MAX = 4.0  # a schedule's ρ lies in (0, RHO_MAX]
-GUIDANCE_RANGE = (1.0, 100.0)  # classifier-free guidance scale (1: no guidance)
+RHO_MAX = 4  # a schedule's ρ lies in (0, RHO_MAX]
+GUIDANCE_RANGE = (1, 100)  # classifier-free guidance scale (1: no guidance)
 SIZE_RANGE = (8, 16384)  # a text-to-image pipeline's image height and width, in pixels
 
 

@@ -25,11 +25,12 @@ from .errors import ScheduleError
 from .files import atomic_path
 from .freeu import FACTORS as FREEU_FACTORS
 from .freeu import WINDOW_PARAMS, FreeU, stages
+from .limits import RHO_MAX
 
 FORMAT = "skiptune-schedule/1"  # ρ only
 FORMAT_FREEU = "skiptune-schedule/2"  # adds the "freeu" object
 FORMATS = (FORMAT, FORMAT_FREEU)
-RHO_LIMITS = (0.0, 4.0)  # a ρ outside is almost surely a typo, not a schedule
+RHO_LIMITS = (0.0, float(RHO_MAX))  # a ρ outside is almost surely a typo, not a schedule (core.limits)
 
 
 @dataclass(frozen=True)

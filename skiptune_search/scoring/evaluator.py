@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..core.controller import SkipController
 from ..core.errors import InputError, ReferenceStatsError
+from ..core.limits import MAX_BATCH, check_int
 from ..core.schedule import RhoSchedule
 from ..models.loaders import FASHION_MNIST, load_denoiser
 from ..sampling import SIGMA_SAMPLERS
@@ -80,8 +81,7 @@ class Evaluator:
                  uvit_path: str | None = None, uvit_config: str | None = None,
                  model: torch.nn.Module | None = None, sample: SampleFn | None = None,
                  timestep_to_sigma: Callable | None = None, sigma_range: tuple[float, float] | None = None) -> None:
-        if batch_size < 1:
-            raise InputError(f"batch size {batch_size} must be at least 1", option="batch")
+        batch_size = check_int(batch_size, "batch", 1, MAX_BATCH)
         self.task = task
         self.feature_weights = feature_weights
         self.device = resolve_device(device)
