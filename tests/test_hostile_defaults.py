@@ -30,16 +30,16 @@ def test_the_bundled_reference_serves_only_models_trained_on_fashion_mnist(run, 
     save_model_dir(tiny_unet, other, training={"steps": 0}, dataset="cifar10")
     SkipController(EDMPrecond(tiny_unet)).identity().save(tmp_path / "s.json")
     before = files_under(tmp_path)
-    says = "--reference: the bundled reference holds Fashion-MNIST statistics and fits only a model trained on"
+    says = "--reference: the bundled reference (Fashion-MNIST statistics) fits only a model trained on Fashion-MNIST"
     tiny = ("--n", 4, "--rungs", 4, "--batch", 4)
-    one_line_error(run("search", "--model", other, "--nfe", 3, *tiny), says, "trained on 'cifar10'",
+    one_line_error(run("search", "--model", other, "--nfe", 3, *tiny), says, "its record says 'cifar10'",
                    "skiptune-search reference-stats", "folder of real images", "configs/coco_prepare.py")
     one_line_error(run("evaluate", "--schedule", "s.json", "--model", other, "--nfe", 3, "--n", 4, "--blocks", 2), says)
     # a text-to-image pipeline: no record at all; and without --sampler it is its own scheduler that samples
     one_line_error(run("search", "--model", tiny_sd_dir, "--prompts", prompt_file, "--nfe", 3, *tiny), says,
-                   "has no model record")
+                   "nothing says it was trained on Fashion-MNIST")
     net = EDMPrecond(tiny_unet)
-    with pytest.raises(SkiptuneError, match="bundled reference holds Fashion-MNIST statistics") as info:
+    with pytest.raises(SkiptuneError, match=r"bundled reference \(Fashion-MNIST statistics\) fits only") as info:
         tune(net, lambda seeds: torch.zeros(len(seeds), 1, 16, 16, dtype=torch.uint8), name="mine",
              reference="bundled", trials=1, n=4, storage=f"sqlite:///{tmp_path}/t.db", progress=False)
     assert info.value.option == "reference" and "\n" not in str(info.value)

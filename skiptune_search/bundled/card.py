@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError
 from ..core.files import write_text_atomic
-from ..models.loaders import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, count_parameters
+from ..models.loaders import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, FASHION_MNIST, count_parameters
 from ..sampling.images import save_grid
 from ..scoring.evaluator import Evaluator
 from ..scoring.metrics import ReferenceStats, extract_features, fid_from_features
@@ -23,6 +24,9 @@ def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 20
     folder = DEFAULT_MODEL_DIR if model == DEFAULT_MODEL_NAME else Path(model)
     task = Task(model=model, sampler="heun", nfe=nfe, n=n, seed=seed)
     evaluator = Evaluator(task)
+    if evaluator.model_info.get("dataset") != FASHION_MNIST:  # its samples are compared with Fashion-MNIST's
+        raise InputError(f"{model} is no Fashion-MNIST model (its record says {evaluator.model_info.get('dataset')!r}): "
+                         f"a model card measures a model against Fashion-MNIST; describe it yourself", option="model")
     start = time.perf_counter()
     fid, images = evaluator.fid(evaluator.controller.identity(), progress="model card samples", keep=100)
     seconds = time.perf_counter() - start

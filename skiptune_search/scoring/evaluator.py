@@ -38,12 +38,12 @@ def check_bundled_reference(model: str, dataset: str | None) -> None:
     images its FID would measure nothing, so that model needs a reference of its own."""
     if dataset == FASHION_MNIST:
         return
-    said = f"its model record says it was trained on {dataset!r}" if dataset else "it has no model record saying so"
+    said = f"its record says {dataset!r}" if dataset else "nothing says it was trained on Fashion-MNIST"
     raise ReferenceStatsError(
-        f"the bundled reference holds Fashion-MNIST statistics and fits only a model trained on Fashion-MNIST; "
-        f"{model} is not one ({said}): give reference statistics of its own data: an .npz (made by "
-        f"'skiptune-search reference-stats' for Fashion-MNIST, or from a data set's images), a folder of real "
-        f"images, or for a text-to-image model the COCO folder configs/coco_prepare.py makes", option="reference")
+        f"the bundled reference (Fashion-MNIST statistics) fits only a model trained on Fashion-MNIST, and {model} "
+        f"is not one ({said}): give a reference of its own data: an .npz (skiptune-search reference-stats writes "
+        f"Fashion-MNIST's), a folder of real images, or for a text-to-image model the folder configs/coco_prepare.py "
+        f"makes", option="reference")
 
 
 @dataclass
