@@ -156,7 +156,10 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     (sample i from seeds[i], the same in every call): the same storage, rungs, pruning, first
     trials, dashboard artifacts and export as ``skiptune-search search``. ``name`` labels the
     model (study names, the schedule's tuned_for), ``nfe`` your sampler's model calls (a label);
-    ``reference`` is an .npz of reference statistics or a folder of images. σ-dependent families
+    ``reference`` is an .npz of reference statistics or a folder of images ('bundled', Fashion-MNIST's
+    statistics, is refused: nothing says your model was trained on Fashion-MNIST). Every argument
+    is checked (``check_tune_arguments``, with the command line's bounds) before anything loads or
+    is written: a wrong one is one InputError naming it. σ-dependent families
     need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
     Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
     ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
