@@ -118,8 +118,10 @@ class Task:
         if self.sigma_grid is not None and self.sigma_grid not in SIGMA_GRIDS + (CUSTOM,):
             raise InputError(f"unknown sigma_grid {self.sigma_grid!r}; choose one of {', '.join(SIGMA_GRIDS)}",
                              option="sigma_grid")
-        if self.prompts is not None and not isinstance(self.prompts, (str, os.PathLike)):
-            raise InputError(f"prompts = {self.prompts!r} is not the path of a prompt file", option="prompts")
+        if self.prompts is not None:
+            if not isinstance(self.prompts, (str, os.PathLike)) or not os.fspath(self.prompts):
+                raise InputError(f"prompts = {self.prompts!r} is not the path of a prompt file", option="prompts")
+            object.__setattr__(self, "prompts", os.fspath(self.prompts))
         if self.guidance is not None:
             # at least 1 is checked with the prompts below
             object.__setattr__(self, "guidance", check_float(self.guidance, "guidance", high=GUIDANCE_RANGE[1]))
