@@ -123,10 +123,12 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     def report(study, trial) -> None:
         if trial.user_attrs.get("surplus"):  # another process finished the study's last trial first
             return
+        same = f" (same as trial {trial.user_attrs['same_as']}: not sampled again)" if "same_as" in trial.user_attrs else ""
         if trial.state.name == "PRUNED":
             step = trial.last_step
             rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
-            click.echo(f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})")
+            click.echo(f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})"
+                       f"{same}")
             return
         if trial.value is None:
             click.echo(f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
@@ -136,7 +138,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
         attrs = trial.user_attrs
         tag = (" (baseline)" if attrs.get("baseline")
                else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
-               else " (paper-style ramp)" if attrs.get("paper_ramp") else "")
+               else " (paper-style ramp)" if attrs.get("paper_ramp") else same)
         click.echo(f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 

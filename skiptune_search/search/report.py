@@ -17,6 +17,7 @@ from ..core import freeu
 from ..core.files import write_text_atomic
 from ..core.schedule import RhoSchedule
 from ..scoring.task import with_legacy_defaults
+from .space import CALL_PARAMS
 from .study import baseline_trial, export_best, is_own
 
 
@@ -87,7 +88,7 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
     if schedule.family != "freeu":  # ρ = 1 everywhere there
         figures.append(("Best schedule", _rho_heatmap(schedule)))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    freeu_params = [p for p in (*freeu.FACTORS, *freeu.WINDOW_PARAMS) if p in schedule.params]
+    freeu_params = [p for p in (*freeu.FACTORS, *freeu.WINDOW_PARAMS, *CALL_PARAMS) if p in schedule.params]
     if freeu_params and complete:  # each of FreeU's factors (and the window's ends) against the objective
         figures.append(("FreeU's factors", optuna.visualization.plot_slice(study, params=freeu_params)))
     preset = next((t for t in complete if t.user_attrs.get("freeu_preset")), None)

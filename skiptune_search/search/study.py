@@ -198,7 +198,8 @@ def study_settings(study: optuna.Study) -> dict:
 def study_space(study: optuna.Study) -> Space:
     s = study_settings(study)
     return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"),
-                 tuple(s.get("sigma_range", ())), s.get("freeu_model"), s.get("freeu_window", True))
+                 tuple(s.get("sigma_range", ())), s.get("freeu_model"), s.get("freeu_window", True),
+                 tuple(s.get("call_sigmas", ())))
 
 
 def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:

@@ -60,9 +60,9 @@ def check_window_family(family: str, freeu_window: bool) -> bool:
 def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True) -> Space:
     """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
-    log-spaced over the sampler's σ range; for the FreeU families their σ window over that range
-    (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
-    picked for."""
+    log-spaced over the sampler's σ range; for the FreeU families their σ window over the
+    sampler's model calls (over its σ range for your own loop; unless ``freeu_window`` is off:
+    FreeU at every σ) and the model family FreeU's preset is picked for."""
     with_freeu = check_window_family(family, freeu_window)
     sigma_dependent = family == "per_noise" or (with_freeu and freeu_window)
     try:  # known for every model the CLI loads; for your own loop, needed only where σ matters
@@ -78,7 +78,8 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                          option="family")
     sigma_knots = log_spaced_knots(*sigma_range, knots) if family == "per_noise" else ()
     freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
-                       freeu_window=freeu_window) if with_freeu else {})
+                       freeu_window=freeu_window, call_sigmas=evaluator.call_sigmas if freeu_window else ())
+                  if with_freeu else {})
     return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
 
 
