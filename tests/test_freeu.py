@@ -494,6 +494,38 @@ def test_search_freeu_at_every_sigma_searches_no_window(tiny_model_dir, tmp_path
                                                               "needs a FreeU family"), result.output
 
 
+def test_a_new_search_is_warm_started_from_the_best_at_another_nfe(tiny_model_dir, tmp_path, monkeypatch, quick_fid):
+    """The NFE 3 study's best goes first (after the baseline) in a new NFE 5 study, its window moved
+    to the NFE 5 sampler's calls inside it; --no-warm-start and a resumed study queue none."""
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = lambda *a: CliRunner().invoke(main, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
+    search = ("search", "--model", tiny_model_dir, "--family", "freeu", "--n", 8, "--rungs", 8, "--batch", 8)
+    assert run(*search, "--nfe", 3, "--trials", 2).exit_code == 0
+    url = "sqlite:///studies/skiptune.db"
+    nfe3 = optuna.load_study(study_name="tiny-model-heun-nfe3-freeu-input", storage=url)
+    best_params = {**FACTORS, "first_call": 1, "last_call": 1}  # the lower of NFE 3's two calls
+    nfe3.add_trial(optuna.trial.create_trial(params=best_params, distributions=nfe3.trials[0].distributions, value=-1.0))
+    window = Space("freeu", sigma_range=(1, 2), call_sigmas=tuple(nfe3.user_attrs["settings"]["call_sigmas"])).window(best_params)
+    result = run(*search, "--nfe", 5, "--trials", 3)
+    assert result.exit_code == 0, result.output
+    assert "warm start: after the baseline, the best of NFE 3 (FID -1, trial 2 of tiny-model-heun-nfe3-freeu-input)" \
+        in result.output and "(warm start: the best of NFE 3, trial 2" in result.output
+    nfe5 = optuna.load_study(study_name="tiny-model-heun-nfe5-freeu-input", storage=url)
+    warm = nfe5.trials[1]
+    assert warm.user_attrs["warm_start"]["nfe"] == 3 and nfe5.trials[0].user_attrs["baseline"]
+    calls5 = torch.tensor(nfe5.user_attrs["settings"]["call_sigmas"])
+    inside = freeu.FreeU(window=window).active(calls5).tolist()  # NFE 5's calls in the NFE 3 best's window
+    first, last = warm.params["first_call"], warm.params["last_call"]
+    assert [first <= i <= last for i in range(len(calls5))] == inside and any(inside)
+    assert {k: warm.params[k] for k in freeu.FACTORS} == FACTORS
+    result = run(*search, "--nfe", 5, "--trials", 4)  # resumed: nothing queued again
+    assert "warm start" not in result.output and sum("warm_start" in t.user_attrs for t in nfe5.trials) == 1
+    result = run(*search, "--nfe", 7, "--trials", 2, "--no-warm-start")
+    assert result.exit_code == 0 and "warm start" not in result.output
+
+
 def test_search_freeu_on_a_one_level_model_is_a_one_line_error(tmp_path, monkeypatch):
     from diffusers import UNet2DModel
 

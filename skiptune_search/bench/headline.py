@@ -135,7 +135,7 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 space = method_space(evaluator, method)
                 # a trial a killed run left running is failed and queued again by open_study
                 study = open_study(storage, study_name(nfe, method, seed, space.searches_calls), evaluator.task,
-                                   space, evaluator.controller, seed)
+                                   space, evaluator.controller, seed, warm_start=False)  # each search on its own
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
                 fid, seconds = held_out_fid(evaluator, best, f"{method} seed {seed}")

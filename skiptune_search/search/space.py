@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import optuna
+import torch
 
 from ..core import freeu
 from ..core.errors import InputError, ScheduleError
@@ -171,6 +172,37 @@ class Space:
         if hi <= lo * (1 + r):
             lo, hi = lo * (1 - r), hi * (1 + r)
         return lo, hi
+
+    def carried(self, other: "Space", params: dict, skips: list[SkipInfo]) -> dict | None:
+        """A trial's ``params`` from ``other`` (the space of the same family at another NFE) as
+        parameters of this space: ρ and FreeU's factors as they are, FreeU's window moved to this
+        sampler's calls (those inside it, or the one nearest its middle in log σ); None when they
+        do not fit here (another parameter set, a value outside this space's ranges)."""
+        new = {k: v for k, v in params.items() if k not in (*freeu.WINDOW_PARAMS, *CALL_PARAMS)}
+        window = other.window(params) if other.with_freeu and other.freeu_window else None
+        if self.searches_calls:
+            new.update(zip(CALL_PARAMS, self.calls_in(window)))
+        elif self.with_freeu and self.freeu_window:
+            new.update(zip(freeu.WINDOW_PARAMS, window or self.sigma_range))
+        ranges = self.ranges(skips)
+        if set(new) - {"placement"} != set(ranges) or ("placement" in new) != (self.placement == "search"):
+            return None
+        if any(not lo <= new[k] <= hi for k, (lo, hi, _) in ranges.items()):
+            return None
+        return new
+
+    def calls_in(self, window: tuple[float, float] | None) -> tuple[int, int]:
+        """(first, last) of the model calls inside ``window`` (None: every call); for a window that
+        holds none, the call nearest its middle in log σ."""
+        last = len(self.call_sigmas) - 1
+        if window is None:
+            return 0, last
+        inside = [i for i, s in enumerate(self.call_sigmas) if freeu.FreeU(window=window).active(torch.tensor(s))]
+        if inside:
+            return inside[0], inside[-1]
+        middle = math.log(window[0] * window[1]) / 2
+        nearest = min(range(last + 1), key=lambda i: abs(math.log(self.call_sigmas[i]) - middle))
+        return nearest, nearest
 
     def schedule(self, arch: str, skips: list[SkipInfo], params: dict, **meta) -> RhoSchedule:
         params = dict(params)
