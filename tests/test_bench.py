@@ -261,6 +261,7 @@ def test_freeu_table_compares_with_table_5_and_says_where_the_preset_hurt():
     from skiptune_search.bench.headline import render_freeu
 
     runs = lambda *fids: [{"seed": i, "held_out": f} for i, f in enumerate(fids)]  # noqa: E731
+    calls = lambda *fids: [{**r, "window": "calls"} for r in runs(*fids)]  # noqa: E731  the window over model calls
     settings = _headline({}, {})["settings"]
     table5 = {"settings": settings, "plan": {"nfes": [5, 9], "families": ["linear", "per_noise"], "seeds": 2},
               "nfe": {"5": {"untuned": 100.0, "linear": runs(90.0, 92.0), "per_noise": runs(95.0, 95.0)},
@@ -270,10 +271,15 @@ def test_freeu_table_compares_with_table_5_and_says_where_the_preset_hurt():
               "freeu_preset": {"name": "SD1.5", "values": [1.5, 1.6, 0.9, 0.2], "why": "no published preset"},
               "nfe": {"5": {"untuned": 100.0, "freeu_preset": 120.0, "machines": ["cpu box"], "freeu_allsteps": runs(85.0, 87.0),
                             "taken_from": {"untuned": "headline.json"},
-                            "freeu": runs(99.0, 101.0), "linear_freeu": runs(80.0, 82.0)},
+                            "freeu": calls(99.0, 101.0), "linear_freeu": calls(80.0, 82.0)},
                       "9": {"untuned": 50.0, "freeu_preset": 48.0, "machines": ["cpu box"], "freeu_allsteps": runs(49.0),
-                            "freeu": runs(48.0, 49.0), "linear_freeu": runs(44.0, 46.0)}}}
+                            "freeu": runs(48.0, 49.0), "linear_freeu": calls(44.0, 46.0),
+                            "linear_freeu@sigma_window": runs(47.0, 49.0)}}}
     text = "\n".join(render_freeu(table8, table5))
+    # NFE 9's windowed FreeU still searched in σ (†); its linear ρ + FreeU re-measured over the calls, beside the old
+    assert "| 48.5 ± 0.707 (-3.0%, 2 seeds) † | 45 ± 1.41 (-10.0%, 2 seeds) |" in text
+    assert ("NFE 9 tuned linear ρ + FreeU: 45 ± 1.41 (-10.0%, 2 seeds) with the window over model calls, "
+            "48 ± 1.41 (-4.0%, 2 seeds) with it searched in log σ.") in text
     assert "| 5 | 100 | 120 (+20.0%) | 86 ± 1.41 (-14.0%, 2 seeds) | 100 ± 1.41 (+0.0%, 2 seeds, one or more no " \
            "better than untuned) | 81 ± 1.41 (-19.0%, 2 seeds) | linear: 91 ± 1.41 (-9.0%, 2 seeds) |" in text
     assert "| 9 | 50 | 48 (-4.0%) | 49 (-2.0%, 1 seed) | " in text and "| per_noise: 41 ± 1.41 (-18.0%, 2 seeds) |" in text

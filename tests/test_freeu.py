@@ -342,6 +342,64 @@ def test_trial_windows_in_either_order_whole_range_and_one_sigma():
     assert lo < 80.0 < hi and hi / lo < 1.001
 
 
+def test_a_window_searched_over_the_model_calls_holds_exactly_the_chosen_calls():
+    """Heun NFE 9 calls the model at 5 distinct σ: each (first, last) pair of calls, in either
+    order, is a window holding those calls and no other; all of them: no window (every σ)."""
+    calls = (80.0, 17.5, 2.52, 0.17, 0.002)
+    space = Space("freeu", "input", sigma_range=(0.002, 80.0), call_sigmas=calls)
+    assert space.params(SKIPS) == [*freeu.FACTORS, "first_call", "last_call"]
+    assert space.ranges(SKIPS)["first_call"] == (0, 4, False)
+    assert space.baseline(SKIPS) == {**dict.fromkeys(freeu.FACTORS, 1.0), "first_call": 0, "last_call": 4}
+    assert space.as_dict()["call_sigmas"] == list(calls)
+    for first in range(5):
+        for last in range(5):
+            window = space.window({"first_call": first, "last_call": last})
+            chosen = set(range(min(first, last), max(first, last) + 1))
+            if chosen == set(range(5)):
+                assert window is None
+                continue
+            on = freeu.FreeU(window=window).active(torch.tensor(calls, dtype=torch.float64)).tolist()
+            assert {i for i, active in enumerate(on) if active} == chosen, (first, last, window)
+    assert space.grid(SKIPS, 11)["first_call"] == [0] and space.grid(SKIPS, 11)["last_call"] == [4]
+    # without the calls (your own sampling loop) the ends are searched in σ as before
+    assert Space("freeu", "input", sigma_range=(0.002, 80.0)).params(SKIPS)[-2:] == list(freeu.WINDOW_PARAMS)
+
+
+def test_a_proposal_that_scales_every_call_alike_is_not_sampled_again():
+    """Two proposals whose windows differ but hold the same model calls, and the baseline's twin:
+    each recorded with the first one's scores and state, marked same_as, never scored."""
+    from skiptune_search.scoring.evaluator import Rung
+    from skiptune_search.search.objective import Objective, calls_key
+
+    calls = (80.0, 17.5, 2.52, 0.17, 0.002)
+    space = Space("freeu", "input", sigma_range=(0.002, 80.0), call_sigmas=calls)
+    scored = []
+
+    class Scorer:
+        def score(self, schedule, progress=False):
+            scored.append(schedule)
+            for n in (4, 8):
+                yield Rung(n=n, fid=100.0 + len(scored) + n, kid=None, images=torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+
+    objective = Objective(Scorer(), space, "UNet2DModel", SKIPS, (4, 8), call_sigmas=calls)
+    study = optuna.create_study()
+    factors = {**FACTORS, "first_call": 1, "last_call": 2}
+    study.enqueue_trial(space.baseline(SKIPS), user_attrs={"baseline": True})
+    study.enqueue_trial(factors)
+    study.enqueue_trial({**factors, "first_call": 2, "last_call": 1})  # the same calls, the other order
+    study.enqueue_trial({**dict.fromkeys(freeu.FACTORS, 1.0), "first_call": 3, "last_call": 3})  # untuned again
+    study.optimize(objective, n_trials=4)
+    assert len(scored) == 2
+    t = study.trials
+    assert "same_as" not in t[0].user_attrs and "same_as" not in t[1].user_attrs
+    assert t[2].user_attrs["same_as"] == 1 and t[2].value == t[1].value
+    assert t[2].intermediate_values == t[1].intermediate_values and t[2].user_attrs["fid_at"] == t[1].user_attrs["fid_at"]
+    assert t[3].user_attrs["same_as"] == 0 and t[3].value == t[0].value
+    # a σ-dependent schedule with unknown calls is never taken for another
+    windowed = space.schedule("UNet2DModel", SKIPS, factors)
+    assert calls_key(windowed, calls) is not None and calls_key(windowed, ()) is None
+
+
 def test_a_one_level_model_writes_no_study(tmp_path):
     from skiptune_search.search.storage import make_storage
     from skiptune_search.search.study import open_study
@@ -391,6 +449,11 @@ def test_search_linear_freeu_export_and_apply_from_the_command_line(tiny_model_d
     preset = next(t for t in study.trials if t.user_attrs.get("freeu_preset"))
     assert preset.number == 1 and preset.user_attrs["freeu_preset"] == "SD1.5"
     assert preset.user_attrs["freeu"] == {**FACTORS, "sigma_window": None}
+    calls = study.user_attrs["settings"]["call_sigmas"]  # heun NFE 3: two distinct σ, the window over them
+    assert len(calls) == 2 and all(set(t.params) >= {"first_call", "last_call"} for t in study.trials)
+    for t in study.trials:  # no trial's window misses every model call
+        window = t.user_attrs["freeu"]["sigma_window"]
+        assert window is None or any(freeu.FreeU(window=window).active(torch.tensor(calls)).tolist())
     result = run("export", "--study", name, "-o", "best.json")
     assert result.exit_code == 0 and "FreeU: b1=" in result.output
     assert "enable_freeu" not in result.output  # a UNet2DModel: diffusers has no enable_freeu there
@@ -429,6 +492,38 @@ def test_search_freeu_at_every_sigma_searches_no_window(tiny_model_dir, tmp_path
     result = run("search", "--model", tiny_model_dir, "--family", "linear", "--no-window", "--n", 8, "--nfe", 3)
     assert result.exit_code == 2 and result.output.startswith("Error: --family: FreeU acting at every σ (no window) "
                                                               "needs a FreeU family"), result.output
+
+
+def test_a_new_search_is_warm_started_from_the_best_at_another_nfe(tiny_model_dir, tmp_path, monkeypatch, quick_fid):
+    """The NFE 3 study's best goes first (after the baseline) in a new NFE 5 study, its window moved
+    to the NFE 5 sampler's calls inside it; --no-warm-start and a resumed study queue none."""
+    from skiptune_search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = lambda *a: CliRunner().invoke(main, [str(v) for v in a], catch_exceptions=False)  # noqa: E731
+    search = ("search", "--model", tiny_model_dir, "--family", "freeu", "--n", 8, "--rungs", 8, "--batch", 8)
+    assert run(*search, "--nfe", 3, "--trials", 2).exit_code == 0
+    url = "sqlite:///studies/skiptune.db"
+    nfe3 = optuna.load_study(study_name="tiny-model-heun-nfe3-freeu-input", storage=url)
+    best_params = {**FACTORS, "first_call": 1, "last_call": 1}  # the lower of NFE 3's two calls
+    nfe3.add_trial(optuna.trial.create_trial(params=best_params, distributions=nfe3.trials[0].distributions, value=-1.0))
+    window = Space("freeu", sigma_range=(1, 2), call_sigmas=tuple(nfe3.user_attrs["settings"]["call_sigmas"])).window(best_params)
+    result = run(*search, "--nfe", 5, "--trials", 3)
+    assert result.exit_code == 0, result.output
+    assert "warm start: after the baseline, the best of NFE 3 (FID -1, trial 2 of tiny-model-heun-nfe3-freeu-input)" \
+        in result.output and "(warm start: the best of NFE 3, trial 2" in result.output
+    nfe5 = optuna.load_study(study_name="tiny-model-heun-nfe5-freeu-input", storage=url)
+    warm = nfe5.trials[1]
+    assert warm.user_attrs["warm_start"]["nfe"] == 3 and nfe5.trials[0].user_attrs["baseline"]
+    calls5 = torch.tensor(nfe5.user_attrs["settings"]["call_sigmas"])
+    inside = freeu.FreeU(window=window).active(calls5).tolist()  # NFE 5's calls in the NFE 3 best's window
+    first, last = warm.params["first_call"], warm.params["last_call"]
+    assert [first <= i <= last for i in range(len(calls5))] == inside and any(inside)
+    assert {k: warm.params[k] for k in freeu.FACTORS} == FACTORS
+    result = run(*search, "--nfe", 5, "--trials", 4)  # resumed: nothing queued again
+    assert "warm start" not in result.output and sum("warm_start" in t.user_attrs for t in nfe5.trials) == 1
+    result = run(*search, "--nfe", 7, "--trials", 2, "--no-warm-start")
+    assert result.exit_code == 0 and "warm start" not in result.output
 
 
 def test_search_freeu_on_a_one_level_model_is_a_one_line_error(tmp_path, monkeypatch):

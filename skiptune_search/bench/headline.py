@@ -116,7 +116,8 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
             for run in row.get(method, []):
                 if "search_seconds" not in run:
                     try:
-                        old = load_own_study(storage, study_name(nfe, method, run["seed"]), storage_url)
+                        old = load_own_study(storage, study_name(nfe, method, run["seed"], "window" in run),
+                                             storage_url)
                     except StudyError:
                         continue
                     run["search_seconds"] = search_seconds(old)
@@ -133,21 +134,24 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 evaluator = evaluator_at(nfe)
                 space = method_space(evaluator, method)
                 # a trial a killed run left running is failed and queued again by open_study
-                study = open_study(storage, study_name(nfe, method, seed), evaluator.task, space,
-                                   evaluator.controller, seed)
+                study = open_study(storage, study_name(nfe, method, seed, space.searches_calls), evaluator.task,
+                                   space, evaluator.controller, seed, warm_start=False)  # each search on its own
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
                 fid, seconds = held_out_fid(evaluator, best, f"{method} seed {seed}")
                 runs.append({"seed": seed, "search_value": best.metric["value"],
                              "search_baseline": best.metric["baseline"], "held_out": fid, "params": best.params,
-                             "search_seconds": search_seconds(study), "held_out_seconds": seconds})
+                             "search_seconds": search_seconds(study), "held_out_seconds": seconds,
+                             **({"window": "calls"} if space.searches_calls else {})})
                 save(row)
     return results
 
 
-def study_name(nfe: int, family: str, seed: int) -> str:
-    """The name of one headline search's study in the work folder's study file."""
-    return f"headline-nfe{nfe}-{family}-seed{seed}"
+def study_name(nfe: int, family: str, seed: int, calls: bool = False) -> str:
+    """The name of one headline search's study in the work folder's study file; ``calls``: FreeU's
+    window searched over the sampler's model calls (the studies of the window searched in σ keep
+    their names)."""
+    return f"headline-nfe{nfe}-{family}-seed{seed}" + ("-calls" if calls else "")
 
 
 def search_seconds(study) -> float:
@@ -214,6 +218,7 @@ def _cell(fids: list[float], untuned: float | None, searched: bool = True) -> tu
     return f"{statistics.fmean(fids):.4g}{std} ({change:+.1f}%{seeds}{no_better})", change
 
 
+SIGMA_WINDOW = "@sigma_window"  # a row's key suffix for the runs of a windowed method searched in σ, kept when re-measured
 FREEU_LABELS = {"freeu_allsteps": "tuned FreeU (every σ)", "freeu": "tuned FreeU + σ window",
                 "linear_freeu": "tuned linear ρ + FreeU"}
 
@@ -235,14 +240,16 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
              f"trials (N = {s['n']}, rungs {','.join(map(str, s['rungs']))}) per search seed, its exported best "
              f"scored by FID on {s['truth_n']:,} held-out samples (seeds from {s['held_out_seed']:,}); mean ± std over "
              f"search seeds, change vs untuned. FreeU searches b1, b2 in [{freeu.B_RANGE[0]:g}, {freeu.B_RANGE[1]:g}] "
-             f"and s1, s2 in [{freeu.S_RANGE[0]:g}, {freeu.S_RANGE[1]:g}], at every σ or inside a σ window searched in "
-             f"log σ; linear ρ + FreeU is the linear_freeu family (with the window). The preset is "
+             f"and s1, s2 in [{freeu.S_RANGE[0]:g}, {freeu.S_RANGE[1]:g}], at every σ or inside a σ window, searched "
+             f"as the first and last of the sampler's model calls it acts on (cells marked † searched the window's "
+             f"ends in log σ over the σ range instead, the space before issue 27, where a window could hold no "
+             f"model call); linear ρ + FreeU is the linear_freeu family (with the window). The preset is "
              f"{preset.get('name', 'SD1.5')}'s (b1, b2, s1, s2 = {', '.join(f'{v:g}' for v in preset.get('values', ()))})"
              f"{' (' + preset['why'] + ')' if preset.get('why') else ''}. {_taken(rows, bool(rho_rows))}", "",
              "| NFE | untuned | FreeU preset | " + " | ".join(FREEU_LABELS.get(m, m) for m in methods)
              + " | best ρ family (table 5) |",
              "| ---: | ---: | ---: | " + " | ".join("---:" for _ in methods) + " | ---: |"]
-    verdicts, missing = [], []
+    verdicts, missing, compared = [], [], []
     for nfe, row in sorted(rows.items()):
         untuned = row.get("untuned")
         cells, changes = [], {}
@@ -255,7 +262,11 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
             if len(fids) < plan["seeds"]:
                 missing.append(f"NFE {nfe} {label} ({len(fids)} of {plan['seeds']} search seeds)")
             text, changes[label] = _cell(fids, untuned)
-            cells.append(text)
+            in_sigma = method != "freeu_allsteps" and any("window" not in r for r in row.get(method, []))
+            cells.append(text + " †" * in_sigma)
+            if before := [r["held_out"] for r in row.get(f"{method}{SIGMA_WINDOW}", [])]:
+                compared.append(f"NFE {nfe} {label}: {_cell(fids, untuned)[0]} with the window over model calls, "
+                                f"{_cell(before, untuned)[0]} with it searched in log σ")
         rho = rho_rows.get(str(nfe), {})
         rho_fids = {f: [r["held_out"] for r in rho.get(f, [])] for f in rho_families}
         rho_changes = {f: c for f in rho_families if (c := _cell(rho_fids[f], untuned))[1] is not None}
@@ -280,6 +291,9 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
     missing += [f"NFE {nfe}" for nfe in plan["nfes"] if nfe not in rows]
     if verdicts:
         lines += ["", *(f"{v}." for v in verdicts)]
+    if compared:
+        lines += ["", "Re-measured with the window over the model calls, beside the searches of the window in log σ "
+                      "they replace (same seeds and held-out samples): " + "; ".join(compared) + "."]
     return lines + _footer(rows, methods, s["truth_n"], missing, "freeu.db")
 
 

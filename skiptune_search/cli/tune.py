@@ -64,6 +64,10 @@ RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="Worker processes sharing the study on this machine (one per GPU when there are GPUs; at most "
                    "one per GPU, or per CPU core without GPUs). "
                    "On other machines, run the same command with the same --storage.")
+@click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+              help="A new study first tries, after the untuned model, the best trial of each study of the same "
+                   "model, sampler, family and settings at another NFE in the storage (its FreeU window moved to "
+                   "this sampler's calls); marked warm_start in the trial's attributes.")
 @click.option("--heartbeat", default=60, show_default=True, type=click.IntRange(0, 86_400),
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
                    "after two missed beats (0: off; on this machine a dead worker's trial is retried at once).")
@@ -71,7 +75,7 @@ RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
 def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width, precision,
            sampler, nfe, seed, threads, device, storage, study, family, placement, freeu_window, knots, trials, n, rungs, objective,
            rho_min, rho_max, batch, features,
-           inception_weights, reference, timeout, out, optimizer, search_seed, workers, heartbeat) -> None:
+           inception_weights, reference, timeout, out, optimizer, search_seed, workers, warm_start, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
     The first trial is the untuned model (ρ = 1 everywhere); for the FreeU families the next is
@@ -91,7 +95,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     from ..search.objective import run_search
     from ..search.optimizers import unpruned_rungs
     from ..search.storage import artifact_dir
-    from ..search.study import baseline_trial, check_study_name, export_best, finished_trials, params_at_edge
+    from ..search.study import (
+        baseline_trial, check_study_name, export_best, finished_trials, params_at_edge, queued_warm_starts,
+    )
     from ..search.tune import check_window_family, prepare
 
     check_window_family(family, freeu_window)  # before the model loads
@@ -111,25 +117,30 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
     space, st = prepare(evaluator, storage, family=family, placement=placement, rho_range=(rho_min, rho_max),
                         knots=knots, freeu_window=freeu_window, study=study, heartbeat=heartbeat, search_seed=search_seed, optimizer=optimizer,
-                        parallel=workers > 1 or W.worker_share() is not None)
+                        parallel=workers > 1 or W.worker_share() is not None, warm_start=warm_start)
     name = st.study_name
+    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
     out_path = out_path or Path("studies") / f"{name}.best.json"
     click.echo(f"study {name!r} in {storage}: {finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
                f"objective {task.objective}, {task.precision}")
+    if warm := queued_warm_starts(st):
+        click.echo("warm start: after the baseline, the best of " + ", ".join(
+            f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
     if unchecked := unpruned_rungs(task.rungs):
         click.echo(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
                    f"{','.join(map(str, unchecked))} report FID but never prune")
-    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
 
     def report(study, trial) -> None:
         if trial.user_attrs.get("surplus"):  # another process finished the study's last trial first
             return
+        same = f" (same as trial {trial.user_attrs['same_as']}: not sampled again)" if "same_as" in trial.user_attrs else ""
         if trial.state.name == "PRUNED":
             step = trial.last_step
             rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
-            click.echo(f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})")
+            click.echo(f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})"
+                       f"{same}")
             return
         if trial.value is None:
             click.echo(f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
@@ -139,7 +150,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
         attrs = trial.user_attrs
         tag = (" (baseline)" if attrs.get("baseline")
                else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
-               else " (paper-style ramp)" if attrs.get("paper_ramp") else "")
+               else " (paper-style ramp)" if attrs.get("paper_ramp")
+               else f" (warm start: the best of NFE {attrs['warm_start']['nfe']}, trial {attrs['warm_start']['trial']} "
+                    f"of {attrs['warm_start']['study']})" if attrs.get("warm_start") else same)
         click.echo(f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
                    f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 

@@ -145,6 +145,15 @@ class Evaluator:
         return run
 
     @property
+    def call_sigmas(self) -> tuple[float, ...]:
+        """The distinct σ at which the sampler calls the model, highest first (Heun calls most of
+        them twice); empty for your own sampling loop, whose calls are not known."""
+        sigmas = getattr(self, "sigmas", None)
+        if sigmas is None:
+            return ()
+        return tuple(sorted({float(s) for s in sigmas if s > 0}, reverse=True))
+
+    @property
     def sigma_range(self) -> tuple[float, float]:
         """The lowest and highest σ the sampler visits (above 0): where σ knots of a schedule go."""
         if self._sigma_range is None:

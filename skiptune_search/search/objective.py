@@ -9,13 +9,17 @@ trial's attributes changes the benchmarks too. A scorer is anything with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import optuna
+import torch
 
+from ..core import freeu
 from ..core.errors import NonFiniteSamplesError
 from ..core.schedule import RhoSchedule, SkipInfo
 from ..scoring.evaluator import Rung
@@ -46,11 +50,17 @@ class Objective:
     With ``limit``, a new trial first takes its place in the study: when the trials ahead of it
     (by Optuna's trial number, which the storage hands out atomically) that have finished, run or
     wait already make ``limit``, it is surplus and stops at once; so several processes sharing a
-    study end with exactly ``limit`` finished trials."""
+    study end with exactly ``limit`` finished trials.
+
+    A proposal that scales every skip exactly as a finished trial did at each of the sampler's
+    model calls (``call_sigmas``; a σ-independent schedule at any σ) would sample the same images:
+    it is not sampled again but recorded with that trial's scores and state, marked ``same_as``."""
 
     def __init__(self, scorer: Scorer, space: Space, arch: str, skips: Sequence[SkipInfo], rungs: Sequence[int],
                  objective: str = "fid", seeds: str | None = None, artifacts: Path | None = None,
-                 label: Callable[[], str] | None = None, limit: int | None = None) -> None:
+                 label: Callable[[], str] | None = None, limit: int | None = None,
+                 call_sigmas: Sequence[float] = ()) -> None:
+        self.call_sigmas = tuple(call_sigmas)
         self.scorer, self.space, self.arch, self.skips = scorer, space, arch, list(skips)
         self.rungs, self.objective, self.seeds, self.limit = tuple(rungs), objective, seeds, limit
         self.store = None
@@ -75,6 +85,10 @@ class Objective:
         trial.set_user_attr("rho", schedule.rho)
         if schedule.freeu is not None:
             trial.set_user_attr("freeu", schedule.freeu.as_json())
+        if (key := calls_key(schedule, self.call_sigmas)) is not None:
+            trial.set_user_attr("calls_key", key)
+            if not trial.user_attrs.get("baseline") and (same := self._same_as(trial, key)) is not None:
+                return self._copy(trial, same)
         label = self.label() if self.label else False
         fids: dict[int, float] = {}
         kids: dict[int, float] = {}
@@ -133,6 +147,27 @@ class Objective:
             return "duplicate" if mine in marks else None
         return "count" if ahead >= self.limit else None
 
+    @staticmethod
+    def _same_as(trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
+        """The first completed or pruned trial whose skips were scaled exactly as ``key`` says."""
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return next((t for t in trial.study.get_trials(deepcopy=False, states=done)
+                     if t.user_attrs.get("calls_key") == key and "same_as" not in t.user_attrs), None)
+
+    def _copy(self, trial: optuna.Trial, same: optuna.trial.FrozenTrial) -> float:
+        """Record ``same``'s scores as this trial's, without sampling: its rungs reported again,
+        pruned where it was pruned."""
+        trial.set_user_attr("same_as", same.number)
+        for attr in ("fid_at", "kid_at", "fid", "kid", "fid_inf", "n", "seeds"):
+            if attr in same.user_attrs:
+                trial.set_user_attr(attr, same.user_attrs[attr])
+        trial.set_user_attr("wall_seconds", 0.0)
+        for step, value in sorted(same.intermediate_values.items()):
+            trial.report(value, step=step)
+        if same.state == optuna.trial.TrialState.PRUNED:
+            raise optuna.TrialPruned(f"same as trial {same.number}")
+        return same.value
+
     def _upload_grid(self, trial: optuna.Trial, images) -> None:
         from optuna.artifacts import upload_artifact
 
@@ -142,6 +177,24 @@ class Objective:
             path = save_grid(images[:64], Path(tmp) / f"trial-{trial.number}-samples.png", nrow=8)
             upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
                             mimetype="image/png")
+
+
+def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float]) -> str | None:
+    """A short digest of what ``schedule`` does at each of the model calls at ``call_sigmas``: every
+    skip's ρ and FreeU factors there, and the placement; equal digests sample equal images. None for
+    a schedule that depends on σ when the calls are not known."""
+    if schedule.depends_on_sigma and not call_sigmas:
+        return None
+    f = schedule.freeu
+
+    def at(sigma: float | None) -> list:
+        on = (f is not None and not f.is_identity()
+              and (f.window is None or bool(f.active(torch.tensor(sigma, dtype=torch.float64)))))
+        return [schedule.rhos_at(sigma), [getattr(f, k) for k in freeu.FACTORS] if on else None]
+
+    calls = [at(s) for s in call_sigmas] if call_sigmas else [at(None)]
+    text = json.dumps([schedule.placement, calls])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @storage_faults
@@ -158,7 +211,8 @@ def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeou
     # the bar counts finished trials, not trial numbers: a retried trial of a dead worker has a number too
     label = (lambda: f"trial {finished_trials(study) + 1}/{trials}") if progress else None
     objective = Objective(evaluator, space, evaluator.controller.arch, evaluator.controller.skips, task.rungs,
-                          task.objective, task.seed_label, artifacts, label, limit=trials)
+                          task.objective, task.seed_label, artifacts, label, limit=trials,
+                          call_sigmas=evaluator.call_sigmas)
 
     def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # other processes (workers, machines) add trials too: --trials is the study's total

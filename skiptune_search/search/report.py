@@ -6,7 +6,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
 import os
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import plotly.graph_objects as go
 from ..core import freeu
 from ..core.files import write_text_atomic
 from ..core.schedule import RhoSchedule
-from ..scoring.task import with_legacy_defaults
-from .study import baseline_trial, export_best, is_own
+from .space import CALL_PARAMS
+from .study import baseline_trial, export_best, siblings
 
 
 def _rho_heatmap(schedule: RhoSchedule) -> go.Figure:
@@ -35,24 +34,13 @@ def _freeu_text(f: freeu.FreeU) -> str:
     return factors + (" at every σ" if f.window is None else f", while σ is in [{f.window[0]:.4g}, {f.window[1]:.4g}]")
 
 
-def _but_nfe(study: optuna.Study) -> tuple:
-    """A study's settings without its NFE (and its weights): what sibling studies must share."""
-    settings = study.user_attrs.get("settings", {})
-    task = {k: v for k, v in with_legacy_defaults(settings.get("task", {})).items() if k != "nfe"}
-    space = {k: v for k, v in settings.items() if k not in ("task", "sigma_knots")}  # knots follow the σ grid
-    return json.dumps(task, sort_keys=True), json.dumps(space, sort_keys=True), study.user_attrs.get("weights")
-
-
-def _fid_vs_nfe(study: optuna.Study, storage) -> go.Figure | None:
+def _fid_vs_nfe(study: optuna.Study) -> go.Figure | None:
     """Untuned vs tuned FID over the NFEs of sibling studies: every setting but the NFE the same
     (model and its weights, sampler, σ grid, N, seeds, reference, objective, family, range...);
     of several at one NFE, the best."""
     task = study.user_attrs.get("settings", {}).get("task", {})
-    key, by_nfe = _but_nfe(study), {}
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        other = optuna.load_study(study_name=summary.study_name, storage=storage)
-        if not is_own(other.user_attrs, other.directions) or _but_nfe(other) != key:
-            continue
+    by_nfe = {}
+    for other in [study, *siblings(study)]:
         base = baseline_trial(other)
         complete = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if base and complete:
@@ -87,7 +75,7 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
     if schedule.family != "freeu":  # ρ = 1 everywhere there
         figures.append(("Best schedule", _rho_heatmap(schedule)))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    freeu_params = [p for p in (*freeu.FACTORS, *freeu.WINDOW_PARAMS) if p in schedule.params]
+    freeu_params = [p for p in (*freeu.FACTORS, *freeu.WINDOW_PARAMS, *CALL_PARAMS) if p in schedule.params]
     if freeu_params and complete:  # each of FreeU's factors (and the window's ends) against the objective
         figures.append(("FreeU's factors", optuna.visualization.plot_slice(study, params=freeu_params)))
     preset = next((t for t in complete if t.user_attrs.get("freeu_preset")), None)
@@ -95,7 +83,7 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
         figures.append(("Parameter importances", optuna.visualization.plot_param_importances(study)))
     if any(len(t.intermediate_values) > 1 for t in study.trials):
         figures.append(("FID at each rung", optuna.visualization.plot_intermediate_values(study)))
-    nfe_fig = _fid_vs_nfe(study, storage)
+    nfe_fig = _fid_vs_nfe(study)
     if nfe_fig is not None:
         figures.append(("FID vs NFE", nfe_fig))
 

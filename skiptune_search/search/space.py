@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import optuna
+import torch
 
 from ..core import freeu
 from ..core.errors import InputError, ScheduleError
@@ -17,6 +18,9 @@ PAPER_RAMP = {"rho_inner": 0.8, "rho_outer": 1.0}  # the paper's shape: deep ski
 FIRST_MARKS = ("baseline", "freeu_preset", "paper_ramp")
 MARK_ATTRS = (*FIRST_MARKS, "freeu_preset_note")
 FREEU_GRID_STEP = 0.1  # a grid search's FreeU factors: 0.1 apart, so 1 and every preset lie on it
+# FreeU's σ window searched over the sampler's model calls: the first and the last call it acts on,
+# counted from the first call (the highest σ); they stand for freeu.WINDOW_PARAMS when the calls are known
+CALL_PARAMS = ("first_call", "last_call")
 
 
 @dataclass(frozen=True)
@@ -24,10 +28,15 @@ class Space:
     """A family, a placement ('search' to let Optuna pick one), ρ bounds and σ knots; ``step``
     restricts each ρ to a grid (the benchmark's replays on the exhaustive grid). The FreeU
     families (``freeu``, ``linear_freeu``) search b1, b2 in ``freeu.B_RANGE``, s1, s2 in
-    ``freeu.S_RANGE`` and the σ window's ends in log σ over ``sigma_range`` (the sampler's σ_min,
-    σ_max); ``freeu_model`` is the model family FreeU's preset is picked for (``freeu.recognize``;
+    ``freeu.S_RANGE`` and the σ window; ``freeu_model`` is the model family FreeU's preset is picked for (``freeu.recognize``;
     None: no published preset); without ``freeu_window`` FreeU acts at every σ, as diffusers'
-    ``enable_freeu`` does, and the window's ends are not searched."""
+    ``enable_freeu`` does, and the window's ends are not searched.
+
+    The window is searched as the first and the last of the sampler's model calls it acts on,
+    when ``call_sigmas`` (the distinct σ of those calls, highest first) are known: a window that
+    holds no call would re-score the untuned model. Its σ bounds then lie halfway (in log σ)
+    between the chosen calls and their neighbours. Without them (your own sampling loop) its ends
+    are searched in log σ over ``sigma_range`` (the sampler's σ_min, σ_max)."""
 
     family: str = "linear"
     placement: str = "input"
@@ -37,6 +46,7 @@ class Space:
     sigma_range: tuple[float, ...] = ()  # FreeU families only
     freeu_model: str | None = None  # FreeU families only
     freeu_window: bool = True  # FreeU families: search the σ window (False: FreeU at every σ)
+    call_sigmas: tuple[float, ...] = ()  # FreeU families: the σ of the sampler's model calls, highest first
 
     @property
     def with_freeu(self) -> bool:
@@ -46,12 +56,23 @@ class Space:
         freeu_keys = {"sigma_range": list(self.sigma_range), "freeu_model": self.freeu_model} if self.with_freeu else {}
         if self.with_freeu and not self.freeu_window:  # only then: the settings of earlier studies stay as they were
             freeu_keys["freeu_window"] = False
+        if self.searches_calls:  # only then: a window searched in σ keeps the settings it had
+            freeu_keys["call_sigmas"] = list(self.call_sigmas)
         return {"family": self.family, "placement": self.placement, "rho_range": list(self.rho_range),
                 "sigma_knots": list(self.sigma_knots), **({"step": self.step} if self.step else {}), **freeu_keys}
 
+    @property
+    def searches_calls(self) -> bool:
+        """Whether FreeU's window is searched over the sampler's model calls (else in σ, or not at all)."""
+        return self.with_freeu and self.freeu_window and len(self.call_sigmas) >= 2
+
     def params(self, skips: list[SkipInfo]) -> list[str]:
         names = family_params(self.family, skips, len(self.sigma_knots))
-        return names if self.freeu_window else [n for n in names if n not in freeu.WINDOW_PARAMS]
+        if not self.freeu_window:
+            return [n for n in names if n not in freeu.WINDOW_PARAMS]
+        if self.searches_calls:
+            return [CALL_PARAMS[freeu.WINDOW_PARAMS.index(n)] if n in freeu.WINDOW_PARAMS else n for n in names]
+        return names
 
     def ranges(self, skips: list[SkipInfo]) -> dict[str, tuple[float, float, bool]]:
         """(low, high, log scale) of each parameter."""
@@ -60,6 +81,8 @@ class Space:
                 return (*freeu.RANGES[name], False)
             if name in freeu.WINDOW_PARAMS:
                 return (*self.sigma_range, True)
+            if name in CALL_PARAMS:
+                return (0, len(self.call_sigmas) - 1, False)
             return (*self.rho_range, False)
 
         return {name: bounds(name) for name in self.params(skips)}
@@ -79,7 +102,9 @@ class Space:
     def baseline(self, skips: list[SkipInfo]) -> dict:
         """Parameters of the untuned model: ρ = 1 everywhere, FreeU's factors 1 at every σ."""
         params: dict = {name: 1.0 for name in self.params(skips)}
-        if self.with_freeu and self.freeu_window:
+        if self.searches_calls:
+            params.update(first_call=0, last_call=len(self.call_sigmas) - 1)
+        elif self.with_freeu and self.freeu_window:
             params.update(zip(freeu.WINDOW_PARAMS, self.sigma_range))
         if self.placement == "search":
             params["placement"] = "input"
@@ -117,8 +142,8 @@ class Space:
         theirs; the σ window fixed to the whole σ range (not searched on a grid)."""
         values = {}
         for name, (lo, hi, _) in self.ranges(skips).items():
-            if name in freeu.WINDOW_PARAMS:
-                values[name] = [lo] if name == "sigma_lo" else [hi]
+            if name in (*freeu.WINDOW_PARAMS, *CALL_PARAMS):
+                values[name] = [lo] if name in ("sigma_lo", "first_call") else [hi]
             elif name in freeu.RANGES:
                 values[name] = grid_values(round((hi - lo) / FREEU_GRID_STEP) + 1, lo, hi)
             else:
@@ -126,17 +151,20 @@ class Space:
         return values
 
     def suggest(self, trial: optuna.Trial, skips: list[SkipInfo]) -> tuple[dict[str, float], str]:
-        params = {name: trial.suggest_float(name, lo, hi, log=log, step=None if log or name in freeu.RANGES
-                                            else self.step)
+        params = {name: trial.suggest_int(name, lo, hi) if name in CALL_PARAMS else
+                  trial.suggest_float(name, lo, hi, log=log, step=None if log or name in freeu.RANGES else self.step)
                   for name, (lo, hi, log) in self.ranges(skips).items()}
         placement = (trial.suggest_categorical("placement", list(PLACEMENTS))
                      if self.placement == "search" else self.placement)
         return params, placement
 
     def window(self, params: dict) -> tuple[float, float] | None:
-        """FreeU's σ window of a trial's ``sigma_lo`` and ``sigma_hi`` (in either order): None
-        when it spans the whole σ range (FreeU at every step, σ-independent); ends that meet are
-        widened by the window's tolerance (a window at one σ)."""
+        """FreeU's σ window of a trial's ``first_call`` and ``last_call`` (or, searched in σ, its
+        ``sigma_lo`` and ``sigma_hi``; either in either order): None when it spans every call or the
+        whole σ range (FreeU at every step, σ-independent); ends that meet are widened by the
+        window's tolerance (a window at one σ)."""
+        if self.searches_calls:
+            return calls_window(self.call_sigmas, int(params["first_call"]), int(params["last_call"]))
         lo, hi = sorted((float(params["sigma_lo"]), float(params["sigma_hi"])))
         r = freeu.WINDOW_RTOL
         if lo <= self.sigma_range[0] * (1 + r) and hi >= self.sigma_range[1] * (1 - r):
@@ -145,12 +173,56 @@ class Space:
             lo, hi = lo * (1 - r), hi * (1 + r)
         return lo, hi
 
+    def carried(self, other: "Space", params: dict, skips: list[SkipInfo]) -> dict | None:
+        """A trial's ``params`` from ``other`` (the space of the same family at another NFE) as
+        parameters of this space: ρ and FreeU's factors as they are, FreeU's window moved to this
+        sampler's calls (those inside it, or the one nearest its middle in log σ); None when they
+        do not fit here (another parameter set, a value outside this space's ranges)."""
+        new = {k: v for k, v in params.items() if k not in (*freeu.WINDOW_PARAMS, *CALL_PARAMS)}
+        window = other.window(params) if other.with_freeu and other.freeu_window else None
+        if self.searches_calls:
+            new.update(zip(CALL_PARAMS, self.calls_in(window)))
+        elif self.with_freeu and self.freeu_window:
+            new.update(zip(freeu.WINDOW_PARAMS, window or self.sigma_range))
+        ranges = self.ranges(skips)
+        if set(new) - {"placement"} != set(ranges) or ("placement" in new) != (self.placement == "search"):
+            return None
+        if any(not lo <= new[k] <= hi for k, (lo, hi, _) in ranges.items()):
+            return None
+        return new
+
+    def calls_in(self, window: tuple[float, float] | None) -> tuple[int, int]:
+        """(first, last) of the model calls inside ``window`` (None: every call); for a window that
+        holds none, the call nearest its middle in log σ."""
+        last = len(self.call_sigmas) - 1
+        if window is None:
+            return 0, last
+        inside = [i for i, s in enumerate(self.call_sigmas) if freeu.FreeU(window=window).active(torch.tensor(s))]
+        if inside:
+            return inside[0], inside[-1]
+        middle = math.log(window[0] * window[1]) / 2
+        nearest = min(range(last + 1), key=lambda i: abs(math.log(self.call_sigmas[i]) - middle))
+        return nearest, nearest
+
     def schedule(self, arch: str, skips: list[SkipInfo], params: dict, **meta) -> RhoSchedule:
         params = dict(params)
         placement = params.pop("placement", self.placement)
         window = self.window(params) if self.with_freeu and self.freeu_window else None
         return RhoSchedule.from_family(self.family, arch, skips, params, sigma_knots=self.sigma_knots,
                                        sigma_window=window, placement=placement, **meta)
+
+
+def calls_window(call_sigmas: tuple[float, ...], first: int, last: int) -> tuple[float, float] | None:
+    """The σ window that holds the model calls ``first`` to ``last`` (indices into ``call_sigmas``,
+    highest σ first, in either order) and no other: its ends halfway in log σ between a chosen call
+    and the next one outside, or the outermost calls' own σ; None when it holds every call."""
+    first, last = sorted((first, last))
+    sig, k = call_sigmas, len(call_sigmas)
+    if first == 0 and last == k - 1:
+        return None
+    hi = sig[0] if first == 0 else math.sqrt(sig[first - 1] * sig[first])
+    lo = sig[-1] if last == k - 1 else math.sqrt(sig[last] * sig[last + 1])
+    return lo, hi
 
 
 def log_spaced_knots(sigma_min: float, sigma_max: float, k: int) -> tuple[float, ...]:

@@ -78,7 +78,7 @@ def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) 
 
 @storage_faults
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space, controller,
-               seed: int, optimizer: str = "tpe", parallel: bool = False) -> optuna.Study:
+               seed: int, optimizer: str = "tpe", parallel: bool = False, warm_start: bool = True) -> optuna.Study:
     """Create the study, or load it and check it is this tool's and was run with the same task,
     space and weights (of ``controller``'s model: its ``arch``, ``skips`` and ``unet``); nothing
     is written to a study that fails a check. Trials a dead process
@@ -87,7 +87,11 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
 
     ``seed`` makes a new study's search reproducible. A study resumed, or shared by ``parallel``
     workers, reseeds its optimizer from the system instead: with the same seed it would propose
-    the points it proposed before (all of them, for random search)."""
+    the points it proposed before (all of them, for random search).
+
+    ``warm_start``: a new study queues, right after the untuned baseline, the best trial of each
+    study of this tool in the same storage that differs from it only in the NFE (``siblings``),
+    its parameters carried over to this space and marked ``warm_start``."""
     check_study_name(name)
     space.check(controller.skips)
     arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
@@ -107,10 +111,57 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     recover_dead_trials(study)
     trials = study.get_trials(deepcopy=False)
     pending = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    for attr, params in space.first_trials(skips, optimizer):
+    for k, (attr, params) in enumerate(space.first_trials(skips, optimizer)):
         if not any(t.user_attrs.get(attr) and (is_finished(t) or t.state in pending) for t in trials):
             study.enqueue_trial(params, user_attrs=space.marks(attr))
+        if k == 0 and created and warm_start:
+            for params, mark in warm_starts(study, space, skips):
+                study.enqueue_trial(params, user_attrs={"warm_start": mark})
     return study
+
+
+def queued_warm_starts(study: optuna.Study) -> list[dict]:
+    """The marks of the warm starts still waiting to run."""
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    return [t.user_attrs["warm_start"] for t in waiting if t.user_attrs.get("warm_start")]
+
+
+def siblings_key(user_attrs: dict) -> tuple:
+    """What studies of one model, sampler, family... at several NFEs share: every setting but the NFE
+    and what follows from the σ grid (per_noise's knots, FreeU's σ range and model calls)."""
+    settings = user_attrs.get("settings", {})
+    task = {k: v for k, v in with_legacy_defaults(settings.get("task", {})).items() if k != "nfe"}
+    space = {k: v for k, v in settings.items() if k not in ("task", "sigma_knots", "sigma_range", "call_sigmas")}
+    return json.dumps(task, sort_keys=True), json.dumps(space, sort_keys=True), user_attrs.get("weights")
+
+
+def siblings(study: optuna.Study) -> list[optuna.Study]:
+    """The other studies of this tool in ``study``'s storage with the same ``siblings_key``."""
+    key, found = siblings_key(study.user_attrs), []
+    for summary in optuna.get_all_study_summaries(study._storage, include_best_trial=False):
+        if summary.study_name == study.study_name:
+            continue
+        other = optuna.load_study(study_name=summary.study_name, storage=study._storage)
+        if is_own(other.user_attrs, other.directions) and siblings_key(other.user_attrs) == key:
+            found.append(other)
+    return found
+
+
+def warm_starts(study: optuna.Study, space: Space, skips: list[SkipInfo]) -> list[tuple[dict, dict]]:
+    """(parameters, mark) of each sibling study's best completed trial, carried over to ``space``:
+    none that is its untuned baseline, doesn't fit, or repeats another."""
+    starts: list[tuple[dict, dict]] = []
+    nfe_of = lambda s: s.user_attrs["settings"]["task"]["nfe"]  # noqa: E731
+    for other in sorted((o for o in siblings(study) if nfe_of(o) != nfe_of(study)), key=nfe_of):
+        complete = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not complete:
+            continue
+        best = min(complete, key=lambda t: t.value)
+        params = None if best.user_attrs.get("baseline") else space.carried(study_space(other), best.params, skips)
+        if params is not None and all(params != p for p, _ in starts):
+            starts.append((params, {"study": other.study_name, "nfe": nfe_of(other),
+                                    "trial": best.number, "value": best.value}))
+    return starts
 
 
 def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict, wait_s: float = 20.0) -> bool:
@@ -198,7 +249,8 @@ def study_settings(study: optuna.Study) -> dict:
 def study_space(study: optuna.Study) -> Space:
     s = study_settings(study)
     return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"),
-                 tuple(s.get("sigma_range", ())), s.get("freeu_model"), s.get("freeu_window", True))
+                 tuple(s.get("sigma_range", ())), s.get("freeu_model"), s.get("freeu_window", True),
+                 tuple(s.get("call_sigmas", ())))
 
 
 def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:

@@ -35,9 +35,10 @@ from .study import check_study_name, default_study_name, export_best, open_study
 def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", placement: str = "input",
             rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
             study: str | None = None, heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
-            parallel: bool = False) -> tuple[Space, optuna.Study]:
+            parallel: bool = False, warm_start: bool = True) -> tuple[Space, optuna.Study]:
     """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
-    the study (created, or resumed after its settings are checked; named after the task unless given)."""
+    the study (created, or resumed after its settings are checked; named after the task unless given;
+    a new one warm-started from the same search's studies at other NFEs unless ``warm_start`` is off)."""
     ctl = evaluator.controller
     if placement != "search":
         ctl.check_placement(placement)  # before any trial: a placement the architecture cannot take
@@ -48,7 +49,7 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
     space = make_space(evaluator, family, placement, rho_range, knots, freeu_window)
     name = check_study_name(study) if study else default_study_name(evaluator.task, space)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
-                        search_seed, optimizer, parallel)
+                        search_seed, optimizer, parallel, warm_start)
     return space, opened
 
 
@@ -64,9 +65,9 @@ def check_window_family(family: str, freeu_window: bool) -> bool:
 def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True) -> Space:
     """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
-    log-spaced over the sampler's σ range; for the FreeU families their σ window over that range
-    (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
-    picked for."""
+    log-spaced over the sampler's σ range; for the FreeU families their σ window over the
+    sampler's model calls (over its σ range for your own loop; unless ``freeu_window`` is off:
+    FreeU at every σ) and the model family FreeU's preset is picked for."""
     rho_range = check_rho_range(rho_range)
     knots = check_int(knots, "knots", MIN_KNOTS, MAX_KNOTS)
     with_freeu = check_window_family(family, freeu_window)
@@ -84,7 +85,8 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                          option="family")
     sigma_knots = log_spaced_knots(*sigma_range, knots) if family == "per_noise" else ()
     freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
-                       freeu_window=freeu_window) if with_freeu else {})
+                       freeu_window=freeu_window, call_sigmas=evaluator.call_sigmas if freeu_window else ())
+                  if with_freeu else {})
     return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
 
 
@@ -132,7 +134,7 @@ def check_tune_arguments(args: dict) -> None:
         low, high = (check_float(v, "sigma_range", 0, low_open=True) for v in sigma_range)
         if not low < high:
             raise InputError(f"sigma_range = ({low:g}, {high:g}): σ_min must be below σ_max", option="sigma_range")
-    for name in ("freeu_window", "progress"):
+    for name in ("freeu_window", "progress", "warm_start"):
         if not isinstance(args[name], bool):
             raise InputError(f"{name} = {args[name]!r} is not True or False", option=name)
     if not isinstance(args["storage"], str) or not args["storage"]:
@@ -150,7 +152,7 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
          timestep_to_sigma: Callable | None = None,
          storage: str = DEFAULT_STORAGE, study: str | None = None, optimizer: str = "tpe", search_seed: int = 0,
          batch_size: int = 250, feature_weights: str | None = None, out: str | Path | None = None,
-         progress: bool = True) -> RhoSchedule:
+         progress: bool = True, warm_start: bool = True) -> RhoSchedule:
     """Run (or resume) the study for ``model`` (any module the adapters understand, or one holding
     it at .unet/.net/.model) sampled by your own ``sample(seeds) -> uint8 images [N, C, H, W]``
     (sample i from seeds[i], the same in every call): the same storage, rungs, pruning, first
@@ -163,7 +165,9 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
     Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
     ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
-    neither. Returns the best schedule, also written to ``out``."""
+    neither. A new study first tries (after the untuned model) the best of the same search's studies
+    at other NFEs in ``storage``, unless ``warm_start`` is off. Returns the best schedule, also
+    written to ``out``."""
     check_tune_arguments(locals())
     check_window_family(family, freeu_window)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
@@ -177,7 +181,7 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     space, opened = prepare(evaluator, storage, family=family, placement=placement, rho_range=rho_range,
                             knots=knots, freeu_window=freeu_window,
                             study=study or f"{check_study_name(name)}-{family}{'' if freeu_window else '-allsteps'}-{placement}",
-                            search_seed=search_seed, optimizer=optimizer)
+                            search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
     run_search(evaluator, opened, space, trials, artifacts=artifact_dir(storage), progress=progress)
     best = export_best(opened, storage)
     if out is not None:
