@@ -126,28 +126,34 @@ class OutputBlockPatch:
         self.schedule = schedule
         self.skips = skips
         self._static = None if schedule.depends_on_sigma else schedule.factors_at()
-        self._last: tuple[Any, int, list] | None = None  # (σ tensor, rows, its factors) of this UNet call
+        self._last: tuple[Any, int, Any, list] | None = None  # (σ tensor, rows, device, factors) of this call
 
-    def factors(self, rows: int, options: dict) -> list:
-        """Every skip's factors for a batch of ``rows``, one per row where they depend on σ."""
+    def factors(self, rows: int, options: dict, device: Any) -> list:
+        """Every skip's factors for a batch of ``rows``, one per row (on ``device``) where they
+        depend on σ; computed once per UNet call (its σ tensor), on the CPU in float64 (which
+        some devices, Apple's MPS among them, lack)."""
         if self._static is not None:
             return self._static
         sigmas = options.get("sigmas")
         if sigmas is None:
             raise ScheduleError("this schedule depends on σ, but the UNet was called without "
                                 "transformer_options['sigmas'] (not from a ComfyUI sampler)", option="schedule")
-        if self._last is not None and self._last[0] is sigmas and self._last[1] == rows:
-            return self._last[2]  # the same call's next block
+        if self._last is not None and self._last[0] is sigmas and self._last[1:3] == (rows, device):
+            return self._last[3]  # the same call's next block
+        import dataclasses
+
         import torch
 
-        sigmas = torch.as_tensor(sigmas).reshape(-1)
-        if rows % sigmas.numel():
-            raise RuntimeError(f"{rows} rows in the UNet's batch for {sigmas.numel()} σ: not a multiple")
+        per_sample = torch.as_tensor(sigmas).detach().reshape(-1).to("cpu", torch.float64)
+        if rows % per_sample.numel():
+            raise RuntimeError(f"{rows} rows in the UNet's batch for {per_sample.numel()} σ: not a multiple")
         # a guided batch is the samples once per cond/uncond chunk, one chunk after the other
-        per_row = sigmas.to(torch.float64).repeat(rows // sigmas.numel())
-        factors = self.schedule.factors_at(per_row)
-        self._last = (options.get("sigmas"), rows, factors)
-        return factors
+        factors = self.schedule.factors_at(per_sample.repeat(rows // per_sample.numel()))
+        moved = [dataclasses.replace(f, rho=f.rho.to(device, torch.float32) if torch.is_tensor(f.rho) else f.rho,
+                                     freeu=f.freeu.to(device) if torch.is_tensor(f.freeu) else f.freeu)
+                 for f in factors]
+        self._last = (sigmas, rows, device, moved)
+        return moved
 
     def __call__(self, h, hsp, transformer_options: dict):
         kind, i = transformer_options.get("block", (None, None))
@@ -157,17 +163,16 @@ class OutputBlockPatch:
         if hsp.shape[1] != self.skips[index].channels:
             raise RuntimeError(f"output block {i} got a {hsp.shape[1]}-channel skip, the layout says "
                                f"{self.skips[index].channels} ({self.skips[index].name})")
-        f = self.factors(h.shape[0], transformer_options)[index]
+        f = self.factors(h.shape[0], transformer_options, h.device)[index]
         if not f.changes_input:
             return h, hsp  # the untouched tensors: bit-exact
         import torch
 
         if (f.b, f.s) != (1.0, 1.0) and f.freeu is not False:
             h, hsp = h.clone(), hsp.clone()
-            active = f.freeu.to(h.device) if torch.is_tensor(f.freeu) else None
-            freeu.apply_(h, hsp, f.b, f.s, active=active)
+            freeu.apply_(h, hsp, f.b, f.s, active=f.freeu if torch.is_tensor(f.freeu) else None)
         if torch.is_tensor(f.rho):
-            hsp = hsp * f.rho.to(hsp.device, hsp.dtype).reshape(-1, *[1] * (hsp.ndim - 1))
+            hsp = hsp * f.rho.to(hsp.dtype).reshape(-1, *[1] * (hsp.ndim - 1))
         elif f.rho != 1.0:
             hsp = hsp * f.rho
         return h, hsp
