@@ -112,6 +112,16 @@ def test_rho_one_without_freeu_is_bit_exact_and_the_input_model_is_untouched(twi
     assert len(patched.model_options["transformer_options"]["patches"]["output_block_patch"]) == 1
 
 
+def test_a_second_schedule_on_a_patched_model_is_refused(twins, nodes):
+    _, model, skips = twins
+    once = nodes.patch_model(model, RhoSchedule.linear("UNet2DConditionModel", skips, 0.8, 1.0))
+    with pytest.raises(ScheduleError) as info:
+        nodes.patch_model(once, RhoSchedule.linear("UNet2DConditionModel", skips, 0.9, 1.0))
+    assert str(info.value) == ("this MODEL has a Skip-Tuning schedule already (from another Apply Skip-Tuning schedule "
+                               "node), and two would multiply: apply one schedule to the loader's MODEL")
+    assert len(once.model_options["transformer_options"]["patches"]["output_block_patch"]) == 1
+
+
 def test_output_block_i_gets_the_schedules_skip_n_minus_1_minus_i(twins, nodes):
     """per_layer with a distinct ρ per skip: the patch scales each block's skip by that skip's ρ."""
     _, model, skips = twins

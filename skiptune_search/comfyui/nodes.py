@@ -183,6 +183,11 @@ def patch_model(model: Any, schedule: RhoSchedule | str | os.PathLike, name: str
     schedule = load_schedule(schedule)
     skips = model_skips(model, schedule.skips[0].resolution)
     check_schedule(schedule, skips, name or "the schedule")
+    patches = model.model_options.get("transformer_options", {}).get("patches", {}).get("output_block_patch", [])
+    if any(isinstance(p, OutputBlockPatch) for p in patches):
+        raise ScheduleError("this MODEL has a Skip-Tuning schedule already (from another Apply Skip-Tuning schedule "
+                            "node), and two would multiply: apply one schedule to the loader's MODEL",
+                            option="model")
     patched = model.clone()
     patched.set_model_output_block_patch(OutputBlockPatch(schedule, skips))
     return patched
