@@ -44,6 +44,16 @@ def test_the_core_imports_nothing_else_of_the_package_and_no_optuna_or_cli():
         assert "diffusers" not in {n.split(".")[0] for n in _imports(path, module_level=True)}, path
 
 
+def test_the_comfyui_node_needs_only_the_core():
+    """ComfyUI's environment has torch, not the search's packages: the node imports the core alone."""
+    for path in (PACKAGE / "comfyui").glob("*.py"):
+        for name in _imports(path):
+            if name.startswith("skiptune_search."):
+                assert name.startswith(("skiptune_search.core", "skiptune_search.comfyui")), (path, name)
+            assert name.split(".")[0] not in ("optuna", "torch_fidelity", "click", "diffusers", "jsonschema"), (path, name)
+        assert not {n.split(".")[0] for n in _imports(path, module_level=True)} & {"torch", "comfy"}, path
+
+
 def test_only_the_search_package_imports_optuna_and_only_the_cli_click():
     assert len(MODULES) > 30
     for path in MODULES:
@@ -74,14 +84,15 @@ def test_apply_needs_only_the_core():
 
 
 def test_library_errors_share_one_base_and_name_no_flags():
-    """Library messages say what is wrong in the library's words; the CLI adds the flag."""
+    """Library messages say what is wrong in the library's words; the CLI adds the flag (and the
+    ComfyUI node, a front end too, may name the search's flag to use)."""
     from skiptune_search import SkiptuneError
     from skiptune_search.core import errors
 
     kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
     assert len(kinds) >= 10 and all(issubclass(k, SkiptuneError) for k in kinds)
     for path in MODULES:
-        if path.relative_to(PACKAGE).parts[0] == "cli":
+        if path.relative_to(PACKAGE).parts[0] in ("cli", "comfyui"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Raise) and node.exc is not None:

@@ -22,6 +22,37 @@ def test_json_round_trip(tmp_path):
     assert again.rho == s.rho and again.skips == s.skips and again.tuned_for == {"nfe": 9}
 
 
+def test_factors_at_one_sigma_and_per_sample_agree():
+    """factors_at: ρ interpolated in log σ, FreeU's (b, s) by stage inside its window only, the
+    same numbers at one σ and in a per-sample tensor."""
+    import math
+
+    import torch
+
+    from skiptune_search.core.freeu import FreeU
+
+    skips = [SkipInfo("a", "", 8, 16), SkipInfo("b", "", 8, 8), SkipInfo("c", "", 16, 4)]  # stages: -, 1, 0
+    s = RhoSchedule("A", skips, rho=[[0.5, 1.0], [1.0, 1.5], [2.0, 1.0]], sigma_knots=[1.0, 10.0],
+                    freeu=FreeU(1.5, 1.6, 0.9, 0.2, window=(2.0, 5.0)))
+    outside = s.factors_at(1.0)
+    assert [(f.rho, f.b, f.s, f.freeu) for f in outside] == [(0.5, 1.0, 1.0, False), (1.0, 1.0, 1.0, False),
+                                                             (2.0, 1.0, 1.0, False)]
+    inside = s.factors_at(3.0)
+    w = math.log(3.0) / math.log(10.0)
+    assert [f.rho for f in inside] == pytest.approx([0.5 + 0.5 * w, 1.0 + 0.5 * w, 2.0 - w])
+    assert [(f.b, f.s, f.freeu) for f in inside] == [(1.0, 1.0, False), (1.6, 0.2, True), (1.5, 0.9, True)]
+    per_sample = s.factors_at(torch.tensor([1.0, 3.0, 100.0], dtype=torch.float64))
+    for k, f in enumerate(per_sample):
+        assert f.rho.tolist() == pytest.approx([outside[k].rho, inside[k].rho, s.rhos_at(100.0)[k]], rel=1e-12)
+    assert per_sample[0].freeu is False and (per_sample[2].b, per_sample[2].s) == (1.5, 0.9)
+    assert per_sample[1].freeu.tolist() == per_sample[2].freeu.tolist() == [False, True, False]
+    with pytest.raises(ScheduleError, match="depends on σ: pass the noise level"):
+        s.factors_at()
+    plain = RhoSchedule.identity("A", skips).factors_at()
+    assert [(f.rho, f.changes_input) for f in plain] == [(1.0, False)] * 3
+    assert [f.changes_input for f in inside] == [True, True, True] and not outside[1].changes_input
+
+
 def test_sigma_knots_interpolate_in_log_sigma():
     s = RhoSchedule("A", SKIPS[:1], rho=[[0.5, 1.0]], sigma_knots=[0.1, 10.0])
     assert s.rhos_at(1.0) == pytest.approx([0.75])  # halfway in log σ

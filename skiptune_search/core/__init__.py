@@ -4,5 +4,8 @@
 made and consumed), ``controller`` (the hooks that scale them), ``freeu`` (FreeU's factors on a
 consuming block's input), ``interp`` (interpolation in log σ), ``errors`` (the tool's exceptions)
 and ``files`` (atomic writes). Imports torch, and jsonschema when a schedule file is read (and
-diffusers' Fourier filter when a FreeU schedule runs); never Optuna, torch-fidelity or the CLI.
+diffusers' Fourier filter when a FreeU schedule runs, where diffusers is installed: without it,
+``freeu.band_filter``, the same computation); never Optuna, torch-fidelity or the CLI.
+``RhoSchedule.factors_at(sigma)`` is the one computation of each block's ρ and FreeU factors at a
+noise level, which the controller, the ComfyUI node and the UI exports share.
 """

@@ -18,8 +18,7 @@ from torch import nn
 from . import freeu
 from .adapters import find_layout
 from .errors import NoSkipsError, ScheduleError
-from .interp import bracket
-from .schedule import PLACEMENTS, RhoSchedule, load_schedule
+from .schedule import PLACEMENTS, BlockFactors, RhoSchedule, load_schedule
 
 __all__ = ["NoSkipsError", "SkipController", "apply"]
 
@@ -54,8 +53,7 @@ class SkipController:
         self.timestep_to_sigma = timestep_to_sigma or getattr(self._precond, "sigma_from_timestep", None)
         self._handles: list[Any] = []
         self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
-        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None  # its knot index and weight
-        self._freeu_active: torch.Tensor | None = None  # per sample: σ inside FreeU's window
+        self._factors: list[BlockFactors] | None = None  # per skip: ρ and FreeU's factors at that σ
         self._set(RhoSchedule.identity(self.arch, self.skips))
 
     @property
@@ -144,32 +142,24 @@ class SkipController:
         self._set(schedule)
 
     def _set(self, schedule: RhoSchedule) -> None:
-        """Take a schedule, with what the hooks need of it computed once, not at every call."""
+        """Take a schedule, with what the hooks need of it computed once, not at every call: its
+        factors when they do not depend on σ, else (per call) ``RhoSchedule.factors_at``."""
         self._schedule = schedule
         self._identity = schedule.is_identity()
-        self._log_knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
-        self._table = torch.tensor(schedule.rho, dtype=torch.float64)  # [skip, knot]
-        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._freeu = freeu.per_skip(schedule.freeu, schedule.skips)  # (b, s) per skip, or None
+        self._static = None if schedule.depends_on_sigma else schedule.factors_at()
+        self._factors = self._static
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The log-σ knots and the ρ table on ``device``, copied once per schedule: a σ-dependent
-        schedule then interpolates on the model's device, with no copy or sync per call."""
-        if device not in self._copies:
-            self._copies[device] = (self._log_knots.to(device), self._table.to(device))
-        return self._copies[device]
-
-    # --- ρ of the current call ---------------------------------------------------------
-    def _rho(self, index: int) -> float | torch.Tensor:
-        """ρ of skip ``index``: a float, or one per sample (a [B] tensor) for σ-dependent schedules."""
-        schedule = self._schedule
-        if schedule.is_constant:
-            return schedule.rho[index][0]
-        if self._weights is None:
+    # --- factors of the current call -----------------------------------------------------
+    def _factors_of(self, index: int) -> BlockFactors:
+        """ρ and FreeU's factors of skip ``index`` in this call (ρ one per sample, a [B] tensor,
+        for a σ-dependent schedule)."""
+        if self._factors is None:
             raise RuntimeError("σ-dependent schedule used outside a model call")
-        k, w = self._weights
-        row = self._on(k.device)[1][index]
-        return row[k - 1] + w * (row[k] - row[k - 1])
+        return self._factors[index]
+
+    def _rho(self, index: int) -> float | torch.Tensor:
+        """ρ of skip ``index`` in this call: a float, or one per sample (a [B] tensor)."""
+        return self._factors_of(index).rho
 
     def _scale_skip(self, x: torch.Tensor, index: int) -> torch.Tensor | None:
         """``x`` with the part of it that is skip ``index`` times ρ (where the layout's entry says:
@@ -205,19 +195,14 @@ class SkipController:
             value = torch.as_tensor(value, device=x.device).reshape(-1).to(torch.float64)
             sigma = value if source == "precond" else self.timestep_to_sigma(value)
             self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-            if self._schedule.freeu is not None:
-                self._freeu_active = self._schedule.freeu.active(self._sigma.to(x.device))
-            if self._schedule.is_constant:
-                return
-            # where each sample's σ falls between the knots (interpolation in log σ, clamped outside);
-            # the same for every skip, so once per call
-            knots = self._on(x.device)[0]
-            self._weights = bracket(knots, self._sigma.to(x.device, torch.float64).clamp_min(1e-30).log())
+            # every skip's ρ (interpolated in log σ, clamped outside the knots) and FreeU's window,
+            # per sample, once per call
+            self._factors = self._schedule.factors_at(self._sigma.to(x.device))
 
         return hook
 
     def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
-        self._sigma = self._weights = self._freeu_active = None
+        self._sigma, self._factors = None, self._static
 
     def _check_freeu_entries(self, schedule: RhoSchedule) -> None:
         """FreeU splits a consumer's input into backbone and skip channels: only where the skip is
@@ -236,13 +221,13 @@ class SkipController:
         None when neither changes it."""
         changed = None
         # --- FreeU (core/freeu.py): one call on the (hidden, skip) views of the input ------------
-        if self._freeu[index] is not None:
-            if self._schedule.freeu.window is not None and self._freeu_active is None:
-                raise RuntimeError("σ-dependent schedule used outside a model call")
+        factors = self._factors_of(index)
+        if (factors.b, factors.s) != (1.0, 1.0) and factors.freeu is not False:
             if x.requires_grad:
                 x = x.clone()  # autograd: leave the block's input as it was, change a copy
             c = self.skips[index].channels
-            freeu.apply_(x[:, :-c], x[:, -c:], *self._freeu[index], active=self._freeu_active)
+            active = factors.freeu if torch.is_tensor(factors.freeu) else None
+            freeu.apply_(x[:, :-c], x[:, -c:], factors.b, factors.s, active=active)
             changed = x
         # ------------------------------------------------------------------------------------------
         if self.placement == "normalized":
@@ -294,7 +279,7 @@ class SkipController:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._sigma = self._weights = self._freeu_active = None
+        self._sigma, self._factors = None, self._static
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["SkipController"]:

@@ -12,8 +12,10 @@ next: diffusers' ``resolution_idx`` 0 and 1 (its up blocks 0 and 1).
 An optional σ window [σ_lo, σ_hi] limits the factors to the model calls whose σ lies inside it
 (per sample), as the start/stop-step controls of Forge and A1111 do.
 
-Imports no torch at module level (the CLI lists ranges and presets without it), and diffusers
-only when a filter is applied: its ``fourier_filter`` is the band filter used.
+Imports no torch at module level (the CLI lists ranges and presets without it). The band filter
+is diffusers' ``fourier_filter`` where diffusers is installed (imported when a filter is first
+applied), else ``band_filter`` here, the same computation (tests check they agree bit for bit), so
+a schedule applies where diffusers is absent (a ComfyUI environment).
 """
 
 from __future__ import annotations
@@ -152,10 +154,37 @@ def apply_(hidden: "torch.Tensor", skip: "torch.Tensor", b: float, s: float,
         half = hidden.shape[1] // 2
         hidden[:, :half].mul_(factor)
     if s != 1.0:
-        from diffusers.utils.torch_utils import fourier_filter
-
         filtered = fourier_filter(skip, threshold=1, scale=s)
         skip.copy_(filtered if active is None else torch.where(active.reshape(-1, 1, 1, 1), filtered, skip))
+
+
+def band_filter(x: "torch.Tensor", threshold: int, scale: float) -> "torch.Tensor":
+    """FreeU's Fourier filter on [B, C, H, W] features: the centred band of 2·threshold frequencies a
+    side around the zero frequency times ``scale``, in float32 (FFT has no bfloat16 and only an
+    unstable float16), returned in ``x``'s dtype. The computation of diffusers' ``fourier_filter``,
+    for where diffusers is not installed."""
+    import torch
+
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.to(torch.float32), dim=(-2, -1)), dim=(-2, -1))
+    h, w = spectrum.shape[-2] // 2, spectrum.shape[-1] // 2
+    spectrum[..., h - threshold:h + threshold, w - threshold:w + threshold] *= scale
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=(-2, -1)), dim=(-2, -1)).real
+    return filtered.to(x.dtype)
+
+
+_FILTER: list = []  # the filter in use, found at the first call
+
+
+def fourier_filter(x: "torch.Tensor", threshold: int, scale: float) -> "torch.Tensor":
+    """diffusers' ``fourier_filter`` (the filter FreeU was published with) where diffusers is
+    installed, else ``band_filter``."""
+    if not _FILTER:
+        try:
+            from diffusers.utils.torch_utils import fourier_filter as filter_
+        except ImportError:
+            filter_ = band_filter
+        _FILTER.append(filter_)
+    return _FILTER[0](x, threshold=threshold, scale=scale)
 
 
 def recognize(unet: Any) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from .errors import ScheduleError
 from .files import atomic_path
 from .freeu import FACTORS as FREEU_FACTORS
-from .freeu import WINDOW_PARAMS, FreeU, stages
+from .freeu import WINDOW_PARAMS, FreeU, per_skip, stages
 from .limits import RHO_MAX
 
 FORMAT = "skiptune-schedule/1"  # ρ only
@@ -58,6 +58,27 @@ def linear_rhos(n_skips: int, rho_inner: float, rho_outer: float) -> list[float]
     if n_skips == 1:
         return [float(rho_inner)]
     return [rho_outer + (rho_inner - rho_outer) * i / (n_skips - 1) for i in range(n_skips)]
+
+
+@dataclass(frozen=True)
+class BlockFactors:
+    """What a schedule does to the input of the block that consumes one skip, at a noise level:
+    where ``freeu`` holds, FreeU's ``b`` times the first half of the backbone channels and ``s``
+    times the skip's lowest frequencies; then the skip times ``rho``. At one σ (a number) all are
+    plain numbers, with b = s = 1 and ``freeu`` False outside FreeU's window. At per-sample σ (a
+    tensor [B]), ``rho`` is a [B] float64 tensor where it depends on σ, and ``freeu`` a [B] bool
+    tensor where FreeU has a window (b and s stay the stage's factors)."""
+
+    rho: Any = 1.0
+    b: float = 1.0
+    s: float = 1.0
+    freeu: Any = False
+
+    @property
+    def changes_input(self) -> bool:
+        """Whether the block's input can differ from the untuned model's at this σ."""
+        rho_one = not hasattr(self.rho, "shape") and self.rho == 1.0
+        return not rho_one or ((self.b, self.s) != (1.0, 1.0) and self.freeu is not False)
 
 
 RHO_FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
@@ -199,6 +220,45 @@ class RhoSchedule:
         log_knots = torch.tensor(self.sigma_knots, dtype=torch.float64).log()
         log_sigma = torch.tensor(max(float(sigma), 1e-30), dtype=torch.float64).log()
         return interp(log_knots, torch.tensor(self.rho, dtype=torch.float64), log_sigma).tolist()
+
+    def factors_at(self, sigma: "float | torch.Tensor | None" = None) -> list[BlockFactors]:
+        """What each skip's consuming block does at noise level σ (skip order: 0 = outermost): ρ
+        and FreeU's factors, the one computation that ``apply()``, the ComfyUI node and the UI
+        exports share. ``sigma``: a number; a tensor of one σ per sample (ρ is then interpolated
+        on its device, in float64); None for a schedule that does not depend on σ."""
+        if sigma is None and self.depends_on_sigma:
+            raise ScheduleError("this schedule depends on σ: pass the noise level")
+        per_sample = sigma is not None and not isinstance(sigma, (int, float))
+        if per_sample and not self.is_constant:
+            import torch
+
+            from .interp import interp
+
+            log_knots, table = self._tables(sigma.device)
+            rhos = list(interp(log_knots, table, sigma.to(torch.float64).clamp_min(1e-30).log()))
+        else:
+            rhos = self.rhos_at(None if self.is_constant else float(sigma))
+        freeu_on = False
+        if self.freeu is not None:
+            freeu_on = True if self.freeu.window is None else self.freeu.active(sigma)
+        out = []
+        for rho, factors in zip(rhos, per_skip(self.freeu, self.skips)):
+            if factors is None or freeu_on is False:
+                out.append(BlockFactors(rho))
+            else:
+                out.append(BlockFactors(rho, *factors, freeu=freeu_on if per_sample else True))
+        return out
+
+    def _tables(self, device) -> tuple:
+        """The log-σ knots and the ρ table [skip, knot] as float64 tensors on ``device``, made once
+        per device (a σ-dependent schedule interpolates there with no copy per model call)."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            import torch
+
+            cache[device] = (torch.tensor(self.sigma_knots, dtype=torch.float64, device=device).log(),
+                             torch.tensor(self.rho, dtype=torch.float64, device=device))
+        return cache[device]
 
     def enable_freeu_call(self) -> str | None:
         """diffusers' ``pipe.enable_freeu(s1=..., s2=..., b1=..., b2=...)`` with this schedule's
