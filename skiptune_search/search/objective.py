@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import optuna
-import torch
 
-from ..core import freeu
 from ..core.errors import NonFiniteSamplesError
 from ..core.schedule import RhoSchedule, SkipInfo
 from ..scoring.evaluator import Rung
@@ -180,21 +178,14 @@ class Objective:
 
 
 def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float]) -> str | None:
-    """A short digest of what ``schedule`` does at each of the model calls at ``call_sigmas``: every
-    skip's ρ and FreeU factors there, and the placement; equal digests sample equal images. None for
-    a schedule that depends on σ when the calls are not known."""
+    """A short digest of what ``schedule`` does at each of the model calls at ``call_sigmas``
+    (``RhoSchedule.factors_at``: every skip's ρ and FreeU factors there) and of its placement; equal
+    digests sample equal images. None for a schedule that depends on σ when the calls are not known."""
     if schedule.depends_on_sigma and not call_sigmas:
         return None
-    f = schedule.freeu
-
-    def at(sigma: float | None) -> list:
-        on = (f is not None and not f.is_identity()
-              and (f.window is None or bool(f.active(torch.tensor(sigma, dtype=torch.float64)))))
-        return [schedule.rhos_at(sigma), [getattr(f, k) for k in freeu.FACTORS] if on else None]
-
-    calls = [at(s) for s in call_sigmas] if call_sigmas else [at(None)]
-    text = json.dumps([schedule.placement, calls])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    calls = [[(f.rho, f.b, f.s) if f.freeu else (f.rho, 1.0, 1.0) for f in schedule.factors_at(sigma)]
+             for sigma in (call_sigmas or [None])]
+    return hashlib.sha256(json.dumps([schedule.placement, calls]).encode()).hexdigest()[:16]
 
 
 @storage_faults
