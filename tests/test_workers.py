@@ -90,9 +90,11 @@ def test_four_workers_on_postgresql(tiny_model_dir, tmp_path, postgres_url):
 
 def test_each_worker_gets_its_own_gpu(monkeypatch):
     """With GPUs visible, the caller keeps the first (its cuda:0) and worker i gets GPU i, in the
-    order the search command calls them: its own set-up first, then the spawn."""
+    order the search command calls them: its own set-up first, then the spawn. The job (storage
+    URL and password included) goes through the worker's stdin, never its command line."""
+    import io
+    import json
     import os
-    import sys
 
     import torch
 
@@ -101,17 +103,18 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
     started = []
 
     class FakePopen:
-        def __init__(self, argv, env):
-            started.append((argv, env))
+        def __init__(self, argv, env, stdin):
+            self.stdin = io.BytesIO()
+            started.append((argv, env, self))
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(W.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(sys, "argv", ["/somewhere/cli.py", "search", "--workers", "3"])
     W.own_setup(3)
-    W.spawn([4, 4, 3])
-    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "7"]
-    assert [env[W.SHARE_ENV] for _, env in started] == ["4", "3"]
+    W.spawn([4, 4, 3], {"storage": "postgresql://alice:PW@db/x"})
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env, _ in started] == ["5", "7"]
+    assert [json.loads(child.stdin.getvalue())["share"] for _, _, child in started] == [4, 3]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5,7"
-    # the children run the same command through this interpreter, also when started with python -m
-    assert started[0][0] == [sys.executable, "-m", "skiptune_search.cli", "search", "--workers", "3"]
+    # the library's worker through this interpreter, nothing imported from the working folder
+    assert started[0][0] == [sys.executable, "-P", "-c", W.WORKER_CODE]
+    assert not any("PW" in " ".join(argv) for argv, _, _ in started)

@@ -9,6 +9,7 @@ trial's attributes changes the benchmarks too. A scorer is anything with
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..scoring.evaluator import Rung
 from ..scoring.metrics import fid_inf
 from . import interrupts
 from .space import FIRST_MARKS, Space
-from .storage import storage_faults
+from .storage import storage_fault, storage_faults
 from .study import finished_trials, is_finished, recover_dead_trials, worker_id
 
 
@@ -177,10 +178,37 @@ def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeou
             with interrupts.deferred():  # Ctrl-C acts inside a trial's sampling, or between trials
                 study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
                                catch=(NonFiniteSamplesError, SurplusTrial), gc_after_trial=False)
+        except Exception as exc:
+            if storage_fault(exc) is not None:  # the write that ended a trial failed: leave none RUNNING
+                with contextlib.suppress(Exception):  # best effort (a full disk may refuse this too)
+                    recover_dead_trials(study, own=True)
+            raise
         finally:
             optuna.logging.set_verbosity(verbosity)
         interrupts.check()
     return study
+
+
+def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, objective: str = "fid") -> str | None:
+    """The line a search prints when a trial ends (None for a surplus trial, which another process's
+    trial made unnecessary): pruned, failed, or its value, parameters and the study's best."""
+    if trial.user_attrs.get("surplus"):
+        return None
+    if trial.state.name == "PRUNED":
+        step = trial.last_step
+        rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
+        return f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})"
+    if trial.value is None:
+        return f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})"
+    params = " ".join(f"{k}={v:.4g}" if k.startswith("sigma") else f"{k}={v:.3f}" if isinstance(v, float)
+                      else f"{k}={v}" for k, v in trial.params.items())
+    attrs = trial.user_attrs
+    tag = (" (baseline)" if attrs.get("baseline")
+           else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
+           else " (paper-style ramp)" if attrs.get("paper_ramp") else "")
+    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
+    return (f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
+            f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 
 
 def _queued(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
