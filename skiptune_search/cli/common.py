@@ -290,11 +290,23 @@ def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
         raise UserError(f"--rungs {text!r} is not a comma-separated list of sample counts, e.g. 250,1000") from None
 
 
-def tuned_for_defaults(schedule, **given) -> dict:
+def refuse_trust_for(model: str, named_by: str, trust_pickle: bool) -> None:
+    """--trust-pickle covers only the model the command line or --config names: a model that a file
+    named (a schedule's tuned_for, a study's settings) is never unpickled, however it is given."""
+    if trust_pickle:
+        raise UserError(f"--trust-pickle: the model {model} is named by {named_by}, not by you, and trust applies "
+                        f"only to a model named on the command line or in --config: pass --model {model} explicitly "
+                        f"to trust it")
+
+
+def tuned_for_defaults(schedule, *, trust_pickle: bool = False, **given) -> dict:
     """The task settings of a command that applies ``schedule``: each one the command line (or
     --config) leaves unset is what the schedule was tuned for; its σ grid only with its sampler;
-    heun, NFE 9 and fp32 for a hand-written schedule that names none."""
+    heun, NFE 9 and fp32 for a hand-written schedule that names none. A model taken from the
+    schedule is refused with ``trust_pickle`` (``refuse_trust_for``)."""
     tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
+    if "model" in given and "model" in tuned and source("model") == click.core.ParameterSource.DEFAULT:
+        refuse_trust_for(tuned["model"], "the schedule file", trust_pickle)
     v = {name: tuned[name] if name in tuned and source(name) == click.core.ParameterSource.DEFAULT else value
          for name, value in given.items()}
     same_sampler = v["sampler"] == tuned.get("sampler")  # another sampler keeps its own default grid

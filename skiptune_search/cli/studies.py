@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import freeu_lines, friendly, model_options, storage_option, torch_setup
+from .common import freeu_lines, friendly, model_options, refuse_trust_for, storage_option, torch_setup
 
 STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
 
@@ -82,6 +82,8 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
         torch_setup()
         task = with_legacy_defaults(study_settings(st)["task"])
         source = click.get_current_context().get_parameter_source("model")
+        if source == click.core.ParameterSource.DEFAULT:
+            refuse_trust_for(task["model"], f"the study {study!r}", trust_pickle)
         evaluator = Evaluator(Task(model=task["model"] if source == click.core.ParameterSource.DEFAULT else model,
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
                                    sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],

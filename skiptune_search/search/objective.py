@@ -9,7 +9,6 @@ trial's attributes changes the benchmarks too. A scorer is anything with
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -179,10 +178,16 @@ def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeou
                 study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
                                catch=(NonFiniteSamplesError, SurplusTrial), gc_after_trial=False)
         except Exception as exc:
-            if storage_fault(exc) is not None:  # the write that ended a trial failed: leave none RUNNING
-                with contextlib.suppress(Exception):  # best effort (a full disk may refuse this too)
-                    recover_dead_trials(study, own=True)
-            raise
+            if (error := storage_fault(exc)) is None:
+                raise
+            try:  # the write that ended a trial failed: leave none of this process's trials RUNNING
+                recover_dead_trials(study, own=True)
+            except Exception as again:  # the storage still refuses (the disk still full, the lock still held)
+                if storage_fault(again) is None:
+                    raise
+                raise type(error)(f"{error}; a trial of this run stays running until the next search on this "
+                                  f"storage runs it again", option=error.option) from None
+            raise error from None
         finally:
             optuna.logging.set_verbosity(verbosity)
         interrupts.check()

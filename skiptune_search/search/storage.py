@@ -7,6 +7,7 @@ import contextlib
 import copy
 import errno
 import functools
+import os
 import re
 import sqlite3
 import time
@@ -19,6 +20,7 @@ import sqlalchemy
 
 from ..core.errors import StorageError
 
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "sslpassword")  # a URL's query keys that hold a password
 SQLITE_BUSY_TIMEOUT = 60.0  # seconds a worker waits for another's write lock before giving up
 
 
@@ -32,12 +34,11 @@ def shown_url(url: str) -> str:
     except (sqlalchemy.exc.ArgumentError, ValueError, TypeError):
         # not a URL SQLAlchemy reads: mask anything between '://user:' and '@' all the same
         return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", str(url))
-    secret_keys = [k for k in parsed.query if k.lower() in ("password", "passwd", "pwd", "sslpassword")]
-    if parsed.password is None and not secret_keys:
-        return url  # nothing to hide: shown as given (not re-encoded)
-    if secret_keys:
-        parsed = parsed.update_query_dict({k: "***" for k in secret_keys})
-    return parsed.render_as_string(hide_password=True)
+    secret_keys = [k for k in parsed.query if k.lower() in SECRET_QUERY_KEYS]
+    shown = parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+    for key in secret_keys:
+        shown = re.sub(rf"([?&]{re.escape(key)}=)[^&]*", r"\1***", shown)
+    return shown
 
 
 def _masked(text: str, url: str) -> str:
@@ -47,7 +48,7 @@ def _masked(text: str, url: str) -> str:
         parsed = sqlalchemy.engine.make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError, TypeError):
         return text
-    secrets = [parsed.password, *(v for k, v in parsed.query.items() if k.lower() in ("password", "passwd", "pwd"))]
+    secrets = [parsed.password, *(v for k, v in parsed.query.items() if k.lower() in SECRET_QUERY_KEYS)]
     for secret in secrets:
         if isinstance(secret, str) and len(secret) >= 1:
             text = text.replace(secret, "***")
@@ -100,26 +101,25 @@ def make_storage(url: str, heartbeat: int | None = 60, create: bool = True) -> o
     shown = shown_url(url)
     path = sqlite_file(url)
     if path is not None:
-        if not create and not path.is_file():
-            raise StorageError(f"no study storage at {path}; run a search first, or give the storage it used",
-                               option="storage")
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
         try:  # write-ahead log: readers never block the writer (persists in the file)
+            if not create and not path.is_file():
+                raise StorageError(f"no study storage at {path}; run a search first, or give the storage it used",
+                                   option="storage")
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT)) as db:
                 db.execute("PRAGMA journal_mode=WAL")
         except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot open storage {url} ({_fault_reason(exc)}); {_fault_fix(exc)}",
-                               option="storage") from None
+            fix = READ_ONLY_FIX if _read_only(path) else _fault_fix(exc)
+            raise StorageError(f"cannot open storage {url} ({_fault_reason(exc)}); {fix}", option="storage") from None
     try:
         return _rdb_storage(url, heartbeat, kwargs)
     except ImportError as exc:  # the database's driver (psycopg for PostgreSQL) is an extra
         missing = getattr(exc.__cause__, "name", None) or exc.name
         driver = f"its driver module {missing!r}" if missing else "the SQLAlchemy driver its URL names"
-        raise StorageError(f"storage {shown} needs {driver}, which is not installed: pip install "
-                           f"'skiptune-search[postgres]' for PostgreSQL; for another database, install its SQLAlchemy "
-                           f"driver or name an installed one in the URL (e.g. mysql+pymysql://)",
-                           option="storage") from None
+        fix = ("pip install 'skiptune-search[postgres]'" if url.startswith("postgresql") else
+               "install that driver, or name an installed one in the URL (e.g. mysql+pymysql://)")
+        raise StorageError(f"storage {shown} needs {driver}, which is not installed: {fix}", option="storage") from None
     except sqlalchemy.exc.NoSuchModuleError:
         raise StorageError(f"storage {shown}: SQLAlchemy knows no database {url.split(':', 1)[0]!r}; give "
                            f"sqlite:///path/to/file.db, postgresql://... or mysql+pymysql://...",
@@ -134,8 +134,23 @@ def make_storage(url: str, heartbeat: int | None = 60, create: bool = True) -> o
                            f"); use the Optuna version that wrote it, or a new storage", option="storage") from None
 
 
+READ_ONLY_FIX = ("the database file or its folder is read-only (SQLite writes a -wal and a -shm file beside the "
+                 "database, even to read it): make both writable, or copy the file to a writable folder and give "
+                 "that copy as the storage")
+
+
+def _read_only(path: Path) -> bool:
+    """An existing SQLite file that this process may not write, or whose folder it may not write."""
+    try:
+        return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+    except OSError:
+        return False
+
+
 def _fault_reason(exc: BaseException) -> str:
     """The first line of a storage fault's own message (the driver's, not SQLAlchemy's wrapping)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # its file name is the storage's, named beside it
     return str(getattr(exc, "orig", None) or exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
@@ -147,8 +162,7 @@ def _fault_fix(exc: BaseException) -> str:
         return (f"another process held the storage's write lock for more than {SQLITE_BUSY_TIMEOUT:g} s: let it "
                 f"finish (or stop it), then run the command again")
     if "readonly" in reason or "read-only" in reason or errno_ in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ("the database file or its folder is read-only (SQLite writes a -wal and -shm file beside the "
-                "database): make both writable, or give a storage in a writable folder")
+        return READ_ONLY_FIX
     if "disk is full" in reason or "disk full" in reason or errno_ in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full: free space and run the command again (every finished trial is kept)"
     if errno_ == errno.ENAMETOOLONG or "name too long" in reason:
@@ -165,6 +179,8 @@ def storage_fault(exc: BaseException) -> StorageError | None:
     fault: that fault is what is judged."""
     if isinstance(exc, AssertionError) and exc.__context__ is not None:
         exc = exc.__context__
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # Optuna's wrapping of the database's own error
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(f"the disk is full ({exc.filename or 'writing'}); free space and run the same "
                             f"command again: every finished trial is kept")
@@ -189,7 +205,7 @@ def storage_faults(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (sqlalchemy.exc.DatabaseError, OSError, AssertionError) as exc:
+        except (sqlalchemy.exc.DatabaseError, optuna.exceptions.StorageInternalError, OSError, AssertionError) as exc:
             error = storage_fault(exc)
             if error is None:
                 raise
