@@ -116,7 +116,16 @@ def test_stopping_the_parent_stops_its_workers(run, tmp_path, tiny_model_dir):
     assert rows and "RUNNING" not in {state for *_, state in rows}
     time.sleep(2)
     assert _rows(db) == rows  # nobody writes trials any more
-    # the parent's death (SIGKILL: no chance to stop anyone) ends its workers too
+    assert not (tmp_path / "tqdm.py.imported").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_parents_death_ends_its_workers(tmp_path, tiny_model_dir):
+    """SIGKILL leaves the parent no chance to stop anyone: its end closes the worker's pipe."""
+    db = tmp_path / "studies" / "w.db"
+    cmd = [EXE, *map(str, tiny_search(tiny_model_dir, "--nfe", 1, "--workers", 2, "--trials", 60,
+                                      "--storage", "sqlite:///studies/w.db"))]
     parent, worker = _start(cmd, tmp_path, db)
     parent.kill()
     parent.communicate(timeout=60)
@@ -128,7 +137,6 @@ def test_stopping_the_parent_stops_its_workers(run, tmp_path, tiny_model_dir):
         left = con.execute("SELECT a.value_json FROM trials t JOIN trial_user_attributes a USING (trial_id) "
                            "WHERE t.state = 'RUNNING' AND a.key = 'worker'").fetchall()
     assert worker not in {json.loads(v)["pid"] for (v,) in left}  # its trial ended, failed: it runs again
-    assert not (tmp_path / "tqdm.py.imported").exists()
 
 
 # --- class 7: storage and file-system faults ---------------------------------------------------------
