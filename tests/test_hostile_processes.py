@@ -150,6 +150,8 @@ def test_storage_faults_are_one_line_and_leave_nothing_running(run, tmp_path, ti
                       ("mysql://bob:PW@localhost/x", "needs its driver module 'MySQLdb'"),
                       ("nosuchdb://h/x", "SQLAlchemy knows no database 'nosuchdb'")):
         one_line_error(run(*tiny_search(tiny_model_dir, "--storage", url)), "--storage: ", says)
+    one_line_error(run("inspect", "--model", "d" * 300), "--model: ", "File name too long; give a shorter path")
+    one_line_error(run("search", "--config", "d" * 300 + ".toml"), "--config: ", "give a shorter path")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-model"]  # no 'q.db?mode=ro' file, no folder
     one_line_error(run("dashboard", "--host", ""), "--host: an empty host", "127.0.0.1")
 

@@ -8,6 +8,7 @@ traceback) into one line that names the command's flag for the setting.
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -68,6 +69,10 @@ def friendly(fn):
             click.echo(f"\n{'terminated' if terminated else 'interrupted'}{_RESUME_HINTS.get(fn.__name__, '')}",
                        err=True)
             sys.exit(143 if terminated else 130)
+        except OSError as exc:
+            if (line := _fs_fault(click.get_current_context(silent=True), exc)) is None:
+                raise
+            raise UserError(line) from None
         except Exception as exc:
             torch = sys.modules.get("torch")
             if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -76,6 +81,31 @@ def friendly(fn):
             raise
 
     return wrapper
+
+
+# file-system faults that no code of ours causes, with what to do; any other OSError is a bug
+_FS_FAULTS = {errno.ENAMETOOLONG: "give a shorter path", errno.ELOOP: "give the real path, not a loop of links",
+              errno.EROFS: "give a path on a writable file system",
+              errno.ENOSPC: "free space and run the same command again",
+              errno.EDQUOT: "free space (or raise the quota) and run the same command again"}
+
+
+def _fs_fault(ctx: click.Context | None, exc: OSError, flag: str | None = None) -> str | None:
+    """One line for a file-system fault (a name too long, a read-only file system, a full disk)
+    met reading or writing a path, naming ``flag`` or the command's flag whose path it is; None
+    for any other error."""
+    if exc.errno not in _FS_FAULTS:
+        return None
+    name = str(exc.filename or "")
+    if flag is None and ctx is not None and name:
+        for param in ctx.command.params:
+            value = ctx.params.get(param.name)
+            if isinstance(param, click.Option) and isinstance(value, str) and value and (
+                    name == value or name.startswith(value.rstrip("/") + "/")):
+                flag = max(param.opts, key=len)
+    shown = name if len(name) <= 80 else f"{name[:40]}…{name[-30:]}"
+    where = f"{shown}: " if shown else ""
+    return f"{flag + ': ' if flag else ''}{where}{exc.strerror}; {_FS_FAULTS[exc.errno]}"
 
 
 def torch_setup(threads: int = 0) -> None:
@@ -252,6 +282,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         values = {k: check_value(value, k, v, params[k], ctx) for k, v in read_config(value, params).items()}
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        if (line := _fs_fault(ctx, exc, flag="--config")) is None:
+            raise
+        raise UserError(line) from None
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
