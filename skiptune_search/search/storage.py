@@ -140,9 +140,11 @@ READ_ONLY_FIX = ("the database file or its folder is read-only (SQLite writes a 
 
 
 def _read_only(path: Path) -> bool:
-    """An existing SQLite file that this process may not write, or whose folder it may not write."""
+    """A SQLite file, or the folder it is or would be in, that this process may not write."""
     try:
-        return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+        if path.exists():
+            return not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+        return path.parent.exists() and not os.access(path.parent, os.W_OK)
     except OSError:
         return False
 
