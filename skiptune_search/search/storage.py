@@ -36,6 +36,9 @@ def shown_url(url: str) -> str:
         return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", str(url))
     secret_keys = [k for k in parsed.query if k.lower() in SECRET_QUERY_KEYS]
     shown = parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+    head, mark, query = url.partition("?")
+    if head.count("@") > 1:  # an '@' left unencoded in the password: SQLAlchemy would show its end as the host
+        shown = re.sub(r"^([^:/]+://[^:/@]*:).*@", r"\1***@", head) + mark + query
     for key in secret_keys:
         shown = re.sub(rf"([?&]{re.escape(key)}=)[^&]*", r"\1***", shown)
     return shown
@@ -50,7 +53,7 @@ def _masked(text: str, url: str) -> str:
         return text
     secrets = [parsed.password, *(v for k, v in parsed.query.items() if k.lower() in SECRET_QUERY_KEYS)]
     for secret in secrets:
-        if isinstance(secret, str) and len(secret) >= 1:
+        if isinstance(secret, str) and len(secret) >= 4:  # shorter: it would mask words of the message
             text = text.replace(secret, "***")
     return text
 
@@ -103,6 +106,10 @@ def make_storage(url: str, heartbeat: int | None = 60, create: bool = True) -> o
     if path is not None:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
         try:  # write-ahead log: readers never block the writer (persists in the file)
+            if path.exists() and not path.is_file():
+                raise StorageError(f"{path} is not a database file (a folder, device or pipe): give a file path, "
+                                   f"e.g. sqlite:///{path / 'skiptune.db' if path.is_dir() else 'studies/skiptune.db'}",
+                                   option="storage")
             if not create and not path.is_file():
                 raise StorageError(f"no study storage at {path}; run a search first, or give the storage it used",
                                    option="storage")
