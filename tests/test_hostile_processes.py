@@ -148,7 +148,8 @@ def test_storage_faults_are_one_line_and_leave_nothing_running(run, tmp_path, ti
     for url, says in ((long_name, "longer than the file system allows"),
                       ("sqlite:///q.db?mode=ro", "has a query string (mode), which is not applied"),
                       ("mysql://bob:PW@localhost/x", "needs its driver module 'MySQLdb'"),
-                      ("nosuchdb://h/x", "SQLAlchemy knows no database 'nosuchdb'")):
+                      ("nosuchdb://h/x", "SQLAlchemy knows no database 'nosuchdb'"),
+                      ("sqlite:////dev/null", "/dev/null is not a database file")):
         one_line_error(run(*tiny_search(tiny_model_dir, "--storage", url)), "--storage: ", says)
     one_line_error(run("inspect", "--model", "d" * 300), "--model: ", "File name too long; give a shorter path")
     one_line_error(run("search", "--config", "d" * 300 + ".toml"), "--config: ", "give a shorter path")
