@@ -92,9 +92,11 @@ def test_four_workers_on_postgresql(tiny_model_dir, tmp_path, postgres_url):
 
 def test_each_worker_gets_its_own_gpu(monkeypatch):
     """With GPUs visible, the caller keeps the first (its cuda:0) and worker i gets GPU i, in the
-    order the search command calls them: its own set-up first, then the spawn."""
+    order the search command calls them: its own set-up first, then the spawn. The job (storage
+    URL and password included) goes through the worker's stdin, never its command line."""
+    import io
+    import json
     import os
-    import sys
 
     import torch
 
@@ -103,17 +105,55 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
     started = []
 
     class FakePopen:
-        def __init__(self, argv, env):
-            started.append((argv, env))
+        def __init__(self, argv, env, stdin):
+            self.stdin = io.BytesIO()
+            started.append((argv, env, self))
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(W.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(sys, "argv", ["/somewhere/cli.py", "search", "--workers", "3"])
     W.own_setup(3)
-    W.spawn([4, 4, 3])
-    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "7"]
-    assert [env[W.SHARE_ENV] for _, env in started] == ["4", "3"]
+    W.spawn([4, 4, 3], {"storage": "postgresql://alice:PW@db/x"})
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env, _ in started] == ["5", "7"]
+    assert [json.loads(child.stdin.getvalue())["share"] for _, _, child in started] == [4, 3]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5,7"
-    # the children run the same command through this interpreter, also when started with python -m
-    assert started[0][0] == [sys.executable, "-m", "skiptune_search.cli", "search", "--workers", "3"]
+    # the library's worker through this interpreter, nothing imported from the working folder
+    assert started[0][0] == [sys.executable, "-P", "-c", W.WORKER_CODE]
+    assert not any("PW" in " ".join(argv) for argv, _, _ in started)
+
+
+def test_a_storage_password_is_never_shown_or_stored(run, tmp_path, tiny_model_dir, postgres_url, monkeypatch):
+    """Issue 29, class 2: errors, the search's banner and summary, the exported schedule, the report,
+    `studies` and the dashboard show a storage URL's password masked; workers get no URL on their
+    command line (test_each_worker_gets_its_own_gpu, test_hostile_processes)."""
+    import json
+    import socket
+
+    from cli_helpers import one_line_error
+
+    secret = "S3cretPW"
+    url = postgres_url.replace("postgres@", f"postgres:{secret}@", 1)  # the test server trusts any password
+    shown = postgres_url.replace("postgres@", "postgres:***@", 1)
+    for bad in (f"postgresql://alice:{secret}@127.0.0.1:1/db", f"postgresql://alice@127.0.0.1:1/db?password={secret}"):
+        for args in (["studies", "--storage", bad], ["search", "--model", tiny_model_dir, "--storage", bad]):
+            result = run(*args)
+            one_line_error(result, "--storage: cannot open storage postgresql://alice", "***")
+            assert secret not in result.output
+    search = run("search", "--model", tiny_model_dir, "--nfe", 3, "--n", 4, "--rungs", 4, "--batch", 4,
+                 "--trials", 2, "--storage", url, "--study", "secret", "--out", "best.json")
+    assert search.exit_code == 0, search.output
+    assert f"study 'secret' in {shown}:" in search.output and f"study storage:        {shown}" in search.output
+    monkeypatch.setattr("optuna_dashboard.run_server", lambda *args, **kwargs: None)  # announce, then return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outputs = [search.output]
+    for args in (["studies"], ["export", "--study", "secret", "-o", "b.json"],
+                 ["report", "--study", "secret", "--samples", 0, "-o", "r.html"], ["dashboard", "--port", port]):
+        result = run(*args, "--storage", url)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    assert f"optuna-dashboard on {shown} " in outputs[-1]
+    assert json.loads((tmp_path / "b.json").read_text())["source"]["storage"] == shown
+    written = [(tmp_path / name).read_text() for name in ("best.json", "b.json", "r.html")]
+    assert shown in written[2] and not any(secret in text for text in outputs + written)

@@ -239,7 +239,7 @@ def measure(key: str, checkout: Path | None, calls: int, device: torch.device) -
 
 def measure_in_child(key: str, checkout: Path | None, calls: int, device: str, threads: int) -> dict:
     """``measure`` in a fresh Python process; its own errors come back as one line."""
-    command = [sys.executable, "-m", "skiptune_search.bench.sizes", key, "--calls", str(calls), "--device", device,
+    command = [sys.executable, "-P", "-m", "skiptune_search.bench.sizes", key, "--calls", str(calls), "--device", device,
                "--threads", str(threads)] + (["--checkout", str(checkout)] if checkout else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:  # the child's last line: its error (its traceback stays in the child's stderr)

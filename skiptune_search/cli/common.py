@@ -8,6 +8,7 @@ traceback) into one line that names the command's flag for the setting.
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import signal
@@ -82,6 +83,10 @@ def friendly(fn):
             click.echo(f"\n{'terminated' if terminated else 'interrupted'}{_RESUME_HINTS.get(fn.__name__, '')}",
                        err=True)
             sys.exit(143 if terminated else 130)
+        except OSError as exc:
+            if (line := _fs_fault(click.get_current_context(silent=True), exc)) is None:
+                raise
+            raise UserError(line) from None
         except Exception as exc:
             torch = sys.modules.get("torch")
             if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -111,6 +116,31 @@ def memory_hint(ctx: click.Context | None) -> str:
     if not flags:
         return "close other programs or use a machine with more memory"
     return f"pass a smaller {flags[0]}" + (f" (or a smaller {', '.join(flags[1:])})" if flags[1:] else "")
+
+
+# file-system faults that no code of ours causes, with what to do; any other OSError is a bug
+_FS_FAULTS = {errno.ENAMETOOLONG: "give a shorter path", errno.ELOOP: "give the real path, not a loop of links",
+              errno.EROFS: "give a path on a writable file system",
+              errno.ENOSPC: "free space and run the same command again",
+              errno.EDQUOT: "free space (or raise the quota) and run the same command again"}
+
+
+def _fs_fault(ctx: click.Context | None, exc: OSError, flag: str | None = None) -> str | None:
+    """One line for a file-system fault (a name too long, a read-only file system, a full disk)
+    met reading or writing a path, naming ``flag`` or the command's flag whose path it is; None
+    for any other error."""
+    if exc.errno not in _FS_FAULTS:
+        return None
+    name = str(exc.filename or "")
+    if flag is None and ctx is not None and name:
+        for param in ctx.command.params:
+            value = ctx.params.get(param.name)
+            if isinstance(param, click.Option) and isinstance(value, str) and value and (
+                    name == value or name.startswith(value.rstrip("/") + "/")):
+                flag = max(param.opts, key=len)
+    shown = name if len(name) <= 80 else f"{name[:40]}…{name[-30:]}"
+    where = f"{shown}: " if shown else ""
+    return f"{flag + ': ' if flag else ''}{where}{exc.strerror}; {_FS_FAULTS[exc.errno]}"
 
 
 def torch_setup(threads: int = 0) -> None:
@@ -296,6 +326,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         values = {k: check_value(value, k, v, params[k], ctx) for k, v in read_config(value, params).items()}
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:
+        if (line := _fs_fault(ctx, exc, flag="--config")) is None:
+            raise
+        raise UserError(line) from None
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
@@ -334,12 +368,27 @@ def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
         raise UserError(f"--rungs {text!r} is not a comma-separated list of sample counts, e.g. 250,1000") from None
 
 
-def tuned_for_defaults(schedule, **given) -> dict:
+def refuse_trust_for(model: str, named_by: str, trust_pickle: bool) -> None:
+    """--trust-pickle covers only the model the command line or --config names: a model that a file
+    named (a schedule's tuned_for, a study's settings) is never unpickled, however it is given."""
+    if trust_pickle:
+        raise UserError(f"--trust-pickle: the model {model} is named by {named_by}, not by you, and trust applies "
+                        f"only to a model named on the command line or in --config: pass --model {model} explicitly "
+                        f"to trust it")
+
+
+def tuned_for_defaults(schedule, *, trust_pickle: bool = False, **given) -> dict:
     """The task settings of a command that applies ``schedule``: each one the command line (or
     --config) leaves unset is what the schedule was tuned for; its σ grid only with its sampler;
     the model's own sampler (``Task``: heun, or a text-to-image pipeline's scheduler), NFE 9 and
     fp32 for a hand-written schedule that names none."""
+
+
+    heun, NFE 9 and fp32 for a hand-written schedule that names none. A model taken from the
+    schedule is refused with ``trust_pickle`` (``refuse_trust_for``)."""
     tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
+    if "model" in given and "model" in tuned and source("model") == click.core.ParameterSource.DEFAULT:
+        refuse_trust_for(tuned["model"], "the schedule file", trust_pickle)
     v = {name: tuned[name] if name in tuned and source(name) == click.core.ParameterSource.DEFAULT else value
          for name, value in given.items()}
     same_sampler = v["sampler"] == tuned.get("sampler")  # another sampler keeps its own default grid

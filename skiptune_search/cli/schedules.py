@@ -76,7 +76,7 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     path = schedule
     if schedule is not None:
         schedule = load_schedule(schedule)
-        settings = tuned_for_defaults(schedule, **settings)
+        settings = tuned_for_defaults(schedule, trust_pickle=trust_pickle, **settings)
     task = Task(n=max(n, 2), seed=seed, **settings)
     evaluator = Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device, uvit_path=uvit_path,
                           uvit_config=uvit_config)
@@ -126,8 +126,9 @@ def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sa
 
     torch_setup(threads)
     sched = load_schedule(schedule)
-    settings = tuned_for_defaults(sched, model=model, sampler=sampler, nfe=nfe, sigma_grid=sigma_grid,
-                                  prompts=prompts, guidance=guidance, height=height, width=width, precision=precision)
+    settings = tuned_for_defaults(sched, trust_pickle=trust_pickle, model=model, sampler=sampler, nfe=nfe,
+                                  sigma_grid=sigma_grid, prompts=prompts, guidance=guidance, height=height, width=width,
+                                  precision=precision)
     searched = sched.metric.get("seeds", "")
     if searched and "-" in searched:
         first, last = (int(v) for v in searched.split("-"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import freeu_lines, friendly, model_options, storage_option, torch_setup
+from .common import freeu_lines, friendly, model_options, refuse_trust_for, storage_option, torch_setup
 
 STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
 
@@ -15,12 +15,12 @@ STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-s
 def studies(storage) -> None:
     """List the studies in a storage: finished, running, pruned and failed trials, baseline and
     best. Studies of other tools in the same storage are named, not read."""
-    from ..search.storage import make_storage
+    from ..search.storage import make_storage, shown_url
     from ..search.study import study_rows
 
     rows = study_rows(make_storage(storage, create=False))
     if not rows:
-        click.echo(f"no studies in {storage}; run 'skiptune-search search'")
+        click.echo(f"no studies in {shown_url(storage)}; run 'skiptune-search search'")
         return
     click.echo(f"{'study':<48} {'done':>5} {'run':>4} {'pruned':>6} {'failed':>6} {'baseline':>9} {'best':>9} "
                f"{'change':>7}")
@@ -45,10 +45,10 @@ def export(storage, study, out) -> None:
     also prints the factors, and diffusers' equivalent pipe.enable_freeu(...) call when there is
     one (a UNet2DConditionModel such as Stable Diffusion's and SDXL's, FreeU at every σ, no factor
     0), or why there is none."""
-    from ..search.storage import make_storage
+    from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study
 
-    st = load_own_study(make_storage(storage, create=False), study, storage)
+    st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
     schedule = export_best(st, storage)
     schedule.save(out)
     click.echo(f"wrote {out}: trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
@@ -72,16 +72,18 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
     from ..scoring.evaluator import Evaluator
     from ..scoring.task import Task, with_legacy_defaults
     from ..search.report import write_report
-    from ..search.storage import make_storage
+    from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study, study_settings
 
     storage_obj = make_storage(storage, create=False)
-    st = load_own_study(storage_obj, study, storage)
+    st = load_own_study(storage_obj, study, shown_url(storage))
     grids = None
     if samples > 0:
         torch_setup()
         task = with_legacy_defaults(study_settings(st)["task"])
         source = click.get_current_context().get_parameter_source("model")
+        if source == click.core.ParameterSource.DEFAULT:
+            refuse_trust_for(task["model"], f"the study {study!r}", trust_pickle)
         evaluator = Evaluator(Task(model=task["model"] if source == click.core.ParameterSource.DEFAULT else model,
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
                                    sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],

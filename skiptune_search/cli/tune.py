@@ -92,9 +92,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     from ..scoring.evaluator import Evaluator
     from ..scoring.task import Task
     from ..search import workers as W
-    from ..search.objective import run_search
+    from ..search.objective import run_search, trial_line
     from ..search.optimizers import unpruned_rungs
-    from ..search.storage import artifact_dir
+    from ..search.storage import artifact_dir, check_storage_url, shown_url
     from ..search.study import (
         baseline_trial, check_study_name, export_best, finished_trials, params_at_edge, queued_warm_starts,
     )
@@ -105,23 +105,27 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
         raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
     if study is not None:
         check_study_name(study)
+    check_storage_url(storage)  # an in-memory storage: before the model loads
     out_path = Path(out) if out else None
     torch_setup(threads)
-    if workers > 1 and W.worker_share() is None:
+    if workers > 1:
         W.own_setup(workers)
     task = Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
                 guidance=guidance, height=height, width=width, precision=precision)
-    evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
-                          feature_weights=inception_weights, device=device, uvit_path=uvit_path, uvit_config=uvit_config)
+    model_kwargs = dict(batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path, feature_weights=inception_weights,
+                        device=device, uvit_path=uvit_path, uvit_config=uvit_config)
+    evaluator = Evaluator(task, **model_kwargs)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
-    space, st = prepare(evaluator, storage, family=family, placement=placement, rho_range=(rho_min, rho_max),
-                        knots=knots, freeu_window=freeu_window, study=study, heartbeat=heartbeat, search_seed=search_seed, optimizer=optimizer,
-                        parallel=workers > 1 or W.worker_share() is not None, warm_start=warm_start)
+    search_kwargs = dict(family=family, placement=placement, rho_range=(rho_min, rho_max), knots=knots,
+                         freeu_window=freeu_window, study=study, heartbeat=heartbeat, search_seed=search_seed,
+                         optimizer=optimizer, warm_start=warm_start)
+    space, st = prepare(evaluator, storage, **search_kwargs, parallel=workers > 1)
     name = st.study_name
+    shown = shown_url(storage)
     label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
     out_path = out_path or Path("studies") / f"{name}.best.json"
-    click.echo(f"study {name!r} in {storage}: {finished_trials(st)} finished trials so far; "
+    click.echo(f"study {name!r} in {shown}: {finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
                f"objective {task.objective}, {task.precision}")
@@ -133,46 +137,22 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
                    f"{','.join(map(str, unchecked))} report FID but never prune")
 
     def report(study, trial) -> None:
-        if trial.user_attrs.get("surplus"):  # another process finished the study's last trial first
-            return
-        same = f" (same as trial {trial.user_attrs['same_as']}: not sampled again)" if "same_as" in trial.user_attrs else ""
-        if trial.state.name == "PRUNED":
-            step = trial.last_step
-            rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
-            click.echo(f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g})"
-                       f"{same}")
-            return
-        if trial.value is None:
-            click.echo(f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})")
-            return
-        params = " ".join(f"{k}={v:.4g}" if k.startswith("sigma") else f"{k}={v:.3f}" if isinstance(v, float)
-                          else f"{k}={v}" for k, v in trial.params.items())
-        attrs = trial.user_attrs
-        tag = (" (baseline)" if attrs.get("baseline")
-               else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
-               else " (paper-style ramp)" if attrs.get("paper_ramp")
-               else f" (warm start: the best of NFE {attrs['warm_start']['nfe']}, trial {attrs['warm_start']['trial']} "
-                    f"of {attrs['warm_start']['study']})" if attrs.get("warm_start") else same)
-        click.echo(f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
-                   f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
+        if line := trial_line(study, trial, objective):
+            click.echo(line)
 
-    share = W.worker_share()
-    artifacts = artifact_dir(storage)
-    if share is not None:  # a worker started by another search command: its trials only
-        run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=artifacts, share=share,
-                   progress=False)
-        return
-    children = []
+    share, children = None, []
     if workers > 1:
         shares = W.split(max(0, trials - finished_trials(st)), workers)
         click.echo(f"{workers} workers: {', '.join(map(str, shares))} trials")
-        children = W.spawn(shares)
+        children = W.spawn(shares, W.job(task, model_kwargs, storage, {**search_kwargs, "study": name}, trials,
+                                         timeout, threads))
         share = shares[0]
-    run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=artifacts, share=share,
-               progress=workers == 1)
-    failed = [c.args for c in children if c.wait() != 0]
+    with W.stopped_with(children):  # interrupted: the workers are stopped and waited for first
+        run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=artifact_dir(storage),
+                   share=share, progress=workers == 1)
+        failed = W.wait(children)
     if failed:
-        raise UserError(f"{len(failed)} worker(s) failed; rerun the same command to finish the study")
+        raise UserError(f"{failed} worker(s) failed; rerun the same command to finish the study")
     base = baseline_trial(st)
     schedule = export_best(st, storage)
     schedule.save(out_path)
@@ -190,7 +170,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     if edge := params_at_edge(schedule.params, space.rho_range):
         click.echo(f"note: {', '.join(edge)} at the edge of the range [{rho_min:g}, {rho_max:g}]: the optimum may "
                    f"lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")
-    click.echo(f"study storage:        {storage}  (study {name!r})")
+    click.echo(f"study storage:        {shown}  (study {name!r})")
     click.echo(f"best schedule:        {out_path}")
 
 

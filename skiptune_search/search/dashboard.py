@@ -8,13 +8,17 @@ import socket
 from optuna.artifacts import FileSystemArtifactStore
 
 from ..core.errors import SkiptuneError
-from .storage import artifact_dir, make_storage
+from .storage import artifact_dir, make_storage, shown_url
 
 
 def serve(storage_url: str, host: str, port: int, announce=print) -> None:
     """Serve until interrupted; a port in use or an address this machine lacks is a one-line error."""
     from optuna_dashboard import run_server
 
+    if not host.strip():  # bind('') means every address: the network, not this machine
+        raise SkiptuneError("an empty host would serve on every address of this machine; give 127.0.0.1 (this "
+                            "machine only), or an address to serve on the network such as 0.0.0.0, explicitly",
+                            option="host")
     storage = make_storage(storage_url, create=False)
     try:  # found out before the server announces itself (it would bind the same address next)
         with socket.socket() as probe:
@@ -23,7 +27,8 @@ def serve(storage_url: str, host: str, port: int, announce=print) -> None:
         _refuse(exc, host, port)
     folder = artifact_dir(storage_url)
     folder.mkdir(parents=True, exist_ok=True)
-    announce(f"optuna-dashboard on {storage_url} (artifacts in {folder}): http://{host}:{port}/  (Ctrl-C stops)")
+    announce(f"optuna-dashboard on {shown_url(storage_url)} (artifacts in {folder}): http://{host}:{port}/  "
+             f"(Ctrl-C stops)")
     try:
         run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(folder)))
     except OSError as exc:

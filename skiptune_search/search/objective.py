@@ -24,7 +24,7 @@ from ..scoring.evaluator import Rung
 from ..scoring.metrics import fid_inf
 from . import interrupts
 from .space import FIRST_MARKS, Space
-from .storage import storage_faults
+from .storage import storage_fault, storage_faults
 from .study import finished_trials, is_finished, recover_dead_trials, worker_id
 
 
@@ -222,10 +222,47 @@ def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeou
             with interrupts.deferred():  # Ctrl-C acts inside a trial's sampling, or between trials
                 study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
                                catch=(NonFiniteSamplesError, SurplusTrial), gc_after_trial=False)
+        except Exception as exc:
+            if (error := storage_fault(exc)) is None:
+                raise
+            try:  # the write that ended a trial failed: leave none of this process's trials RUNNING
+                recover_dead_trials(study, own=True)
+            except Exception as again:  # the storage still refuses (the disk still full, the lock still held)
+                if storage_fault(again) is None:
+                    raise
+                raise type(error)(f"{error}; a trial of this run stays running until the next search on this "
+                                  f"storage runs it again", option=error.option) from None
+            raise error from None
         finally:
             optuna.logging.set_verbosity(verbosity)
         interrupts.check()
     return study
+
+
+def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, objective: str = "fid") -> str | None:
+    """The line a search prints when a trial ends (None for a surplus trial, which another process's
+    trial made unnecessary): pruned, failed, or its value, parameters and the study's best."""
+    attrs = trial.user_attrs
+    if attrs.get("surplus"):
+        return None
+    same = f" (same as trial {attrs['same_as']}: not sampled again)" if "same_as" in attrs else ""
+    if trial.state.name == "PRUNED":
+        step = trial.last_step
+        rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
+        return f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g}){same}"
+    if trial.value is None:
+        return f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})"
+    params = " ".join(f"{k}={v:.4g}" if k.startswith("sigma") else f"{k}={v:.3f}" if isinstance(v, float)
+                      else f"{k}={v}" for k, v in trial.params.items())
+    warm = attrs.get("warm_start")
+    tag = (" (baseline)" if attrs.get("baseline")
+           else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
+           else " (paper-style ramp)" if attrs.get("paper_ramp")
+           else f" (warm start: the best of NFE {warm['nfe']}, trial {warm['trial']} of {warm['study']})" if warm
+           else same)
+    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
+    return (f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
+            f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 
 
 def _queued(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -16,6 +16,7 @@ from ..core import freeu
 from ..core.files import write_text_atomic
 from ..core.schedule import RhoSchedule
 from .space import CALL_PARAMS
+from .storage import shown_url
 from .study import baseline_trial, export_best, siblings
 
 
@@ -97,7 +98,7 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
         ".grids{display:flex;gap:2em}.grids img{image-rendering:pixelated;width:480px}</style></head><body>",
         f"<h1>{html.escape(study.study_name)}</h1>",
         "<table>",
-        f"<tr><th>storage</th><td>{html.escape(storage_url)}</td></tr>",
+        f"<tr><th>storage</th><td>{html.escape(shown_url(storage_url))}</td></tr>",
         f"<tr><th>task</th><td>{html.escape(str(study.user_attrs.get('settings', {}).get('task')))}</td></tr>",
         f"<tr><th>trials</th><td>{len(complete)} complete, {len(study.trials)} in all</td></tr>",
         f"<tr><th>baseline (ρ = 1)</th><td>{base.value:.3f}</td></tr>" if base else "",

@@ -23,7 +23,7 @@ from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
 from .optimizers import make_pruner, make_sampler
 from .space import MARK_ATTRS, Space
-from .storage import storage_faults
+from .storage import shown_url, storage_faults
 
 MARKER = "skiptune-search"  # the created_by attribute of this tool's studies
 NAME_CHARS = "letters, digits and . _ - (at most 128)"
@@ -278,18 +278,20 @@ def _process_gone(worker: dict | None) -> bool:
     return int(worker["pid"]) == os.getpid()  # a trial of this very process, which runs none yet: left by a reused pid
 
 
-def recover_dead_trials(study: optuna.Study) -> list[int]:
+def recover_dead_trials(study: optuna.Study, own: bool = False) -> list[int]:
     """Fail every RUNNING trial whose process is gone (killed, out of disk, machine lost) and queue
     its parameters again, with its baseline or ramp mark: on this host at once, by its process id;
-    elsewhere once its heartbeat is stale (Optuna's own retry queues those). Returns the numbers
-    of the trials failed here."""
-    with warnings.catch_warnings():  # heartbeats are 'experimental' in Optuna's words
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    elsewhere once its heartbeat is stale (Optuna's own retry queues those). With ``own``, this
+    process's own RUNNING trials instead (a search stopped by a storage fault leaves none running).
+    Returns the numbers of the trials failed here."""
+    if not own:
+        with warnings.catch_warnings():  # heartbeats are 'experimental' in Optuna's words
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     failed = []
     storage = study._storage  # noqa: SLF001 - Optuna's own way to fail a trial it did not run
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not _process_gone(trial.user_attrs.get("worker")):
+        if not (trial.user_attrs.get("worker") == worker_id() if own else _process_gone(trial.user_attrs.get("worker"))):
             continue
         try:
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
@@ -374,5 +376,5 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
         metric={"name": task.get("objective", "fid"), "features": task["features"], "n": task["n"],
                 "seeds": f"{task['seed']}-{task['seed'] + task['n'] - 1}", "value": best.value,
                 "baseline": base.value if base else None},
-        source={"study": study.study_name, "trial": best.number, "storage": storage_url},
+        source={"study": study.study_name, "trial": best.number, "storage": shown_url(storage_url)},
     )

@@ -1,27 +1,35 @@
-"""Parallel workers on one machine: the same search command, run N times on one study.
+"""Parallel workers on one machine: N processes sharing one study.
 
-Each worker is the user's own command line run again with its share of the trials in
-``SKIPTUNE_WORKER_TRIALS``, pinned to one GPU when there are GPUs (``CUDA_VISIBLE_DEVICES``
-is respected) and given its share of CPU threads otherwise. Workers on other machines are just
-more ``skiptune-search search`` commands pointed at the same ``--storage``.
+The search command starts each worker through the library, never through the command line:
+``python -P -c`` (nothing imported from the working folder) runs ``main`` here, which reads its
+whole job (the task, the model's options, the study, its share of the trials) as one JSON line
+from an inherited pipe, its stdin. So the storage URL, password included, is on no command line
+(``ps`` shows every user the command lines). Each worker is pinned to one GPU when there are GPUs
+(``CUDA_VISIBLE_DEVICES`` is respected) and given its share of CPU threads otherwise.
+
+The pipe stays open while the parent lives: when it closes (the parent ended, even by SIGKILL) the
+worker stops as on SIGTERM, its trial under way marked failed. A parent that is interrupted itself
+stops its workers and waits for them (``stopped_with``). Workers on other machines are just more
+``skiptune-search search`` commands pointed at the same ``--storage``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+from typing import Iterator
 
 from ..core.errors import InputError
 from ..core.limits import usable_cores
 
-SHARE_ENV = "SKIPTUNE_WORKER_TRIALS"
-
-
-def worker_share() -> int | None:
-    """This process's share of trials when it was started as a worker, else None."""
-    value = os.environ.get(SHARE_ENV)
-    return int(value) if value is not None else None
+WORKER_CODE = "from skiptune_search.search.workers import main; main()"
+STOP_GRACE_S = 30.0  # seconds a stopped worker has to end its trial (failed) before it is killed
 
 
 def split(remaining: int, workers: int) -> list[int]:
@@ -41,22 +49,32 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def spawn(shares: list[int], argv: list[str] | None = None) -> list[subprocess.Popen]:
-    """Start one worker per share (shares[0] is the caller's own and is not started)."""
-    # the same command through this interpreter: works for the console script and for python -m
-    argv = argv if argv is not None else [sys.executable, "-m", "skiptune_search.cli", *sys.argv[1:]]
+def job(task, model: dict, storage: str, search: dict, trials: int, timeout: float | None, threads: int = 0) -> dict:
+    """What a worker needs to run its share: ``task`` (a Task), ``model`` (Evaluator's keyword
+    arguments), ``storage``, ``search`` (``tune.prepare``'s keyword arguments, the study's name
+    among them), the study's trial count and timeout."""
+    return {"task": dataclasses.asdict(task), "model": model, "storage": storage, "search": search,
+            "trials": trials, "timeout": timeout, "threads": threads}
+
+
+def spawn(shares: list[int], work: dict) -> list[subprocess.Popen]:
+    """Start one worker per share (shares[0] is the caller's own and is not started), each given
+    ``work`` (see ``job``) and its share through its stdin."""
     gpus = visible_gpus()
     threads = max(1, (os.cpu_count() or 1) // len(shares))
     children = []
     for i, share in enumerate(shares[1:], start=1):
         if share == 0:
             continue
-        env = dict(os.environ, **{SHARE_ENV: str(share)})
+        env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         else:
             env["OMP_NUM_THREADS"] = str(threads)
-        children.append(subprocess.Popen(argv, env=env))
+        child = subprocess.Popen([sys.executable, "-P", "-c", WORKER_CODE], env=env, stdin=subprocess.PIPE)
+        children.append(child)
+        child.stdin.write((json.dumps({**work, "share": share}) + "\n").encode())
+        child.stdin.flush()  # kept open: its end tells the worker that this process is gone
     return children
 
 
@@ -78,6 +96,48 @@ def check_workers(workers: int) -> None:
                          f"run the same search on other machines with the same storage for more", option="workers")
 
 
+@contextlib.contextmanager
+def stopped_with(children: list[subprocess.Popen]) -> Iterator[None]:
+    """Within: the caller's own share. Leaving it by an exception (Ctrl-C, SIGTERM, an error)
+    stops the workers (SIGTERM: each ends its trial under way as failed) and waits for them, so
+    that what the caller then says about the study is true."""
+    try:
+        yield
+    except BaseException:
+        from . import interrupts
+
+        with interrupts.deferred():  # a second Ctrl-C does not cut the wait short
+            stop(children)
+        raise
+
+
+def stop(children: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        _close(child)
+
+
+def wait(children: list[subprocess.Popen]) -> int:
+    """Wait for every worker; how many failed."""
+    failed = 0
+    for child in children:
+        failed += child.wait() != 0
+        _close(child)
+    return failed
+
+
+def _close(child: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        child.stdin.close()
+
+
 def own_setup(workers: int) -> None:
     """Check the worker count against the machine (``check_workers``), then give the calling
     (first) worker its share of CPU threads. On GPUs it needs nothing: it uses cuda:0, the first
@@ -87,3 +147,65 @@ def own_setup(workers: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+# --- in the worker ----------------------------------------------------------------------------------
+def main() -> None:
+    """A worker: read the job from stdin, run its share, print one line per trial. Exit 0, 2 on the
+    tool's own error (one line), 130/143 when stopped."""
+    from ..core.errors import SkiptuneError
+    from . import interrupts
+
+    work = json.loads(_read_line(0))
+    interrupts.install()
+    threading.Thread(target=_stop_when_parent_ends, daemon=True).start()
+    try:
+        run(work)
+    except KeyboardInterrupt:
+        sys.exit(143 if interrupts.state.signum == signal.SIGTERM else 130)
+    except SkiptuneError as exc:
+        print(f"Error: worker {os.getpid()}: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _read_line(fd: int) -> bytes:
+    """One line from ``fd``, read unbuffered (so no buffered reader is left for the watcher below)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _stop_when_parent_ends() -> None:
+    while os.read(0, 1 << 16):  # empty at end of file: the parent closed the pipe, or is gone
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(work: dict) -> None:
+    import torch
+
+    from ..scoring.evaluator import Evaluator
+    from ..scoring.task import Task
+    from .objective import run_search, trial_line
+    from .storage import artifact_dir
+    from .tune import prepare
+
+    torch.set_flush_denormal(True)  # as the command does (cli torch_setup)
+    if work["threads"]:
+        torch.set_num_threads(work["threads"])
+    task = Task(**work["task"])
+    evaluator = Evaluator(task, **work["model"])
+    evaluator.check_reference()
+    search = {**work["search"], "rho_range": tuple(work["search"]["rho_range"])}
+    space, study = prepare(evaluator, work["storage"], **search, parallel=True)
+
+    def report(study, trial) -> None:
+        if line := trial_line(study, trial, task.objective):
+            print(line, flush=True)
+
+    run_search(evaluator, study, space, work["trials"], work["timeout"], on_trial=report,
+               artifacts=artifact_dir(work["storage"]), share=work["share"], progress=False)
