@@ -381,11 +381,8 @@ def tuned_for_defaults(schedule, *, trust_pickle: bool = False, **given) -> dict
     """The task settings of a command that applies ``schedule``: each one the command line (or
     --config) leaves unset is what the schedule was tuned for; its σ grid only with its sampler;
     the model's own sampler (``Task``: heun, or a text-to-image pipeline's scheduler), NFE 9 and
-    fp32 for a hand-written schedule that names none."""
-
-
-    heun, NFE 9 and fp32 for a hand-written schedule that names none. A model taken from the
-    schedule is refused with ``trust_pickle`` (``refuse_trust_for``)."""
+    fp32 for a hand-written schedule that names none. A model taken from the schedule is refused
+    with ``trust_pickle`` (``refuse_trust_for``)."""
     tuned, source = schedule.tuned_for, click.get_current_context().get_parameter_source
     if "model" in given and "model" in tuned and source("model") == click.core.ParameterSource.DEFAULT:
         refuse_trust_for(tuned["model"], "the schedule file", trust_pickle)
