@@ -15,13 +15,11 @@ import sys
 import click
 
 from ..core import freeu
-from ..core.schedule import FAMILIES, PLACEMENTS
+from ..core.schedule import FAMILIES, GUIDANCE, IMAGE_SIZE, MAX_NFE, MAX_SEED, PLACEMENTS
 from ..sampling import SAMPLER_NAMES, SCHEDULERS, SIGMA_GRIDS, canonical_sampler
 from ..scoring import FEATURE_LAYERS, PRECISIONS
 from ..search import DEFAULT_STORAGE, interrupts
 
-MAX_NFE = 1000  # more model calls per sample than any few-step sampler needs: surely a typo
-MAX_SEED = 2**63 - 1
 Seeds = click.IntRange(0, MAX_SEED)
 
 
@@ -140,7 +138,7 @@ def grid_option(fn, default_help: str = "karras; model for diffusers schedulers,
 
 def text_options(fn, default: str = "none; required for text-to-image models",
                  guidance_default: str = "7.5 with --prompts"):
-    fn = click.option("--guidance", default=None, type=click.FloatRange(1, 100),
+    fn = click.option("--guidance", default=None, type=click.FloatRange(*GUIDANCE),
                       help="Classifier-free guidance scale of a text-to-image pipeline (its guidance_scale): "
                            "uncond + G*(cond - uncond) in one batched UNet call; 1 = no guidance (one call). "
                            f"[default: {guidance_default}]")(fn)
@@ -153,7 +151,7 @@ def text_options(fn, default: str = "none; required for text-to-image models",
 def size_options(fn, default: str = "the pipeline's own (SD: 512 or 768, SDXL: 1024)"):
     """--height, --width: a text-to-image pipeline's image size."""
     for name in ("width", "height"):
-        fn = click.option(f"--{name}", default=None, type=click.IntRange(8, 16384),
+        fn = click.option(f"--{name}", default=None, type=click.IntRange(*IMAGE_SIZE),
                           help=f"Image {name} in pixels of a text-to-image pipeline (its {name} argument; SDXL "
                                f"builds its size micro-conditioning from it), a multiple of its VAE's scale factor (8 "
                                f"for SD and SDXL). "
