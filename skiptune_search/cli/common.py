@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -251,7 +252,44 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     ctx.default_map = {**(ctx.default_map or {}), **values}
+    ctx.meta[CONFIG_READ] = value
     return value
+
+
+CONFIG_READ = "skiptune_search.config"  # ctx.meta key: the --config file this run read
+
+
+def model_inputs(model: str | None, edm_path: str | None = None, uvit_path: str | None = None) -> list[tuple]:
+    """What a run reads for its model, as (what, path) pairs for ``check_outputs``: the bundled
+    model's folder, or a local model folder, pipeline or checkpoint, and the checkouts given."""
+    from ..models.loaders import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+
+    pairs = [("the model folder", DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else model),
+             ("the EDM checkout", edm_path), ("the U-ViT checkout", uvit_path)]
+    return [(what, p) for what, p in pairs if p is not None and (p == DEFAULT_MODEL_DIR or Path(p).exists())]
+
+
+def reference_inputs(reference: str | None) -> list[tuple]:
+    """The reference a run reads: the bundled statistics, an .npz, or a folder of images."""
+    if reference is None or reference.startswith("fashion-mnist:"):
+        return []
+    if reference == "bundled":
+        from ..scoring.metrics import DEFAULT_REFERENCE
+
+        return [("the bundled reference statistics", DEFAULT_REFERENCE)]
+    return [("the reference", reference)]
+
+
+def check_outputs(*outputs, inputs=(), storage: str | None = None, option: str = "out") -> None:
+    """Each output path (None: none) is none of the run's own files (``core.files.check_output``):
+    not the storage, the --config file read, nor any of ``inputs``; called before any work."""
+    from ..core.files import check_output
+
+    ctx = click.get_current_context(silent=True)
+    read = [*inputs, ("the config file", ctx.meta.get(CONFIG_READ) if ctx else None)]
+    for out in outputs:
+        if out is not None:
+            check_output(out, read, storage=storage, option=option)
 
 
 def config_option(fn):

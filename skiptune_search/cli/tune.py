@@ -9,8 +9,8 @@ import click
 from ..scoring import OBJECTIVES
 from ..search import OPTIMIZERS
 from .common import (
-    UserError, batch_option, config_option, family_options, features_option, freeu_lines, friendly, parse_rungs,
-    storage_option, task_options, torch_setup,
+    UserError, batch_option, check_outputs, config_option, family_options, features_option, freeu_lines, friendly,
+    model_inputs, parse_rungs, reference_inputs, storage_option, task_options, torch_setup,
 )
 
 RHO = click.FloatRange(0, 4, min_open=True)  # a schedule's ρ lies in (0, 4]
@@ -97,6 +97,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     if study is not None:
         check_study_name(study)
     out_path = Path(out) if out else None
+    read = [*model_inputs(model, edm_path, uvit_path), ("the prompt file", prompts), *reference_inputs(reference),
+            ("the Inception weights", inception_weights)]
+    check_outputs(out_path, inputs=read, storage=storage)
     torch_setup(threads)
     if workers > 1 and W.worker_share() is None:
         W.own_setup(workers)
@@ -110,7 +113,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
                         knots=knots, freeu_window=freeu_window, study=study, heartbeat=heartbeat, search_seed=search_seed, optimizer=optimizer,
                         parallel=workers > 1 or W.worker_share() is not None)
     name = st.study_name
-    out_path = out_path or Path("studies") / f"{name}.best.json"
+    if out_path is None:  # the default beside the study, checked as soon as the study's name is known
+        out_path = Path("studies") / f"{name}.best.json"
+        check_outputs(out_path, inputs=read, storage=storage)
     click.echo(f"study {name!r} in {storage}: {finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "

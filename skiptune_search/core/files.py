@@ -83,7 +83,17 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
+    lock = folder / ".lock"
+    try:  # never through a link planted there (it is truncated below), never a FIFO (no hang)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+    except OSError as exc:
+        raise OutputPathError(f"cannot use the lock file {lock} ({exc.strerror}); remove it if it is a link",
+                              option="work") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputPathError(f"{lock} is not a regular file; remove it", option="work")
+    os.set_blocking(fd, True)
+    with open(fd, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -105,7 +115,6 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 # --- outputs that must not be the run's own files -------------------------------------------------
-ASSETS = Path(__file__).resolve().parent.parent / "assets"  # the bundled model and reference: never an output
 SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")  # a SQLite database and the files SQLite keeps beside it
 
 
@@ -140,8 +149,8 @@ def check_output(path: str | os.PathLike, inputs: "Iterable[tuple[str, str | os.
     """``path`` if a command may write it: a regular file or nothing (``check_output_path``: no
     link, folder, FIFO or device), and none of the run's own files: not the study storage (nor
     SQLite's -wal, -shm, -journal beside it), not a file the run reads nor anything inside a
-    folder it reads (``inputs``: (what, path) pairs, e.g. ("the model folder", "M")), not the
-    tool's bundled model and reference. Called by every command for each output before any work
+    folder it reads (``inputs``: (what, path) pairs, e.g. ("the model folder", "M"); the bundled
+    model and reference too, where the run reads them). Called by every command for each output before any work
     starts; refuses in one line naming what the path is and the fix."""
     out = Path(path)
     try:
@@ -151,7 +160,6 @@ def check_output(path: str | os.PathLike, inputs: "Iterable[tuple[str, str | os.
     real = _real(out)
     protected: list[tuple[str, str | os.PathLike]] = [("the study storage", p) for p in sqlite_files(storage)]
     protected += [(what, p) for what, p in inputs if p is not None and str(p) != ""]
-    protected.append(("the tool's bundled model and reference folder", ASSETS))
     for what, p in protected:
         other = _real(p)
         inside = os.path.isdir(other) and (real + os.sep).startswith(other.rstrip(os.sep) + os.sep)

@@ -17,6 +17,7 @@ import torch
 
 from ..core import freeu
 from ..core.errors import InputError, ScheduleError
+from ..core.files import check_output
 from ..core.schedule import RhoSchedule, split_family
 from ..scoring import DEFAULT_FEATURES
 from ..scoring.evaluator import Evaluator, SampleFn
@@ -102,6 +103,12 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
     neither. Returns the best schedule, also written to ``out``."""
     check_window_family(family, freeu_window)
+    if out is not None:  # before any work: not the storage, the reference or the weights this run reads
+        from ..scoring.metrics import DEFAULT_REFERENCE
+
+        ref = DEFAULT_REFERENCE if reference == "bundled" else reference
+        check_output(out, [("the reference", ref), ("the feature extractor weights", feature_weights)],
+                     storage=storage)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
     evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
