@@ -339,6 +339,11 @@ OWN_OUTPUTS = {  # the command, and what its refusal names
     "search over the model's config": (["search", "--config", "c.toml", "--out", "M/config.json"], "model folder"),
     "reference-stats over its data": (["reference-stats", "--data-dir", "data", "-o",
                                        "data/t10k-images-idx3-ubyte.gz"], "data folder"),
+    "sample over the default storage it does not read": (["sample", "--model", "M", "-n", 2, "-o",
+                                                          "studies/skiptune.db"], "study storage"),
+    "export over another study storage": (["export", "--study", STUDY, "-o", "other.db"], "SQLite database"),
+    "report over a model folder it does not read": (["report", "--study", STUDY, "--samples", 0, "-o", "M/config.json"],
+                                                    "model folder"),
     "train-default's state through a link": (["train-default", "--steps", 0, "--out", "M2", "--state", "link.pt",
                                               "--data-dir", "data"], "symbolic link"),
     "train-default's state inside the model it rewrites": (["train-default", "--steps", 0, "--out", "M", "--state",
@@ -352,6 +357,7 @@ def test_no_output_is_one_of_the_runs_own_files(searched, tmp_path, monkeypatch,
     shutil.copytree(searched, work, symlinks=True)
     os.symlink(work / "victim.pt", work / "link.pt")
     os.link(work / "studies" / "skiptune.db", work / "hard.json")
+    shutil.copy(work / "studies" / "skiptune.db", work / "other.db")
     monkeypatch.chdir(work)
     monkeypatch.setattr("skiptune_search.scoring.evaluator.Evaluator.__init__",
                         lambda *a, **k: pytest.fail("work started before the output was checked"))

@@ -283,13 +283,18 @@ def reference_inputs(reference: str | None) -> list[tuple]:
 def check_outputs(*outputs, inputs=(), storage: str | None = None, option: str = "out") -> None:
     """Each output path (None: none) is none of the run's own files (``core.files.check_output``):
     not the storage, the --config file read, nor any of ``inputs``; called before any work."""
-    from ..core.files import check_output
+    from ..core.files import check_output, sqlite_files
+
+    from ..search import DEFAULT_STORAGE
+    from ..search.storage import artifact_dir
 
     ctx = click.get_current_context(silent=True)
     read = [*inputs, ("the config file", ctx.meta.get(CONFIG_READ) if ctx else None)]
+    for url in {storage or DEFAULT_STORAGE, DEFAULT_STORAGE}:  # the default storage is the tool's own in any command
+        read += [("the study storage", p) for p in sqlite_files(url)] + [("the study artifacts", artifact_dir(url))]
     for out in outputs:
         if out is not None:
-            check_output(out, read, storage=storage, option=option)
+            check_output(out, read, option=option)
 
 
 def config_option(fn):

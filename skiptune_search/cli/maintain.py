@@ -115,7 +115,6 @@ def train_default(steps, batch, lr, out, state, fresh, data_dir, threads) -> Non
     data = ("the Fashion-MNIST data folder", resolve_data_dir(data_dir))
     if out_dir.is_symlink() or out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out: {out_dir} is not a folder (a link or a file); pass a model folder to write")
-    check_outputs(out_dir / "config.json", inputs=[data])  # the model folder is replaced whole: not inside the data
     check_outputs(state, inputs=[("the model folder this command rewrites", out_dir), data], option="state")
     torch_setup()
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, threads=threads)

@@ -144,6 +144,24 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+MODEL_MARKERS = ("skiptune_model.json", "model_index.json")  # a model folder of this tool, a diffusers pipeline
+
+
+def _kept_by_the_tool(out: Path) -> str | None:
+    """What ``out`` is when it is a file this tool keeps whatever the command: a SQLite database
+    (a study storage, any run's), or a file of a model folder or pipeline; None otherwise."""
+    try:
+        with open(out, "rb") as f:  # a regular file (check_output_path): no hang
+            if f.read(16) == b"SQLite format 3\x00":
+                return "a SQLite database (a study storage)"
+    except OSError:
+        pass
+    for folder in (out.parent, out.parent.parent):
+        if any((folder / marker).is_file() for marker in MODEL_MARKERS):
+            return f"inside the model folder {folder}"
+    return None
+
+
 def check_output(path: str | os.PathLike, inputs: "Iterable[tuple[str, str | os.PathLike | None]]" = (),
                  storage: str | None = None, option: str | None = "out") -> Path:
     """``path`` if a command may write it: a regular file or nothing (``check_output_path``: no
@@ -160,6 +178,9 @@ def check_output(path: str | os.PathLike, inputs: "Iterable[tuple[str, str | os.
     real = _real(out)
     protected: list[tuple[str, str | os.PathLike]] = [("the study storage", p) for p in sqlite_files(storage)]
     protected += [(what, p) for what, p in inputs if p is not None and str(p) != ""]
+    kept = _kept_by_the_tool(out)
+    if kept:
+        raise OutputPathError(f"{out} is {kept}; writing it would destroy it: pass another output path", option=option)
     for what, p in protected:
         other = _real(p)
         inside = os.path.isdir(other) and (real + os.sep).startswith(other.rstrip(os.sep) + os.sep)
