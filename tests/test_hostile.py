@@ -411,7 +411,20 @@ def _npz_bomb():
         z.writestr("sigma.npy", header.getvalue())
 
 
+class Payload:
+    """What a pickled .bin may hold besides tensors: unpickling it would build this object."""
+
+
+def _pickled_text_encoder():
+    import torch
+
+    os.unlink("sd/text_encoder/model.safetensors")
+    torch.save({"text_model.embeddings.position_ids": Payload()}, "sd/text_encoder/pytorch_model.bin")
+
+
 SAMPLE = ["sample", "-n", 2, "-o", "g.png", "--schedule", "s.json"]
+SD_SAMPLE = ["sample", "--model", "sd", "--sampler", "dpmsolver", "--nfe", 2, "--prompts", "p.txt", "-n", 2,
+             "-o", "g.png"]
 SEARCH = ["search", "--config", "c.toml"]
 HOSTILE_INPUTS = {  # (what to do to the files, the command, what its one line says)
     "a FIFO as the schedule": (lambda: os.mkfifo("s.json.fifo"), [*SAMPLE[:-1], "s.json.fifo"], "is a FIFO"),
@@ -448,6 +461,12 @@ HOSTILE_INPUTS = {  # (what to do to the files, the command, what its one line s
                                          ["inspect", "--model", "M"], "sigma_data = 0 must be positive"),
     "a config.json that is not the record's network": (lambda: _edit_json("M/config.json", lambda d: d.update(
         sample_size=64)), ["inspect", "--model", "M"], "does not match the model record"),
+    "a pipeline's pickled text encoder": (_pickled_text_encoder, SD_SAMPLE, "holds a pickled .bin"),
+    "a pipeline's UNet config that lies about shapes": (
+        lambda: _edit_json("sd/unet/config.json", lambda d: d.update(block_out_channels=[
+            2 * c for c in d["block_out_channels"]])), ["inspect", "--model", "sd"], "does not match its weights"),
+    "a FIFO among a pipeline's files": (lambda: (os.unlink("sd/unet/config.json"), os.mkfifo("sd/unet/config.json")),
+                                        ["inspect", "--model", "sd"], "is a FIFO"),
     "a FIFO among the data files": (lambda: (os.unlink("data/t10k-images-idx3-ubyte.gz"),
                                              os.mkfifo("data/t10k-images-idx3-ubyte.gz")),
                                     ["reference-stats", "--data-dir", "data", "-o", "r.npz"], "is a FIFO"),
@@ -455,9 +474,12 @@ HOSTILE_INPUTS = {  # (what to do to the files, the command, what its one line s
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_INPUTS))
-def test_every_file_read_is_bounded_and_typed(searched, tmp_path, monkeypatch, case):
+def test_every_file_read_is_bounded_and_typed(searched, tmp_path, monkeypatch, request, case):
     work = tmp_path / "w"
     shutil.copytree(searched, work, symlinks=True)
+    if "pipeline" in case:  # a tiny Stable Diffusion pipeline, and prompts for it
+        shutil.copytree(request.getfixturevalue("tiny_sd_dir"), work / "sd")
+        (work / "p.txt").write_text("a cat\n")
     monkeypatch.chdir(work)
     monkeypatch.setattr("skiptune_search.scoring.evaluator.Evaluator._batches",
                         lambda *a, **k: pytest.fail("sampled before its inputs were checked"))

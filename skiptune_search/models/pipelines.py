@@ -57,6 +57,11 @@ def is_pipeline_source(model: str | os.PathLike | None) -> bool:
     return (path / "model_index.json").is_file() or (not path.exists() and looks_like_repo_id(str(model)))
 
 
+def _first_mismatch(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return (lines[0] if lines else str(exc).splitlines()[0])[:200]
+
+
 def offline_error(source: str, exc: Exception) -> ModelLoadError:
     if isinstance(exc, pickle.UnpicklingError):  # torch's weights_only refused a pickled .bin: no code is run
         return ModelLoadError(f"{source} holds a pickled .bin whose contents are not plain tensors, and this tool "
@@ -225,6 +230,11 @@ def load_pipeline(source: str):
             pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **skipped)
     except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise offline_error(source, exc) from None
+    except RuntimeError as exc:  # torch's load_state_dict: a part's config.json does not describe its weights
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ModelLoadError(f"{source}: a config.json does not match its weights ({_first_mismatch(exc)}); copy the "
+                             f"model's files again from one repository", option="model") from None
     pipe.unet.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -245,6 +255,11 @@ def load_pipeline_unet(source: str) -> torch.nn.Module:
             unet = getattr(diffusers, cls).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise offline_error(source, exc) from None
+    except RuntimeError as exc:  # torch's load_state_dict: a part's config.json does not describe its weights
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ModelLoadError(f"{source}: a config.json does not match its weights ({_first_mismatch(exc)}); copy the "
+                             f"model's files again from one repository", option="model") from None
     return unet.eval().requires_grad_(False)
 
 
