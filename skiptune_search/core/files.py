@@ -180,14 +180,15 @@ def check_output(path: str | os.PathLike, inputs: "Iterable[tuple[str, str | os.
     protected += [(what, p) for what, p in inputs if p is not None and str(p) != ""]
     kept = _kept_by_the_tool(out)
     if kept:
-        raise OutputPathError(f"{out} is {kept}; writing it would destroy it: pass another output path", option=option)
+        raise OutputPathError(f"{out} is {kept}; writing there would overwrite or change it: pass another output path",
+                              option=option)
     for what, p in protected:
         other = _real(p)
         inside = os.path.isdir(other) and (real + os.sep).startswith(other.rstrip(os.sep) + os.sep)
         if real == other or inside or _same_file(out, p):
             where = "inside " if inside and real != other else ""
-            raise OutputPathError(f"{out} is {where}{what} ({p}), which this command reads or keeps; writing it "
-                                  f"would destroy it: pass another output path", option=option)
+            raise OutputPathError(f"{out} is {where}{what} ({p}), which this command reads or keeps; writing there "
+                                  f"would overwrite or change it: pass another output path", option=option)
     return out
 
 

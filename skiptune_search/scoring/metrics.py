@@ -146,7 +146,8 @@ class ReferenceStats:
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # one reference image; the largest models sample 1024 x 1024
 MAX_IMAGE_BYTES = 256 << 20
-MAX_NPY_BYTES = 4 << 30  # one array of reference statistics (Inception's sigma is 32 MiB)
+MAX_NPY_BYTES = 1 << 30  # one array of reference statistics (Inception's sigma is 32 MiB)
+MAX_REFERENCE_BYTES = 16 << 30  # all reference images decoded, as uint8 RGB
 
 
 def _check_npy_size(archive, member: str, path: Path) -> None:
@@ -201,7 +202,7 @@ def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:
     if len(files) < 2:
         raise ReferenceStatsError(f"{len(files)} .png or .jpg image(s) in {folder}: reference statistics need at least 2 "
                                   f"(a covariance), and an FID worth reading thousands", option="reference")
-    arrays = []
+    arrays, total = [], 0
     for f in files:
         with open_input(f, "reference image", max_bytes=MAX_IMAGE_BYTES, error=ReferenceStatsError,
                         option="reference") as handle:
@@ -210,6 +211,10 @@ def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:
                     if img.width * img.height > MAX_IMAGE_PIXELS:  # read from the header, before decoding
                         raise ReferenceStatsError(f"reference image {f} is {img.width}x{img.height} pixels, over "
                                                   f"{MAX_IMAGE_PIXELS:,}: resize the images first", option="reference")
+                    total += 3 * img.width * img.height
+                    if total > MAX_REFERENCE_BYTES:
+                        raise ReferenceStatsError(f"the images in {folder} take over {MAX_REFERENCE_BYTES >> 30} GiB "
+                                                  f"decoded: use fewer or smaller ones", option="reference")
                     arrays.append(np.asarray(img.convert("RGB")))
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
                 if isinstance(exc, ReferenceStatsError):
