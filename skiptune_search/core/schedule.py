@@ -325,7 +325,7 @@ def load_schedule(source: "str | os.PathLike | RhoSchedule") -> RhoSchedule:
 MAX_NFE = 1000  # more model calls per sample than any few-step sampler needs: surely a typo
 MAX_SEED = 2**63 - 1
 IMAGE_SIZE = (8, 16384)
-GUIDANCE = (1.0, 100.0)
+GUIDANCE = (1, 100)
 MAX_SKIPS = 4096  # the largest published UNets have a few dozen long skips
 MAX_KNOTS = 1024
 _REQUIRED = ("format", "arch", "fingerprint", "skips", "rho")

@@ -204,8 +204,10 @@ def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5)
                 if extra.name not in {"config.json", "diffusion_pytorch_model.safetensors", MODEL_INFO_FILE}:
                     (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        # the old folder moves to a fresh name of its own (never a predictable one a link could be planted at)
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.is_symlink() or old.exists() and not old.is_dir():  # planted there: never followed
+            old.unlink()
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
         if out_dir.exists():
             out_dir.replace(old)
         tmp.replace(out_dir)
