@@ -1,7 +1,7 @@
 """skiptune-search: automatic Skip-Tuning (Ma et al., ICML 2024) of diffusion UNets.
 
-``from skiptune_search import apply`` needs torch, and jsonschema to read a schedule file
-(diffusers only for diffusers models): it loads ``skiptune_search.core`` alone, on first use, so
+``from skiptune_search import apply`` needs torch alone, a schedule file included (diffusers
+only for diffusers models): it loads ``skiptune_search.core`` alone, on first use, so
 importing the package (the CLI does, for ``--help``) loads no torch.
 
 Packages, one concern each: ``core`` (schedule, adapters, controller: what ``apply`` needs),

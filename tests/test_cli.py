@@ -122,7 +122,7 @@ def test_config_file_sets_defaults_and_rejects_unknown_keys(run, tiny_model_dir,
     (tmp_path / "broken.toml").write_text("nfe = \n")
     one_line_error(run("search", "--config", "broken.toml"), "not valid TOML")
     (tmp_path / "latin1.toml").write_bytes('model = "modèle"\n'.encode("latin-1"))  # TOML must be UTF-8
-    one_line_error(run("search", "--config", "latin1.toml"), "not valid TOML")
+    one_line_error(run("search", "--config", "latin1.toml"), "not UTF-8 text")
 
 
 @pytest.mark.parametrize("line, message", [

@@ -334,7 +334,7 @@ INSTALLED = r"""
 import importlib.util, json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-for name in ("diffusers", "optuna", "torch_fidelity", "click"):  # the search's packages, absent from ComfyUI's venv
+for name in ("diffusers", "optuna", "torch_fidelity", "click", "jsonschema"):  # the search's packages, absent from ComfyUI's venv
     sys.modules[name] = None
 import torch
 from comfyui_harness import comfy_model, load_comfy

@@ -3,6 +3,7 @@ no baseline is lost to a killed run, every fault is one line with a nonzero exit
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -269,3 +270,222 @@ def test_a_dashboard_port_in_use_is_one_line(run, tmp_path, tiny_model_dir):
         taken.listen()
         port = taken.getsockname()[1]
         one_line_error(run("dashboard", "--port", port), f"--port: cannot serve on 127.0.0.1:{port}")
+
+
+# --- issue 29, class 1: no output is one of the run's own files or inputs -------------------------
+def _tree(root: Path) -> dict:
+    """Every entry under ``root``: a regular file's bytes, a link's target, else its kind (a FIFO is
+    never opened)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = "dir" if path.is_dir() else "special"
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A folder holding a tiny model 'M', a finished one-trial study, its exported schedule, a
+    config file naming the model, reference statistics and a Fashion-MNIST-shaped data folder."""
+    from conftest import write_idx
+    from diffusers import UNet2DModel
+
+    from skiptune_search.models.loaders import save_model_dir
+
+    root = tmp_path_factory.mktemp("own-files")
+    torch_seed = __import__("torch").manual_seed(0)  # noqa: F841
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    save_model_dir(unet, root / "M", training={"steps": 0})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        runner = CliRunner()
+        result = runner.invoke(main, [str(a) for a in tiny_search("M", "--trials", 1, "--out", "s.json")],
+                               catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(cwd)
+    (root / "c.toml").write_text('model = "M"\nnfe = 3\nn = 4\nrungs = "4"\nbatch = 4\ntrials = 1\n')
+    np.savez(root / "ref.npz", mu=np.zeros(1280), sigma=np.eye(1280))
+    (root / "data").mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(root / "data" / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (8, 28, 28)))
+    write_idx(root / "data" / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (8,)))
+    (root / "victim.pt").write_bytes(b"someone else's file")
+    return root
+
+
+STUDY = "M-heun-nfe3-linear-input"
+OWN_OUTPUTS = {  # the command, and what its refusal names
+    "export over the study's database": (["export", "--study", STUDY, "-o", "studies/skiptune.db"], "study storage"),
+    "export over its WAL": (["export", "--study", STUDY, "-o", "studies/skiptune.db-wal"], "study storage"),
+    "export over a hard link to it": (["export", "--study", STUDY, "-o", "hard.json"], "study storage"),
+    "report over its journal": (["report", "--study", STUDY, "--samples", 0, "-o", "studies/skiptune.db-journal"],
+                                "study storage"),
+    "sample over the weights": (["sample", "--model", "M", "-n", 2, "-o", "M/diffusion_pytorch_model.safetensors"],
+                                "model folder"),
+    "sample over the schedule it reads": (["sample", "--schedule", "s.json", "-n", 2, "-o", "s.json"], "schedule file"),
+    "search over the config it reads": (["search", "--config", "c.toml", "--out", "c.toml"], "config file"),
+    "search over the database": (["search", "--config", "c.toml", "--out", "studies/skiptune.db"], "study storage"),
+    "search over its reference": (["search", "--config", "c.toml", "--reference", "ref.npz", "--out", "ref.npz"],
+                                  "the reference"),
+    "search over the model's config": (["search", "--config", "c.toml", "--out", "M/config.json"], "model folder"),
+    "reference-stats over its data": (["reference-stats", "--data-dir", "data", "-o",
+                                       "data/t10k-images-idx3-ubyte.gz"], "data folder"),
+    "sample over the default storage it does not read": (["sample", "--model", "M", "-n", 2, "-o",
+                                                          "studies/skiptune.db"], "study storage"),
+    "export over another study storage": (["export", "--study", STUDY, "-o", "other.db"], "SQLite database"),
+    "report over a model folder it does not read": (["report", "--study", STUDY, "--samples", 0, "-o", "M/config.json"],
+                                                    "model folder"),
+    "train-default's state through a link": (["train-default", "--steps", 0, "--out", "M2", "--state", "link.pt",
+                                              "--data-dir", "data"], "symbolic link"),
+    "train-default's state inside the model it rewrites": (["train-default", "--steps", 0, "--out", "M", "--state",
+                                                            "M/state.pt", "--data-dir", "data"], "model folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(OWN_OUTPUTS))
+def test_no_output_is_one_of_the_runs_own_files(searched, tmp_path, monkeypatch, case):
+    work = tmp_path / "w"
+    shutil.copytree(searched, work, symlinks=True)
+    os.symlink(work / "victim.pt", work / "link.pt")
+    os.link(work / "studies" / "skiptune.db", work / "hard.json")
+    shutil.copy(work / "studies" / "skiptune.db", work / "other.db")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("skiptune_search.scoring.evaluator.Evaluator.__init__",
+                        lambda *a, **k: pytest.fail("work started before the output was checked"))
+    args, says = OWN_OUTPUTS[case]
+    before = _tree(work)
+    one_line_error(CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False), says,
+                   "pass another")
+    assert _tree(work) == before
+
+
+def test_tune_checks_its_output_before_any_work(tmp_path):
+    from skiptune_search.core.errors import OutputPathError
+    from skiptune_search.search.tune import tune
+
+    (tmp_path / "ref.npz").write_bytes(b"statistics")
+    with pytest.raises(OutputPathError, match="is the reference"):
+        tune(None, None, name="x", reference=str(tmp_path / "ref.npz"), out=tmp_path / "ref.npz")
+    with pytest.raises(OutputPathError, match="study storage"):
+        tune(None, None, name="x", reference="bundled", storage=f"sqlite:///{tmp_path}/s.db", out=f"{tmp_path}/s.db-wal")
+    assert _tree(tmp_path) == {"ref.npz": b"statistics"}
+
+
+# --- issue 29, class 6: every file read is bounded and typed before use ---------------------------
+def _edit_json(path, edit):
+    data = json.loads(Path(path).read_text())
+    edit(data)
+    Path(path).write_text(json.dumps(data))
+
+
+def _png(path, size, mode="L"):
+    from PIL import Image
+
+    Image.new(mode, size).save(path)
+
+
+def _reference_folder(*images):
+    Path("imgs").mkdir()
+    for i, make in enumerate(images):
+        make(Path("imgs") / f"{i}.png")
+
+
+def _npz_bomb():
+    """An .npz whose mu.npy header declares a terabyte: numpy would allocate it before reading."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 37,)})
+    with zipfile.ZipFile("bomb.npz", "w") as z:
+        z.writestr("mu.npy", header.getvalue())
+        z.writestr("sigma.npy", header.getvalue())
+
+
+class Payload:
+    """What a pickled .bin may hold besides tensors: unpickling it would build this object."""
+
+
+def _pickled_text_encoder():
+    import torch
+
+    os.unlink("sd/text_encoder/model.safetensors")
+    torch.save({"text_model.embeddings.position_ids": Payload()}, "sd/text_encoder/pytorch_model.bin")
+
+
+SAMPLE = ["sample", "-n", 2, "-o", "g.png", "--schedule", "s.json"]
+SD_SAMPLE = ["sample", "--model", "sd", "--sampler", "dpmsolver", "--nfe", 2, "--prompts", "p.txt", "-n", 2,
+             "-o", "g.png"]
+SEARCH = ["search", "--config", "c.toml"]
+HOSTILE_INPUTS = {  # (what to do to the files, the command, what its one line says)
+    "a FIFO as the schedule": (lambda: os.mkfifo("s.json.fifo"), [*SAMPLE[:-1], "s.json.fifo"], "is a FIFO"),
+    "/dev/zero as the schedule": (None, [*SAMPLE[:-1], "/dev/zero"], "is a device"),
+    "/dev/urandom as the config": (None, ["search", "--config", "/dev/urandom"], "is a device"),
+    "a folder as the config": (lambda: os.mkdir("cfg.toml"), ["search", "--config", "cfg.toml"], "is a directory"),
+    "a 100,000-deep schedule": (lambda: Path("s.json").write_text("[" * 100_000 + "]" * 100_000), SAMPLE,
+                                "nested more than"),
+    "a duplicate rho key": (lambda: Path("s.json").write_text(Path("s.json").read_text().replace(
+        '"rho":', '"rho": [[1.0]], "rho":', 1)), SAMPLE, "key 'rho' appears twice"),
+    "tuned_for.nfe a word": (lambda: _edit_json("s.json", lambda d: d["tuned_for"].update(nfe="nine")), SAMPLE,
+                             "tuned_for.nfe must be a whole number in [1, 1000]"),
+    "tuned_for.nfe over the CLI's bound": (lambda: _edit_json("s.json", lambda d: d["tuned_for"].update(nfe=100000001)),
+                                           SAMPLE, "tuned_for.nfe must be a whole number in [1, 1000]"),
+    "tuned_for.model a number": (lambda: _edit_json("s.json", lambda d: d["tuned_for"].update(model=123)), SAMPLE,
+                                 "tuned_for.model must be a string"),
+    "metric.seeds malformed": (lambda: _edit_json("s.json", lambda d: d["metric"].update(seeds="a-b")),
+                               ["evaluate", "--schedule", "s.json", "--n", 4], "metric.seeds must be 'FIRST-LAST'"),
+    "a NaN in the schedule": (lambda: Path("s.json").write_text(Path("s.json").read_text().replace(
+        '"value":', '"value": NaN, "x":', 1)), SAMPLE, "holds NaN"),
+    "a config key given twice": (lambda: Path("c.toml").write_text("nfe = 3\nnfe = 5\n"), SEARCH, "not valid TOML"),
+    "a covariance -I": (lambda: np.savez("neg.npz", mu=np.zeros(1280), sigma=-np.eye(1280)),
+                        [*SEARCH, "--reference", "neg.npz"], "negative eigenvalues"),
+    "an asymmetric covariance": (lambda: np.savez("asym.npz", mu=np.zeros(1280), sigma=np.eye(1280) + np.triu(
+        np.ones((1280, 1280)), 1)), [*SEARCH, "--reference", "asym.npz"], "not symmetric"),
+    "an .npz declaring a terabyte": (_npz_bomb, [*SEARCH, "--reference", "bomb.npz"], "declares"),
+    "a broken reference image": (lambda: _reference_folder(lambda p: _png(p, (8, 8)), lambda p: p.write_bytes(
+        b"\x89PNG\r\n\x1a\n broken")), [*SEARCH, "--reference", "imgs"], "cannot be decoded"),
+    "a huge reference image": (lambda: _reference_folder(lambda p: _png(p, (8, 8)), lambda p: _png(p, (5000, 5000), "1")),
+                               [*SEARCH, "--reference", "imgs"], "resize the images first"),
+    "a single reference image": (lambda: _reference_folder(lambda p: _png(p, (8, 8))), [*SEARCH, "--reference", "imgs"],
+                                 "need at least 2"),
+    "sigma_data 0 in the model folder": (lambda: _edit_json("M/skiptune_model.json", lambda d: d.update(sigma_data=0)),
+                                         ["inspect", "--model", "M"], "sigma_data = 0 must be positive"),
+    "a config.json that is not the record's network": (lambda: _edit_json("M/config.json", lambda d: d.update(
+        sample_size=64)), ["inspect", "--model", "M"], "does not match the model record"),
+    "a pipeline's pickled text encoder": (_pickled_text_encoder, SD_SAMPLE, "holds a pickled .bin"),
+    "a pipeline's UNet config that lies about shapes": (
+        lambda: _edit_json("sd/unet/config.json", lambda d: d.update(block_out_channels=[
+            2 * c for c in d["block_out_channels"]])), ["inspect", "--model", "sd"], "does not match its weights"),
+    "a FIFO among a pipeline's files": (lambda: (os.unlink("sd/unet/config.json"), os.mkfifo("sd/unet/config.json")),
+                                        ["inspect", "--model", "sd"], "is a FIFO"),
+    "a FIFO among the data files": (lambda: (os.unlink("data/t10k-images-idx3-ubyte.gz"),
+                                             os.mkfifo("data/t10k-images-idx3-ubyte.gz")),
+                                    ["reference-stats", "--data-dir", "data", "-o", "r.npz"], "is a FIFO"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_INPUTS))
+def test_every_file_read_is_bounded_and_typed(searched, tmp_path, monkeypatch, request, case):
+    work = tmp_path / "w"
+    shutil.copytree(searched, work, symlinks=True)
+    if "pipeline" in case:  # a tiny Stable Diffusion pipeline, and prompts for it
+        shutil.copytree(request.getfixturevalue("tiny_sd_dir"), work / "sd")
+        (work / "p.txt").write_text("a cat\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("skiptune_search.scoring.evaluator.Evaluator._batches",
+                        lambda *a, **k: pytest.fail("sampled before its inputs were checked"))
+    setup, args, says = HOSTILE_INPUTS[case]
+    if setup:
+        setup()
+    before = _tree(work)
+    one_line_error(CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False), says)
+    assert _tree(work) == before

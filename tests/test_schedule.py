@@ -64,7 +64,7 @@ def test_sigma_knots_interpolate_in_log_sigma():
     [
         (lambda d: d.update(format="skiptune-schedule/0"), "export it again"),
         (lambda d: d.pop("rho"), "'rho' is a required property"),
-        (lambda d: d["skips"][0].update(channels="8"), "skips/0/channels"),
+        (lambda d: d["skips"][0].update(channels="8"), r"skips\[0\].channels must be a whole number"),
         (lambda d: d["rho"].__setitem__(0, [9.0]), r"outside \(0.0, 4.0\]"),
         (lambda d: d["rho"].__setitem__(0, [0.0]), "outside"),
         (lambda d: d["skips"][1].update(name="other"), "fingerprint"),

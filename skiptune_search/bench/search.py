@@ -25,8 +25,8 @@ from pathlib import Path
 
 from importlib.metadata import version
 
-from ..core.errors import InputError
-from ..core.files import write_text_atomic
+from ..core.errors import InputError, InputFileError
+from ..core.files import read_json, write_text_atomic
 from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung, rung_score
@@ -40,7 +40,13 @@ HELD_OUT_SEED = 2_000_000  # held-out samples of table 3: far from the search's 
 
 # --- the results file: one JSON per table, rewritten atomically after each evaluated point --------
 def load_results(path: Path) -> dict:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    if not Path(path).exists():
+        return {}
+    results = read_json(path, "benchmark results", max_bytes=256 << 20, option="work")
+    if not isinstance(results, dict):
+        raise InputFileError(f"benchmark results {path} hold no JSON object; move the file away to measure again",
+                             option="work")
+    return results
 
 
 def save_results(path: Path, results: dict) -> None:

@@ -7,8 +7,8 @@ half-life grows with the images seen. The EMA weights are what ships.
 
 from __future__ import annotations
 
-import json
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..core.errors import InputFileError
+from ..core.files import atomic_path, open_input
 from ..core.limits import MAX_BATCH, MAX_SEED, check_float, check_int
 from ..models.denoisers import EDMPrecond, edm_training_sigmas
-from ..models.loaders import FASHION_MNIST, MODEL_INFO_FILE, save_model_dir
+from ..models.loaders import FASHION_MNIST, MODEL_INFO_FILE, load_model_info, save_model_dir
 from .data import load_fashion_mnist
 
 # Architecture of the bundled model: 28x28x1, three levels (28, 14, 7), attention at 7x7.
@@ -110,17 +112,25 @@ def train_default(
     history: list[list[float]] = []
     gen = torch.Generator()
     gen_state = None  # the batch/σ/noise stream where it stopped: a resume draws what a straight run would
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, nimg, wall = int(state["step"]), int(state["nimg"]), float(state["wall"])
-        history = state["history"].tolist()
-        gen_state = state.get("gen")
+    if resume and state_path.exists():
+        with open_input(state_path, "training state", max_bytes=None, option="state") as f:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+                net.load_state_dict(state["net"])
+                ema.load_state_dict(state["ema"])
+                opt.load_state_dict(state["opt"])
+                step, nimg, wall = int(state["step"]), int(state["nimg"]), float(state["wall"])
+                history = state["history"].tolist()
+                gen_state = state.get("gen")
+            except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, TypeError, AttributeError,
+                    ValueError) as exc:
+                raise InputFileError(f"training state {state_path} is not a state this command wrote "
+                                     f"({type(exc).__name__}); pass another path, or start afresh instead of resuming",
+                                     option="state") from None
     elif resume and (out_dir / MODEL_INFO_FILE).is_file():
-        info = json.loads((out_dir / MODEL_INFO_FILE).read_text())
         from ..models.loaders import load_unet
+
+        info = load_model_info(out_dir)
 
         ema.load_state_dict(load_unet(out_dir).state_dict())
         net.load_state_dict(ema.state_dict())
@@ -153,14 +163,12 @@ def train_default(
             "threads": torch.get_num_threads(),
         }
         save_model_dir(ema, out_dir, training=info, sigma_data=cfg.sigma_data, dataset=FASHION_MNIST)
-        tmp = state_path.with_suffix(".tmp")
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-             "step": step, "nimg": nimg, "wall": wall, "history": torch.tensor(history), "gen": gen.get_state()},
-            tmp,
-        )
-        tmp.replace(state_path)
+        with atomic_path(state_path, suffix=".pt") as tmp:  # a fresh temp name: no link planted beside it is followed
+            torch.save(
+                {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "step": step, "nimg": nimg, "wall": wall, "history": torch.tensor(history), "gen": gen.get_state()},
+                tmp,
+            )
         return info
 
     info: dict = {}
@@ -205,5 +213,5 @@ def train_default(
             info = checkpoint()
     bar.close()
     if not info and step == start_step and (out_dir / MODEL_INFO_FILE).is_file():
-        return json.loads((out_dir / MODEL_INFO_FILE).read_text())["training"]  # nothing to do: leave it as it is
+        return load_model_info(out_dir).get("training", {})  # nothing to do: leave it as it is
     return info or checkpoint()

@@ -12,7 +12,6 @@ file: only the command line can give them.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Iterable
 
@@ -29,16 +28,14 @@ class ConfigError(ValueError):
 
 def read_config(path: str | Path, allowed: Iterable[str]) -> dict:
     """The file's values keyed by option name (underscores), or a ConfigError naming the key."""
+    from ..core.errors import SkiptuneError
+    from ..core.files import read_toml
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:  # TOML is UTF-8 whatever the locale says
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a folder; pass a .toml file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "config file")  # bounded, UTF-8 whatever the locale says, no key twice
+    except SkiptuneError as exc:
+        raise ConfigError(str(exc)) from None
     allowed = sorted(allowed)
     values = {}
     for key, value in data.items():

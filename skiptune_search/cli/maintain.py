@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from ..core.limits import MAX_BATCH, MAX_N
-from .common import MAX_NFE, Number, UserError, check_threads, friendly, threads_option, torch_setup
+from .common import (
+    MAX_NFE, Number, UserError, check_outputs, check_threads, friendly, model_inputs, threads_option, torch_setup,
+)
 
 
 @click.command()
@@ -82,6 +84,9 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2
                + "".join(f" --{k}-path {v}" for k, v in (("edm", edm_path), ("edm2", edm2_path), ("uvit", uvit_path))
                          if v and 7 in wanted))
     checkouts = {"edm": edm_path, "edm2": edm2_path, "uvit": uvit_path}
+    results = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".md") if folder.is_dir() else []
+    check_outputs(out, inputs=[*model_inputs(model), *((f"the {k} checkout", v) for k, v in checkouts.items()),
+                               *(("a result of --work", p) for p in results)])
     click.echo(f"wrote {run_bench(quick, Path(out), folder, model, nfe, command, wanted, truth_n, checkouts)}")
 
 
@@ -105,12 +110,19 @@ def train_default(steps, batch, lr, out, state, fresh, data_dir, threads) -> Non
     Saves the EMA weights (safetensors, diffusers layout) every 250 steps, atomically, so it
     can be stopped at any time and resumed by running it again.
     """
+    from ..bundled.data import resolve_data_dir
     from ..bundled.training import TrainConfig
     from ..bundled.training import train_default as train
     from ..models.loaders import DEFAULT_MODEL_DIR
+
+    out_dir = Path(out) if out else DEFAULT_MODEL_DIR
+    data = ("the Fashion-MNIST data folder", resolve_data_dir(data_dir))
+    if out_dir.is_symlink() or out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out: {out_dir} is not a folder (a link or a file); pass a model folder to write")
+    check_outputs(state, inputs=[("the model folder this command rewrites", out_dir), data], option="state")
     torch_setup()
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, threads=threads)
-    info = train(Path(out) if out else DEFAULT_MODEL_DIR, Path(state), cfg, data_dir, resume=not fresh)
+    info = train(out_dir, Path(state), cfg, data_dir, resume=not fresh)
     loss = f"{info['final_loss']:.4f}" if info.get("final_loss") is not None else "not measured (no step ran)"
     click.echo(f"{info['steps']} steps, {info['images_seen']} images, final loss {loss}, "
                f"{info['wall_seconds'] / 3600:.2f} h")
@@ -144,10 +156,11 @@ def reference_stats(data_dir, split, out) -> None:
     images (FID) and the features of the first 2,000 (KID)."""
     import torch
 
-    from ..bundled.data import load_fashion_mnist
+    from ..bundled.data import load_fashion_mnist, resolve_data_dir
     from ..scoring import DEFAULT_FEATURES
     from ..scoring.metrics import ReferenceStats, extract_features, load_extractor
 
+    check_outputs(out, inputs=[("the Fashion-MNIST data folder", resolve_data_dir(data_dir))])
     torch_setup()
     images, _ = load_fashion_mnist(split, data_dir)
     start = time.perf_counter()

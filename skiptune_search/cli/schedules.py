@@ -10,7 +10,7 @@ from ..core.limits import MAX_N
 from .common import (
     Seeds, UserError, batch_option, config_option, device_option, features_option, friendly, grid_option,
     model_options, nfe_option, precision_option, sampler_option, size_options, task_options, text_options,
-    threads_option, torch_setup, tuned_for_defaults,
+    check_outputs, model_inputs, threads_option, torch_setup, tuned_for_defaults,
 )
 
 
@@ -77,6 +77,8 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     if schedule is not None:
         schedule = load_schedule(schedule)
         settings = tuned_for_defaults(schedule, trust_pickle=trust_pickle, **settings)
+    check_outputs(out, inputs=[("the schedule file", path), ("the prompt file", settings["prompts"]),
+                               *model_inputs(settings["model"], edm_path, uvit_path)])
     task = Task(n=max(n, 2), seed=seed, **settings)
     evaluator = Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device, uvit_path=uvit_path,
                           uvit_config=uvit_config)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .common import freeu_lines, friendly, model_options, refuse_trust_for, storage_option, torch_setup
+from .common import (
+    check_outputs, freeu_lines, friendly, model_inputs, model_options, refuse_trust_for, storage_option, torch_setup,
+)
 
 STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
 
@@ -48,6 +50,7 @@ def export(storage, study, out) -> None:
     from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study
 
+    check_outputs(out, storage=storage)
     st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
     schedule = export_best(st, storage)
     schedule.save(out)
@@ -75,6 +78,7 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
     from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study, study_settings
 
+    check_outputs(out, storage=storage)
     storage_obj = make_storage(storage, create=False)
     st = load_own_study(storage_obj, study, shown_url(storage))
     grids = None
@@ -84,7 +88,10 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
         source = click.get_current_context().get_parameter_source("model")
         if source == click.core.ParameterSource.DEFAULT:
             refuse_trust_for(task["model"], f"the study {study!r}", trust_pickle)
-        evaluator = Evaluator(Task(model=task["model"] if source == click.core.ParameterSource.DEFAULT else model,
+        model = task["model"] if source == click.core.ParameterSource.DEFAULT else model
+        check_outputs(out, inputs=[*model_inputs(model, edm_path, uvit_path), ("the prompt file", task["prompts"])],
+                      storage=storage)
+        evaluator = Evaluator(Task(model=model,
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
                                    sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],
                                    height=task["height"], width=task["width"], precision=task["precision"]),

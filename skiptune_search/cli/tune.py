@@ -10,8 +10,8 @@ from ..core.limits import MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNO
 from ..scoring import OBJECTIVES
 from ..search import OPTIMIZERS
 from .common import (
-    Number, UserError, batch_option, config_option, family_options, features_option, freeu_lines, friendly, parse_rungs,
-    storage_option, task_options, torch_setup,
+    Number, UserError, batch_option, check_outputs, config_option, family_options, features_option, freeu_lines,
+    friendly, model_inputs, parse_rungs, reference_inputs, storage_option, task_options, torch_setup,
 )
 
 RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
@@ -107,6 +107,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
         check_study_name(study)
     check_storage_url(storage)  # an in-memory storage: before the model loads
     out_path = Path(out) if out else None
+    read = [*model_inputs(model, edm_path, uvit_path), ("the prompt file", prompts), *reference_inputs(reference),
+            ("the Inception weights", inception_weights)]
+    check_outputs(out_path, inputs=read, storage=storage)
     torch_setup(threads)
     if workers > 1:
         W.own_setup(workers)
@@ -124,7 +127,9 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     name = st.study_name
     shown = shown_url(storage)
     label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
-    out_path = out_path or Path("studies") / f"{name}.best.json"
+    if out_path is None:  # the default beside the study, checked as soon as the study's name is known
+        out_path = Path("studies") / f"{name}.best.json"
+        check_outputs(out_path, inputs=read, storage=storage)
     click.echo(f"study {name!r} in {shown}: {finished_trials(st)} finished trials so far; "
                f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
                f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "

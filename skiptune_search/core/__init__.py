@@ -3,9 +3,9 @@
 ``schedule`` (the ρ table and its JSON file), ``adapters`` (where each architecture's skips are
 made and consumed), ``controller`` (the hooks that scale them), ``freeu`` (FreeU's factors on a
 consuming block's input), ``interp`` (interpolation in log σ), ``errors`` (the tool's exceptions)
-and ``files`` (atomic writes). Imports torch, and jsonschema when a schedule file is read (and
+and ``files`` (checked outputs, atomic writes, bounded and typed reads). Imports torch (and
 diffusers' Fourier filter when a FreeU schedule runs, where diffusers is installed: without it,
-``freeu.band_filter``, the same computation); never Optuna, torch-fidelity or the CLI.
+``freeu.band_filter``, the same computation); never jsonschema, Optuna, torch-fidelity or the CLI.
 ``RhoSchedule.factors_at(sigma)`` is the one computation of each block's ρ and FreeU factors at a
 noise level, which the controller, the ComfyUI node and the UI exports share.
 """

@@ -60,3 +60,7 @@ class NonFiniteSamplesError(SkiptuneError, FloatingPointError):
 
 class OutputPathError(SkiptuneError, OSError):
     """An output path cannot be written safely (not a regular file, or not writable)."""
+
+
+class InputFileError(SkiptuneError, ValueError):
+    """A file the tool reads is not a regular file, too large, or not of the expected form."""

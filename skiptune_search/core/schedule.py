@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ScheduleError
-from .files import atomic_path
+from .files import atomic_path, read_json
 from .freeu import FACTORS as FREEU_FACTORS
 from .freeu import WINDOW_PARAMS, FreeU, per_skip, stages
-from .limits import RHO_MAX
+from .limits import GUIDANCE_RANGE, MAX_NFE, MAX_SEED, RHO_MAX, SIZE_RANGE
 
 FORMAT = "skiptune-schedule/1"  # ρ only
 FORMAT_FREEU = "skiptune-schedule/2"  # adds the "freeu" object
@@ -347,7 +347,7 @@ class RhoSchedule:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "schedule") -> "RhoSchedule":
-        _validate_json(data, where)
+        _check_json(data, where)
         skips = [SkipInfo(s["name"], s.get("consumer", ""), s["channels"], s["resolution"])
                  for s in data["skips"]]
         try:
@@ -378,58 +378,157 @@ def load_schedule(source: "str | os.PathLike | RhoSchedule") -> RhoSchedule:
     if isinstance(source, RhoSchedule):
         return source
     path = Path(source)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScheduleError(f"schedule file {path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise ScheduleError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except UnicodeDecodeError:
-        raise ScheduleError(f"schedule file {path} is not UTF-8 text; export it again") from None
-    except OSError as exc:  # a folder, a loop of links, a name too long, no permission
-        raise ScheduleError(f"cannot read schedule file {str(path)[:200]}: {exc.strerror or exc}") from None
-    return RhoSchedule.from_json(data, where=str(path))
+    data = read_json(path, "schedule file", error=ScheduleError, option="schedule")
+    return RhoSchedule.from_json(data, where=str(path)[:200])
 
 
-_SCHEMA = {
-    "type": "object",
-    "required": ["format", "arch", "fingerprint", "skips", "rho"],
-    "properties": {
-        "format": {"type": "string"},
-        "arch": {"type": "string"},
-        "fingerprint": {"type": "string"},
-        "skips": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["name", "channels", "resolution"],
-            "properties": {"name": {"type": "string"}, "consumer": {"type": "string"},
-                           "channels": {"type": "integer", "minimum": 1},
-                           "resolution": {"type": "integer", "minimum": 1}}}},
-        "sigma_knots": {"type": "array", "items": {"type": "number"}},
-        "rho": {"type": "array", "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}},
-        "placement": {"type": "string"},
-        "family": {"type": "string"},
-        "params": {"type": "object"},
-        "tuned_for": {"type": "object"},
-        "metric": {"type": "object"},
-        "source": {"type": "object"},
-        "freeu": {"type": ["object", "null"], "required": [*FREEU_FACTORS, "sigma_window"],
-                  "additionalProperties": False, "properties": {
-            **{name: {"type": "number"} for name in FREEU_FACTORS},
-            "sigma_window": {"type": ["array", "null"], "minItems": 2, "maxItems": 2, "items": {"type": "number"}}}},
-    },
-}
+# the bounds of a schedule's fields are the command line's own (core.limits: MAX_NFE, MAX_SEED, image
+# sizes, guidance)
+MAX_SKIPS = 4096  # the largest published UNets have a few dozen long skips
+MAX_KNOTS = 1024
+_REQUIRED = ("format", "arch", "fingerprint", "skips", "rho")
 
 
-def _validate_json(data: Any, where: str) -> None:
-    import jsonschema
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    if isinstance(data, dict) and data.get("format") not in FORMATS:
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Fields:
+    """Typed reads of one JSON object, each failure one ScheduleError naming the file and the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, at: str, message: str) -> ScheduleError:
+        return ScheduleError(f"{self.where}: {at} {message}; export the schedule again or correct that field",
+                             option="schedule")
+
+    def need(self, ok: bool, at: str, value: Any, expected: str) -> None:
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise self.fail(at, f"must be {expected}, not {shown}")
+
+    def obj(self, value: Any, at: str) -> dict:
+        self.need(isinstance(value, dict), at, value, "a JSON object")
+        return value
+
+    def array(self, value: Any, at: str, min_items: int = 0, max_items: int | None = None) -> list:
+        self.need(isinstance(value, list), at, value, "a JSON array")
+        if len(value) < min_items or (max_items is not None and len(value) > max_items):
+            raise self.fail(at, f"holds {len(value)} items; it needs "
+                                + (f"{min_items} to {max_items}" if max_items is not None else f"at least {min_items}"))
+        return value
+
+    def text(self, value: Any, at: str, optional: bool = False) -> None:
+        self.need(isinstance(value, str) or (optional and value is None), at, value,
+                  "a string" + (" or null" if optional else ""))
+
+    def number(self, value: Any, at: str, lo: float | None = None, hi: float | None = None,
+               optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        bounds = f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else ""
+        self.need(_is_number(value) and (lo is None or value >= lo) and (hi is None or value <= hi), at, value,
+                  f"a finite number{bounds}" + (" or null" if optional else ""))
+
+    def integer(self, value: Any, at: str, lo: int, hi: int, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        self.need(_is_int(value) and lo <= value <= hi, at, value,
+                  f"a whole number in [{lo}, {hi}]" + (" or null" if optional else ""))
+
+
+def _check_json(data: Any, where: str) -> None:
+    """A schedule file's fields, each of its type and within the command line's bounds, before
+    anything reads them (formerly a JSON schema; written out so that reading a schedule needs no
+    jsonschema: ComfyUI's node reads them with torch alone)."""
+    f = _Fields(where)
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{where}: holds no JSON object; export the schedule again", option="schedule")
+    if data.get("format") not in FORMATS:
         raise ScheduleError(
-            f"{where}: format {data.get('format')!r} is not {FORMAT!r} or {FORMAT_FREEU!r}; "
-            f"export it again with this version of skiptune-search"
+            f"{where}: format {str(data.get('format'))[:60]!r} is not {FORMAT!r} or {FORMAT_FREEU!r}; "
+            f"export it again with this version of skiptune-search", option="schedule"
         )
-    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("freeu") is not None:
-        raise ScheduleError(f"{where}: FreeU factors need format {FORMAT_FREEU!r}, the file says {FORMAT!r}")
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_SCHEMA).iter_errors(data))
-    if error is not None:
-        at = "/".join(str(p) for p in error.absolute_path) or "top level"
-        raise ScheduleError(f"{where}: invalid at {at}: {error.message}")
+    if data["format"] == FORMAT and data.get("freeu") is not None:
+        raise ScheduleError(f"{where}: FreeU factors need format {FORMAT_FREEU!r}, the file says {FORMAT!r}",
+                            option="schedule")
+    for key in _REQUIRED:
+        if key not in data:
+            raise ScheduleError(f"{where}: {key!r} is a required property; export the schedule again",
+                                option="schedule")
+    for key in ("arch", "fingerprint"):
+        f.text(data[key], key)
+    for key in ("placement", "family"):
+        if key in data:
+            f.text(data[key], key)
+    for i, skip in enumerate(f.array(data["skips"], "skips", 1, MAX_SKIPS)):
+        f.obj(skip, f"skips[{i}]")
+        for key in ("name", "channels", "resolution"):
+            if key not in skip:
+                raise f.fail(f"skips[{i}]", f"lacks {key!r}")
+        f.text(skip["name"], f"skips[{i}].name")
+        if "consumer" in skip:
+            f.text(skip["consumer"], f"skips[{i}].consumer")
+        for key in ("channels", "resolution"):
+            f.integer(skip[key], f"skips[{i}].{key}", 1, 1 << 20)
+    for i, knot in enumerate(f.array(data.get("sigma_knots", []), "sigma_knots", 0, MAX_KNOTS)):
+        f.number(knot, f"sigma_knots[{i}]")
+    for i, row in enumerate(f.array(data["rho"], "rho", 0, MAX_SKIPS)):
+        for j, r in enumerate(f.array(row, f"rho[{i}]", 1, MAX_KNOTS)):
+            f.number(r, f"rho[{i}][{j}]")
+    for k, v in f.obj(data.get("params", {}), "params").items():
+        f.number(v, f"params.{k}")
+    tuned = f.obj(data.get("tuned_for", {}), "tuned_for")
+    for key in ("model", "sampler", "precision"):
+        if key in tuned:
+            f.text(tuned[key], f"tuned_for.{key}")
+    for key in ("sigma_grid", "prompts"):
+        if key in tuned:
+            f.text(tuned[key], f"tuned_for.{key}", optional=True)
+    if "nfe" in tuned:
+        f.integer(tuned["nfe"], "tuned_for.nfe", 1, MAX_NFE)
+    if "guidance" in tuned:
+        f.number(tuned["guidance"], "tuned_for.guidance", *GUIDANCE_RANGE, optional=True)
+    for key in ("height", "width"):
+        if key in tuned:
+            f.integer(tuned[key], f"tuned_for.{key}", *SIZE_RANGE, optional=True)
+    metric = f.obj(data.get("metric", {}), "metric")
+    for key in ("name", "features"):
+        if key in metric:
+            f.text(metric[key], f"metric.{key}")
+    for key in ("value", "baseline"):
+        if key in metric:
+            f.number(metric[key], f"metric.{key}", optional=True)
+    if "n" in metric:
+        f.integer(metric["n"], "metric.n", 2, MAX_SEED)
+    if "seeds" in metric:
+        seeds = metric["seeds"]
+        parts = seeds.split("-") if isinstance(seeds, str) else []
+        ok = len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts) and int(parts[0]) <= int(parts[1]) <= MAX_SEED
+        f.need(ok, "metric.seeds", seeds, "'FIRST-LAST', two seeds with FIRST <= LAST, e.g. '0-999'")
+    source = f.obj(data.get("source", {}), "source")
+    for key in ("study", "storage"):
+        if key in source:
+            f.text(source[key], f"source.{key}")
+    if "trial" in source:
+        f.integer(source["trial"], "source.trial", 0, MAX_SEED)
+    if data.get("freeu") is not None:
+        freeu = f.obj(data["freeu"], "freeu")
+        for key in (*FREEU_FACTORS, "sigma_window"):
+            if key not in freeu:
+                raise ScheduleError(f"{where}: freeu: {key!r} is a required property; export the schedule again",
+                                    option="schedule")
+        extra = sorted(set(freeu) - {*FREEU_FACTORS, "sigma_window"})
+        if extra:
+            raise f.fail("freeu", f"has unknown key(s) {', '.join(map(repr, extra))}; it holds "
+                                  f"{', '.join(FREEU_FACTORS)} and sigma_window only")
+        for key in FREEU_FACTORS:
+            f.number(freeu[key], f"freeu.{key}")
+        if freeu["sigma_window"] is not None:
+            for i, v in enumerate(f.array(freeu["sigma_window"], "freeu.sigma_window", 2, 2)):
+                f.number(v, f"freeu.sigma_window[{i}]")

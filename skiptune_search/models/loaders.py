@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ModelLoadError
+from ..core.files import check_input_file, read_json
 from .denoisers import EDMPrecond
 from .edm2 import is_edm2_precond, load_edm2
 from .uvit import load_uvit
@@ -56,12 +57,9 @@ MODEL_INFO_KEYS = {"precond": str, "sigma_data": (int, float), "sigma_min": (int
 def load_model_info(model_dir: Path) -> dict:
     """The folder's ``skiptune_model.json``, checked: every key the loader reads, of its type."""
     path = Path(model_dir) / MODEL_INFO_FILE
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(f"{path} is missing: this folder was not written by skiptune-search")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc}); write the folder again with train-default") from None
+    info = read_json(path, "model record", error=ModelLoadError, option="model")
     if not isinstance(info, dict):
         raise ModelLoadError(f"{path} holds no JSON object; write the folder again with train-default")
     for key, kind in MODEL_INFO_KEYS.items():
@@ -71,7 +69,32 @@ def load_model_info(model_dir: Path) -> dict:
     if not isinstance(info.get("dataset", ""), str):  # optional: what the model was trained on
         raise ModelLoadError(f"{path}: key 'dataset' is not a string (the name of the training data, e.g. "
                              f"{FASHION_MNIST!r}); fix it or write the folder again with train-default")
+    bounds = {"sigma_data": info["sigma_data"] > 0, "sigma_min": info["sigma_min"] > 0,
+              "sigma_max": info["sigma_max"] > info["sigma_min"], "resolution": 1 <= info["resolution"] <= 1 << 16,
+              "channels": 1 <= info["channels"] <= 1 << 16}
+    for key, ok in bounds.items():
+        if not ok:
+            need = {"sigma_max": "above sigma_min", "resolution": "a size in pixels",
+                    "channels": "a channel count"}.get(key, "positive")
+            raise ModelLoadError(f"{path}: {key} = {info[key]!r} must be {need}; write the folder again with "
+                                 f"train-default", option="model")
     return info
+
+
+def check_model_config(model_dir: Path, info: dict) -> None:
+    """The folder's diffusers ``config.json`` read bounded, and it describes the network its record
+    does (resolution, channels): a config edited apart from its record is refused."""
+    path = Path(model_dir) / "config.json"
+    config = read_json(path, "model config", error=ModelLoadError, option="model")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds no JSON object; write the folder again with train-default", option="model")
+    size = config.get("sample_size")
+    size = size[0] if isinstance(size, list) and size else size
+    for key, found, want in (("sample_size", size, info["resolution"]),
+                             ("in_channels", config.get("in_channels"), info["channels"])):
+        if found != want:
+            raise ModelLoadError(f"{path}: {key} {found!r} does not match the model record's {want!r}; write the "
+                                 f"folder again with train-default", option="model")
 
 
 def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = False,
@@ -103,6 +126,7 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
     info = load_model_info(model_dir)
     if info.get("precond") != "edm":
         raise ModelLoadError(f"{model_dir}: unsupported preconditioning {info.get('precond')!r}")
+    check_model_config(model_dir, info)
     unet = load_unet(model_dir).eval().requires_grad_(False)
     denoiser = EDMPrecond(
         unet,
@@ -127,8 +151,7 @@ def load_edm_pickle(path: Path, trust_pickle: bool, edm_path: str | os.PathLike 
             f"{path} is a pickle, and loading a pickle runs code from it: allow it (trust_pickle) only if you "
             f"trust its source (e.g. NVlabs' own EDM checkpoints)", option="trust_pickle"
         )
-    if not path.is_file():
-        raise ModelLoadError(f"EDM pickle {path} not found")
+    check_input_file(path, "EDM pickle", error=ModelLoadError, option="model")
     if edm_path is not None:
         if not Path(edm_path).is_dir():
             raise ModelLoadError(f"{edm_path} is not a folder; point it at a checkout of NVlabs/edm", option="edm_path")
@@ -188,6 +211,8 @@ def save_model_dir(unet, out_dir: Path, training: dict, sigma_data: float = 0.5,
                     (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, tmp / extra.name)
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
         old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.is_symlink() or old.exists() and not old.is_dir():  # planted there: never followed
+            old.unlink()
         shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
         if out_dir.exists():
             out_dir.replace(old)

@@ -20,12 +20,14 @@ import contextlib
 import importlib.util
 import inspect
 import os
+import pickle
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from ..core.errors import InputError, ModelLoadError, NonFiniteSamplesError
+from ..core.files import MAX_TEXT_BYTES, check_input_file
 from ..sampling import SCHEDULERS, scheduler_class
 from ..sampling.samplers import impossible_nfe
 from .denoisers import DiffusersVPPrecond, timestep_to_sigma_from_scheduler
@@ -56,7 +58,16 @@ def is_pipeline_source(model: str | os.PathLike | None) -> bool:
     return (path / "model_index.json").is_file() or (not path.exists() and looks_like_repo_id(str(model)))
 
 
+def _first_mismatch(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    return (lines[0] if lines else str(exc).splitlines()[0])[:200]
+
+
 def offline_error(source: str, exc: Exception) -> ModelLoadError:
+    if isinstance(exc, pickle.UnpicklingError):  # torch's weights_only refused a pickled .bin: no code is run
+        return ModelLoadError(f"{source} holds a pickled .bin whose contents are not plain tensors, and this tool "
+                              f"runs no code from a model's files: use its .safetensors weights (or convert them)",
+                              option="model")
     why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     if Path(source).exists():
         return ModelLoadError(f"diffusers model {source} could not be read ({why})", option="model")
@@ -105,11 +116,13 @@ def read_index(source: str) -> tuple[str, dict]:
     from diffusers import DiffusionPipeline
 
     folder = pipeline_folder(source)
+    check_input_file(Path(folder) / "model_index.json", "pipeline index", MAX_TEXT_BYTES, error=ModelLoadError,
+                     option="model")  # a FIFO there would hang diffusers' reader
     try:
         with warnings.catch_warnings():  # huggingface_hub's deprecation notes about arguments diffusers passes
             warnings.simplefilter("ignore", UserWarning)
             index = DiffusionPipeline.load_config(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise offline_error(source, exc) from None
     return folder, index
 
@@ -171,6 +184,21 @@ def _missing_files(folder: str, index: dict) -> list[str]:
     return missing
 
 
+def check_part_files(folder: str, index: dict, parts: Sequence[str] | None = None) -> None:
+    """Every file of the pipeline's parts (``parts``: all it loads) is a regular file, and its
+    configs and vocabularies (.json, .txt) are bounded (``core.files``): a FIFO or device among
+    them would hang or exhaust diffusers' readers; a config that is no JSON is one line."""
+    for part in parts or [p for p in _parts(index) if p not in UNUSED_PARTS]:
+        place = Path(folder) / part
+        if not place.is_dir():
+            continue
+        for path in sorted(place.iterdir()):
+            if path.is_dir():
+                continue
+            check_input_file(path, f"{part} file", MAX_TEXT_BYTES if path.suffix in (".json", ".txt") else None,
+                             error=ModelLoadError, option="model")
+
+
 def load_pipeline(source: str):
     """The pipeline of ``source`` (a folder, or a repo id in the local cache), offline; checked
     before any weights are read: its type, its files (missing ones are named with the command that
@@ -184,6 +212,7 @@ def load_pipeline(source: str):
                  else "copy them from the model's repository into the folder")
         raise ModelLoadError(f"{source} lacks {', '.join(missing)}, which its {index.get('_class_name')} needs; "
                              f"{fetch}", option="model")
+    check_part_files(folder, index)
     needs = {library for part, (library, _) in _parts(index).items() if part not in UNUSED_PARTS}
     for library in sorted(needs - {"diffusers"}):
         if importlib.util.find_spec(library) is None:
@@ -200,8 +229,13 @@ def load_pipeline(source: str):
     try:
         with _quiet():
             pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **skipped)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise offline_error(source, exc) from None
+    except RuntimeError as exc:  # torch's load_state_dict: a part's config.json does not describe its weights
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ModelLoadError(f"{source}: a config.json does not match its weights ({_first_mismatch(exc)}); copy the "
+                             f"model's files again from one repository", option="model") from None
     pipe.unet.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -216,11 +250,17 @@ def load_pipeline_unet(source: str) -> torch.nn.Module:
 
     cls = index["unet"][1]
     subfolder = "unet" if (Path(folder) / "unet").is_dir() else None  # flat repos keep it at the top
+    check_part_files(folder, index, ["unet"])
     try:
         with _quiet():
             unet = getattr(diffusers, cls).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise offline_error(source, exc) from None
+    except RuntimeError as exc:  # torch's load_state_dict: a part's config.json does not describe its weights
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ModelLoadError(f"{source}: a config.json does not match its weights ({_first_mismatch(exc)}); copy the "
+                             f"model's files again from one repository", option="model") from None
     return unet.eval().requires_grad_(False)
 
 

@@ -11,19 +11,15 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.errors import InputError
+from ..core.files import read_bounded_text
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The prompts of a UTF-8 text file, one per non-blank line (surrounding spaces stripped)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"prompt file {path} not found; give a file with one prompt per line",
-                         option="prompts") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"prompt file {path} is unreadable ({exc}); it must be UTF-8 text, one prompt per "
-                         f"line") from None
+    if not path.exists():
+        raise InputError(f"prompt file {path} not found; give a file with one prompt per line", option="prompts")
+    text = read_bounded_text(path, "prompt file", error=InputError, option="prompts")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompt; write one prompt per line", option="prompts")

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import pickle
 import re
 import sys
 from contextlib import redirect_stdout
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ModelLoadError
+from ..core.files import check_input_file
 
 BETA_MIN, BETA_MAX = 0.1, 20.0  # sde.VPSDE's defaults, which eval.py uses
 T_SCALE = 999  # sde.ScoreModel calls the network at t * 999
@@ -148,10 +150,11 @@ def load_uvit(model: str | os.PathLike, uvit_path, uvit_config: str | None = Non
     kwargs = {k: v for k, v in nnet.items() if k != "name"}
     kwargs["use_checkpoint"] = False  # gradient checkpointing: a training memory saver, the same outputs
     net = uvit.UViT(**kwargs)
+    check_input_file(model, "U-ViT checkpoint", error=ModelLoadError, option="model")  # a FIFO would hang torch
     try:
         state = torch.load(model, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:  # torch's messages for a bad or foreign file
+    except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError, EOFError) as exc:  # torch's messages for a bad or foreign file
         raise ModelLoadError(f"{model} does not load into the U-ViT of {where}: "
                              f"{str(exc).strip().splitlines()[0][:200]}") from None
     train = _get(config, "train") or {}

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import FeatureWeightsError, InputError, ReferenceStatsError
-from ..core.files import atomic_path
+from ..core.files import atomic_path, open_input
 from . import DEFAULT_FEATURES, FEATURE_LAYERS, efficientnet_lite
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -38,9 +38,11 @@ def load_extractor(name: str = DEFAULT_FEATURES, weights_path: str | os.PathLike
     if weights_path is not None:
         path = Path(weights_path)
         try:  # torch-fidelity unpickles without weights_only: check the file holds tensors only
-            torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FeatureWeightsError(f"feature extractor weights {path} not found") from None
+            with open_input(path, "feature extractor weights", max_bytes=None, error=FeatureWeightsError,
+                            option="inception_weights") as f:
+                torch.load(f, map_location="cpu", weights_only=True)
+        except FeatureWeightsError:
+            raise
         except Exception as exc:
             raise FeatureWeightsError(f"{path} is not a plain state dict of tensors ({type(exc).__name__}); "
                                       f"refusing to unpickle it") from None
@@ -97,25 +99,37 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStats":
+        """Statistics from an .npz, checked before use: a regular file, each array's declared size
+        bounded before it is read (no decompression or header bomb), no pickles, mu a vector and
+        sigma a finite, symmetric, positive semi-definite matrix of its size."""
+        import zipfile
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ReferenceStatsError(
                 f"reference statistics {path} not found; make them with "
-                f"'skiptune-search reference-stats -o {path}'"
+                f"'skiptune-search reference-stats -o {path}'", option="reference"
             )
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with open_input(path, "reference statistics", max_bytes=None, error=ReferenceStatsError,
+                            option="reference") as f, np.load(f, allow_pickle=False) as data:
+                for name in ("mu", "sigma", "features", "n", "kid_features"):
+                    if name in data:
+                        _check_npy_size(data.zip, f"{name}.npy", path)
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 features = str(data["features"]) if "features" in data else "unknown"
                 n = int(data["n"]) if "n" in data else 0
                 kid = data["kid_features"].astype(np.float32) if "kid_features" in data else None
-        except (OSError, ValueError, KeyError) as exc:
-            raise ReferenceStatsError(f"{path} is not a reference-statistics .npz with mu and sigma: {exc}") from None
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise ReferenceStatsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together; "
-                                      f"compute the statistics again")
-        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ReferenceStatsError(f"{path}: mu or sigma holds NaN or inf; compute the statistics again")
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+            if isinstance(exc, ReferenceStatsError):
+                raise
+            raise ReferenceStatsError(f"{path} is not a reference-statistics .npz with mu and sigma: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                                      option="reference") from None
+        check_statistics(mu, sigma, str(path))
+        if kid is not None and (kid.ndim != 2 or kid.shape[1] != len(mu) or not np.isfinite(kid).all()):
+            raise ReferenceStatsError(f"{path}: kid_features {kid.shape} are not finite feature rows of mu's size "
+                                      f"{len(mu)}; compute the statistics again", option="reference")
         return cls(mu, sigma, features, n, kid)
 
     def save(self, path: str | os.PathLike, dtype=np.float32, kid_dtype=np.float16) -> Path:
@@ -128,6 +142,45 @@ class ReferenceStats:
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, **arrays)
         return Path(path)
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # one reference image; the largest models sample 1024 x 1024
+MAX_IMAGE_BYTES = 256 << 20
+MAX_NPY_BYTES = 1 << 30  # one array of reference statistics (Inception's sigma is 32 MiB)
+MAX_REFERENCE_BYTES = 16 << 30  # all reference images decoded, as uint8 RGB
+
+
+def _check_npy_size(archive, member: str, path: Path) -> None:
+    """An .npz member's declared shape, read from its header, is at most MAX_NPY_BYTES: numpy
+    allocates what the header says before it reads a byte."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(f))
+    size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size > MAX_NPY_BYTES:
+        raise ReferenceStatsError(f"{path}: {member} declares {size:,} bytes (shape {shape}); this is not a file of "
+                                  f"reference statistics: compute them again", option="reference")
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
+    """mu a finite vector, sigma a finite covariance of its size: symmetric and positive
+    semi-definite (to float32's rounding), else FIDs against it mean nothing."""
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or len(mu) == 0:
+        raise ReferenceStatsError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not fit together; "
+                                  f"compute the statistics again", option="reference")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ReferenceStatsError(f"{where}: mu or sigma holds NaN or inf; compute the statistics again",
+                                  option="reference")
+    scale = float(np.abs(sigma).max()) or 1.0
+    if float(np.abs(sigma - sigma.T).max()) > 1e-5 * scale:
+        raise ReferenceStatsError(f"{where}: sigma is not symmetric, so it is no covariance; compute the statistics "
+                                  f"again", option="reference")
+    try:  # positive semi-definite up to rounding: a Cholesky factor exists once a sliver of the scale is added
+        np.linalg.cholesky((sigma + sigma.T) / 2 + 1e-4 * scale * np.eye(len(mu)))
+    except np.linalg.LinAlgError:
+        raise ReferenceStatsError(f"{where}: sigma has negative eigenvalues, so it is no covariance; compute the "
+                                  f"statistics again", option="reference") from None
 
 
 def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:
@@ -143,15 +196,31 @@ def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:
         raise ReferenceStatsError(
             f"reference {source!r} is neither 'bundled', an .npz file, 'fashion-mnist:test' nor a folder of images"
         )
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        raise ReferenceStatsError(f"no .png or .jpg images in {folder}")
-    arrays = []
+    if len(files) < 2:
+        raise ReferenceStatsError(f"{len(files)} .png or .jpg image(s) in {folder}: reference statistics need at least 2 "
+                                  f"(a covariance), and an FID worth reading thousands", option="reference")
+    arrays, total = [], 0
     for f in files:
-        with Image.open(f) as img:
-            arrays.append(np.asarray(img.convert("RGB")))
+        with open_input(f, "reference image", max_bytes=MAX_IMAGE_BYTES, error=ReferenceStatsError,
+                        option="reference") as handle:
+            try:
+                with Image.open(handle) as img:
+                    if img.width * img.height > MAX_IMAGE_PIXELS:  # read from the header, before decoding
+                        raise ReferenceStatsError(f"reference image {f} is {img.width}x{img.height} pixels, over "
+                                                  f"{MAX_IMAGE_PIXELS:,}: resize the images first", option="reference")
+                    total += 3 * img.width * img.height
+                    if total > MAX_REFERENCE_BYTES:
+                        raise ReferenceStatsError(f"the images in {folder} take over {MAX_REFERENCE_BYTES >> 30} GiB "
+                                                  f"decoded: use fewer or smaller ones", option="reference")
+                    arrays.append(np.asarray(img.convert("RGB")))
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+                if isinstance(exc, ReferenceStatsError):
+                    raise
+                raise ReferenceStatsError(f"reference image {f} cannot be decoded ({type(exc).__name__}); remove or "
+                                          f"replace it", option="reference") from None
     if len({a.shape for a in arrays}) > 1:
         raise ReferenceStatsError(f"images in {folder} differ in size; resize them to one size first")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -18,6 +18,7 @@ import torch
 
 from ..core import freeu
 from ..core.errors import InputError, ScheduleError, StudyError
+from ..core.files import check_output
 from ..core.limits import (
     MAX_BATCH, MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, check_float, check_int, check_rho_range,
 )
@@ -170,6 +171,12 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     written to ``out``."""
     check_tune_arguments(locals())
     check_window_family(family, freeu_window)
+    if out is not None:  # before any work: not the storage, the reference or the weights this run reads
+        from ..scoring.metrics import DEFAULT_REFERENCE
+
+        ref = DEFAULT_REFERENCE if reference == "bundled" else reference
+        check_output(out, [("the reference", ref), ("the feature extractor weights", feature_weights)],
+                     storage=storage)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
     if task.reference == "bundled":  # refused before your model is hooked: it has no record of its training data
