@@ -150,7 +150,7 @@ class SkipController:
         self._log_knots = torch.tensor(schedule.sigma_knots, dtype=torch.float64).log()
         self._table = torch.tensor(schedule.rho, dtype=torch.float64)  # [skip, knot]
         self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._freeu = freeu.per_skip(schedule.freeu, schedule.skips)  # (b, s) per skip, or None
+        self._freeu = freeu.per_skip(schedule.freeu, schedule.skips, self.hidden_channels())  # (b, s) or None
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-σ knots and the ρ table on ``device``, copied once per schedule: a σ-dependent
@@ -219,10 +219,22 @@ class SkipController:
     def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
         self._sigma = self._weights = self._freeu_active = None
 
+    def hidden_channels(self) -> list[int | None]:
+        """The backbone channels of each skip's consumer (its ``in_channels`` less the skip's, where
+        the skip is concatenated and the block says its input channels), for FreeU keyed by
+        channel count; None where unknown."""
+        return [block.in_channels - skip.channels
+                if isinstance(getattr(block, "in_channels", None), int) and not entry.whole else None
+                for block, skip, entry in zip(self.layout.consumers, self.skips, self.layout.entries)]
+
     def _check_freeu_entries(self, schedule: RhoSchedule) -> None:
         """FreeU splits a consumer's input into backbone and skip channels: only where the skip is
         the trailing channels of a [B, C, H, W] input."""
-        for index, factors in enumerate(freeu.per_skip(schedule.freeu, schedule.skips)):
+        try:
+            keyed = freeu.per_skip(schedule.freeu, schedule.skips, self.hidden_channels())
+        except ScheduleError as exc:  # keyed by channels on a model without such blocks
+            raise ScheduleError(f"{self.arch}: {exc}") from None
+        for index, factors in enumerate(keyed):
             entry = self.layout.entries[index]
             if factors is not None and (entry.whole or entry.dim not in (1, -3)):
                 raise ScheduleError(f"FreeU scales backbone channels and filters skip features in space, but "
@@ -242,7 +254,8 @@ class SkipController:
             if x.requires_grad:
                 x = x.clone()  # autograd: leave the block's input as it was, change a copy
             c = self.skips[index].channels
-            freeu.apply_(x[:, :-c], x[:, -c:], *self._freeu[index], active=self._freeu_active)
+            freeu.apply_(x[:, :-c], x[:, -c:], *self._freeu[index], active=self._freeu_active,
+                         version=self._schedule.freeu.version)
             changed = x
         # ------------------------------------------------------------------------------------------
         if self.placement == "normalized":

@@ -158,15 +158,16 @@ class RhoSchedule:
     @classmethod
     def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
                     sigma_knots: Sequence[float] = (), sigma_window: tuple[float, float] | None = None,
-                    **meta) -> "RhoSchedule":
+                    freeu_variant: str = "v1-stages", **meta) -> "RhoSchedule":
         """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``, the FreeU
-        families their σ window from ``sigma_window`` (None: FreeU acts at every σ)."""
+        families their σ window from ``sigma_window`` (None: FreeU acts at every σ) and the
+        function they compute from ``freeu_variant`` (``freeu.VARIANTS``)."""
         rho_family, with_freeu = split_family(family)
         knots = [float(k) for k in sigma_knots] if rho_family == "per_noise" else []
         if rho_family == "per_noise" and not knots:
             raise ScheduleError("a per_noise schedule needs sigma_knots")
         table = family_table(family, skips, params, n_knots=len(knots) or 3)
-        freeu = FreeU.from_params(params, window=sigma_window) if with_freeu else None
+        freeu = FreeU.from_params(params, window=sigma_window, variant=freeu_variant) if with_freeu else None
         return cls(arch=arch, skips=list(skips), rho=table, sigma_knots=knots, family=family,
                    params={k: float(v) for k, v in params.items()}, freeu=freeu, **meta)
 
@@ -213,6 +214,8 @@ class RhoSchedule:
             return "no FreeU"
         if self.arch != "UNet2DConditionModel":
             return f"{self.arch} has no enable_freeu"
+        if f.variant != "v1-stages":
+            return f"it is FreeU {f.variant}; diffusers computes v1-stages"
         if f.window is not None:
             return "it has a σ window"
         if 0.0 in (f.b1, f.b2, f.s1, f.s2):
@@ -353,6 +356,7 @@ _SCHEMA = {
         "freeu": {"type": ["object", "null"], "required": [*FREEU_FACTORS, "sigma_window"],
                   "additionalProperties": False, "properties": {
             **{name: {"type": "number"} for name in FREEU_FACTORS},
+            "version": {"enum": [1, 2]}, "keyed_by": {"enum": ["stage", "channels"]},
             "sigma_window": {"type": ["array", "null"], "minItems": 2, "maxItems": 2, "items": {"type": "number"}}}},
     },
 }

@@ -27,7 +27,9 @@ class Space:
     ``freeu.S_RANGE`` and the σ window's ends in log σ over ``sigma_range`` (the sampler's σ_min,
     σ_max); ``freeu_model`` is the model family FreeU's preset is picked for (``freeu.recognize``;
     None: no published preset); without ``freeu_window`` FreeU acts at every σ, as diffusers'
-    ``enable_freeu`` does, and the window's ends are not searched."""
+    ``enable_freeu`` does, and the window's ends are not searched; ``freeu_variant`` (a key of
+    ``freeu.VARIANTS``) is the FreeU function searched: diffusers' (v1-stages), or the one a UI
+    computes (v1-channels, v2-channels: docs/forge-a1111.md)."""
 
     family: str = "linear"
     placement: str = "input"
@@ -37,6 +39,7 @@ class Space:
     sigma_range: tuple[float, ...] = ()  # FreeU families only
     freeu_model: str | None = None  # FreeU families only
     freeu_window: bool = True  # FreeU families: search the σ window (False: FreeU at every σ)
+    freeu_variant: str = "v1-stages"  # FreeU families: which FreeU function (freeu.VARIANTS)
 
     @property
     def with_freeu(self) -> bool:
@@ -46,6 +49,8 @@ class Space:
         freeu_keys = {"sigma_range": list(self.sigma_range), "freeu_model": self.freeu_model} if self.with_freeu else {}
         if self.with_freeu and not self.freeu_window:  # only then: the settings of earlier studies stay as they were
             freeu_keys["freeu_window"] = False
+        if self.with_freeu and self.freeu_variant != "v1-stages":  # likewise
+            freeu_keys["freeu_variant"] = self.freeu_variant
         return {"family": self.family, "placement": self.placement, "rho_range": list(self.rho_range),
                 "sigma_knots": list(self.sigma_knots), **({"step": self.step} if self.step else {}), **freeu_keys}
 
@@ -149,8 +154,9 @@ class Space:
         params = dict(params)
         placement = params.pop("placement", self.placement)
         window = self.window(params) if self.with_freeu and self.freeu_window else None
+        variant = {"freeu_variant": self.freeu_variant} if self.with_freeu else {}
         return RhoSchedule.from_family(self.family, arch, skips, params, sigma_knots=self.sigma_knots,
-                                       sigma_window=window, placement=placement, **meta)
+                                       sigma_window=window, placement=placement, **variant, **meta)
 
 
 def log_spaced_knots(sigma_min: float, sigma_max: float, k: int) -> tuple[float, ...]:

@@ -31,7 +31,7 @@ from .study import check_study_name, default_study_name, export_best, open_study
 def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", placement: str = "input",
             rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
             study: str | None = None, heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
-            parallel: bool = False) -> tuple[Space, optuna.Study]:
+            parallel: bool = False, freeu_variant: str = "v1-stages") -> tuple[Space, optuna.Study]:
     """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
     the study (created, or resumed after its settings are checked; named after the task unless given)."""
     ctl = evaluator.controller
@@ -41,7 +41,7 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
         raise ScheduleError(f"a searched placement picks among input, normalized and both, but {ctl.arch} has no "
                             f"normalization at the decoder input, so only input applies: use placement input",
                             option="placement")
-    space = make_space(evaluator, family, placement, rho_range, knots, freeu_window)
+    space = make_space(evaluator, family, placement, rho_range, knots, freeu_window, freeu_variant)
     name = check_study_name(study) if study else default_study_name(evaluator.task, space)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
                         search_seed, optimizer, parallel)
@@ -58,12 +58,25 @@ def check_window_family(family: str, freeu_window: bool) -> bool:
 
 
 def make_space(evaluator: Evaluator, family: str, placement: str = "input",
-               rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True) -> Space:
+               rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
+               freeu_variant: str = "v1-stages") -> Space:
     """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
     log-spaced over the sampler's σ range; for the FreeU families their σ window over that range
     (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
-    picked for."""
+    picked for; ``freeu_variant`` the FreeU function searched (``freeu.VARIANTS``), checked on the
+    model before a study is written."""
     with_freeu = check_window_family(family, freeu_window)
+    if freeu_variant not in freeu.VARIANTS:
+        raise InputError(f"unknown FreeU variant {freeu_variant!r}; choose one of {', '.join(freeu.VARIANTS)}",
+                         option="freeu_variant")
+    if with_freeu and freeu_variant != "v1-stages":
+        ctl = evaluator.controller
+        probe = freeu.FreeU(*freeu.PRESETS["SD1.5"], version=freeu.VARIANTS[freeu_variant][0],
+                            keyed_by=freeu.VARIANTS[freeu_variant][1])
+        try:  # keyed by channel count: does any block of this model have such a backbone?
+            freeu.per_skip(probe, ctl.skips, ctl.hidden_channels())
+        except ScheduleError as exc:
+            raise InputError(f"FreeU {freeu_variant} on {ctl.arch}: {exc}", option="freeu_variant") from None
     sigma_dependent = family == "per_noise" or (with_freeu and freeu_window)
     try:  # known for every model the CLI loads; for your own loop, needed only where σ matters
         sigma_range = evaluator.sigma_range
@@ -78,7 +91,7 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                          option="family")
     sigma_knots = log_spaced_knots(*sigma_range, knots) if family == "per_noise" else ()
     freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
-                       freeu_window=freeu_window) if with_freeu else {})
+                       freeu_window=freeu_window, freeu_variant=freeu_variant) if with_freeu else {})
     return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
 
 
