@@ -314,3 +314,27 @@ def test_a_file_that_is_not_a_presets_json_is_left_as_it_was(run, tmp_path):
     one_line_error(run("export", "--study", "sd", "--format", "a1111-freeu", "-o", "p.json"), "--out:",
                    "not an sd-webui-freeu presets.json")
     assert (tmp_path / "p.json").read_text() == "[1, 2]\n"
+
+
+def test_search_in_a_ui_variant_from_the_command_line(run, tiny_model_dir, tmp_path, monkeypatch):
+    """--freeu-variant reaches the study (its name and settings) and the exported file; a ρ family
+    refuses it before the model loads; a UNet2DModel's schedule exports no UI preset."""
+    import numpy as np
+
+    import skiptune_search.scoring.evaluator as E
+
+    monkeypatch.setattr(E, "fid_from_features", lambda features, reference: float(  # FID's mean term: fast
+        ((features.double().mean(0).numpy() - np.asarray(reference.mu, dtype=np.float64)) ** 2).sum()))
+    one_line_error(run("search", "--model", tiny_model_dir, "--family", "linear", "--freeu-variant", "v2-channels"),
+                   "--freeu-variant: FreeU variant v2-channels needs a FreeU family")
+    assert not (tmp_path / "studies").exists()
+    result = run("search", "--model", tiny_model_dir, "--family", "freeu", "--freeu-variant", "v2-channels",
+                 "--no-window", "--trials", 2, "--n", 8, "--rungs", 8, "--nfe", 3, "--batch", 8)
+    assert result.exit_code == 0, result.output
+    name = "tiny-model-heun-nfe3-freeu-v2-channels-allsteps-input"
+    assert run("export", "--study", name, "-o", "best.json").exit_code == 0
+    saved = json.loads((tmp_path / "best.json").read_text())["freeu"]
+    assert (saved["version"], saved["keyed_by"]) == (2, "channels")
+    one_line_error(run("export", "--study", name, "--format", "forge", "-o", "f.txt"),
+                   "--format: Forge samples Stable Diffusion UNets; this schedule is for a UNet2DModel")
+    assert not (tmp_path / "f.txt").exists()

@@ -99,7 +99,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     from ..search.study import baseline_trial, check_study_name, export_best, finished_trials, params_at_edge
     from ..search.tune import check_window_family, prepare
 
-    check_window_family(family, freeu_window)  # before the model loads
+    check_window_family(family, freeu_window, freeu_variant)  # before the model loads
     if rho_min >= rho_max:
         raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
     if study is not None:

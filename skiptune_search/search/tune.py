@@ -48,12 +48,19 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
     return space, opened
 
 
-def check_window_family(family: str, freeu_window: bool) -> bool:
-    """Whether ``family`` comes with FreeU; FreeU at every σ (no window) needs one that does."""
+def check_window_family(family: str, freeu_window: bool, freeu_variant: str = "v1-stages") -> bool:
+    """Whether ``family`` comes with FreeU; FreeU at every σ (no window), or another FreeU variant,
+    needs one that does."""
     with_freeu = split_family(family)[1]
     if not freeu_window and not with_freeu:
         raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family (freeu, linear_freeu), not "
                          f"{family}", option="family")
+    if freeu_variant not in freeu.VARIANTS:
+        raise InputError(f"unknown FreeU variant {freeu_variant!r}; choose one of {', '.join(freeu.VARIANTS)}",
+                         option="freeu_variant")
+    if freeu_variant != "v1-stages" and not with_freeu:
+        raise InputError(f"FreeU variant {freeu_variant} needs a FreeU family (freeu, linear_freeu), not {family}",
+                         option="freeu_variant")
     return with_freeu
 
 
@@ -65,10 +72,7 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
     (unless ``freeu_window`` is off: FreeU at every σ) and the model family FreeU's preset is
     picked for; ``freeu_variant`` the FreeU function searched (``freeu.VARIANTS``), checked on the
     model before a study is written."""
-    with_freeu = check_window_family(family, freeu_window)
-    if freeu_variant not in freeu.VARIANTS:
-        raise InputError(f"unknown FreeU variant {freeu_variant!r}; choose one of {', '.join(freeu.VARIANTS)}",
-                         option="freeu_variant")
+    with_freeu = check_window_family(family, freeu_window, freeu_variant)
     if with_freeu and freeu_variant != "v1-stages":
         ctl = evaluator.controller
         probe = freeu.FreeU(*freeu.PRESETS["SD1.5"], version=freeu.VARIANTS[freeu_variant][0],
