@@ -204,7 +204,7 @@ def a1111_preset(schedule: RhoSchedule, sigma_range: tuple[float, ...] = ()) -> 
             raise _refuse(f"sd-webui-freeu counts model calls against the step count: with {sampler} ({len(calls)} "
                           f"calls in {steps} steps) its stop cannot reach the last calls; search with euler or "
                           f"dpmpp_2m, or FreeU at every step (no window)")
-        start = _slider_value(lambda v: int(v * steps) == first, (first + 0.5) / steps)
+        start = _slider_value(lambda v: int(v * steps) == first, (first + 0.5) / steps if first else 0.0)
         stop = 1.0 if after >= len(calls) else _slider_value(lambda v: int(v * steps) == after, (after + 0.5) / steps)
         if start is None or stop is None:
             raise _refuse(f"at {steps} steps no start/stop on the 0.01 slider steps selects exactly model calls "
@@ -217,7 +217,9 @@ def a1111_preset(schedule: RhoSchedule, sigma_range: tuple[float, ...] = ()) -> 
     entry = {"start_ratio": start, "stop_ratio": stop, "transition_smoothness": 0.0, "version": str(f.version),
              "stage_infos": [*stages, {}]}
     lines = [f"sd-webui-freeu Version {f.version} (keyed by channels = this schedule's FreeU {f.variant}): "
-             f"{_factors(schedule)}, stage 3 off, backbone widths (n/2-1)/n (exactly half the channels); {where}"]
+             f"{_factors(schedule)}, stage 3 off, backbone widths (n/2-1)/n (exactly half the channels); {where}",
+             f"in sd-webui-freeu: press 🔄, pick the preset, press ✅, and choose 'Version {f.version}' in the dropdown "
+             f"beside Enable (✅ does not set the version)"]
     return entry, lines + _rho_note(schedule)
 
 
