@@ -103,8 +103,8 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
          n: int = 1000, rungs: tuple[int, ...] | None = None, seed: int = 0, nfe: int = 1,
          features: str = DEFAULT_FEATURES, objective: str = "fid", family: str = "linear",
          placement: str = "input", rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3,
-         freeu_window: bool = True, sigma_range: tuple[float, float] | None = None,
-         timestep_to_sigma: Callable | None = None,
+         freeu_window: bool = True, freeu_variant: str = "v1-stages",
+         sigma_range: tuple[float, float] | None = None, timestep_to_sigma: Callable | None = None,
          storage: str = DEFAULT_STORAGE, study: str | None = None, optimizer: str = "tpe", search_seed: int = 0,
          batch_size: int = 250, feature_weights: str | None = None, out: str | Path | None = None,
          progress: bool = True) -> RhoSchedule:
@@ -117,8 +117,9 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
     Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
     ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
-    neither. Returns the best schedule, also written to ``out``."""
-    check_window_family(family, freeu_window)
+    neither; ``freeu_variant`` the FreeU function searched (as ``search --freeu-variant``). Returns the
+    best schedule, also written to ``out``."""
+    check_window_family(family, freeu_window, freeu_variant)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
     evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
@@ -126,8 +127,10 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     evaluator.check_reference()
     evaluator.images(evaluator.controller.identity(), seeds=[seed], progress=False)  # the loop's output, checked
     space, opened = prepare(evaluator, storage, family=family, placement=placement, rho_range=rho_range,
-                            knots=knots, freeu_window=freeu_window,
-                            study=study or f"{check_study_name(name)}-{family}{'' if freeu_window else '-allsteps'}-{placement}",
+                            knots=knots, freeu_window=freeu_window, freeu_variant=freeu_variant,
+                            study=study or (f"{check_study_name(name)}-{family}"
+                                            f"{'' if freeu_variant == 'v1-stages' else '-' + freeu_variant}"
+                                            f"{'' if freeu_window else '-allsteps'}-{placement}"),
                             search_seed=search_seed, optimizer=optimizer)
     run_search(evaluator, opened, space, trials, artifacts=artifact_dir(storage), progress=progress)
     best = export_best(opened, storage)
