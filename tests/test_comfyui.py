@@ -224,6 +224,18 @@ def test_placements_comfyui_cannot_reach_are_refused(twins, nodes, placement):
         f"ComfyUI's patch cannot reach: for ComfyUI, search with --placement input")
 
 
+def test_a_freeu_variant_of_other_uis_is_refused(twins, nodes):
+    """A schedule tuned in Forge's FreeU function (keyed by channels, v2) is not what this node applies."""
+    _, model, skips = twins
+    schedule = RhoSchedule.from_family("freeu", "UNet2DConditionModel", skips, dict(b1=1.3, b2=1.4, s1=0.9, s2=0.2),
+                                       freeu_variant="v2-channels")
+    with pytest.raises(ScheduleError) as info:
+        nodes.patch_model(model, schedule, name="forge.json")
+    assert str(info.value) == ("forge.json's FreeU is the v2-channels variant (Forge's and sd-webui-freeu's function), "
+                               "and this node applies diffusers' FreeU (v1-stages) only: for ComfyUI, search with "
+                               "--freeu-variant v1-stages")
+
+
 @pytest.fixture
 def schedule_folder(comfy, nodes, tmp_path, monkeypatch):
     """models/skiptune/ in a temporary folder (the node registered the real one at import)."""

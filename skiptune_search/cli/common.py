@@ -390,7 +390,8 @@ def freeu_lines(schedule, prefix: str = "") -> list[str]:
     if f is None:
         return []
     where = "at every σ" if f.window is None else f"while σ is in [{f.window[0]:.4g}, {f.window[1]:.4g}]"
-    lines = [f"{prefix}FreeU: b1={f.b1:.3f} b2={f.b2:.3f} s1={f.s1:.3f} s2={f.s2:.3f} {where}"]
+    variant = "" if f.variant == "v1-stages" else f" (FreeU {f.variant})"
+    lines = [f"{prefix}FreeU: b1={f.b1:.3f} b2={f.b2:.3f} s1={f.s1:.3f} s2={f.s2:.3f} {where}{variant}"]
     call = schedule.enable_freeu_call()
     if call is not None:
         rho_one = all(r == 1.0 for row in schedule.rho for r in row)

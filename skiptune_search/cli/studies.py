@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..search.ui_presets import FORMATS as UI_FORMATS
 from .common import (
     check_outputs, freeu_lines, friendly, model_inputs, model_options, refuse_trust_for, storage_option, torch_setup,
 )
@@ -40,23 +41,49 @@ def studies(storage) -> None:
 @click.command()
 @storage_option
 @STUDY
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="JSON file to write.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="File to write: the schedule JSON; Forge's infotext line (--format forge); sd-webui-freeu's "
+                   "presets.json (--format a1111-freeu: an existing one gets the preset added, its others kept).")
+@click.option("--format", "format", default="schedule", show_default=True, type=click.Choice(["schedule", *UI_FORMATS]),
+              help="schedule: the schedule JSON (skiptune_search.apply, evaluate). forge: Forge's built-in FreeU "
+                   "settings as an infotext line; a1111-freeu: a preset of the AUTOMATIC1111 extension "
+                   "sd-webui-freeu. Written only where that UI computes the same FreeU as the schedule (search with "
+                   "--freeu-variant v2-channels for Forge, v1- or v2-channels for sd-webui-freeu), the σ window as "
+                   "that UI's step fractions at the study's sampler and NFE; else a one-line refusal saying why. "
+                   "See docs/forge-a1111.md.")
+@click.option("--name", default=None, help="The preset's name in sd-webui-freeu [default: the study's name].")
 @friendly
-def export(storage, study, out) -> None:
-    """Write the best completed trial of a study as a schedule JSON file. For a FreeU schedule it
-    also prints the factors, and diffusers' equivalent pipe.enable_freeu(...) call when there is
-    one (a UNet2DConditionModel such as Stable Diffusion's and SDXL's, FreeU at every σ, no factor
-    0), or why there is none."""
+def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option's name)
+    """Write the best completed trial of a study as a schedule JSON file, or (--format) as a FreeU
+    preset for Forge or sd-webui-freeu. For a FreeU schedule it also prints the factors, and
+    diffusers' equivalent pipe.enable_freeu(...) call when there is one (a UNet2DConditionModel such
+    as Stable Diffusion's and SDXL's, FreeU v1-stages at every σ, no factor 0), or why there is none."""
+    from ..core.files import write_text_atomic
+    from ..search import ui_presets
     from ..search.storage import make_storage, shown_url
-    from ..search.study import export_best, load_own_study
+    from ..search.study import export_best, load_own_study, study_space
 
     check_outputs(out, storage=storage)
     st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
     schedule = export_best(st, storage)
-    schedule.save(out)
-    click.echo(f"wrote {out}: trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
-               f"(baseline {schedule.metric['baseline']})")
-    for line in freeu_lines(schedule):
+    best = (f"trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
+            f"(baseline {schedule.metric['baseline']})")
+    if format == "schedule":
+        schedule.save(out)
+        click.echo(f"wrote {out}: {best}")
+        for line in freeu_lines(schedule):
+            click.echo(line)
+        return
+    sigma_range = study_space(st).sigma_range
+    if format == "forge":
+        text, lines = ui_presets.forge_preset(schedule, sigma_range)
+    else:
+        entry, lines = ui_presets.a1111_preset(schedule, sigma_range)
+        text = ui_presets.presets_json(out, name or st.study_name, entry)
+    write_text_atomic(out, text)
+    what = "Forge infotext line" if format == "forge" else f"sd-webui-freeu preset {name or st.study_name!r}"
+    click.echo(f"wrote {out}: {what} from {best}")
+    for line in lines:
         click.echo(line)
 
 

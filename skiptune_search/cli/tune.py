@@ -8,6 +8,7 @@ import click
 
 from ..core.limits import MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, RHO_MAX
 from ..scoring import OBJECTIVES
+from ..core.freeu import VARIANTS as FREEU_VARIANTS
 from ..search import OPTIMIZERS
 from .common import (
     Number, UserError, batch_option, check_outputs, config_option, family_options, features_option, freeu_lines,
@@ -29,6 +30,13 @@ RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="FreeU families: search the σ window FreeU acts in, or (--no-window) let it act at every σ, "
                    "as diffusers' enable_freeu does (for a Stable Diffusion or SDXL UNet, export then prints the "
                    "enable_freeu line).")
+@click.option("--freeu-variant", default="v1-stages", show_default=True, type=click.Choice(list(FREEU_VARIANTS)),
+              help="FreeU families: the FreeU function searched. v1-stages: diffusers' enable_freeu (b1/s1 on the "
+                   "lowest-resolution decoder stage, b2/s2 on the next). v1-channels: keyed by the backbone's channel "
+                   "count (b1/s1 where it is 4x the base channels, b2/s2 at 2x), as sd-webui-freeu's Version 1 "
+                   "computes it. v2-channels: that, with FreeU v2's b scaled by the backbone's normalized channel "
+                   "mean, as Forge's built-in FreeU and sd-webui-freeu's Version 2 compute it. Only a search in a "
+                   "UI's variant exports a preset for that UI (export --format).")
 @click.option("--knots", default=3, show_default=True, type=click.IntRange(MIN_KNOTS, MAX_KNOTS),
               help="σ knots of per_noise, log-spaced over the sampler's σ range.")
 @click.option("--trials", default=16, show_default=True, type=click.IntRange(1, MAX_TRIALS),
@@ -73,7 +81,7 @@ RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
                    "after two missed beats (0: off; on this machine a dead worker's trial is retried at once).")
 @friendly
 def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width, precision,
-           sampler, nfe, seed, threads, device, storage, study, family, placement, freeu_window, knots, trials, n, rungs, objective,
+           sampler, nfe, seed, threads, device, storage, study, family, placement, freeu_window, freeu_variant, knots, trials, n, rungs, objective,
            rho_min, rho_max, batch, features,
            inception_weights, reference, timeout, out, optimizer, search_seed, workers, warm_start, heartbeat) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
@@ -100,7 +108,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     )
     from ..search.tune import check_window_family, prepare
 
-    check_window_family(family, freeu_window)  # before the model loads
+    check_window_family(family, freeu_window, freeu_variant)  # before the model loads
     if rho_min >= rho_max:
         raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
     if study is not None:
@@ -121,8 +129,8 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     evaluator = Evaluator(task, **model_kwargs)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
     search_kwargs = dict(family=family, placement=placement, rho_range=(rho_min, rho_max), knots=knots,
-                         freeu_window=freeu_window, study=study, heartbeat=heartbeat, search_seed=search_seed,
-                         optimizer=optimizer, warm_start=warm_start)
+                         freeu_window=freeu_window, freeu_variant=freeu_variant, study=study, heartbeat=heartbeat,
+                         search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
     space, st = prepare(evaluator, storage, **search_kwargs, parallel=workers > 1)
     name = st.study_name
     shown = shown_url(storage)

@@ -108,6 +108,10 @@ def check_schedule(schedule: RhoSchedule, skips: list[SkipInfo], name: str = "th
         raise ScheduleError(f"{name} scales the skips with placement {schedule.placement!r} (after the block's first "
                             f"normalization), which ComfyUI's patch cannot reach: for ComfyUI, search with "
                             f"--placement input", option="placement")
+    if schedule.freeu is not None and schedule.freeu.variant != "v1-stages":
+        raise ScheduleError(f"{name}'s FreeU is the {schedule.freeu.variant} variant (Forge's and sd-webui-freeu's "
+                            f"function), and this node applies diffusers' FreeU (v1-stages) only: for ComfyUI, search "
+                            f"with --freeu-variant v1-stages", option="schedule")
     try:
         schedule.check_layout(ARCH, skips)
     except ScheduleError as exc:

@@ -146,7 +146,8 @@ class SkipController:
         factors when they do not depend on σ, else (per call) ``RhoSchedule.factors_at``."""
         self._schedule = schedule
         self._identity = schedule.is_identity()
-        self._static = None if schedule.depends_on_sigma else schedule.factors_at()
+        self._hidden = self.hidden_channels()  # the backbone's channels per skip, for FreeU keyed by channels
+        self._static = None if schedule.depends_on_sigma else schedule.factors_at(hidden=self._hidden)
         self._factors = self._static
 
     # --- factors of the current call -----------------------------------------------------
@@ -197,17 +198,29 @@ class SkipController:
             self._sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
             # every skip's ρ (interpolated in log σ, clamped outside the knots) and FreeU's window,
             # per sample, once per call
-            self._factors = self._schedule.factors_at(self._sigma.to(x.device))
+            self._factors = self._schedule.factors_at(self._sigma.to(x.device), hidden=self._hidden)
 
         return hook
 
     def _forget_sigma(self, module: nn.Module, args: tuple, output) -> None:
         self._sigma, self._factors = None, self._static
 
+    def hidden_channels(self) -> list[int | None]:
+        """The backbone channels of each skip's consumer (its ``in_channels`` less the skip's, where
+        the skip is concatenated and the block says its input channels), for FreeU keyed by
+        channel count; None where unknown."""
+        return [block.in_channels - skip.channels
+                if isinstance(getattr(block, "in_channels", None), int) and not entry.whole else None
+                for block, skip, entry in zip(self.layout.consumers, self.skips, self.layout.entries)]
+
     def _check_freeu_entries(self, schedule: RhoSchedule) -> None:
         """FreeU splits a consumer's input into backbone and skip channels: only where the skip is
         the trailing channels of a [B, C, H, W] input."""
-        for index, factors in enumerate(freeu.per_skip(schedule.freeu, schedule.skips)):
+        try:
+            keyed = freeu.per_skip(schedule.freeu, schedule.skips, self.hidden_channels())
+        except ScheduleError as exc:  # keyed by channels on a model without such blocks
+            raise ScheduleError(f"{self.arch}: {exc}") from None
+        for index, factors in enumerate(keyed):
             entry = self.layout.entries[index]
             if factors is not None and (entry.whole or entry.dim not in (1, -3)):
                 raise ScheduleError(f"FreeU scales backbone channels and filters skip features in space, but "
@@ -227,7 +240,8 @@ class SkipController:
                 x = x.clone()  # autograd: leave the block's input as it was, change a copy
             c = self.skips[index].channels
             active = factors.freeu if torch.is_tensor(factors.freeu) else None
-            freeu.apply_(x[:, :-c], x[:, -c:], factors.b, factors.s, active=active)
+            freeu.apply_(x[:, :-c], x[:, -c:], factors.b, factors.s, active=active,
+                         version=self._schedule.freeu.version)
             changed = x
         # ------------------------------------------------------------------------------------------
         if self.placement == "normalized":

@@ -180,15 +180,16 @@ class RhoSchedule:
     @classmethod
     def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
                     sigma_knots: Sequence[float] = (), sigma_window: tuple[float, float] | None = None,
-                    **meta) -> "RhoSchedule":
+                    freeu_variant: str = "v1-stages", **meta) -> "RhoSchedule":
         """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``, the FreeU
-        families their σ window from ``sigma_window`` (None: FreeU acts at every σ)."""
+        families their σ window from ``sigma_window`` (None: FreeU acts at every σ) and the
+        function they compute from ``freeu_variant`` (``freeu.VARIANTS``)."""
         rho_family, with_freeu = split_family(family)
         knots = [float(k) for k in sigma_knots] if rho_family == "per_noise" else []
         if rho_family == "per_noise" and not knots:
             raise ScheduleError("a per_noise schedule needs sigma_knots")
         table = family_table(family, skips, params, n_knots=len(knots) or 3)
-        freeu = FreeU.from_params(params, window=sigma_window) if with_freeu else None
+        freeu = FreeU.from_params(params, window=sigma_window, variant=freeu_variant) if with_freeu else None
         return cls(arch=arch, skips=list(skips), rho=table, sigma_knots=knots, family=family,
                    params={k: float(v) for k, v in params.items()}, freeu=freeu, **meta)
 
@@ -221,11 +222,13 @@ class RhoSchedule:
         log_sigma = torch.tensor(max(float(sigma), 1e-30), dtype=torch.float64).log()
         return interp(log_knots, torch.tensor(self.rho, dtype=torch.float64), log_sigma).tolist()
 
-    def factors_at(self, sigma: "float | torch.Tensor | None" = None) -> list[BlockFactors]:
+    def factors_at(self, sigma: "float | torch.Tensor | None" = None,
+                   hidden: "Sequence[int | None] | None" = None) -> list[BlockFactors]:
         """What each skip's consuming block does at noise level σ (skip order: 0 = outermost): ρ
         and FreeU's factors, the one computation that ``apply()``, the ComfyUI node and the UI
         exports share. ``sigma``: a number; a tensor of one σ per sample (ρ is then interpolated
-        on its device, in float64); None for a schedule that does not depend on σ."""
+        on its device, in float64); None for a schedule that does not depend on σ. ``hidden``:
+        each block's backbone channels, which FreeU keyed by channel count needs (``freeu.per_skip``)."""
         if sigma is None and self.depends_on_sigma:
             raise ScheduleError("this schedule depends on σ: pass the noise level")
         per_sample = sigma is not None and not isinstance(sigma, (int, float))
@@ -242,7 +245,7 @@ class RhoSchedule:
         if self.freeu is not None:
             freeu_on = True if self.freeu.window is None else self.freeu.active(sigma)
         out = []
-        for rho, factors in zip(rhos, per_skip(self.freeu, self.skips)):
+        for rho, factors in zip(rhos, per_skip(self.freeu, self.skips, hidden)):
             if factors is None or freeu_on is False:
                 out.append(BlockFactors(rho))
             else:
@@ -274,6 +277,8 @@ class RhoSchedule:
             return "no FreeU"
         if self.arch != "UNet2DConditionModel":
             return f"{self.arch} has no enable_freeu"
+        if f.variant != "v1-stages":
+            return f"it is FreeU {f.variant}; diffusers computes v1-stages"
         if f.window is not None:
             return "it has a σ window"
         if 0.0 in (f.b1, f.b2, f.s1, f.s2):
@@ -384,6 +389,7 @@ def load_schedule(source: "str | os.PathLike | RhoSchedule") -> RhoSchedule:
 
 # the bounds of a schedule's fields are the command line's own (core.limits: MAX_NFE, MAX_SEED, image
 # sizes, guidance)
+FREEU_VARIANT_KEYS = {"version": (1, 2), "keyed_by": ("stage", "channels")}  # optional, the default first
 MAX_SKIPS = 4096  # the largest published UNets have a few dozen long skips
 MAX_KNOTS = 1024
 _REQUIRED = ("format", "arch", "fingerprint", "skips", "rho")
@@ -523,12 +529,16 @@ def _check_json(data: Any, where: str) -> None:
             if key not in freeu:
                 raise ScheduleError(f"{where}: freeu: {key!r} is a required property; export the schedule again",
                                     option="schedule")
-        extra = sorted(set(freeu) - {*FREEU_FACTORS, "sigma_window"})
+        extra = sorted(set(freeu) - {*FREEU_FACTORS, "sigma_window", *FREEU_VARIANT_KEYS})
         if extra:
             raise f.fail("freeu", f"has unknown key(s) {', '.join(map(repr, extra))}; it holds "
-                                  f"{', '.join(FREEU_FACTORS)} and sigma_window only")
+                                  f"{', '.join(FREEU_FACTORS)}, sigma_window and (optional) "
+                                  f"{', '.join(FREEU_VARIANT_KEYS)} only")
         for key in FREEU_FACTORS:
             f.number(freeu[key], f"freeu.{key}")
+        for key, allowed in FREEU_VARIANT_KEYS.items():
+            f.need(freeu.get(key, allowed[0]) in allowed and not isinstance(freeu.get(key), bool), f"freeu.{key}",
+                   freeu.get(key), f"one of {', '.join(map(repr, allowed))}")
         if freeu["sigma_window"] is not None:
             for i, v in enumerate(f.array(freeu["sigma_window"], "freeu.sigma_window", 2, 2)):
                 f.number(v, f"freeu.sigma_window[{i}]")

@@ -30,7 +30,9 @@ class Space:
     families (``freeu``, ``linear_freeu``) search b1, b2 in ``freeu.B_RANGE``, s1, s2 in
     ``freeu.S_RANGE`` and the σ window; ``freeu_model`` is the model family FreeU's preset is picked for (``freeu.recognize``;
     None: no published preset); without ``freeu_window`` FreeU acts at every σ, as diffusers'
-    ``enable_freeu`` does, and the window's ends are not searched.
+    ``enable_freeu`` does, and the window's ends are not searched; ``freeu_variant`` (a key of
+    ``freeu.VARIANTS``) is the FreeU function searched: diffusers' (v1-stages), or the one a UI
+    computes (v1-channels, v2-channels: docs/forge-a1111.md).
 
     The window is searched as the first and the last of the sampler's model calls it acts on,
     when ``call_sigmas`` (the distinct σ of those calls, highest first) are known: a window that
@@ -47,6 +49,7 @@ class Space:
     freeu_model: str | None = None  # FreeU families only
     freeu_window: bool = True  # FreeU families: search the σ window (False: FreeU at every σ)
     call_sigmas: tuple[float, ...] = ()  # FreeU families: the σ of the sampler's model calls, highest first
+    freeu_variant: str = "v1-stages"  # FreeU families: which FreeU function (freeu.VARIANTS)
 
     @property
     def with_freeu(self) -> bool:
@@ -58,6 +61,8 @@ class Space:
             freeu_keys["freeu_window"] = False
         if self.searches_calls:  # only then: a window searched in σ keeps the settings it had
             freeu_keys["call_sigmas"] = list(self.call_sigmas)
+        if self.with_freeu and self.freeu_variant != "v1-stages":  # likewise
+            freeu_keys["freeu_variant"] = self.freeu_variant
         return {"family": self.family, "placement": self.placement, "rho_range": list(self.rho_range),
                 "sigma_knots": list(self.sigma_knots), **({"step": self.step} if self.step else {}), **freeu_keys}
 
@@ -208,8 +213,9 @@ class Space:
         params = dict(params)
         placement = params.pop("placement", self.placement)
         window = self.window(params) if self.with_freeu and self.freeu_window else None
+        variant = {"freeu_variant": self.freeu_variant} if self.with_freeu else {}
         return RhoSchedule.from_family(self.family, arch, skips, params, sigma_knots=self.sigma_knots,
-                                       sigma_window=window, placement=placement, **meta)
+                                       sigma_window=window, placement=placement, **variant, **meta)
 
 
 def calls_window(call_sigmas: tuple[float, ...], first: int, last: int) -> tuple[float, float] | None:

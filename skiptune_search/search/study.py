@@ -46,7 +46,9 @@ def default_study_name(task: Task, space: Space) -> str:
     cfg = f"-cfg{task.guidance:g}" if task.prompts is not None else ""
     size = f"-{task.width or 'auto'}x{task.height or 'auto'}" if task.height or task.width else ""
     window = "" if space.freeu_window or not space.with_freeu else "-allsteps"
-    return f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}{size}-{space.family}{window}-{space.placement}"
+    variant = f"-{space.freeu_variant}" if space.with_freeu and space.freeu_variant != "v1-stages" else ""
+    return (f"{model}-{task.sampler}{grid}-nfe{task.nfe}{cfg}{size}-{space.family}{variant}{window}-"
+            f"{space.placement}")
 
 
 # --- whose study is it ------------------------------------------------------------------------
@@ -250,7 +252,7 @@ def study_space(study: optuna.Study) -> Space:
     s = study_settings(study)
     return Space(s["family"], s["placement"], tuple(s["rho_range"]), tuple(s.get("sigma_knots", ())), s.get("step"),
                  tuple(s.get("sigma_range", ())), s.get("freeu_model"), s.get("freeu_window", True),
-                 tuple(s.get("call_sigmas", ())))
+                 tuple(s.get("call_sigmas", ())), s.get("freeu_variant", "v1-stages"))
 
 
 def study_layout(study: optuna.Study) -> tuple[str, list[SkipInfo]]:

@@ -36,7 +36,8 @@ from .study import check_study_name, default_study_name, export_best, open_study
 def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", placement: str = "input",
             rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
             study: str | None = None, heartbeat: int | None = 60, search_seed: int = 0, optimizer: str = "tpe",
-            parallel: bool = False, warm_start: bool = True) -> tuple[Space, optuna.Study]:
+            parallel: bool = False, warm_start: bool = True,
+            freeu_variant: str = "v1-stages") -> tuple[Space, optuna.Study]:
     """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
     the study (created, or resumed after its settings are checked; named after the task unless given;
     a new one warm-started from the same search's studies at other NFEs unless ``warm_start`` is off)."""
@@ -47,31 +48,48 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
         raise ScheduleError(f"a searched placement picks among input, normalized and both, but {ctl.arch} has no "
                             f"normalization at the decoder input, so only input applies: use placement input",
                             option="placement")
-    space = make_space(evaluator, family, placement, rho_range, knots, freeu_window)
+    space = make_space(evaluator, family, placement, rho_range, knots, freeu_window, freeu_variant)
     name = check_study_name(study) if study else default_study_name(evaluator.task, space)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
                         search_seed, optimizer, parallel, warm_start)
     return space, opened
 
 
-def check_window_family(family: str, freeu_window: bool) -> bool:
-    """Whether ``family`` comes with FreeU; FreeU at every σ (no window) needs one that does."""
+def check_window_family(family: str, freeu_window: bool, freeu_variant: str = "v1-stages") -> bool:
+    """Whether ``family`` comes with FreeU; FreeU at every σ (no window), or another FreeU variant,
+    needs one that does."""
     with_freeu = split_family(family)[1]
     if not freeu_window and not with_freeu:
         raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family (freeu, linear_freeu), not "
                          f"{family}", option="family")
+    if freeu_variant not in freeu.VARIANTS:
+        raise InputError(f"unknown FreeU variant {freeu_variant!r}; choose one of {', '.join(freeu.VARIANTS)}",
+                         option="freeu_variant")
+    if freeu_variant != "v1-stages" and not with_freeu:
+        raise InputError(f"FreeU variant {freeu_variant} needs a FreeU family (freeu, linear_freeu), not {family}",
+                         option="freeu_variant")
     return with_freeu
 
 
 def make_space(evaluator: Evaluator, family: str, placement: str = "input",
-               rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True) -> Space:
+               rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
+               freeu_variant: str = "v1-stages") -> Space:
     """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
     log-spaced over the sampler's σ range; for the FreeU families their σ window over the
     sampler's model calls (over its σ range for your own loop; unless ``freeu_window`` is off:
-    FreeU at every σ) and the model family FreeU's preset is picked for."""
+    FreeU at every σ) and the model family FreeU's preset is picked for; ``freeu_variant`` the
+    FreeU function searched (``freeu.VARIANTS``), checked on the model before a study is written."""
     rho_range = check_rho_range(rho_range)
     knots = check_int(knots, "knots", MIN_KNOTS, MAX_KNOTS)
-    with_freeu = check_window_family(family, freeu_window)
+    with_freeu = check_window_family(family, freeu_window, freeu_variant)
+    if with_freeu and freeu_variant != "v1-stages":
+        ctl = evaluator.controller
+        probe = freeu.FreeU(*freeu.PRESETS["SD1.5"], version=freeu.VARIANTS[freeu_variant][0],
+                            keyed_by=freeu.VARIANTS[freeu_variant][1])
+        try:  # keyed by channel count: does any block of this model have such a backbone?
+            freeu.per_skip(probe, ctl.skips, ctl.hidden_channels())
+        except ScheduleError as exc:
+            raise InputError(f"FreeU {freeu_variant} on {ctl.arch}: {exc}", option="freeu_variant") from None
     sigma_dependent = family == "per_noise" or (with_freeu and freeu_window)
     try:  # known for every model the CLI loads; for your own loop, needed only where σ matters
         sigma_range = evaluator.sigma_range
@@ -86,8 +104,8 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                          option="family")
     sigma_knots = log_spaced_knots(*sigma_range, knots) if family == "per_noise" else ()
     freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
-                       freeu_window=freeu_window, call_sigmas=evaluator.call_sigmas if freeu_window else ())
-                  if with_freeu else {})
+                       freeu_window=freeu_window, call_sigmas=evaluator.call_sigmas if freeu_window else (),
+                       freeu_variant=freeu_variant) if with_freeu else {})
     return Space(family, placement, tuple(rho_range), sigma_knots, **freeu_args)
 
 
@@ -149,8 +167,8 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
          n: int = 1000, rungs: tuple[int, ...] | None = None, seed: int = 0, nfe: int = 1,
          features: str = DEFAULT_FEATURES, objective: str = "fid", family: str = "linear",
          placement: str = "input", rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3,
-         freeu_window: bool = True, sigma_range: tuple[float, float] | None = None,
-         timestep_to_sigma: Callable | None = None,
+         freeu_window: bool = True, freeu_variant: str = "v1-stages",
+         sigma_range: tuple[float, float] | None = None, timestep_to_sigma: Callable | None = None,
          storage: str = DEFAULT_STORAGE, study: str | None = None, optimizer: str = "tpe", search_seed: int = 0,
          batch_size: int = 250, feature_weights: str | None = None, out: str | Path | None = None,
          progress: bool = True, warm_start: bool = True) -> RhoSchedule:
@@ -166,11 +184,11 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
     Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
     ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
-    neither. A new study first tries (after the untuned model) the best of the same search's studies
-    at other NFEs in ``storage``, unless ``warm_start`` is off. Returns the best schedule, also
-    written to ``out``."""
+    neither; ``freeu_variant`` the FreeU function searched (as ``search --freeu-variant``). A new
+    study first tries (after the untuned model) the best of the same search's studies at other NFEs
+    in ``storage``, unless ``warm_start`` is off. Returns the best schedule, also written to ``out``."""
     check_tune_arguments(locals())
-    check_window_family(family, freeu_window)
+    check_window_family(family, freeu_window, freeu_variant)
     if out is not None:  # before any work: not the storage, the reference or the weights this run reads
         from ..scoring.metrics import DEFAULT_REFERENCE
 
@@ -186,8 +204,10 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     evaluator.check_reference()
     evaluator.images(evaluator.controller.identity(), seeds=[seed], progress=False)  # the loop's output, checked
     space, opened = prepare(evaluator, storage, family=family, placement=placement, rho_range=rho_range,
-                            knots=knots, freeu_window=freeu_window,
-                            study=study or f"{check_study_name(name)}-{family}{'' if freeu_window else '-allsteps'}-{placement}",
+                            knots=knots, freeu_window=freeu_window, freeu_variant=freeu_variant,
+                            study=study or (f"{check_study_name(name)}-{family}"
+                                            f"{'' if freeu_variant == 'v1-stages' else '-' + freeu_variant}"
+                                            f"{'' if freeu_window else '-allsteps'}-{placement}"),
                             search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
     run_search(evaluator, opened, space, trials, artifacts=artifact_dir(storage), progress=progress)
     best = export_best(opened, storage)
