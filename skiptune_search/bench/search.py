@@ -143,7 +143,8 @@ def replay_search(grid: dict, points: int, rungs: tuple[int, ...], optimizer: st
                   prune: bool) -> list[dict]:
     """One search of ``trials`` trials whose ρ are restricted to the grid and whose scores are
     looked up in it, run by the search's own objective, first trials and pruner on an in-memory
-    study. Returns each trial's point, score (None when pruned) and samples spent."""
+    study. Returns each trial's point, score (None when pruned) and samples spent (none for a
+    proposal of a point already scored, which the objective records without sampling)."""
     values = grid_values(points)
     space = Space(step=round(values[1] - values[0], 6))
     study = memory_study(space, _LINEAR_PAIR, optimizer, seed, rungs if prune else rungs[-1:])
@@ -151,7 +152,8 @@ def replay_search(grid: dict, points: int, rungs: tuple[int, ...], optimizer: st
     study.optimize(objective, n_trials=trials)
     return [{"point": point_key(round(t.params["rho_inner"], 6), round(t.params["rho_outer"], 6)),
              "value": t.value if t.state.name == "COMPLETE" else None,
-             "samples": t.last_step} for t in study.get_trials(deepcopy=False)]
+             "samples": 0 if "same_as" in t.user_attrs else t.last_step}  # a repeat is not sampled again
+            for t in study.get_trials(deepcopy=False)]
 
 
 def _reach(log: list[dict], target: float) -> tuple[int | None, int | None]:
