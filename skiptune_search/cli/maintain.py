@@ -85,8 +85,10 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2
                          if v and 7 in wanted))
     checkouts = {"edm": edm_path, "edm2": edm2_path, "uvit": uvit_path}
     results = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".md") if folder.is_dir() else []
+    # the tables are Markdown (.md); any other file under --work is a result the run writes or reads
+    work_results = [] if Path(out).suffix.lower() == ".md" else [("the results folder of --work", folder)]
     check_outputs(out, inputs=[*model_inputs(model), *((f"the {k} checkout", v) for k, v in checkouts.items()),
-                               *(("a result of --work", p) for p in results)])
+                               *(("a result of --work", p) for p in results), *work_results])
     click.echo(f"wrote {run_bench(quick, Path(out), folder, model, nfe, command, wanted, truth_n, checkouts)}")
 
 

@@ -184,7 +184,8 @@ def check_output(path: str | os.PathLike, inputs: "Iterable[tuple[str, str | os.
                               option=option)
     for what, p in protected:
         other = _real(p)
-        inside = os.path.isdir(other) and (real + os.sep).startswith(other.rstrip(os.sep) + os.sep)
+        # under it, whether it is a folder already or not yet made (a --work folder the run will fill)
+        inside = (real + os.sep).startswith(other.rstrip(os.sep) + os.sep)
         if real == other or inside or _same_file(out, p):
             where = "inside " if inside and real != other else ""
             raise OutputPathError(f"{out} is {where}{what} ({p}), which this command reads or keeps; writing there "
