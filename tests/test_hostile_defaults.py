@@ -91,7 +91,7 @@ def test_every_number_is_finite_and_bounded(run, tmp_path, tiny_model_dir):
     (dict(rho_range=(0.5, math.nan)), "rho_range"), (dict(n=math.nan), "n"), (dict(seed=-1), "seed"),
     (dict(sigma_range=(math.inf, 80.0)), "sigma_range"), (dict(knots=2.5), "knots"), (dict(family=None), "family"),
     (dict(batch_size=True), "batch_size"), (dict(name="../x"), "name"), (dict(rungs=(2, "4")), "rungs"),
-    (dict(reference=None), "reference"), (dict(timestep_to_sigma="t"), "timestep_to_sigma"),
+    (dict(reference=None), "reference"), (dict(timestep_to_sigma="t"), "timestep_to_sigma"), (dict(rungs=[]), "rungs"),
 ])
 def test_tune_checks_its_arguments_before_anything_is_written(tiny_unet, tmp_path, bundled_npz, bad, option):
     net = EDMPrecond(tiny_unet)

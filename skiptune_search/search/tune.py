@@ -139,6 +139,9 @@ def check_tune_arguments(args: dict) -> None:
             raise InputError(f"{name} = {value!r}: {exc}", option=name) from None
     check_int(args["trials"], "trials", 1, MAX_TRIALS)
     check_int(args["n"], "n", 2, MAX_N)  # before the default rungs are computed from it
+    if hasattr(args["rungs"], "__len__") and len(args["rungs"]) == 0:  # not None: no silent default for it
+        raise InputError(f"rungs = {args['rungs']!r} is empty; give sample counts ending at n, e.g. (250, 1000), "
+                         f"or None for (n // 4, n)", option="rungs")
     check_int(args["knots"], "knots", MIN_KNOTS, MAX_KNOTS)
     check_int(args["search_seed"], "search_seed", 0, MAX_SEARCH_SEED)
     check_int(args["batch_size"], "batch_size", 1, MAX_BATCH)
@@ -196,7 +199,7 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
         check_output(out, [("the reference", ref), ("the feature extractor weights", feature_weights)],
                      storage=storage)
     task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
-                rungs=rungs or ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
+                rungs=rungs if rungs is not None else ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
     if task.reference == "bundled":  # refused before your model is hooked: it has no record of its training data
         check_bundled_reference(name, None)
     evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
