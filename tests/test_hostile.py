@@ -189,6 +189,10 @@ def test_every_numeric_option_is_bounded_before_any_work(run, tmp_path, tiny_mod
     (np.zeros(1280), np.eye(1279), "do not fit together"),
     (np.full(1280, np.nan), np.eye(1280), "NaN or inf"),
     (np.zeros(64), np.eye(64), "holds 64-d statistics, but efficientnet-lite0 features are 1280-d"),
+    (np.zeros(1280) + 1j, np.eye(1280), "mu is complex128 (1280,), not real numbers"),  # a cast dropped the 1j
+    (np.zeros(1280, dtype=bool), np.eye(1280), "not real numbers"),
+    (np.full(1280, 1e300), np.eye(1280), "beyond 1e+08"),  # FID overflowed: a traceback
+    (np.zeros(1280), np.eye(1280) * 1e300, "beyond 1e+08"),  # a FID of 1e303 printed
 ])
 def test_reference_statistics_are_checked_before_sampling(run, tmp_path, tiny_model_dir, monkeypatch, mu, sigma, says):
     from skiptune_search.scoring.evaluator import Evaluator

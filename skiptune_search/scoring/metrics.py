@@ -116,19 +116,17 @@ class ReferenceStats:
                 for name in ("mu", "sigma", "features", "n", "kid_features"):
                     if name in data:
                         _check_npy_size(data.zip, f"{name}.npy", path)
-                mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-                features = str(data["features"]) if "features" in data else "unknown"
-                n = int(data["n"]) if "n" in data else 0
-                kid = data["kid_features"].astype(np.float32) if "kid_features" in data else None
+                arrays = {name: data[name] for name in ("mu", "sigma", "features", "n", "kid_features") if name in data}
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
             if isinstance(exc, ReferenceStatsError):
                 raise
             raise ReferenceStatsError(f"{path} is not a reference-statistics .npz with mu and sigma: "
                                       f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
                                       option="reference") from None
+        mu, sigma, features, n, kid = _typed_arrays(arrays, path)
         check_statistics(mu, sigma, str(path))
-        if kid is not None and (kid.ndim != 2 or kid.shape[1] != len(mu) or not np.isfinite(kid).all()):
-            raise ReferenceStatsError(f"{path}: kid_features {kid.shape} are not finite feature rows of mu's size "
+        if kid is not None and (kid.ndim != 2 or kid.shape[1] != len(mu) or len(kid) < 2 or not np.isfinite(kid).all()):
+            raise ReferenceStatsError(f"{path}: kid_features {kid.shape} are not finite feature rows (2 or more) of mu's size "
                                       f"{len(mu)}; compute the statistics again", option="reference")
         return cls(mu, sigma, features, n, kid)
 
@@ -163,6 +161,35 @@ def _check_npy_size(archive, member: str, path: Path) -> None:
                                   f"reference statistics: compute them again", option="reference")
 
 
+def _typed_arrays(arrays: dict, path: Path) -> tuple:
+    """mu, sigma, features, n and kid_features of an .npz, each of its type: real numbers (not
+    complex, bool, dates or records, which a cast would silently turn into other numbers), a
+    feature name, a sample count."""
+    def bad(name: str, what: str) -> ReferenceStatsError:
+        return ReferenceStatsError(f"{path}: {name} is {arrays[name].dtype} {arrays[name].shape}, not {what}; compute "
+                                   f"the statistics again", option="reference")
+
+    for name in ("mu", "sigma", "kid_features"):
+        if name in arrays and not (np.issubdtype(arrays[name].dtype, np.floating)
+                                   or np.issubdtype(arrays[name].dtype, np.integer)):
+            raise bad(name, "real numbers")
+    for name in ("mu", "sigma"):
+        if name not in arrays:
+            raise ReferenceStatsError(f"{path} is not a reference-statistics .npz with mu and sigma: it has no {name}",
+                                      option="reference")
+    features = arrays.get("features", np.array("unknown"))
+    if features.ndim != 0 or features.dtype.kind != "U":
+        raise bad("features", "the name of a feature extractor")
+    n = arrays.get("n", np.array(0))
+    if n.ndim != 0 or not np.issubdtype(n.dtype, np.integer) or int(n) < 0:
+        raise bad("n", "a sample count")
+    kid = arrays["kid_features"].astype(np.float32) if "kid_features" in arrays else None
+    return arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64), str(features), int(n), kid
+
+
+MAX_FEATURE = 1e8  # a feature extractor's outputs are far smaller; beyond it FID overflows float64
+
+
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
     """mu a finite vector, sigma a finite covariance of its size: symmetric and positive
     semi-definite (to float32's rounding), else FIDs against it mean nothing."""
@@ -172,6 +199,9 @@ def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ReferenceStatsError(f"{where}: mu or sigma holds NaN or inf; compute the statistics again",
                                   option="reference")
+    if float(np.abs(mu).max()) > MAX_FEATURE or float(np.abs(sigma).max()) > MAX_FEATURE ** 2:
+        raise ReferenceStatsError(f"{where}: mu or sigma holds values beyond {MAX_FEATURE:g} (or its square), which no "
+                                  f"feature extractor gives; compute the statistics again", option="reference")
     scale = float(np.abs(sigma).max()) or 1.0
     if float(np.abs(sigma - sigma.T).max()) > 1e-5 * scale:
         raise ReferenceStatsError(f"{where}: sigma is not symmetric, so it is no covariance; compute the statistics "
