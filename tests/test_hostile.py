@@ -219,6 +219,13 @@ def test_a_model_folder_with_a_damaged_record_is_one_line(run, tmp_path, tiny_mo
     one_line_error(run("inspect", "--model", tiny_model_dir), "key 'sigma_data' is missing")
     (tiny_model_dir / "skiptune_model.json").write_text("{not json")
     one_line_error(run("inspect", "--model", tiny_model_dir), "is not valid JSON")
+    (tiny_model_dir / "skiptune_model.json").write_text(json.dumps({**info, "sigma_data": 0.5, "precond": "vp"}))
+    one_line_error(run("inspect", "--model", tiny_model_dir), "--model: ", "precond 'vp' is not 'edm'",
+                   "write the folder again")
+    (tiny_model_dir / "skiptune_model.json").write_text(json.dumps({**info, "sigma_data": 0.5}))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (tiny_model_dir / "config.json").write_text(json.dumps({**config, "norm_num_groups": 0}))  # diffusers: modulo by 0
+    one_line_error(run("inspect", "--model", tiny_model_dir), "--model: could not load", "write the folder again")
 
 
 def test_a_schedule_path_that_cannot_be_read_is_one_line(run, tmp_path):

@@ -40,14 +40,16 @@ def load_unet(model_dir: Path):
     if not (model_dir / "config.json").is_file() or not weights.is_file():
         raise ModelLoadError(
             f"{model_dir} is not a diffusers model folder (needs config.json and "
-            f"diffusion_pytorch_model.safetensors); train one with 'skiptune-search train-default'"
+            f"diffusion_pytorch_model.safetensors); train one with 'skiptune-search train-default'", option="model"
         )
     try:
         return UNet2DModel.from_pretrained(
             model_dir, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
         )
     except Exception as exc:  # diffusers raises many types for a damaged folder
-        raise ModelLoadError(f"could not load {model_dir}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load {model_dir}: {first}; write the folder again with train-default",
+                             option="model") from exc
 
 
 MODEL_INFO_KEYS = {"precond": str, "sigma_data": (int, float), "sigma_min": (int, float),
@@ -58,17 +60,18 @@ def load_model_info(model_dir: Path) -> dict:
     """The folder's ``skiptune_model.json``, checked: every key the loader reads, of its type."""
     path = Path(model_dir) / MODEL_INFO_FILE
     if not path.exists():
-        raise ModelLoadError(f"{path} is missing: this folder was not written by skiptune-search")
+        raise ModelLoadError(f"{path} is missing: this folder was not written by skiptune-search", option="model")
     info = read_json(path, "model record", error=ModelLoadError, option="model")
     if not isinstance(info, dict):
-        raise ModelLoadError(f"{path} holds no JSON object; write the folder again with train-default")
+        raise ModelLoadError(f"{path} holds no JSON object; write the folder again with train-default",
+                             option="model")
     for key, kind in MODEL_INFO_KEYS.items():
         if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
             raise ModelLoadError(f"{path}: key {key!r} is missing or not a {getattr(kind, '__name__', 'number')}; "
-                                 f"write the folder again with train-default")
+                                 f"write the folder again with train-default", option="model")
     if not isinstance(info.get("dataset", ""), str):  # optional: what the model was trained on
         raise ModelLoadError(f"{path}: key 'dataset' is not a string (the name of the training data, e.g. "
-                             f"{FASHION_MNIST!r}); fix it or write the folder again with train-default")
+                             f"{FASHION_MNIST!r}); fix it or write the folder again with train-default", option="model")
     bounds = {"sigma_data": info["sigma_data"] > 0, "sigma_min": info["sigma_min"] > 0,
               "sigma_max": info["sigma_max"] > info["sigma_min"], "resolution": 1 <= info["resolution"] <= 1 << 16,
               "channels": 1 <= info["channels"] <= 1 << 16}
@@ -125,7 +128,9 @@ def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = F
         )
     info = load_model_info(model_dir)
     if info.get("precond") != "edm":
-        raise ModelLoadError(f"{model_dir}: unsupported preconditioning {info.get('precond')!r}")
+        raise ModelLoadError(f"{model_dir / MODEL_INFO_FILE}: precond {info.get('precond')!r} is not 'edm', the only "
+                             f"preconditioning of these folders; write the folder again with train-default",
+                             option="model")
     check_model_config(model_dir, info)
     unet = load_unet(model_dir).eval().requires_grad_(False)
     denoiser = EDMPrecond(
