@@ -316,6 +316,19 @@ def test_a_file_that_is_not_a_presets_json_is_left_as_it_was(run, tmp_path):
     assert (tmp_path / "p.json").read_text() == "[1, 2]\n"
 
 
+@pytest.mark.parametrize("text, says", [
+    ('{"a": {"x": 1}, "a": {"y": 2}}', "key 'a' appears twice"),  # the first 'a' was dropped on the rewrite
+    ("[" * 100000 + "]" * 100000, "nested more than"),  # a RecursionError traceback
+])
+def test_a_presets_json_is_read_strictly(tmp_path, text, says):
+    from skiptune_search.core.errors import InputError
+
+    (tmp_path / "p.json").write_text(text)
+    with pytest.raises(InputError, match=says) as info:
+        ui_presets.presets_json(tmp_path / "p.json", "tuned", {"version": "2"})
+    assert info.value.option == "out" and "\n" not in str(info.value)
+
+
 def test_search_in_a_ui_variant_from_the_command_line(run, tiny_model_dir, tmp_path, monkeypatch):
     """--freeu-variant reaches the study (its name and settings) and the exported file; a ρ family
     refuses it before the model loads; a UNet2DModel's schedule exports no UI preset."""

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 
 from ..core.errors import InputError
-from ..core.files import check_output_path
+from ..core.files import check_output_path, read_json
 from ..core.schedule import RhoSchedule
 from ..sampling import SIGMA_SAMPLERS
 
@@ -229,13 +229,8 @@ def presets_json(path: str | os.PathLike, name: str, entry: dict) -> str:
     none. Anything else there is a one-line error, and nothing is written."""
     path = check_output_path(path)
     presets: dict = {}
-    if path.exists():
-        try:
-            presets = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            presets = None
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror or exc}", option="out") from None
+    if path.exists():  # read bounded and strictly (no key twice: the first preset of that name would be lost)
+        presets = read_json(path, "sd-webui-freeu presets file", error=InputError, option="out")
         if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
             raise InputError(f"{path} is not an sd-webui-freeu presets.json (a JSON object of presets by name): pass "
                              f"the extension's presets.json or a new file", option="out")
