@@ -282,6 +282,8 @@ def test_a_dashboard_port_in_use_is_one_line(run, tmp_path, tiny_model_dir):
         taken.listen()
         port = taken.getsockname()[1]
         one_line_error(run("dashboard", "--port", port), f"--port: cannot serve on 127.0.0.1:{port}")
+    for host in ("::1", "no such host;x"):  # the server is IPv4 only: the host is named, not the port
+        one_line_error(run("dashboard", "--host", host), f"--host: cannot serve on '{host}'", "give an IPv4 address")
 
 
 # --- issue 29, class 1: no output is one of the run's own files or inputs -------------------------

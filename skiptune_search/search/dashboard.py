@@ -36,7 +36,12 @@ def serve(storage_url: str, host: str, port: int, announce=print) -> None:
 
 
 def _refuse(exc: OSError, host: str, port: int) -> None:
-    if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) or isinstance(exc, socket.gaierror):
-        raise SkiptuneError(f"cannot serve on {host}:{port} ({exc.strerror}); pick another port or host",
+    """A host that is no IPv4 address of this machine (optuna-dashboard's server is IPv4 only)
+    names the host; a port in use or not allowed names the port."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        raise SkiptuneError(f"cannot serve on {host!r} ({exc.strerror}): give an IPv4 address or host name of this "
+                            f"machine, e.g. 127.0.0.1 (the dashboard serves IPv4 only)", option="host") from None
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        raise SkiptuneError(f"cannot serve on {host}:{port} ({exc.strerror}); pick another port",
                             option="port") from None
     raise exc
