@@ -385,6 +385,22 @@ def test_no_output_is_one_of_the_runs_own_files(searched, tmp_path, monkeypatch,
     assert _tree(work) == before
 
 
+@pytest.mark.parametrize("planted", ["MODEL_CARD.md", "samples.png"])
+def test_model_card_checks_its_outputs_before_sampling(searched, tmp_path, monkeypatch, planted):
+    """A link planted where the card goes was found only after minutes of sampling (samples.png
+    already replaced when MODEL_CARD.md was the link)."""
+    work = tmp_path / "w"
+    shutil.copytree(searched, work, symlinks=True)
+    os.symlink(work / "victim.pt", work / "M" / planted)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("skiptune_search.scoring.evaluator.Evaluator.__init__",
+                        lambda *a, **k: pytest.fail("sampled before the outputs were checked"))
+    before = _tree(work)
+    one_line_error(CliRunner().invoke(main, ["model-card", "--model", "M"], catch_exceptions=False),
+                   f"--model: M/{planted} is a symbolic link", "remove it")
+    assert _tree(work) == before
+
+
 def test_tune_checks_its_output_before_any_work(tmp_path):
     from skiptune_search.core.errors import OutputPathError
     from skiptune_search.search.tune import tune

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import InputError
-from ..core.files import write_text_atomic
+from ..core.errors import InputError, OutputPathError
+from ..core.files import check_output_path, write_text_atomic
 from ..models.loaders import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, FASHION_MNIST, count_parameters
 from ..sampling.images import save_grid
 from ..scoring.evaluator import Evaluator
@@ -22,6 +22,12 @@ def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 20
     """Sample ``n`` images at a high NFE, measure their proxy FID and the real-data floor at the
     same N, and write ``MODEL_CARD.md`` and ``samples.png`` into the model folder."""
     folder = DEFAULT_MODEL_DIR if model == DEFAULT_MODEL_NAME else Path(model)
+    for name in ("samples.png", "MODEL_CARD.md"):  # before any sampling: no link, folder or FIFO planted there
+        try:
+            check_output_path(folder / name)
+        except OutputPathError as exc:
+            raise OutputPathError(f"{str(exc).split(';')[0]}, where the model card is written: remove it",
+                                  option="model") from None
     task = Task(model=model, sampler="heun", nfe=nfe, n=n, seed=seed)
     evaluator = Evaluator(task)
     if evaluator.model_info.get("dataset") != FASHION_MNIST:  # its samples are compared with Fashion-MNIST's
