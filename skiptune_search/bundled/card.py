@@ -33,10 +33,10 @@ def write_model_card(model: str = DEFAULT_MODEL_NAME, nfe: int = 35, n: int = 20
     if evaluator.model_info.get("dataset") != FASHION_MNIST:  # its samples are compared with Fashion-MNIST's
         raise InputError(f"{model} is no Fashion-MNIST model (its record says {evaluator.model_info.get('dataset')!r}): "
                          f"a model card measures a model against Fashion-MNIST; describe it yourself", option="model")
+    real, _ = load_fashion_mnist("train", data_dir)  # missing data found before the sampling, not after
     start = time.perf_counter()
     fid, images = evaluator.fid(evaluator.controller.identity(), progress="model card samples", keep=100)
     seconds = time.perf_counter() - start
-    real, _ = load_fashion_mnist("train", data_dir)
     real = torch.from_numpy(real[:n].copy()).unsqueeze(1)
     floor = fid_from_features(extract_features(real, evaluator.extractor), evaluator.reference)
     save_grid(images[:100], folder / "samples.png", nrow=10)
