@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli_helpers import ends_in_one_line_error, one_line_error
@@ -295,14 +296,14 @@ def searched(tmp_path_factory):
     from conftest import write_idx
     from diffusers import UNet2DModel
 
-    from skiptune_search.models.loaders import save_model_dir
+    from skiptune_search.models.loaders import FASHION_MNIST, save_model_dir
 
     root = tmp_path_factory.mktemp("own-files")
     torch_seed = __import__("torch").manual_seed(0)  # noqa: F841
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
-    save_model_dir(unet, root / "M", training={"steps": 0})
+    save_model_dir(unet, root / "M", training={"steps": 0}, dataset=FASHION_MNIST)
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -373,10 +374,11 @@ def test_tune_checks_its_output_before_any_work(tmp_path):
     from skiptune_search.search.tune import tune
 
     (tmp_path / "ref.npz").write_bytes(b"statistics")
+    net, sample = torch.nn.Linear(1, 1), lambda seeds: None  # checked for their types only: never called
     with pytest.raises(OutputPathError, match="is the reference"):
-        tune(None, None, name="x", reference=str(tmp_path / "ref.npz"), out=tmp_path / "ref.npz")
+        tune(net, sample, name="x", reference=str(tmp_path / "ref.npz"), out=tmp_path / "ref.npz")
     with pytest.raises(OutputPathError, match="study storage"):
-        tune(None, None, name="x", reference="bundled", storage=f"sqlite:///{tmp_path}/s.db", out=f"{tmp_path}/s.db-wal")
+        tune(net, sample, name="x", reference="bundled", storage=f"sqlite:///{tmp_path}/s.db", out=f"{tmp_path}/s.db-wal")
     assert _tree(tmp_path) == {"ref.npz": b"statistics"}
 
 
