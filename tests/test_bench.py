@@ -28,7 +28,9 @@ def test_replayed_searches_stay_on_the_grid_and_find_a_bowls_bottom():
     log = BS.replay_search(grid, 11, (250, 1000), "tpe", seed=0, trials=40, prune=True)
     assert len(log) == 40 and all(t["point"] in grid for t in log)
     assert log[0]["point"] == "1,1" and log[1]["point"] == "0.8,1"  # baseline, then the paper ramp
-    assert {t["samples"] for t in log} <= {250, 1000}
+    assert {t["samples"] for t in log} <= {0, 250, 1000}
+    # no samples only for a point proposed again, which the objective records without sampling
+    assert all(t["point"] in {u["point"] for u in log[:k]} for k, t in enumerate(log) if t["samples"] == 0)
     assert any(t["value"] is None for t in log)  # successive halving pruned some
     assert min(t["value"] for t in log if t["value"] is not None) <= 1.01 * 100
 
@@ -43,7 +45,8 @@ def test_search_efficiency_counts_trials_and_samples_to_the_target():
         assert row["reached"] == sum(r[0] is not None for r in reached)
         assert row["samples_to_target"] == [r[1] for r in reached]  # seed by seed, for the pruning comparison
     # without pruning every trial costs N
-    assert all(t["samples"] == 1000 for log in runs["random,off"] for t in log)
+    assert all(t["samples"] == 1000 or t["samples"] == 0 and t["point"] in {u["point"] for u in log[:k]}
+               for log in runs["random,off"] for k, t in enumerate(log))  # a repeated point is not sampled again
 
 
 def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkeypatch):
@@ -373,8 +376,9 @@ def test_held_out_searches_run_seed_by_seed_across_nfes_and_resume_where_stopped
 
     for name, value in {"Evaluator": FakeEvaluator, "weights_fingerprint": lambda unet: "w",
                         "make_storage": lambda url, heartbeat: None, "fixed_schedule": lambda ev, name: name,
-                        "method_space": lambda ev, method: method, "run_search": fake_search,
-                        "open_study": lambda storage, name, task, space, ctl, seed: name,
+                        "method_space": lambda ev, method: SimpleNamespace(searches_calls=False),
+                        "run_search": fake_search,
+                        "open_study": lambda storage, name, task, space, ctl, seed, warm_start: name,
                         "export_best": lambda study, url: SimpleNamespace(metric={"value": 1.0, "baseline": 2.0},
                                                                           params={}),
                         "search_seconds": lambda study: 0.0}.items():

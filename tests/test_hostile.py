@@ -406,12 +406,11 @@ def test_tune_checks_its_output_before_any_work(tmp_path):
     from skiptune_search.search.tune import tune
 
     (tmp_path / "ref.npz").write_bytes(b"statistics")
+    net, sample = torch.nn.Linear(1, 1), lambda seeds: None  # checked for their types only: never called
     with pytest.raises(OutputPathError, match="is the reference"):
-        tune(torch.nn.Identity(), lambda seeds: None, name="x", reference=str(tmp_path / "ref.npz"),
-             out=tmp_path / "ref.npz")
+        tune(net, sample, name="x", reference=str(tmp_path / "ref.npz"), out=tmp_path / "ref.npz")
     with pytest.raises(OutputPathError, match="study storage"):
-        tune(torch.nn.Identity(), lambda seeds: None, name="x", reference="bundled",
-             storage=f"sqlite:///{tmp_path}/s.db", out=f"{tmp_path}/s.db-wal")
+        tune(net, sample, name="x", reference="bundled", storage=f"sqlite:///{tmp_path}/s.db", out=f"{tmp_path}/s.db-wal")
     assert _tree(tmp_path) == {"ref.npz": b"statistics"}
 
 

@@ -257,7 +257,7 @@ def make_study(tmp_path, variant="v2-channels", window=True, sampler="euler", nf
     from skiptune_search.search.storage import make_storage
     from skiptune_search.search.study import open_study
 
-    space = Space(family, "input", (0.5, 1.5), (), None, SIGMA_RANGE, "SD1.x", window, variant)
+    space = Space(family, "input", (0.5, 1.5), (), None, SIGMA_RANGE, "SD1.x", window, freeu_variant=variant)
     ctl = SimpleNamespace(arch="UNet2DConditionModel", skips=SD_SKIPS, unet=torch.nn.Linear(1, 1))
     task = Task(model="sd15", sampler=sampler, nfe=nfe, n=8, sigma_grid="karras" if sampler in SAMPLERS else "model")
     url = f"sqlite:///{tmp_path}/studies/skiptune.db"

@@ -326,7 +326,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     try:
         values = {k: check_value(value, k, v, params[k], ctx) for k, v in read_config(value, params).items()}
     except ConfigError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"--config: {exc}") from None
     except OSError as exc:
         if (line := _fs_fault(ctx, exc, flag="--config")) is None:
             raise

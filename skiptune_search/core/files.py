@@ -204,6 +204,11 @@ def _kind(mode: int) -> str:
             "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
 
+# what to do when a file cannot be opened for reading, by errno
+_READ_FIXES = {errno.ENAMETOOLONG: "give a shorter path", errno.ELOOP: "give the real path, not a loop of links",
+               errno.EACCES: "make it readable", errno.EPERM: "make it readable"}
+
+
 def open_input(path: str | os.PathLike, what: str, max_bytes: int | None = MAX_TEXT_BYTES,
                error: type[SkiptuneError] = InputFileError, option: str | None = None) -> BinaryIO:
     """``path`` opened for reading in binary, once it is known to be a regular file of at most
@@ -218,7 +223,9 @@ def open_input(path: str | os.PathLike, what: str, max_bytes: int | None = MAX_T
     except IsADirectoryError:
         raise error(f"{what} {shown} is a folder; pass a file", option=option) from None
     except (OSError, ValueError) as exc:  # no permission, a loop of links, a name too long, a NUL
-        raise error(f"cannot read {what} {shown}: {getattr(exc, 'strerror', None) or exc}", option=option) from None
+        fix = _READ_FIXES.get(getattr(exc, "errno", None), "check the path")
+        raise error(f"cannot read {what} {shown}: {getattr(exc, 'strerror', None) or exc}; {fix}",
+                    option=option) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -57,8 +57,8 @@ class Objective:
     def __init__(self, scorer: Scorer, space: Space, arch: str, skips: Sequence[SkipInfo], rungs: Sequence[int],
                  objective: str = "fid", seeds: str | None = None, artifacts: Path | None = None,
                  label: Callable[[], str] | None = None, limit: int | None = None,
-                 call_sigmas: Sequence[float] = ()) -> None:
-        self.call_sigmas = tuple(call_sigmas)
+                 call_sigmas: Sequence[float] = (), hidden: Sequence[int | None] | None = None) -> None:
+        self.call_sigmas, self.hidden = tuple(call_sigmas), hidden
         self.scorer, self.space, self.arch, self.skips = scorer, space, arch, list(skips)
         self.rungs, self.objective, self.seeds, self.limit = tuple(rungs), objective, seeds, limit
         self.store = None
@@ -83,7 +83,7 @@ class Objective:
         trial.set_user_attr("rho", schedule.rho)
         if schedule.freeu is not None:
             trial.set_user_attr("freeu", schedule.freeu.as_json())
-        if (key := calls_key(schedule, self.call_sigmas)) is not None:
+        if (key := calls_key(schedule, self.call_sigmas, self.hidden)) is not None:
             trial.set_user_attr("calls_key", key)
             if not trial.user_attrs.get("baseline") and (same := self._same_as(trial, key)) is not None:
                 return self._copy(trial, same)
@@ -177,13 +177,15 @@ class Objective:
                             mimetype="image/png")
 
 
-def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float]) -> str | None:
+def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float],
+              hidden: Sequence[int | None] | None = None) -> str | None:
     """A short digest of what ``schedule`` does at each of the model calls at ``call_sigmas``
-    (``RhoSchedule.factors_at``: every skip's ρ and FreeU factors there) and of its placement; equal
-    digests sample equal images. None for a schedule that depends on σ when the calls are not known."""
+    (``RhoSchedule.factors_at``: every skip's ρ and FreeU factors there; ``hidden``: the blocks'
+    backbone channels, for FreeU keyed by them) and of its placement; equal digests sample equal
+    images. None for a schedule that depends on σ when the calls are not known."""
     if schedule.depends_on_sigma and not call_sigmas:
         return None
-    calls = [[(f.rho, f.b, f.s) if f.freeu else (f.rho, 1.0, 1.0) for f in schedule.factors_at(sigma)]
+    calls = [[(f.rho, f.b, f.s) if f.freeu else (f.rho, 1.0, 1.0) for f in schedule.factors_at(sigma, hidden)]
              for sigma in (call_sigmas or [None])]
     return hashlib.sha256(json.dumps([schedule.placement, calls]).encode()).hexdigest()[:16]
 
@@ -203,7 +205,7 @@ def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeou
     label = (lambda: f"trial {finished_trials(study) + 1}/{trials}") if progress else None
     objective = Objective(evaluator, space, evaluator.controller.arch, evaluator.controller.skips, task.rungs,
                           task.objective, task.seed_label, artifacts, label, limit=trials,
-                          call_sigmas=evaluator.call_sigmas)
+                          call_sigmas=evaluator.call_sigmas, hidden=evaluator.controller.hidden_channels())
 
     def stop_at_total(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # other processes (workers, machines) add trials too: --trials is the study's total
