@@ -258,15 +258,19 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
         cells.append(text)
         for method in methods:
             label = FREEU_LABELS.get(method, method)
-            fids_of[label] = fids = [r["held_out"] for r in row.get(method, [])]
+            fids = [r["held_out"] for r in row.get(method, [])]
             if len(fids) < plan["seeds"]:
                 missing.append(f"NFE {nfe} {label} ({len(fids)} of {plan['seeds']} search seeds)")
-            text, changes[label] = _cell(fids, untuned)
-            in_sigma = method != "freeu_allsteps" and any("window" not in r for r in row.get(method, []))
-            cells.append(text + " †" * in_sigma)
-            if before := [r["held_out"] for r in row.get(f"{method}{SIGMA_WINDOW}", [])]:
+            before = [r["held_out"] for r in row.get(f"{method}{SIGMA_WINDOW}", [])]
+            if before:
                 compared.append(f"NFE {nfe} {label}: {_cell(fids, untuned)[0]} with the window over model calls, "
                                 f"{_cell(before, untuned)[0]} with it searched in log σ")
+            # the cell: the method's searches, or, while none is re-measured yet, those it replaces (†)
+            runs = row.get(method) or row.get(f"{method}{SIGMA_WINDOW}", [])
+            fids_of[label] = fids = [r["held_out"] for r in runs]
+            text, changes[label] = _cell(fids, untuned)
+            in_sigma = method != "freeu_allsteps" and any("window" not in r for r in runs)
+            cells.append(text + " †" * in_sigma)
         rho = rho_rows.get(str(nfe), {})
         rho_fids = {f: [r["held_out"] for r in rho.get(f, [])] for f in rho_families}
         rho_changes = {f: c for f in rho_families if (c := _cell(rho_fids[f], untuned))[1] is not None}
