@@ -172,7 +172,7 @@ class OutputBlockPatch:
             return h, hsp  # the untouched tensors: bit-exact
         import torch
 
-        if (f.b, f.s) != (1.0, 1.0) and f.freeu is not False:
+        if f.freeu_acts:
             h, hsp = h.clone(), hsp.clone()
             freeu.apply_(h, hsp, f.b, f.s, active=f.freeu if torch.is_tensor(f.freeu) else None)
         if torch.is_tensor(f.rho):

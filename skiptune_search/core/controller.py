@@ -54,6 +54,7 @@ class SkipController:
         self._handles: list[Any] = []
         self._sigma: torch.Tensor | None = None  # σ of each sample in the current UNet call
         self._factors: list[BlockFactors] | None = None  # per skip: ρ and FreeU's factors at that σ
+        self._hidden = self.hidden_channels()  # the backbone's channels per skip, for FreeU keyed by channels
         self._set(RhoSchedule.identity(self.arch, self.skips))
 
     @property
@@ -146,7 +147,6 @@ class SkipController:
         factors when they do not depend on σ, else (per call) ``RhoSchedule.factors_at``."""
         self._schedule = schedule
         self._identity = schedule.is_identity()
-        self._hidden = self.hidden_channels()  # the backbone's channels per skip, for FreeU keyed by channels
         self._static = None if schedule.depends_on_sigma else schedule.factors_at(hidden=self._hidden)
         self._factors = self._static
 
@@ -217,7 +217,7 @@ class SkipController:
         """FreeU splits a consumer's input into backbone and skip channels: only where the skip is
         the trailing channels of a [B, C, H, W] input."""
         try:
-            keyed = freeu.per_skip(schedule.freeu, schedule.skips, self.hidden_channels())
+            keyed = freeu.per_skip(schedule.freeu, schedule.skips, self._hidden)
         except ScheduleError as exc:  # keyed by channels on a model without such blocks
             raise ScheduleError(f"{self.arch}: {exc}") from None
         for index, factors in enumerate(keyed):
@@ -235,7 +235,7 @@ class SkipController:
         changed = None
         # --- FreeU (core/freeu.py): one call on the (hidden, skip) views of the input ------------
         factors = self._factors_of(index)
-        if (factors.b, factors.s) != (1.0, 1.0) and factors.freeu is not False:
+        if factors.freeu_acts:
             if x.requires_grad:
                 x = x.clone()  # autograd: leave the block's input as it was, change a copy
             c = self.skips[index].channels

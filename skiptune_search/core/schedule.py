@@ -75,10 +75,15 @@ class BlockFactors:
     freeu: Any = False
 
     @property
+    def freeu_acts(self) -> bool:
+        """Whether FreeU can change the block's input at this σ (for some sample)."""
+        return (self.b, self.s) != (1.0, 1.0) and self.freeu is not False
+
+    @property
     def changes_input(self) -> bool:
         """Whether the block's input can differ from the untuned model's at this σ."""
         rho_one = not hasattr(self.rho, "shape") and self.rho == 1.0
-        return not rho_one or ((self.b, self.s) != (1.0, 1.0) and self.freeu is not False)
+        return not rho_one or self.freeu_acts
 
 
 RHO_FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
