@@ -166,6 +166,7 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
     from skiptune_search.cli.config import read_config
     from skiptune_search.cli.tune import search
     from skiptune_search.core.errors import ModelLoadError
+    from skiptune_search.models.source import ModelSource
     from skiptune_search.sampling import SCHEDULERS, SIGMA_SAMPLERS
     from skiptune_search.sampling.samplers import steps_for_nfe
     from skiptune_search.scoring.evaluator import Evaluator
@@ -183,7 +184,7 @@ def test_shipped_configs_parse_and_build(config, request, monkeypatch, tmp_path)
         assert evaluator.reference.mu.shape == (1280,)
     elif task.model.endswith(".pkl"):  # a checkpoint this machine cannot have: the loader must say so in one line
         with pytest.raises(ModelLoadError, match="not found"):
-            Evaluator(task, trust_pickle=True, edm_path=None)  # as --trust-pickle on the command line gives it
+            Evaluator(task, source=ModelSource(task.model, trust_pickle=True))  # as --trust-pickle gives it
     elif task.model.endswith(".pth"):  # a U-ViT state dict: built by a checkout, which must be named
         with pytest.raises(ModelLoadError, match="built from a checkout of baofff/U-ViT"):
             Evaluator(task)

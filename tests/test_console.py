@@ -43,7 +43,7 @@ def test_shipped_schedules_apply_to_their_model():
     import torch
 
     from skiptune_search import apply, load_schedule
-    from skiptune_search.models.loaders import load_denoiser
+    from skiptune_search.models.source import load_denoiser
 
     denoiser, _ = load_denoiser("fashion-mnist-edm")
     files = sorted((Path(__file__).parent.parent / "configs" / "schedules").glob("*.json"))

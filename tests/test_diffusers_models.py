@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from skiptune_search.models.denoisers import DiffusersVPPrecond
-from skiptune_search.models.loaders import ModelLoadError, load_denoiser
+from skiptune_search.models.loaders import ModelLoadError
+from skiptune_search.models.source import load_denoiser
 
 
 @pytest.fixture

@@ -152,7 +152,8 @@ def _edm_pickle(tmp_path, label_dim=0):
 
 
 def test_edm_pickle_needs_trust_and_the_edm_code(edm_pickle):
-    from skiptune_search.models.loaders import ModelLoadError, load_denoiser
+    from skiptune_search.models.loaders import ModelLoadError
+    from skiptune_search.models.source import load_denoiser
 
     path, repo = edm_pickle
     with pytest.raises(ModelLoadError, match="loading a pickle runs code from it") as info:
@@ -190,12 +191,13 @@ def test_edm_pickle_through_the_cli(edm_pickle, tmp_path, monkeypatch):
 def test_class_conditional_edm_gets_one_label_per_seed(edm_pickle):
     """Labels come from each sample's seed (after its noise), the same in any batch and trial."""
     from skiptune_search.sampling.samplers import seeded_inputs
+    from skiptune_search.models.source import ModelSource
     from skiptune_search.scoring.evaluator import Evaluator
     from skiptune_search.scoring.task import Task
 
     path, repo = edm_pickle
-    evaluator = Evaluator(Task(model=str(path), nfe=3, n=6, seed=40), batch_size=4, trust_pickle=True,
-                          edm_path=str(repo))
+    evaluator = Evaluator(Task(model=str(path), nfe=3, n=6, seed=40), batch_size=4,
+                          source=ModelSource(str(path), trust_pickle=True, checkouts={"edm": str(repo)}))
     assert evaluator.model_info["label_dim"] == 10
     seen = []
     handle = evaluator.denoiser.register_forward_pre_hook(

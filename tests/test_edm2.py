@@ -167,7 +167,7 @@ def write_tiny_vae_cache(root):
 
 def test_edm2_pickle_needs_trust_and_the_edm2_code(edm2_checkout, tmp_path):
     from skiptune_search.core.errors import ModelLoadError
-    from skiptune_search.models.loaders import load_denoiser
+    from skiptune_search.models.source import load_denoiser
 
     path = write_edm2_pickle(edm2_checkout, tmp_path / "edm2-img16.pkl", label_dim=10)
     with pytest.raises(ModelLoadError, match="loading a pickle runs code from it") as error:
@@ -243,7 +243,7 @@ def test_latent_edm2_decodes_through_the_cached_vae(edm2_checkout, tmp_path, mon
     from click.testing import CliRunner
 
     from skiptune_search.cli import main
-    from skiptune_search.models.loaders import load_denoiser
+    from skiptune_search.models.source import load_denoiser
 
     path = write_edm2_pickle(edm2_checkout, tmp_path / "edm2-img512-tiny.pkl", latent=True)
     monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path / "dnnlib"))

@@ -214,7 +214,7 @@ def test_version_2_round_trip(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "schedules").glob("*.json")), ids=lambda p: p.name)
 @torch.no_grad()
 def test_committed_version_1_files_load_and_apply_unchanged(path):
-    from skiptune_search.models.loaders import load_denoiser
+    from skiptune_search.models.source import load_denoiser
 
     data = json.loads(path.read_text())
     assert data["format"] == "skiptune-schedule/1"
@@ -457,7 +457,7 @@ def test_search_linear_freeu_export_and_apply_from_the_command_line(tiny_model_d
     result = run("export", "--study", name, "-o", "best.json")
     assert result.exit_code == 0 and "FreeU: b1=" in result.output
     assert "enable_freeu" not in result.output  # a UNet2DModel: diffusers has no enable_freeu there
-    from skiptune_search.models.loaders import load_denoiser
+    from skiptune_search.models.source import load_denoiser
 
     denoiser, _ = load_denoiser(tiny_model_dir)
     with torch.no_grad(), apply(denoiser, "best.json") as ctl:  # the exported file applies

@@ -11,7 +11,7 @@ import torch
 
 from skiptune_search import RhoSchedule, apply
 from skiptune_search.core.errors import InputError
-from skiptune_search.models.loaders import load_denoiser
+from skiptune_search.models.source import load_denoiser
 from skiptune_search.models.prompts import prompt_indices, read_prompts
 from skiptune_search.scoring.evaluator import Evaluator
 from skiptune_search.scoring.task import Task

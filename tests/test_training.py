@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from skiptune_search.bundled.training import TrainConfig, _ema_beta, train_default
-from skiptune_search.models.loaders import MODEL_INFO_FILE, load_denoiser, load_unet
+from skiptune_search.models.loaders import MODEL_INFO_FILE, load_unet
+from skiptune_search.models.source import load_denoiser
 
 
 def test_train_saves_resumes_and_writes_a_card(tmp_path, tiny_fashion_dir):

@@ -10,7 +10,7 @@ import torch
 
 from skiptune_search import RhoSchedule, ScheduleError, SkipController, apply
 from skiptune_search.core.errors import ModelLoadError
-from skiptune_search.models.loaders import load_denoiser
+from skiptune_search.models.source import load_denoiser
 from skiptune_search.models.uvit import UViTPrecond
 from skiptune_search.scoring.metrics import DEFAULT_REFERENCE
 from test_placements import check_exact_and_unhooks

@@ -9,11 +9,12 @@ import torch
 
 from ..core.errors import InputError, OutputPathError
 from ..core.files import check_output_path, write_text_atomic
-from ..models.loaders import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, FASHION_MNIST, count_parameters
+from ..models.loaders import count_parameters
 from ..sampling.images import save_grid
 from ..scoring.evaluator import Evaluator
 from ..scoring.metrics import ReferenceStats, extract_features, fid_from_features
 from ..scoring.task import Task
+from . import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, FASHION_MNIST
 from .data import load_fashion_mnist
 
 

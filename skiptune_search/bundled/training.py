@@ -21,7 +21,8 @@ from ..core.errors import InputFileError
 from ..core.files import atomic_path, open_input
 from ..core.limits import MAX_BATCH, MAX_SEED, check_float, check_int
 from ..models.denoisers import EDMPrecond, edm_training_sigmas
-from ..models.loaders import FASHION_MNIST, MODEL_INFO_FILE, load_model_info, save_model_dir
+from ..models.loaders import load_model_info, save_model_dir
+from . import FASHION_MNIST, MODEL_INFO_FILE
 from .data import load_fashion_mnist
 
 # Architecture of the bundled model: 28x28x1, three levels (28, 14, 7), attention at 7x7.

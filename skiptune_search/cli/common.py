@@ -339,39 +339,27 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 CONFIG_READ = "skiptune_search.config"  # ctx.meta key: the --config file this run read
 
 
-def model_inputs(model: str | None, edm_path: str | None = None, uvit_path: str | None = None) -> list[tuple]:
-    """What a run reads for its model, as (what, path) pairs for ``check_outputs``: the bundled
-    model's folder, or a local model folder, pipeline or checkpoint, and the checkouts given."""
-    from ..models.loaders import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
-
-    pairs = [("the model folder", DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else model),
-             ("the EDM checkout", edm_path), ("the U-ViT checkout", uvit_path)]
-    return [(what, p) for what, p in pairs if p is not None and (p == DEFAULT_MODEL_DIR or Path(p).exists())]
+def config_read() -> str | None:
+    """The --config file this run read, if any."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(CONFIG_READ) if ctx else None
 
 
-def reference_inputs(reference: str | None) -> list[tuple]:
-    """The reference a run reads: the bundled statistics, an .npz, or a folder of images."""
-    if reference is None or reference.startswith("fashion-mnist:"):
-        return []
-    if reference == "bundled":
-        from ..scoring.metrics import DEFAULT_REFERENCE
+def model_source(model: str | None, trust_pickle: bool = False, edm_path: str | None = None,
+                 uvit_path: str | None = None, uvit_config: str | None = None):
+    """The one ``ModelSource`` of a command's model options."""
+    from ..models.source import ModelSource
 
-        return [("the bundled reference statistics", DEFAULT_REFERENCE)]
-    return [("the reference", reference)]
+    return ModelSource.from_options(model, trust_pickle, edm_path, uvit_path, uvit_config)
 
 
 def check_outputs(*outputs, inputs=(), storage: str | None = None, option: str = "out") -> None:
     """Each output path (None: none) is none of the run's own files (``core.files.check_output``):
     not the storage, the --config file read, nor any of ``inputs``; called before any work."""
-    from ..core.files import check_output, sqlite_files
+    from ..core.files import check_output
+    from ..search.storage import run_files
 
-    from ..search import DEFAULT_STORAGE
-    from ..search.storage import artifact_dir
-
-    ctx = click.get_current_context(silent=True)
-    read = [*inputs, ("the config file", ctx.meta.get(CONFIG_READ) if ctx else None)]
-    for url in {storage or DEFAULT_STORAGE, DEFAULT_STORAGE}:  # the default storage is the tool's own in any command
-        read += [("the study storage", p) for p in sqlite_files(url)] + [("the study artifacts", artifact_dir(url))]
+    read = [*inputs, ("the config file", config_read()), *run_files(storage)]
     for out in outputs:
         if out is not None:
             check_output(out, read, option=option)
@@ -405,7 +393,9 @@ def freeu_lines(schedule, prefix: str = "") -> list[str]:
 def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
     """'250,1000' -> (250, 1000); none given -> (N/4, N), or just (N) when N/4 < 2."""
     if not text:
-        return (n // 4, n) if n // 4 >= 2 else (n,)
+        from ..scoring.task import default_rungs
+
+        return default_rungs(n)
     try:
         return tuple(int(r) for r in text.split(","))
     except ValueError:

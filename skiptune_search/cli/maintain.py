@@ -9,7 +9,7 @@ import click
 
 from ..core.limits import MAX_BATCH, MAX_N
 from .common import (
-    MAX_NFE, Number, UserError, check_outputs, check_threads, friendly, model_inputs, threads_option, torch_setup,
+    MAX_NFE, Number, UserError, check_outputs, check_threads, friendly, model_source, threads_option, torch_setup,
 )
 
 
@@ -87,7 +87,7 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2
     results = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".md") if folder.is_dir() else []
     # the tables are Markdown (.md); any other file under --work is a result the run writes or reads
     work_results = [] if Path(out).suffix.lower() == ".md" else [("the results folder of --work", folder)]
-    check_outputs(out, inputs=[*model_inputs(model), *((f"the {k} checkout", v) for k, v in checkouts.items()),
+    check_outputs(out, inputs=[*model_source(model).inputs(), *((f"the {k} checkout", v) for k, v in checkouts.items()),
                                *(("a result of --work", p) for p in results), *work_results])
     click.echo(f"wrote {run_bench(quick, Path(out), folder, model, nfe, command, wanted, truth_n, checkouts)}")
 
@@ -115,7 +115,7 @@ def train_default(steps, batch, lr, out, state, fresh, data_dir, threads) -> Non
     from ..bundled.data import resolve_data_dir
     from ..bundled.training import TrainConfig
     from ..bundled.training import train_default as train
-    from ..models.loaders import DEFAULT_MODEL_DIR
+    from ..bundled import DEFAULT_MODEL_DIR
 
     out_dir = Path(out) if out else DEFAULT_MODEL_DIR
     data = ("the Fashion-MNIST data folder", resolve_data_dir(data_dir))

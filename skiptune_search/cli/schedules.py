@@ -10,7 +10,7 @@ from ..core.limits import MAX_N
 from .common import (
     Seeds, UserError, batch_option, config_option, device_option, features_option, friendly, grid_option,
     model_options, nfe_option, precision_option, sampler_option, size_options, task_options, text_options,
-    check_outputs, model_inputs, threads_option, torch_setup, tuned_for_defaults,
+    check_outputs, model_source, threads_option, torch_setup, tuned_for_defaults,
 )
 
 
@@ -27,12 +27,9 @@ def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> N
     from ..core import freeu
     from ..core.controller import SkipController
     from ..core.errors import ScheduleError
-    from ..models.loaders import load_denoiser
-    from ..models.pipelines import is_pipeline_source, load_pipeline_unet
 
     # a pipeline's UNet alone, whatever samples it; anything else as the denoiser its sampler sees
-    ctl = SkipController(load_pipeline_unet(model) if is_pipeline_source(model)
-                         else load_denoiser(model, trust_pickle, edm_path, uvit_path, uvit_config)[0])
+    ctl = SkipController(model_source(model, trust_pickle, edm_path, uvit_path, uvit_config).network())
     try:
         stages = freeu.stages(ctl.skips)
     except ScheduleError:  # skips at one resolution: no FreeU stages
@@ -77,11 +74,11 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     if schedule is not None:
         schedule = load_schedule(schedule)
         settings = tuned_for_defaults(schedule, trust_pickle=trust_pickle, **settings)
+    source = model_source(settings["model"], trust_pickle, edm_path, uvit_path, uvit_config)
     check_outputs(out, inputs=[("the schedule file", path), ("the prompt file", settings["prompts"]),
-                               *model_inputs(settings["model"], edm_path, uvit_path)])
+                               *source.inputs()])
     task = Task(n=max(n, 2), seed=seed, **settings)
-    evaluator = Evaluator(task, trust_pickle=trust_pickle, edm_path=edm_path, device=device, uvit_path=uvit_path,
-                          uvit_config=uvit_config)
+    evaluator = Evaluator(task, source=source, device=device)
     images = evaluator.images(schedule or evaluator.controller.identity(), seeds=range(seed, seed + n))
     save_grid(images, out)
     what = f"schedule {path}" if schedule else "untuned model"
@@ -138,8 +135,8 @@ def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sa
             raise UserError(f"seeds {seed}-{seed + n - 1} overlap the search's seeds {searched}; pick another --seed")
     task = Task(n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
                 reference=reference, **settings)
-    evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path,
-                          feature_weights=inception_weights, device=device, uvit_path=uvit_path, uvit_config=uvit_config)
+    evaluator = Evaluator(task, batch, source=model_source(task.model, trust_pickle, edm_path, uvit_path, uvit_config),
+                          feature_weights=inception_weights, device=device)
     evaluator.check_reference()
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)
     result["schedule"] = str(schedule)

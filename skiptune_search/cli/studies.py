@@ -6,7 +6,7 @@ import click
 
 from ..search.ui_presets import FORMATS as UI_FORMATS
 from .common import (
-    check_outputs, freeu_lines, friendly, model_inputs, model_options, refuse_trust_for, storage_option, torch_setup,
+    check_outputs, freeu_lines, friendly, model_options, model_source, refuse_trust_for, storage_option, torch_setup,
 )
 
 STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
@@ -116,13 +116,13 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
         if source == click.core.ParameterSource.DEFAULT:
             refuse_trust_for(task["model"], f"the study {study!r}", trust_pickle)
         model = task["model"] if source == click.core.ParameterSource.DEFAULT else model
-        check_outputs(out, inputs=[*model_inputs(model, edm_path, uvit_path), ("the prompt file", task["prompts"])],
-                      storage=storage)
-        evaluator = Evaluator(Task(model=model,
+        model = model_source(model, trust_pickle, edm_path, uvit_path, uvit_config)
+        check_outputs(out, inputs=[*model.inputs(), ("the prompt file", task["prompts"])], storage=storage)
+        evaluator = Evaluator(Task(model=model.model,
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],
                                    sigma_grid=task["sigma_grid"], prompts=task["prompts"], guidance=task["guidance"],
                                    height=task["height"], width=task["width"], precision=task["precision"]),
-                              trust_pickle=trust_pickle, edm_path=edm_path, uvit_path=uvit_path, uvit_config=uvit_config)
+                              source=model)
         best = export_best(st, storage)
         grids = (evaluator.images(evaluator.controller.identity(), progress="baseline grid")[:samples],
                  evaluator.images(best, progress="best grid")[:samples])

@@ -11,8 +11,8 @@ from ..scoring import OBJECTIVES
 from ..core.freeu import VARIANTS as FREEU_VARIANTS
 from ..search import OPTIMIZERS
 from .common import (
-    Number, UserError, batch_option, check_outputs, config_option, family_options, features_option, freeu_lines,
-    friendly, model_inputs, parse_rungs, reference_inputs, storage_option, task_options, torch_setup,
+    Number, UserError, batch_option, config_option, config_read, family_options, features_option, freeu_lines,
+    friendly, model_source, parse_rungs, storage_option, task_options, torch_setup,
 )
 
 RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
@@ -97,78 +97,24 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
 
     Trial numbers are Optuna's (from 0), as optuna-dashboard shows them.
     """
-    from ..scoring.evaluator import Evaluator
-    from ..scoring.task import Task
-    from ..search import workers as W
-    from ..search.objective import run_search, trial_line
-    from ..search.optimizers import unpruned_rungs
-    from ..search.storage import artifact_dir, check_storage_url, shown_url
-    from ..search.study import (
-        baseline_trial, check_study_name, export_best, finished_trials, params_at_edge, queued_warm_starts,
-    )
-    from ..search.tune import check_window_family, prepare
+    from ..search.storage import shown_url
+    from ..search.study import params_at_edge
+    from ..search.tune import OBJECTIVE_LABELS, run
 
-    check_window_family(family, freeu_window, freeu_variant)  # before the model loads
     if rho_min >= rho_max:
         raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
-    if study is not None:
-        check_study_name(study)
-    check_storage_url(storage)  # an in-memory storage: before the model loads
-    out_path = Path(out) if out else None
-    read = [*model_inputs(model, edm_path, uvit_path), ("the prompt file", prompts), *reference_inputs(reference),
-            ("the Inception weights", inception_weights)]
-    check_outputs(out_path, inputs=read, storage=storage)
     torch_setup(threads)
-    if workers > 1:
-        W.own_setup(workers)
-    task = Task(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
+    task = dict(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
                 rungs=parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
                 guidance=guidance, height=height, width=width, precision=precision)
-    model_kwargs = dict(batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path, feature_weights=inception_weights,
-                        device=device, uvit_path=uvit_path, uvit_config=uvit_config)
-    evaluator = Evaluator(task, **model_kwargs)
-    evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
-    search_kwargs = dict(family=family, placement=placement, rho_range=(rho_min, rho_max), knots=knots,
-                         freeu_window=freeu_window, freeu_variant=freeu_variant, study=study, heartbeat=heartbeat,
-                         search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
-    space, st = prepare(evaluator, storage, **search_kwargs, parallel=workers > 1)
-    name = st.study_name
-    shown = shown_url(storage)
-    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
-    if out_path is None:  # the default beside the study, checked as soon as the study's name is known
-        out_path = Path("studies") / f"{name}.best.json"
-        check_outputs(out_path, inputs=read, storage=storage)
-    click.echo(f"study {name!r} in {shown}: {finished_trials(st)} finished trials so far; "
-               f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
-               f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
-               f"objective {task.objective}, {task.precision}")
-    if warm := queued_warm_starts(st):
-        click.echo("warm start: after the baseline, the best of " + ", ".join(
-            f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
-    if unchecked := unpruned_rungs(task.rungs):
-        click.echo(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
-                   f"{','.join(map(str, unchecked))} report FID but never prune")
-
-    def report(study, trial) -> None:
-        if line := trial_line(study, trial, objective):
-            click.echo(line)
-
-    share, children = None, []
-    if workers > 1:
-        shares = W.split(max(0, trials - finished_trials(st)), workers)
-        click.echo(f"{workers} workers: {', '.join(map(str, shares))} trials")
-        children = W.spawn(shares, W.job(task, model_kwargs, storage, {**search_kwargs, "study": name}, trials,
-                                         timeout, threads))
-        share = shares[0]
-    with W.stopped_with(children):  # interrupted: the workers are stopped and waited for first
-        run_search(evaluator, st, space, trials, timeout, on_trial=report, artifacts=artifact_dir(storage),
-                   share=share, progress=workers == 1)
-        failed = W.wait(children)
-    if failed:
-        raise UserError(f"{failed} worker(s) failed; rerun the same command to finish the study")
-    base = baseline_trial(st)
-    schedule = export_best(st, storage)
-    schedule.save(out_path)
+    result = run(task, model_source(model, trust_pickle, edm_path, uvit_path, uvit_config), storage=storage,
+                 study=study, family=family, placement=placement, rho_range=(rho_min, rho_max), knots=knots,
+                 freeu_window=freeu_window, freeu_variant=freeu_variant, optimizer=optimizer,
+                 search_seed=search_seed, warm_start=warm_start, heartbeat=heartbeat, trials=trials,
+                 timeout=timeout, workers=workers, threads=threads, batch_size=batch,
+                 feature_weights=inception_weights, device=device, out=out,
+                 read=[("the config file", config_read())], say=click.echo)
+    label, base, schedule, name = OBJECTIVE_LABELS[objective], result.baseline, result.best, result.study.study_name
     rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
     click.echo(f"baseline {label} (ρ = 1): {base.value:.4g}" if base else f"baseline {label}: not finished")
@@ -180,11 +126,11 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     click.echo(f"best ρ (outer→inner): {rhos}{knots_text}  [{schedule.placement} placement]")
     for line in freeu_lines(schedule, prefix="best "):
         click.echo(line)
-    if edge := params_at_edge(schedule.params, space.rho_range):
+    if edge := params_at_edge(schedule.params, result.space.rho_range):
         click.echo(f"note: {', '.join(edge)} at the edge of the range [{rho_min:g}, {rho_max:g}]: the optimum may "
                    f"lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")
-    click.echo(f"study storage:        {shown}  (study {name!r})")
-    click.echo(f"best schedule:        {out_path}")
+    click.echo(f"study storage:        {shown_url(storage)}  (study {name!r})")
+    click.echo(f"best schedule:        {result.out}")
 
 
 COMMANDS = [search]

@@ -1,4 +1,5 @@
-"""Model loaders: a name, folder, pipeline or pickle to a denoiser D(x, σ) and its facts.
+"""Model loaders: a model folder or an EDM/EDM2 pickle to a denoiser D(x, σ) and its facts
+(``source`` picks the loader of a model source: these, a pipeline's, a U-ViT's).
 
 The bundled default model is a small diffusers UNet2DModel trained on Fashion-MNIST (EDM loss).
 
@@ -18,17 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ..bundled import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, FASHION_MNIST, MODEL_INFO_FILE
 from ..core.errors import ModelLoadError
 from ..core.files import check_input_file, read_json
 from .denoisers import EDMPrecond
 from .edm2 import is_edm2_precond, load_edm2
-from .uvit import load_uvit
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL_DIR = ASSETS / "fashion-mnist-edm"
-DEFAULT_MODEL_NAME = "fashion-mnist-edm"
-MODEL_INFO_FILE = "skiptune_model.json"
-FASHION_MNIST = "fashion-mnist"  # the data set of the bundled model, as a model record names it
 
 
 def load_unet(model_dir: Path):
@@ -100,32 +96,10 @@ def check_model_config(model_dir: Path, info: dict) -> None:
                                  f"folder again with train-default", option="model")
 
 
-def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = False,
-                  edm_path: str | os.PathLike | None = None, uvit_path: str | os.PathLike | None = None,
-                  uvit_config: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The denoiser D(x, σ) of ``model`` and its info (name, resolution, channels, σ range).
-
-    ``model`` is 'fashion-mnist-edm' (bundled), a model folder written by train-default, an
-    unconditional diffusers pipeline (``pipelines.load_vp_denoiser``), an EDM or EDM2 network
-    pickle (``*.pkl``), which runs code when loaded: only with ``trust_pickle``, or a U-ViT state
-    dict (``*.pth``, with ``uvit_path``, a checkout of baofff/U-ViT, and the name of its config
-    there, ``uvit_config``; see ``uvit.py``).
-    """
-    if model not in (None, DEFAULT_MODEL_NAME) and str(model).endswith(".pkl"):
-        return load_edm_pickle(Path(model), trust_pickle, edm_path)
-    if uvit_path is not None or str(model).endswith(".pth"):
-        return load_uvit(model, uvit_path, uvit_config)
-    from .pipelines import is_pipeline_source, load_vp_denoiser
-
-    if is_pipeline_source(model):  # a diffusers pipeline's UNet in σ-space
-        return load_vp_denoiser(str(model))
-    model_dir = DEFAULT_MODEL_DIR if model in (None, DEFAULT_MODEL_NAME) else Path(model)
-    if not model_dir.is_dir():
-        raise ModelLoadError(
-            f"model {model} not found: use {DEFAULT_MODEL_NAME} (bundled), a model folder written by "
-            f"'skiptune-search train-default', a diffusers pipeline, an EDM or EDM2 .pkl (trusted), or a U-ViT .pth",
-            option="model"
-        )
+def load_model_folder(model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The denoiser D(x, σ) and info of a model folder written by train-default (the bundled
+    model's too): its record checked, its diffusers UNet in EDM's preconditioning."""
+    model_dir = Path(model_dir)
     info = load_model_info(model_dir)
     if info.get("precond") != "edm":
         raise ModelLoadError(f"{model_dir / MODEL_INFO_FILE}: precond {info.get('precond')!r} is not 'edm', the only "

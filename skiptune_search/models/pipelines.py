@@ -31,7 +31,7 @@ from ..core.files import MAX_TEXT_BYTES, check_input_file
 from ..sampling import SCHEDULERS, scheduler_class
 from ..sampling.samplers import impossible_nfe
 from .denoisers import DiffusersVPPrecond, timestep_to_sigma_from_scheduler
-from .loaders import DEFAULT_MODEL_NAME, MODEL_INFO_FILE
+from ..bundled import DEFAULT_MODEL_NAME, MODEL_INFO_FILE
 
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 UNCONDITIONAL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
@@ -338,7 +338,7 @@ def _set(scheduler, steps: int):
     return probe
 
 
-def steps_for_nfe(scheduler, nfe: int, sampler: str) -> int:
+def scheduler_steps_for_nfe(scheduler, nfe: int, sampler: str) -> int:
     """The num_inference_steps at which ``scheduler`` calls the UNet exactly ``nfe`` times per
     sample (a pipeline calls it once per timestep, both halves of guidance in one batch); an
     impossible NFE lists the nearest valid."""
@@ -416,7 +416,7 @@ class PipelineRun:
         to_sigma = timestep_to_sigma_from_scheduler(self.pipe.scheduler)
         scheduler = make_scheduler(self.pipe, sampler, source)
         _check_drivable(self.pipe, scheduler, source)
-        self.steps = steps_for_nfe(scheduler, nfe, sampler)
+        self.steps = scheduler_steps_for_nfe(scheduler, nfe, sampler)
         probe = _set(scheduler, self.steps)
         self.sigmas = to_sigma(probe.timesteps).cpu()
         _check_timesteps(probe, self.sigmas, source)

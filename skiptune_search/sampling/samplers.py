@@ -134,7 +134,7 @@ def check_sigma_grid(sampler: str, grid: str) -> None:
 def steps_for_nfe(sampler: str, nfe: int) -> int:
     """Steps of σ-space sampler ``sampler`` that spend exactly ``nfe`` evaluations; an impossible
     NFE lists the nearest valid. (A diffusers scheduler's steps come from the scheduler itself:
-    ``models.pipelines.steps_for_nfe``.)"""
+    ``models.pipelines.scheduler_steps_for_nfe``.)"""
     if sampler not in SAMPLERS:
         raise InputError(f"unknown σ-space sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}",
                          option="sampler")

@@ -19,7 +19,8 @@ from ..core.controller import SkipController
 from ..core.errors import InputError, ReferenceStatsError
 from ..core.limits import MAX_BATCH, check_int
 from ..core.schedule import RhoSchedule
-from ..models.loaders import FASHION_MNIST, load_denoiser
+from ..bundled import FASHION_MNIST
+from ..models.source import ModelSource
 from ..sampling import SIGMA_SAMPLERS
 from ..sampling.samplers import generate_batches, sigma_grid, steps_for_nfe
 from . import DEFAULT_FEATURES
@@ -66,21 +67,30 @@ def rung_score(features: torch.Tensor, reference: ReferenceStats, kid: bool = Tr
 SampleFn = Callable[[list[int]], torch.Tensor]  # seeds -> uint8 images [len(seeds), C, H, W]
 
 
+@dataclass(frozen=True)
+class OwnModel:
+    """A model of the caller's own (any module the adapters understand) with its own sampling
+    loop ``sample(seeds)`` (uint8 images, the same for a seed in every call); ``timestep_to_sigma``
+    where the model is called with timesteps, ``sigma_range`` the σ the loop visits."""
+
+    model: torch.nn.Module
+    sample: SampleFn
+    timestep_to_sigma: Callable | None = None
+    sigma_range: tuple[float, float] | None = None
+
+
 class Evaluator:
     """Loads the model, controller, extractor and reference once; scores schedules.
 
-    The model is ``task.model`` loaded by name: a denoiser sampled on a σ grid by a σ-space
-    sampler, or a diffusers pipeline sampled by its own ``__call__`` with the scheduler the task
-    names (``models.pipelines.PipelineRun``); or, from Python, any ``model`` the adapters understand
-    with the caller's own ``sample(seeds)`` (uint8 images, the same for a seed in every call), its
-    task's sampler ``CUSTOM``. A pipeline and the caller's loop are sampled alike: by a sample
-    function of seeds, the controller reading σ from the UNet's timestep."""
+    The model is ``source`` (a ``ModelSource``; default: ``task.model`` by name, nothing trusted):
+    a denoiser sampled on a σ grid by a σ-space sampler, or a diffusers pipeline sampled by its
+    own ``__call__`` with the scheduler the task names (``models.pipelines.PipelineRun``); or,
+    from Python, an ``OwnModel`` (any model the adapters understand with the caller's own
+    ``sample(seeds)``), its task's sampler ``CUSTOM``. A pipeline and the caller's loop are sampled
+    alike: by a sample function of seeds, the controller reading σ from the UNet's timestep."""
 
-    def __init__(self, task: Task, batch_size: int = 250, trust_pickle: bool = False,
-                 edm_path: str | None = None, feature_weights: str | None = None, device: str = "auto",
-                 uvit_path: str | None = None, uvit_config: str | None = None,
-                 model: torch.nn.Module | None = None, sample: SampleFn | None = None,
-                 timestep_to_sigma: Callable | None = None, sigma_range: tuple[float, float] | None = None) -> None:
+    def __init__(self, task: Task, batch_size: int = 250, *, source: ModelSource | OwnModel | None = None,
+                 feature_weights: str | None = None, device: str = "auto") -> None:
         batch_size = check_int(batch_size, "batch", 1, MAX_BATCH)
         self.task = task
         self.feature_weights = feature_weights
@@ -88,30 +98,39 @@ class Evaluator:
         self.batch_size = batch_size
         self._extractor = None
         self._reference = None
-        self._sample = sample
-        if (model is None) != (sample is None) or (model is None) != (task.sampler != CUSTOM):
+        own = isinstance(source, OwnModel)
+        if own != (task.sampler == CUSTOM):
             raise InputError(f"a model of your own needs its sample function and a task with sampler {CUSTOM!r}; "
                              f"a model by name needs neither")
-        if model is None and task.sampler in SIGMA_SAMPLERS:
-            self._load_denoiser(trust_pickle, edm_path, uvit_path, uvit_config)
-            return
-        if model is None:  # a diffusers pipeline, sampled by its own __call__
-            run = self._load_pipeline()
-            model, sample, timestep_to_sigma = run.pipe, run.sample, run.timestep_to_sigma
-            sigma_range = (float(run.sigmas.min()), float(run.sigmas.max()))
-        else:  # the caller's model and sampling loop
+        if own:  # the caller's model and sampling loop
             self.model_info = {"name": task.model}
+            self.source = None
+            self._attach(source.model, source.sample, source.timestep_to_sigma, source.sigma_range)
+            return
+        source = ModelSource(task.model) if source is None else source
+        if not isinstance(source, ModelSource) or source.model != task.model:
+            raise InputError(f"the model source {source!r} is not that of the task's model {task.model}",
+                             option="model")
+        self.source = source
+        self._sample = None
+        if task.sampler in SIGMA_SAMPLERS:
+            self._load_denoiser()
+            return
+        run = self._load_pipeline()  # a diffusers pipeline, sampled by its own __call__
+        self._attach(run.pipe, run.sample, run.timestep_to_sigma, (float(run.sigmas.min()), float(run.sigmas.max())))
+
+    def _attach(self, model, sample: SampleFn, timestep_to_sigma: Callable | None,
+                sigma_range: tuple[float, float] | None) -> None:
         self.denoiser, self._sample = model, sample
         self.controller = SkipController(model, timestep_to_sigma)
         self.controller.attach()
         self._sigma_range = sigma_range
 
-    def _load_denoiser(self, trust_pickle: bool, edm_path: str | None, uvit_path: str | None,
-                       uvit_config: str | None) -> None:
-        """``task.model`` as a denoiser D(x, σ), on the task's σ grid."""
+    def _load_denoiser(self) -> None:
+        """The source's model as a denoiser D(x, σ), on the task's σ grid."""
         task = self.task
         self.steps = steps_for_nfe(task.sampler, task.nfe)
-        self.denoiser, self.model_info = load_denoiser(task.model, trust_pickle, edm_path, uvit_path, uvit_config)
+        self.denoiser, self.model_info = self.source.load()
         if task.prompts is not None:
             raise InputError(f"{task.model} takes no text; prompts and guidance are for text-to-image pipelines "
                              f"(Stable Diffusion style)", option="prompts")

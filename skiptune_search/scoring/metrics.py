@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..bundled import DEFAULT_REFERENCE
 from ..core.errors import FeatureWeightsError, InputError, ReferenceStatsError
 from ..core.files import atomic_path, open_input
 from . import DEFAULT_FEATURES, FEATURE_LAYERS, efficientnet_lite
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_REFERENCE = ASSETS / "fashion-mnist-test.efficientnet-lite0.npz"
 INCEPTION = "inception-v3-compat"
 
 
@@ -211,6 +210,16 @@ def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
     except np.linalg.LinAlgError:
         raise ReferenceStatsError(f"{where}: sigma has negative eigenvalues, so it is no covariance; compute the "
                                   f"statistics again", option="reference") from None
+
+
+def reference_inputs(reference: str | None) -> list[tuple]:
+    """The reference a run reads, as (what, path) pairs for the output guard: the bundled
+    statistics, an .npz, or a folder of images (none for the Fashion-MNIST data set)."""
+    if reference is None or reference.startswith("fashion-mnist:"):
+        return []
+    if reference == "bundled":
+        return [("the bundled reference statistics", DEFAULT_REFERENCE)]
+    return [("the reference", reference)]
 
 
 def load_images(source: str, data_dir: str | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from ..core.errors import InputError
 from ..core.limits import GUIDANCE_RANGE, MAX_N, MAX_NFE, MAX_SEED, SIZE_RANGE, check_float, check_int
-from ..models.loaders import DEFAULT_MODEL_NAME
+from ..bundled import DEFAULT_MODEL_NAME
 from ..sampling import SAMPLER_NAMES, SIGMA_GRIDS, SIGMA_SAMPLERS, canonical_sampler
 from ..sampling.samplers import check_sigma_grid, default_sigma_grid, steps_for_nfe
 from . import DEFAULT_FEATURES, FEATURE_LAYERS, OBJECTIVES, PRECISIONS
@@ -146,6 +146,11 @@ class Task:
 
             key["prompts_sha256"] = prompts_digest(self.prompts)
         return key
+
+
+def default_rungs(n: int) -> tuple[int, ...]:
+    """A search's rungs when none are given: (N/4, N), or just (N) when N/4 < 2."""
+    return (n // 4, n) if n // 4 >= 2 else (n,)
 
 
 def default_sampler(model: str) -> str:

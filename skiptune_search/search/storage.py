@@ -257,6 +257,18 @@ def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storag
                 time.sleep(0.5 * (attempt + 1))
 
 
+def run_files(storage_url: str | None) -> list[tuple[str, Path]]:
+    """The search's own files, as (what, path) pairs for the output guard: the SQLite files of
+    ``storage_url`` and of the default storage (the tool's own in any run), their artifacts."""
+    from ..core.files import sqlite_files
+    from . import DEFAULT_STORAGE
+
+    files = []
+    for url in dict.fromkeys((storage_url or DEFAULT_STORAGE, DEFAULT_STORAGE)):
+        files += [("the study storage", p) for p in sqlite_files(url)] + [("the study artifacts", artifact_dir(url))]
+    return files
+
+
 def artifact_dir(storage_url: str) -> Path:
     """Where trial artifacts (sample grids) go: beside a SQLite file, else studies/artifacts."""
     path = sqlite_file(storage_url)

@@ -1,7 +1,9 @@
 """A search from start to export, in one place for the CLI and for Python.
 
 ``prepare`` turns an evaluator (a task's model, ready to score) and the search settings into a
-space and an opened study; ``tune`` is the whole search for a model and sampling loop of your own:
+space and an opened study; ``run`` is a whole search (checks, study, workers, export: the
+command line's ``search`` only gathers its options and calls it); ``tune`` is ``run`` for a model
+and sampling loop of your own:
 
 >>> from skiptune_search.search.tune import tune
 >>> best = tune(unet, my_sample, name="my-unet", reference="ref.npz", trials=16)   # doctest: +SKIP
@@ -10,8 +12,9 @@ space and an opened study; ``tune`` is the whole search for a model and sampling
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import optuna
 import torch
@@ -23,13 +26,15 @@ from ..core.limits import (
     MAX_BATCH, MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, check_float, check_int, check_rho_range,
 )
 from ..core.schedule import FAMILIES, PLACEMENTS, RhoSchedule, split_family
+from ..models.source import ModelSource
 from ..scoring import DEFAULT_FEATURES
-from ..scoring.evaluator import Evaluator, SampleFn, check_bundled_reference
-from ..scoring.task import CUSTOM, Task
+from ..scoring.evaluator import Evaluator, OwnModel, SampleFn, check_bundled_reference
+from ..scoring.metrics import reference_inputs
+from ..scoring.task import CUSTOM, Task, default_rungs
 from . import DEFAULT_STORAGE, OPTIMIZERS
 from .objective import run_search
 from .space import Space, log_spaced_knots
-from .storage import artifact_dir, make_storage
+from .storage import artifact_dir, make_storage, shown_url
 from .study import check_study_name, default_study_name, export_best, open_study
 
 
@@ -49,10 +54,21 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
                             f"normalization at the decoder input, so only input applies: use placement input",
                             option="placement")
     space = make_space(evaluator, family, placement, rho_range, knots, freeu_window, freeu_variant)
-    name = check_study_name(study) if study else default_study_name(evaluator.task, space)
+    name = check_study_name(study) if study else study_name(evaluator.task, space)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
                         search_seed, optimizer, parallel, warm_start)
     return space, opened
+
+
+def study_name(task: Task, space: Space) -> str:
+    """A study's name when none is given: MODEL-SAMPLER-nfeNFE-FAMILY-PLACEMENT
+    (``study.default_study_name``); for a model of your own (sampler ``CUSTOM``) NAME-FAMILY-PLACEMENT,
+    with the FreeU variant and -allsteps (no window) as they apply."""
+    if task.sampler != CUSTOM:
+        return default_study_name(task, space)
+    variant = "" if space.freeu_variant == "v1-stages" or not space.with_freeu else f"-{space.freeu_variant}"
+    window = "" if space.freeu_window or not space.with_freeu else "-allsteps"
+    return f"{check_study_name(task.model)}-{space.family}{variant}{window}-{space.placement}"
 
 
 def check_window_family(family: str, freeu_window: bool, freeu_variant: str = "v1-stages") -> bool:
@@ -166,6 +182,116 @@ def check_tune_arguments(args: dict) -> None:
     _check_path(args["out"], "out")
 
 
+@dataclass
+class Outcome:
+    """What a search ended with: its study and space, the task, the exported best schedule, the
+    baseline trial (None when unfinished) and where the schedule was written (None: nowhere)."""
+
+    study: optuna.Study
+    space: Space
+    task: Task
+    best: RhoSchedule
+    baseline: optuna.trial.FrozenTrial | None
+    out: Path | None
+
+
+OBJECTIVE_LABELS = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}
+
+
+def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: str = DEFAULT_STORAGE,
+        study: str | None = None, family: str = "linear", placement: str = "input",
+        rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
+        freeu_variant: str = "v1-stages", optimizer: str = "tpe", search_seed: int = 0, warm_start: bool = True,
+        heartbeat: int | None = 60, trials: int = 16, timeout: float | None = None, workers: int = 1,
+        threads: int = 0, batch_size: int = 250, feature_weights: str | None = None, device: str = "auto",
+        out: str | os.PathLike | None = None, default_out: bool = True, read: Sequence[tuple] = (),
+        say: Callable[[str], None] | None = None, progress: bool | None = None,
+        check_loop: bool = False) -> Outcome:
+    """A whole search, the one composition root of the CLI's ``search`` and of ``tune``: check the
+    settings and outputs before the model loads, build the task (``task``: Task's fields; rungs
+    None for (N/4, N)) and its evaluator on ``source`` (default: the task's model by name), open
+    or resume the study (named after the task unless ``study`` is given), run the trials here and
+    in ``workers - 1`` worker processes (``workers.spawn``; stopped with this one), export the best
+    schedule to ``out`` (default, with ``default_out``: studies/STUDY.best.json). ``read``: more
+    files the run reads, kept from being written (the CLI's config file); ``say`` gets each line
+    a search prints before its summary (a trial's when it ends); ``check_loop``: sample one image
+    first (a loop of your own, checked before any trial)."""
+    from . import workers as W
+    from .objective import trial_line
+    from .optimizers import unpruned_rungs
+    from .storage import check_storage_url, run_files
+    from .study import baseline_trial, finished_trials, queued_warm_starts
+
+    say = say or (lambda line: None)
+    check_window_family(family, freeu_window, freeu_variant)  # before the model loads
+    check_rho_range(rho_range)
+    if study is not None:
+        check_study_name(study)
+    check_storage_url(storage)  # an in-memory storage: before the model loads
+    own = isinstance(source, OwnModel)
+    source = source if source is not None else ModelSource(task.get("model", Task.model))
+    read = [*([] if own else source.inputs()), ("the prompt file", task.get("prompts")),
+            *reference_inputs(task.get("reference", Task.reference)),
+            ("the feature extractor weights", feature_weights), *read, *run_files(storage)]
+    if out is not None:  # before any work: not the storage, nor anything the run reads
+        check_output(out, read)
+    if workers > 1:
+        W.own_setup(workers)
+    task = Task(**{**task, "rungs": default_rungs(task.get("n", Task.n)) if task.get("rungs") is None
+                   else task["rungs"]})
+    if task.reference == "bundled" and own:  # refused before your model is hooked: it has no record of its data
+        check_bundled_reference(task.model, None)
+    if workers > 1 and not own:
+        source = source.resolved()  # the workers load the same kind (one registered here alone is refused)
+    evaluator = Evaluator(task, batch_size, source=source, feature_weights=feature_weights, device=device)
+    evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
+    if check_loop:
+        evaluator.images(evaluator.controller.identity(), seeds=[task.seed], progress=False)
+    settings = dict(family=family, placement=placement, rho_range=tuple(rho_range), knots=knots,
+                    freeu_window=freeu_window, freeu_variant=freeu_variant, study=study, heartbeat=heartbeat,
+                    search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
+    space, opened = prepare(evaluator, storage, **settings, parallel=workers > 1)
+    name = opened.study_name
+    if out is None and default_out:  # the default beside the study, checked as soon as its name is known
+        out = Path("studies") / f"{name}.best.json"
+        check_output(out, read)
+    label = OBJECTIVE_LABELS[task.objective]
+    say(f"study {name!r} in {shown_url(storage)}: {finished_trials(opened)} finished trials so far; "
+        f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
+        f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
+        f"objective {task.objective}, {task.precision}")
+    if warm := queued_warm_starts(opened):
+        say("warm start: after the baseline, the best of " + ", ".join(
+            f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
+    if unchecked := unpruned_rungs(task.rungs):
+        say(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
+            f"{','.join(map(str, unchecked))} report FID but never prune")
+
+    def report(study, trial) -> None:
+        if line := trial_line(study, trial, task.objective):
+            say(line)
+
+    share, children = None, []
+    if workers > 1:
+        shares = W.split(max(0, trials - finished_trials(opened)), workers)
+        say(f"{workers} workers: {', '.join(map(str, shares))} trials")
+        children = W.spawn(shares, W.job(task, source, dict(batch_size=batch_size, feature_weights=feature_weights,
+                                                            device=device),
+                                         storage, {**settings, "study": name}, trials, timeout, threads))
+        share = shares[0]
+    with W.stopped_with(children):  # interrupted: the workers are stopped and waited for first
+        run_search(evaluator, opened, space, trials, timeout, on_trial=report, artifacts=artifact_dir(storage),
+                   share=share, progress=workers == 1 if progress is None else progress)
+        failed = W.wait(children)
+    if failed:
+        raise StudyError(f"{failed} worker(s) failed; rerun the same command to finish the study")
+    base = baseline_trial(opened)
+    best = export_best(opened, storage)
+    if out is not None:
+        best.save(out)
+    return Outcome(opened, space, task, best, base, Path(out) if out is not None else None)
+
+
 def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str, trials: int = 16,
          n: int = 1000, rungs: tuple[int, ...] | None = None, seed: int = 0, nfe: int = 1,
          features: str = DEFAULT_FEATURES, objective: str = "fid", family: str = "linear",
@@ -178,42 +304,24 @@ def tune(model: torch.nn.Module, sample: SampleFn, *, name: str, reference: str,
     """Run (or resume) the study for ``model`` (any module the adapters understand, or one holding
     it at .unet/.net/.model) sampled by your own ``sample(seeds) -> uint8 images [N, C, H, W]``
     (sample i from seeds[i], the same in every call): the same storage, rungs, pruning, first
-    trials, dashboard artifacts and export as ``skiptune-search search``. ``name`` labels the
-    model (study names, the schedule's tuned_for), ``nfe`` your sampler's model calls (a label);
-    ``reference`` is an .npz of reference statistics or a folder of images ('bundled', Fashion-MNIST's
-    statistics, is refused: nothing says your model was trained on Fashion-MNIST). Every argument
-    is checked (``check_tune_arguments``, with the command line's bounds) before anything loads or
-    is written: a wrong one is one InputError naming it. σ-dependent families
-    need ``sigma_range`` (the σ your sampler visits) and, unless the model sits in an EDM-style
-    Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU families with their σ window);
-    ``freeu_window=False`` makes a FreeU family act at every σ (as ``search --no-window``), needing
-    neither; ``freeu_variant`` the FreeU function searched (as ``search --freeu-variant``). A new
-    study first tries (after the untuned model) the best of the same search's studies at other NFEs
-    in ``storage``, unless ``warm_start`` is off. Returns the best schedule, also written to ``out``."""
+    trials, dashboard artifacts and export as ``skiptune-search search`` (both are ``run``).
+    ``name`` labels the model (study names, the schedule's tuned_for), ``nfe`` your sampler's
+    model calls (a label); ``reference`` is an .npz of reference statistics or a folder of images
+    ('bundled', Fashion-MNIST's statistics, is refused: nothing says your model was trained on
+    Fashion-MNIST). Every argument is checked (``check_tune_arguments``, with the command line's
+    bounds) before anything loads or is written: a wrong one is one InputError naming it.
+    σ-dependent families need ``sigma_range`` (the σ your sampler visits) and, unless the model
+    sits in an EDM-style Precond wrapper, ``timestep_to_sigma`` (per_noise, and the FreeU
+    families with their σ window); ``freeu_window=False`` makes a FreeU family act at every σ (as
+    ``search --no-window``), needing neither; ``freeu_variant`` the FreeU function searched (as
+    ``search --freeu-variant``). A new study first tries (after the untuned model) the best of
+    the same search's studies at other NFEs in ``storage``, unless ``warm_start`` is off.
+    Returns the best schedule, also written to ``out``."""
     check_tune_arguments(locals())
-    check_window_family(family, freeu_window, freeu_variant)
-    if out is not None:  # before any work: not the storage, the reference or the weights this run reads
-        from ..scoring.metrics import DEFAULT_REFERENCE
-
-        ref = DEFAULT_REFERENCE if reference == "bundled" else reference
-        check_output(out, [("the reference", ref), ("the feature extractor weights", feature_weights)],
-                     storage=storage)
-    task = Task(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
-                rungs=rungs if rungs is not None else ((n // 4, n) if n // 4 >= 2 else (n,)), objective=objective)
-    if task.reference == "bundled":  # refused before your model is hooked: it has no record of its training data
-        check_bundled_reference(name, None)
-    evaluator = Evaluator(task, batch_size, feature_weights=feature_weights, model=model, sample=sample,
-                          timestep_to_sigma=timestep_to_sigma, sigma_range=sigma_range)
-    evaluator.check_reference()
-    evaluator.images(evaluator.controller.identity(), seeds=[seed], progress=False)  # the loop's output, checked
-    space, opened = prepare(evaluator, storage, family=family, placement=placement, rho_range=rho_range,
-                            knots=knots, freeu_window=freeu_window, freeu_variant=freeu_variant,
-                            study=study or (f"{check_study_name(name)}-{family}"
-                                            f"{'' if freeu_variant == 'v1-stages' else '-' + freeu_variant}"
-                                            f"{'' if freeu_window else '-allsteps'}-{placement}"),
-                            search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
-    run_search(evaluator, opened, space, trials, artifacts=artifact_dir(storage), progress=progress)
-    best = export_best(opened, storage)
-    if out is not None:
-        best.save(out)
-    return best
+    task = dict(model=name, sampler=CUSTOM, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
+                rungs=rungs, objective=objective)
+    return run(task, OwnModel(model, sample, timestep_to_sigma, sigma_range), storage=storage, study=study,
+               family=family, placement=placement, rho_range=rho_range, knots=knots, freeu_window=freeu_window,
+               freeu_variant=freeu_variant, optimizer=optimizer, search_seed=search_seed, warm_start=warm_start,
+               trials=trials, batch_size=batch_size, feature_weights=feature_weights, out=out, default_out=False,
+               progress=progress, check_loop=True).best

@@ -2,7 +2,7 @@
 
 The search command starts each worker through the library, never through the command line:
 ``python -P -c`` (nothing imported from the working folder) runs ``main`` here, which reads its
-whole job (the task, the model's options, the study, its share of the trials) as one JSON line
+whole job (the task, the model source, the study, its share of the trials) as one JSON line
 from an inherited pipe, its stdin. So the storage URL, password included, is on no command line
 (``ps`` shows every user the command lines). Each worker is pinned to one GPU when there are GPUs
 (``CUDA_VISIBLE_DEVICES`` is respected) and given its share of CPU threads otherwise.
@@ -49,12 +49,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def job(task, model: dict, storage: str, search: dict, trials: int, timeout: float | None, threads: int = 0) -> dict:
-    """What a worker needs to run its share: ``task`` (a Task), ``model`` (Evaluator's keyword
-    arguments), ``storage``, ``search`` (``tune.prepare``'s keyword arguments, the study's name
-    among them), the study's trial count and timeout."""
-    return {"task": dataclasses.asdict(task), "model": model, "storage": storage, "search": search,
-            "trials": trials, "timeout": timeout, "threads": threads}
+def job(task, source, evaluator: dict, storage: str, search: dict, trials: int, timeout: float | None,
+        threads: int = 0) -> dict:
+    """What a worker needs to run its share: ``task`` (a Task), ``source`` (the ModelSource, its
+    kind named), ``evaluator`` (Evaluator's keyword arguments: batch_size, feature_weights,
+    device), ``storage``, ``search`` (``tune.prepare``'s keyword arguments, the study's name among
+    them), the study's trial count and timeout."""
+    return {"task": dataclasses.asdict(task), "source": source.to_dict(), "evaluator": evaluator,
+            "storage": storage, "search": search, "trials": trials, "timeout": timeout, "threads": threads}
 
 
 def spawn(shares: list[int], work: dict) -> list[subprocess.Popen]:
@@ -188,6 +190,7 @@ def _stop_when_parent_ends() -> None:
 def run(work: dict) -> None:
     import torch
 
+    from ..models.source import ModelSource
     from ..scoring.evaluator import Evaluator
     from ..scoring.task import Task
     from .objective import run_search, trial_line
@@ -198,7 +201,7 @@ def run(work: dict) -> None:
     if work["threads"]:
         torch.set_num_threads(work["threads"])
     task = Task(**work["task"])
-    evaluator = Evaluator(task, **work["model"])
+    evaluator = Evaluator(task, source=ModelSource.from_dict(work["source"]), **work["evaluator"])
     evaluator.check_reference()
     search = {**work["search"], "rho_range": tuple(work["search"]["rho_range"])}
     space, study = prepare(evaluator, work["storage"], **search, parallel=True)
