@@ -34,6 +34,117 @@ def _imports(path: Path, module_level: bool = False) -> list[str]:
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
+# The layers, lowest first: a module imports only from its own layer's package or from lower layers.
+# The bundled model's constants and its data reader sit just above the core (models and scoring
+# read them); its training and model card use models and scoring, beside search.
+LAYERS = [("core", ("skiptune_search", "skiptune_search.core")),
+          ("bundled data", ("skiptune_search.bundled", "skiptune_search.bundled.data")),
+          ("sampling", ("skiptune_search.sampling",)),
+          ("models", ("skiptune_search.models",)),
+          ("scoring", ("skiptune_search.scoring",)),
+          ("search", ("skiptune_search.search", "skiptune_search.bundled.card", "skiptune_search.bundled.training")),
+          ("bench", ("skiptune_search.bench",)),
+          ("cli", ("skiptune_search.cli",)),
+          ("comfyui", ("skiptune_search.comfyui",))]  # a front end of the core alone (test below)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> tuple[int, str]:
+    """(rank, package) of a module: the most specific entry of LAYERS naming it or a package above it."""
+    best = max(((len(prefix), rank, prefix) for rank, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+                if module == prefix or module.startswith(prefix + ".") and prefix != "skiptune_search"),
+               default=None)
+    assert best is not None, f"{module} is in no layer of tests/test_layout.py"
+    return best[1], best[2]
+
+
+def _outside_type_checking(tree: ast.AST):
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (which never run)."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            for node in child.orelse:
+                yield node
+                yield from _outside_type_checking(node)
+            continue
+        yield child
+        yield from _outside_type_checking(child)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports anywhere (function-level imports included,
+    ``if TYPE_CHECKING`` excluded); ``from . import x`` counts as x where x is a module."""
+    known = {_module_name(p) for p in MODULES}
+    graph = {}
+    for path in MODULES:
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in _outside_type_checking(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
+                full = ".".join(p for p in (base, node.module or "") if p)
+                found |= {f"{full}.{a.name}" if f"{full}.{a.name}" in known else full for a in node.names}
+        graph[name] = {m for m in found if m in known and m != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_circle_finder_finds_circles():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_in_a_circle():
+    assert circles(import_graph()) == []
+
+
+def test_every_import_runs_down_the_layers():
+    """core <- bundled data <- sampling <- models <- scoring <- search (and the bundled model's
+    training and card) <- bench <- cli: within a package or downward, never up or sideways."""
+    graph = import_graph()
+    assert len(graph) > 40 and sum(map(len, graph.values())) > 150
+    wrong = []
+    for module, imported in graph.items():
+        rank, package = _layer(module)
+        for other in imported:
+            other_rank, other_package = _layer(other)
+            if other_rank > rank or other_rank == rank and other_package != package:
+                wrong.append(f"{module} ({LAYERS[rank][0]}) imports {other} ({LAYERS[other_rank][0]})")
+    assert wrong == []
+
 
 def test_the_core_imports_nothing_else_of_the_package_and_no_optuna_or_cli():
     for path in (PACKAGE / "core").glob("*.py"):

@@ -13,7 +13,6 @@ import functools
 import math
 import signal
 import sys
-from pathlib import Path
 
 import click
 

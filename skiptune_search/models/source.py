@@ -105,9 +105,15 @@ class ModelSource:
         raise ModelLoadError(f"model {self.model} not found: use {', '.join(whats[:-1])}, or {whats[-1]}",
                              option="model")
 
-    def resolved(self) -> "ModelSource":
-        """This source with its kind named (what a worker process gets)."""
-        return self if self.kind is not None else ModelSource(**{**self.to_dict(), "kind": self.model_kind().name})
+    def for_workers(self) -> "ModelSource":
+        """This source with its kind named, for worker processes (``search.workers``): they know
+        the built-in kinds alone, so a kind registered from Python is refused here, before any
+        worker starts."""
+        kind = self.model_kind().name
+        if kind not in BUILT_IN_KINDS:
+            raise InputError(f"model kind {kind!r} was registered in this process, and worker processes know only "
+                             f"the built-in kinds ({', '.join(BUILT_IN_KINDS)}): use one worker", option="workers")
+        return ModelSource(**{**self.to_dict(), "kind": kind})
 
     def load(self):
         """The denoiser D(x, σ) of the model and its info (name, resolution, channels, σ range)."""
@@ -243,6 +249,7 @@ class EDMPickle(ModelKind):
 
 for _kind in (ModelFolder(), Pipeline(), UViT(), EDMPickle()):
     register_model_kind(_kind)
+BUILT_IN_KINDS = tuple(reversed(model_kinds()))
 
 __all__ = ["ModelKind", "ModelSource", "load_denoiser", "model_kinds", "register_model_kind",
            "unregister_model_kind"]

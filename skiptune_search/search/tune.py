@@ -242,7 +242,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     if task.reference == "bundled" and own:  # refused before your model is hooked: it has no record of its data
         check_bundled_reference(task.model, None)
     if workers > 1 and not own:
-        source = source.resolved()  # the workers load the same kind (one registered here alone is refused)
+        source = source.for_workers()  # the workers load the same kind (one registered here alone is refused)
     evaluator = Evaluator(task, batch_size, source=source, feature_weights=feature_weights, device=device)
     evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
     if check_loop:
