@@ -15,6 +15,11 @@ from .common import (
 )
 
 RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
+# the options that are the task's fields (rungs parsed apart), and those run() takes as they are
+TASK_OPTIONS = ("model", "sampler", "nfe", "n", "seed", "features", "reference", "objective", "sigma_grid", "prompts",
+                "guidance", "height", "width", "precision")
+SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_window", "freeu_variant", "optimizer",
+                  "search_seed", "warm_start", "heartbeat", "trials", "timeout", "workers", "threads", "device", "out")
 
 
 @click.command()
@@ -79,10 +84,7 @@ RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="Seconds between a running trial's heartbeats; a trial whose worker died is retried "
                    "after two missed beats (0: off; on this machine a dead worker's trial is retried at once).")
 @friendly
-def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width, precision,
-           sampler, nfe, seed, threads, device, storage, study, family, placement, freeu_window, freeu_variant, knots, trials, n, rungs, objective,
-           rho_min, rho_max, batch, features,
-           inception_weights, reference, timeout, out, optimizer, search_seed, workers, warm_start, heartbeat) -> None:
+def search(**options) -> None:
     """Run (or resume) the Optuna study for one model, sampler, NFE, family and placement.
 
     The first trial is the untuned model (ρ = 1 everywhere); for the FreeU families the next is
@@ -100,20 +102,16 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     from ..search.study import params_at_edge
     from ..search.tune import OBJECTIVE_LABELS, run
 
-    if rho_min >= rho_max:
-        raise UserError(f"need --rho-min < --rho-max, got {rho_min} and {rho_max}")
-    torch_setup(threads)
-    task = dict(model=model, sampler=sampler, nfe=nfe, n=n, seed=seed, features=features, reference=reference,
-                rungs=parse_rungs(rungs, n), objective=objective, sigma_grid=sigma_grid, prompts=prompts,
-                guidance=guidance, height=height, width=width, precision=precision)
-    result = run(task, model_source(model, trust_pickle, edm_path, uvit_path, uvit_config), storage=storage,
-                 study=study, family=family, placement=placement, rho_range=(rho_min, rho_max), knots=knots,
-                 freeu_window=freeu_window, freeu_variant=freeu_variant, optimizer=optimizer,
-                 search_seed=search_seed, warm_start=warm_start, heartbeat=heartbeat, trials=trials,
-                 timeout=timeout, workers=workers, threads=threads, batch_size=batch,
-                 feature_weights=inception_weights, device=device, out=out,
+    o = options
+    if o["rho_min"] >= o["rho_max"]:
+        raise UserError(f"need --rho-min < --rho-max, got {o['rho_min']} and {o['rho_max']}")
+    torch_setup(o["threads"])
+    task = {name: o[name] for name in TASK_OPTIONS} | {"rungs": parse_rungs(o["rungs"], o["n"])}
+    source = model_source(o["model"], o["trust_pickle"], o["edm_path"], o["uvit_path"], o["uvit_config"])
+    result = run(task, source, **{name: o[name] for name in SEARCH_OPTIONS},
+                 rho_range=(o["rho_min"], o["rho_max"]), batch_size=o["batch"], feature_weights=o["inception_weights"],
                  read=[("the config file", config_read())], say=click.echo)
-    label, base, schedule, name = OBJECTIVE_LABELS[objective], result.baseline, result.best, result.study.study_name
+    label, base, schedule = OBJECTIVE_LABELS[o["objective"]], result.baseline, result.best
     rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
     click.echo(f"baseline {label} (ρ = 1): {base.value:.4g}" if base else f"baseline {label}: not finished")
@@ -126,9 +124,10 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     for line in freeu_lines(schedule, prefix="best "):
         click.echo(line)
     if edge := params_at_edge(schedule.params, result.space.rho_range):
-        click.echo(f"note: {', '.join(edge)} at the edge of the range [{rho_min:g}, {rho_max:g}]: the optimum may "
-                   f"lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")
-    click.echo(f"study storage:        {shown_url(storage)}  (study {name!r})")
+        low, high = o["rho_min"], o["rho_max"]
+        click.echo(f"note: {', '.join(edge)} at the edge of the range [{low:g}, {high:g}]: the optimum "
+                   f"may lie outside it; try a wider --rho-min/--rho-max in a new study (--study NEW_NAME)")
+    click.echo(f"study storage:        {shown_url(o['storage'])}  (study {result.study.study_name!r})")
     click.echo(f"best schedule:        {result.out}")
 
 

@@ -1,2 +1,4 @@
-"""Models as denoisers D(x, σ): ``loaders`` (a name, folder, pipeline or pickle to a denoiser and
-its facts, offline), ``denoisers`` (EDM preconditioning, diffusers VP models), ``prompts``."""
+"""Models as denoisers D(x, σ): ``source`` (the model source and the registered model kinds,
+each of which loads its sources), ``loaders`` (model folders, EDM/EDM2 pickles), ``pipelines``
+(diffusers), ``edm2``, ``uvit``, ``denoisers`` (EDM preconditioning, diffusers VP models),
+``prompts``."""

@@ -45,7 +45,8 @@ class ModelSource:
     def __post_init__(self) -> None:
         model = DEFAULT_MODEL_NAME if self.model is None else self.model
         if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
-            raise InputError(f"model = {model!r} is not a model name or path", option="model")
+            raise InputError(f"model = {model!r} is not a model name or path: name one (e.g. {DEFAULT_MODEL_NAME})",
+                             option="model")
         if not isinstance(self.trust_pickle, bool):
             raise InputError(f"trust_pickle = {self.trust_pickle!r} is not True or False", option="trust_pickle")
         if not isinstance(self.checkouts, Mapping):
@@ -56,7 +57,8 @@ class ModelSource:
             if path is None:
                 continue
             if not isinstance(name, str) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-                raise InputError(f"checkout {name!r}: {path!r} is not a folder path", option=f"{name}_path")
+                raise InputError(f"{path!r} is not the path of a checkout of the {CHECKOUTS.get(name, name)} code: give "
+                                 f"its folder, or leave it out", option=f"{name}_path")
             checkouts[name] = os.fspath(path)
         for name, value in (("config", self.config), ("kind", self.kind)):
             if value is not None and (not isinstance(value, str) or not value):
