@@ -49,6 +49,7 @@ class UserError(click.ClickException):
 
 # what an interrupted command kept, by command
 _RESUME_HINTS = {"search": ": every finished trial is saved; rerun the same command to resume",
+                 "eye": ": every choice is saved in the study; rerun the same command to go on, or export it",
                  "bench": ": every finished point is saved under --work; rerun the same command to resume",
                  "train_default": ": rerun the same command to resume from the last saved state (--state)"}
 

@@ -517,6 +517,11 @@ def _check_json(data: Any, where: str) -> None:
             f.number(metric[key], f"metric.{key}", optional=True)
     if "n" in metric:
         f.integer(metric["n"], "metric.n", 2, MAX_SEED)
+    # chosen by eye (a preferential study): the number of choices (sets judged) behind it, no value
+    f.need(metric.get("name") != "eye" or "comparisons" in metric, "metric.comparisons", None,
+           "present when metric.name is 'eye' (the number of choices behind the schedule)")
+    if "comparisons" in metric:
+        f.integer(metric["comparisons"], "metric.comparisons", 1, MAX_SEED)
     if "seeds" in metric:
         seeds = metric["seeds"]
         parts = seeds.split("-") if isinstance(seeds, str) else []

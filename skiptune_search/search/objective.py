@@ -167,14 +167,19 @@ class Objective:
         return same.value
 
     def _upload_grid(self, trial: optuna.Trial, images) -> None:
-        from optuna.artifacts import upload_artifact
+        upload_grid(self.store, trial, images[:64], nrow=8)
 
-        from ..sampling.images import save_grid
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid(images[:64], Path(tmp) / f"trial-{trial.number}-samples.png", nrow=8)
-            upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
-                            mimetype="image/png")
+def upload_grid(store, trial: optuna.Trial, images, nrow: int | None = None) -> str:
+    """``images`` (uint8 [N, C, H, W]) as one PNG grid, uploaded as ``trial``'s artifact named by
+    its trial number (the number optuna-dashboard shows); returns the artifact's id."""
+    from optuna.artifacts import upload_artifact
+
+    from ..sampling.images import save_grid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_grid(images, Path(tmp) / f"trial-{trial.number}-samples.png", nrow=nrow)
+        return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
 
 
 def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float],
