@@ -518,8 +518,8 @@ def _check_json(data: Any, where: str) -> None:
     if "n" in metric:
         f.integer(metric["n"], "metric.n", 2, MAX_SEED)
     # chosen by eye (a preferential study): the number of choices (sets judged) behind it, no value
-    f.need(metric.get("name") != "eye" or "comparisons" in metric, "metric.comparisons", None,
-           "present when metric.name is 'eye' (the number of choices behind the schedule)")
+    if metric.get("name") == "eye" and "comparisons" not in metric:
+        raise f.fail("metric", "is 'eye' (chosen by eye) but has no comparisons (the number of choices behind it)")
     if "comparisons" in metric:
         f.integer(metric["comparisons"], "metric.comparisons", 1, MAX_SEED)
     if "seeds" in metric:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from ..models.loaders import weights_fingerprint
 from ..scoring.task import Task, with_legacy_defaults
 from . import interrupts
 from .objective import calls_key, upload_grid
-from .space import Space
+from .space import FIRST_MARKS, Space
 from .storage import make_storage, shown_url, storage_faults
 from .study import (
     MARKER, _check_settings, _create_or_wait, _process_gone, check_study_name, is_eye, is_own, load_own_study,
@@ -169,14 +170,14 @@ def _check_source(source: optuna.Study, space: Space, top: int) -> dict:
 
 
 def best_of(source: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``top`` best completed trials of a FID study, lowest value first: not its untuned
-    baseline (always a candidate), and no two that sample the same images."""
+    """The ``top`` best completed trials of a FID study, lowest value first: not its first trials
+    (the untuned model, preset and ramp are candidates anyway), and no two that sample the same images."""
     complete = sorted(source.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
                       key=lambda t: t.value)
     picked, keys = [], set()
     for t in complete:
         key = t.user_attrs.get("calls_key") or repr(sorted(t.params.items()))
-        if t.user_attrs.get("baseline") or "same_as" in t.user_attrs or key in keys:
+        if any(t.user_attrs.get(m) for m in FIRST_MARKS) or "same_as" in t.user_attrs or key in keys:
             continue
         keys.add(key)
         picked.append(t)
@@ -189,13 +190,17 @@ def _queue_first(study: optuna.Study, space: Space, skips, source: optuna.Study 
     """Queue each first candidate and (mixed mode) each of the FID study's best that the study
     does not hold yet (failed ones are queued again)."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
-    for attr, params in space.first_trials(skips, "tpe"):
-        if not any(t.user_attrs.get(attr) for t in trials):
-            study.enqueue_trial(params, user_attrs=space.marks(attr))
+    queue = [(params, space.marks(attr)) for attr, params in space.first_trials(skips, "tpe")
+             if not any(t.user_attrs.get(attr) for t in trials)]
     for best in best_of(source, top) if source is not None else ():
         mark = {"study": source.study_name, "trial": best.number, "value": best.value}
         if not any(t.user_attrs.get("fid_trial") == mark for t in trials):
-            study.enqueue_trial(best.params, user_attrs={"fid_trial": mark})
+            queue.append((best.params, {"fid_trial": mark}))
+    # in an order of the study's own: the dashboard names a candidate by its trial number, and the
+    # untuned model should not always be trial 0
+    random.Random(study.study_name).shuffle(queue)
+    for params, marks in queue:
+        study.enqueue_trial(params, user_attrs=marks)
 
 
 def _fail_half_rendered(study: optuna.Study) -> list[int]:
