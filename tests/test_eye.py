@@ -271,16 +271,18 @@ def test_a_person_in_chromium_steers_the_search_to_their_taste(tiny_model_dir, t
         options.add_argument(arg)
     options.binary_location = shutil.which("chromium")
     browser = None
-    first_set, clicks = None, []
+    first_set, clicks, path = None, [], []  # path: the preferred candidate's distance after each choice
     try:
         deadline = time.monotonic() + 900
         study = None
         while study is None:
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
             try:
-                study = optuna.load_study(study_name=name, storage=url)
-            except (KeyError, ValueError):
-                time.sleep(1)
+                if (tmp_path / "studies" / "skiptune.db").exists():
+                    study = optuna.load_study(study_name=name, storage=url)
+            except KeyError:  # not created yet
+                pass
+            time.sleep(1)
         browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         page = f"http://127.0.0.1:{port}/{eye.study_page(study)}"
         while eye.choices(study) < rounds:
@@ -310,6 +312,7 @@ def test_a_person_in_chromium_steers_the_search_to_their_taste(tiny_model_dir, t
             while eye.choices(study) == made:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
+            path.append(round(distance(eye.preferred_trial(study)[0].params), 3))
         out, _ = process.communicate(timeout=120)
     finally:
         if browser is not None:
@@ -321,7 +324,7 @@ def test_a_person_in_chromium_steers_the_search_to_their_taste(tiny_model_dir, t
     chosen = distance(schedule.params)
     print(f"\nscripted person: {rounds} choices, sets of {show}; first set's distances to the target "
           f"{[round(d, 3) for d in first_set]}; clicked worst {clicks}; chosen trial {schedule.source['trial']} "
-          f"{schedule.params} at distance {chosen:.3f}")
+          f"{schedule.params} at distance {chosen:.3f}; the preferred one's distance after each choice {path}")
     assert schedule.metric["comparisons"] == rounds
     history = [k for k in eye._system_attrs(optuna.load_study(study_name=name, storage=url))
                if k.startswith("preference:history")]
