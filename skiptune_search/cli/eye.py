@@ -78,6 +78,7 @@ def eye(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, promp
     was chosen by eye. With --from-study, a FID study's best trials are candidates too, so your
     time goes to the close calls. Needs the eye extra: pip install 'skiptune-search[eye]'.
     """
+    from ..core.errors import StudyError
     from ..scoring.evaluator import Evaluator
     from ..scoring.task import Task
     from ..search import eye as E
@@ -95,14 +96,19 @@ def eye(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, promp
         check_address(host, port)  # before the model loads
     out_path = Path(out) if out else None
     source = None
+    ctx = click.get_current_context()
+    if from_study is None and ctx.get_parameter_source("top") != click.core.ParameterSource.DEFAULT:
+        raise UserError("--top: it counts the best trials of --from-study; give --from-study NAME too")
     if from_study is not None:
-        ctx = click.get_current_context()
         given = [p for p in FROM_STUDY if ctx.get_parameter_source(p) not in
                  (click.core.ParameterSource.DEFAULT, None)]
         if given:
             flag = next(max(p.opts, key=len) for p in ctx.command.params if p.name == given[0])
             raise UserError(f"{flag}: the eye study takes it from --from-study {from_study}; leave it out")
-        source = load_own_study(make_storage(storage, heartbeat=None, create=False), from_study, shown_url(storage))
+        try:
+            source = load_own_study(make_storage(storage, heartbeat=None, create=False), from_study, shown_url(storage))
+        except StudyError as exc:  # it names the study the FID search ran: here, --from-study
+            raise StudyError(str(exc), option="from_study") from None
         task_key = study_settings(source)["task"]
         if ctx.get_parameter_source("model") == click.core.ParameterSource.DEFAULT:
             refuse_trust_for(task_key["model"], f"the study {from_study!r}", trust_pickle)
