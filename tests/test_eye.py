@@ -4,7 +4,6 @@ and (slow) a scripted person in headless Chromium on the dashboard's own page.""
 
 import json
 import math
-import os
 import re
 import shutil
 import signal

@@ -34,7 +34,7 @@ from .objective import calls_key, upload_grid
 from .space import FIRST_MARKS, Space
 from .storage import make_storage, shown_url, storage_faults
 from .study import (
-    MARKER, _check_settings, _create_or_wait, _process_gone, check_study_name, is_eye, is_own, load_own_study,
+    MARKER, _check_settings, _create_or_wait, _process_gone, check_study_name, is_eye, is_own,
     study_layout, study_settings, study_space, tuned_for, worker_id,
 )
 
@@ -372,10 +372,3 @@ def run_eye(evaluator, pstudy, space: Space, target: int, artifacts: Path,
         interrupts.check()
     return made
 
-
-def load_eye_study(storage: optuna.storages.BaseStorage, name: str, where: str) -> optuna.Study:
-    """An existing eye study of this tool, or a one-line error."""
-    study = load_own_study(storage, name, where)
-    if not is_eye(study.user_attrs):
-        raise StudyError(f"study {name!r} is a FID study, not one judged by eye", option="study")
-    return study
