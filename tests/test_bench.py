@@ -589,3 +589,45 @@ def test_a_queued_trial_killed_before_it_suggested_anything_keeps_its_parameters
     study = open_study(storage, "s", task, space, controller, 0)
     retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == started.number)
     assert retry.user_attrs["baseline"] and retry.system_attrs["fixed_params"] == {"rho_inner": 1.0, "rho_outer": 1.0}
+
+
+def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Table 4's per-family part: real searches per method, optimizer and pruning; a schedule any
+    of them scored before (the untuned model first of all) is not sampled again, and a rerun of a
+    finished plan samples nothing; the table renders every row with its target."""
+    from skiptune_search.bench import cost as C
+    from skiptune_search.scoring import evaluator as E
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    sampled = []
+    score = Evaluator.score
+
+    def counting(self, schedule, *args, **kwargs):
+        sampled.append((schedule.rho, schedule.freeu))
+        yield from score(self, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "score", counting)
+    # what is tested is which searches run and what is sampled: a cheap stand-in for FID's 1280-d matrix root
+    monkeypatch.setattr(E, "fid_from_features", lambda features, reference: float(features.double().mean().abs()))
+    path = tmp_path / "cost.json"
+
+    def run_it():
+        return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
+                          optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), blocks=2, batch=8,
+                          progress=False)
+
+    results = run_it()
+    assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
+    logs = {k: v[0]["trials"] for k, v in results["runs"].items()}
+    assert all(len(log) == 3 for log in logs.values())
+    assert all(t["samples"] in (0, 4, 8) for log in logs.values() for t in log)
+    untuned = [r for r, f in sampled if f is None and all(v == 1.0 for row in r for v in row)]
+    # the untuned model: once in the searches (every search's first trial), and 2 held-out blocks for its spread
+    assert len(untuned) == 1 + 2
+    assert set(results["spread"]) == {"untuned", "linear", "freeu"}
+    assert all(len(s["fids"]) == 2 for s in results["spread"].values())
+    before = len(sampled)
+    assert run_it()["runs"] == results["runs"] and len(sampled) == before  # a finished plan: nothing sampled
+    text = "\n".join(C.render(json.loads(path.read_text())))
+    assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
+    assert "Fewest trials to target per method" in text
