@@ -49,6 +49,21 @@ def test_search_efficiency_counts_trials_and_samples_to_the_target():
                for log in runs["random,off"] for k, t in enumerate(log))  # a repeated point is not sampled again
 
 
+def test_a_cheaper_first_rung_is_replayed_from_the_grid_s_low_rung_and_prunes_there():
+    """Rung variants: pruning at a lower first rung the grid holds FID at, then straight to N; a
+    pruned trial costs that rung's samples, and the row says which rungs it ran."""
+    grid = _bowl_grid()
+    for point in grid.values():
+        point["fid"]["125"] = point["fid"]["1000"] + 20
+    results = {"grid": grid, "settings": {"points": 11, "task": {"rungs": [250, 1000]}}}
+    runs = BS.replays(results, ("random",), seeds=2, trials=30, other_rungs=((125, 1000),))
+    assert sorted(runs) == ["random,off", "random,on", "random,on,125-1000"]
+    spent = {t["samples"] for log in runs["random,on,125-1000"] for t in log}
+    assert 125 in spent and spent <= {0, 125, 1000}
+    rows = {r["rungs"]: r for r in BS.search_efficiency(results, runs) if r["pruning"]}
+    assert set(rows) == {None, "125-1000"} and rows["125-1000"]["reached"] >= 1
+
+
 def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkeypatch):
     results = {"grid": _bowl_grid(points=3), "settings": {"points": 3, "task": {"rungs": [250, 1000]}}}
     path = tmp_path / "replays.json"

@@ -308,6 +308,7 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
                  "| NFE | untuned | FreeU preset | tuned FreeU (every σ) | tuned FreeU + σ window |",
                  "The preset is SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2)", "| best ρ family (table 5) |"):
         assert part in text, part
+    assert "A cheaper first rung" in text and "| tpe | 2,16 |" in text  # the grid's low rung, replayed
     raw = tmp_path / "studies" / "bench-quick"
     headline, freeu_table = (json.loads((raw / f).read_text())["nfe"]["3"] for f in ("headline.json", "freeu.json"))
     assert freeu_table["untuned"] == headline["untuned"] and "untuned" in freeu_table["taken_from"]  # not scored again
