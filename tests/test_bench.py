@@ -646,3 +646,41 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
     assert "Fewest trials to target per method" in text
+
+
+def test_transfer_scores_each_tuned_schedule_at_every_nfe_taking_table_5_s_own_cells(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """Table 9: a schedule tuned at one NFE, applied unchanged at another, scored on table 5's
+    held-out seeds; the cells table 5 measured (its own NFE, the untuned model there) are taken, not
+    sampled; a rerun samples nothing."""
+    from skiptune_search.bench import transfer as T
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    sampled = []
+    score = Evaluator.score
+
+    def counting(self, schedule, *args, **kwargs):
+        sampled.append((self.task.nfe, schedule.rho))
+        yield from score(self, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "score", counting)
+    headline = {"settings": {"model": str(tiny_model_dir), "trials": 2, "n": 4, "rungs": [4], "truth_n": 4,
+                             "held_out_seed": BS.HELD_OUT_SEED, "weights": "w"},
+                "nfe": {"3": {"untuned": 50.0, "linear": [{"seed": 0, "params": {"rho_inner": 0.7, "rho_outer": 1.2},
+                                                            "held_out": 40.0}]}}}
+    path = tmp_path / "transfer.json"
+
+    def run_it():
+        return T.run_transfer(str(tiny_model_dir), headline, path, "c", "box", families=("linear",), tuned_at=(3,),
+                              nfes=(3, 5), seed=0, batch=4, progress=False)
+
+    results = run_it()
+    assert results["scores"]["untuned,0,3"] == {"fid": 50.0, "from": "table 5"}
+    assert results["scores"]["linear,3,3"] == {"fid": 40.0, "from": "table 5"}
+    assert [nfe for nfe, _ in sampled] == [5, 5]  # the untuned model and the tuned schedule, at NFE 5 only
+    assert all(v == 1.0 for row in sampled[0][1] for v in row)  # untuned first, then the tuned ρ
+    assert {min(map(min, sampled[1][1])), max(map(max, sampled[1][1]))} == {pytest.approx(0.7), pytest.approx(1.2)}
+    run_it()
+    assert len(sampled) == 2
+    text = "\n".join(T.render(json.loads(path.read_text())))
+    assert "| linear tuned at NFE 3 | 40 (-20.0%)* |" in text and "Not measured yet" not in text
