@@ -679,7 +679,7 @@ def test_transfer_scores_each_tuned_schedule_at_every_nfe_taking_table_5_s_own_c
     assert results["scores"]["linear,3,3"] == {"fid": 40.0, "from": "table 5"}
     assert [nfe for nfe, _ in sampled] == [5, 5]  # the untuned model and the tuned schedule, at NFE 5 only
     assert all(v == 1.0 for row in sampled[0][1] for v in row)  # untuned first, then the tuned ρ
-    assert {min(map(min, sampled[1][1])), max(map(max, sampled[1][1]))} == {pytest.approx(0.7), pytest.approx(1.2)}
+    assert (min(map(min, sampled[1][1])), max(map(max, sampled[1][1]))) == (pytest.approx(0.7), pytest.approx(1.2))
     run_it()
     assert len(sampled) == 2
     text = "\n".join(T.render(json.loads(path.read_text())))
