@@ -29,6 +29,7 @@ from ..core.files import folder_lock, write_text_atomic
 from ..core.schedule import RhoSchedule
 from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.metrics import extract_features, fid_from_features, kid_from_features
+from ..scoring.objectives import objective as objective_of
 from ..scoring.task import Task
 from ..search.objective import Objective
 from ..search.space import PAPER_RAMP, Space, log_spaced_knots
@@ -453,7 +454,7 @@ def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
     lines += [f"| {r['proxy']} | {r['spearman']:.3f} | {r['spearman_better_half']:.3f} | {_fmt(r['seed_spread'])} | "
               f"{_fmt(r['schedule_spread'])} |" for r in rows]
     objective = s["task"].get("objective", "fid")
-    used = "fid_inf" if objective == "fid_inf" else f"{objective}@{s['task']['n']}"
+    used = f"{objective}@{s['task']['n']}" if objective_of(objective).per_rung else objective
     mine = next((r for r in rows if r["proxy"] == used), None)
     if mine and len(keys) >= size["schedules"]:
         top = max(rows, key=lambda r: r["spearman"])

@@ -26,7 +26,9 @@ class Objective:
     last one holds every sample), named ``label``; ``min_rungs``: the rungs it needs;
     ``needs_reference_features``: it needs the reference's feature vectors, not only mu and
     sigma; ``measure(features, reference)``: a metric of its own, which the evaluator computes at
-    each rung into ``Rung.values[name]`` (None for FID and KID, which every rung holds)."""
+    each rung into ``Rung.values[name]`` (None for FID and KID, which every rung holds);
+    ``per_rung``: its value is a metric of the samples so far, so each rung has one (benchmark
+    table 3 ranks it at each rung as ``NAME@N``), not one over all rungs (FID∞)."""
 
     name: str
     label: str
@@ -37,6 +39,7 @@ class Objective:
     min_rungs: int = 1
     needs_reference_features: bool = False
     measure: Callable[[Any, Any], float] | None = None
+    per_rung: bool = True
 
     @property
     def rung_name(self) -> str:
@@ -79,6 +82,13 @@ def objective_label(name: str) -> str:
     return _OBJECTIVES[name].label if name in _OBJECTIVES else name
 
 
+def proxy_names(rungs: Sequence[int]) -> list[str]:
+    """The proxies benchmark table 3 ranks: each objective at each rung (``fid@250``...), or over
+    all of them (``fid_inf``) where there are enough."""
+    return [name for o in _OBJECTIVES.values()
+            for name in ([f"{o.name}@{r}" for r in rungs] if o.per_rung else [o.name] * (len(rungs) >= o.min_rungs))]
+
+
 def objectives_help() -> str:
     """``--objective``'s help, one clause per objective."""
     return "What the study minimizes: " + ", ".join(f"{o.name} ({o.help})" for o in _OBJECTIVES.values()) + "."
@@ -93,6 +103,6 @@ def _fid_inf(rungs: Sequence["Rung"]) -> float:
 register_objective(Objective("fid", "FID", "FID at N", lambda r: r.fid, lambda rungs: rungs[-1].fid))
 register_objective(Objective(
     "fid_inf", "FID∞", "FID extrapolated to N -> inf over the rungs: removes most of FID's small-N bias",
-    lambda r: r.fid, _fid_inf, rung_label="FID", min_rungs=2))
+    lambda r: r.fid, _fid_inf, rung_label="FID", min_rungs=2, per_rung=False))
 register_objective(Objective("kid", "KID", "unbiased; needs reference features", lambda r: r.kid,
                              lambda rungs: rungs[-1].kid, needs_reference_features=True))
