@@ -5,9 +5,11 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from click.testing import CliRunner
 
 from skiptune_search.bench import run as bench_run
 from skiptune_search.bench import tables as bench_tables
+from skiptune_search.cli import main
 from skiptune_search.core import families
 from skiptune_search.core.errors import InputError, ScheduleError
 from skiptune_search.models.denoisers import EDMPrecond
@@ -56,6 +58,9 @@ def test_a_toy_family_objective_and_table(registries, tiny_unet, tmp_path, bundl
     assert best.family == "toy_flat" and len({row[0] for row in best.rho}) == 1 and best.metric["name"] == "toy_mean"
     assert trial_line(study, first, "toy_mean").startswith(f"trial 1: TOY {first.value:.4g}  rho_all=0.900 "
                                                            f"(toy's own first)")
+    result = CliRunner().invoke(main, ["export", "--storage", url, "--study", "toy-toy_flat-input",
+                                       "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 0 and f", TOY {best.metric['value']:.4g} (baseline" in result.output  # not "FID"
 
     # a table: measured from the study above into the work folder, rendered with the built-in ones
     def measure(ctx):

@@ -6,8 +6,9 @@ knots ρ is constant in σ. Families (``linear``: the paper's ramp from ρ_inner
 skip to ρ_outer at the outermost) only decide how the table is filled: a reader needs nothing
 but the table. A schedule may also hold FreeU's factors (``freeu.py``; families ``freeu``, ρ = 1,
 and ``linear_freeu``, the linear ramp plus FreeU); such a file is format version 2, the others
-stay version 1, and both load. The families themselves, and how to add one: ``families.py``. Imports neither Optuna, torch-fidelity nor the CLI, and torch only
-to interpolate in σ, so the CLI can list the families and placements without loading torch.
+stay version 1, and both load. The families themselves, and how to add one: ``families.py``.
+Imports neither Optuna, torch-fidelity nor the CLI, and torch only to interpolate in σ, so the
+CLI can list the families and placements without loading torch.
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ class RhoSchedule:
     def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
                     sigma_knots: Sequence[float] = (), sigma_window: tuple[float, float] | None = None,
                     freeu_variant: str = "v1-stages", **meta) -> "RhoSchedule":
-        """A schedule of one family (``families``); one with ρ per σ (``per_noise``) takes its knots from ``sigma_knots``, the FreeU
-        families their σ window from ``sigma_window`` (None: FreeU acts at every σ) and the
-        function they compute from ``freeu_variant`` (``freeu.VARIANTS``)."""
+        """A schedule of one family (``families``); one with ρ per σ (``per_noise``) takes its
+        knots from ``sigma_knots``, the FreeU families their σ window from ``sigma_window`` (None:
+        FreeU acts at every σ) and the function they compute from ``freeu_variant``
+        (``freeu.VARIANTS``)."""
         f = _family(family)
         knots = [float(k) for k in sigma_knots] if f.per_sigma else []
         if f.per_sigma and not knots:

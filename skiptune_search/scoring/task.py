@@ -38,7 +38,7 @@ class Task:
     features: str = DEFAULT_FEATURES
     reference: str = "bundled"  # 'bundled', an .npz (mu, sigma), 'fashion-mnist:test' or an image folder
     rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
-    objective: str = "fid"  # scoring.objectives: 'fid' (at n), 'fid_inf' (extrapolated to N -> inf over the rungs), 'kid'
+    objective: str = "fid"  # scoring.objectives: 'fid' (at n), 'fid_inf' (extrapolated to N -> inf), 'kid'
     sigma_grid: str | None = None  # 'karras' or 'model'; None: the sampler's default (default_sigma_grid)
     prompts: str | None = None  # a text model's prompt file (one per line); seed s uses prompt s mod P
     guidance: float | None = None  # classifier-free guidance scale of a text model (1: none)
