@@ -34,6 +34,11 @@ from ..search.study import open_study
 from .headline import fixed_schedule, method_space
 from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
 
+# the protocol: full, at most about 20 CPU-hours on a 2-core machine; quick (nfe None: bench's --nfe), to keep it working
+SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
+                     rungs=(125, 500), blocks=8, batch=250),
+         True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
+                    blocks=2, batch=16)}
 METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
 # item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
 TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer": 25, "per_noise": 25,
@@ -68,11 +73,12 @@ def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int) ->
     return f"cost-nfe{nfe}-{method}-{optimizer}-{'on' if prune else 'off'}-seed{seed}"
 
 
-def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...],
+def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...] | None,
              optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...], blocks: int,
              batch: int, progress: bool = True) -> dict:
     """Every search of the plan, search seed by search seed (every method, optimizer and pruning at
     seed 0 first), then the proxy's spread on each method's reference best and on the untuned model."""
+    methods = methods or METHODS
     results = load_results(path)
     on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
     evaluator = Evaluator(on_task, batch_size=min(batch, n))

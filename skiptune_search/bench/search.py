@@ -31,6 +31,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung, rung_score
 from ..scoring.metrics import fid_inf
+from ..scoring.objectives import proxy_names
 from ..search.objective import Objective
 from ..search.space import Space, grid_values
 from ..search.study import memory_study
@@ -64,6 +65,8 @@ def _scores(rungs: list[Rung]) -> dict:
         out["kid"] = {str(r.n): r.kid for r in rungs}
     if len(rungs) > 1:
         out["fid_inf"] = fid_inf([r.n for r in rungs], [r.fid for r in rungs])
+    for name in rungs[0].values:  # an objective's own metric (Objective.measure)
+        out[name] = {str(r.n): r.values[name] for r in rungs}
     return out
 
 
@@ -293,8 +296,9 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
 
 
 def _proxy(scores: dict, name: str) -> float | None:
-    if name == "fid_inf":
-        return scores.get("fid_inf")
+    """A proxy's value in a results entry: ``NAME@N`` at rung N, else over all rungs (``fid_inf``)."""
+    if "@" not in name:
+        return scores.get(name)
     kind, rung = name.split("@")
     return scores.get(kind, {}).get(rung)
 
@@ -306,7 +310,7 @@ def proxy_fidelity(grid: dict, truth: dict, rungs: tuple[int, ...], keys: list[s
     from scipy.stats import spearmanr
 
     keys = [k for k in keys if k in truth]
-    names = ([f"fid@{r}" for r in rungs] + (["fid_inf"] if len(rungs) > 1 else []) + [f"kid@{r}" for r in rungs])
+    names = proxy_names(rungs)  # each registered objective, at each rung or over them
     rows = []
     good = sorted(keys, key=lambda k: truth[k]["fid"])[: max(3, len(keys) // 2)]
     for name in names:

@@ -13,10 +13,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..core.errors import InputError
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
 from .headline import fixed_schedule, method_space
 from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+from .tables import Table, register_table
+
+# full: table 5's NFEs and two between them, the default family at 1 search seed; quick: bench's --nfe and one more
+SIZES = {False: dict(families=("linear",), tuned_at=(5, 9, 19), nfes=(5, 7, 9, 13, 19), seed=0, batch=250),
+         True: dict(families=("linear",), tuned_at=None, nfes=None, seed=0, batch=64)}
 
 
 def run_transfer(model: str, headline: dict, path: Path, command: str, machine: str, *, families: tuple[str, ...],
@@ -117,3 +123,19 @@ def render(results: dict) -> list[str]:
     if missing:
         lines += ["", f"Not measured yet (rerun the same command to go on): {'; '.join(missing)}."]
     return lines
+
+
+def _measure(ctx) -> None:
+    headline = ctx.results("headline.json")
+    if not headline.get("nfe"):
+        raise InputError("table 9 scores table 5's tuned schedules at other NFEs, and table 5 is not measured in "
+                         f"{ctx.work}: measure it first (tables 5,9)", option="tables")
+    size = SIZES[ctx.quick]
+    tuned_at = size["tuned_at"] or (ctx.nfe,)
+    run_transfer(ctx.model, headline, ctx.work / "transfer.json", ctx.command, ctx.stamp["machine"],
+                 families=size["families"], tuned_at=tuned_at, nfes=size["nfes"] or (ctx.nfe, ctx.nfe + 2),
+                 seed=size["seed"], batch=size["batch"], progress=ctx.progress)
+
+
+register_table(Table(9, "Transfer across NFEs: a schedule tuned at one NFE, applied at others", _measure,
+                     lambda ctx: render(r) if (r := ctx.results("transfer.json")).get("scores") else None))

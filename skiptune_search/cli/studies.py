@@ -59,6 +59,7 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     diffusers' equivalent pipe.enable_freeu(...) call when there is one (a UNet2DConditionModel such
     as Stable Diffusion's and SDXL's, FreeU v1-stages at every σ, no factor 0), or why there is none."""
     from ..core.files import write_text_atomic
+    from ..scoring.objectives import objective_label
     from ..search import ui_presets
     from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study, study_space
@@ -66,7 +67,8 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     check_outputs(out, storage=storage)
     st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
     schedule = export_best(st, storage)
-    best = (f"trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
+    label = objective_label(schedule.metric.get("name", "fid"))
+    best = (f"trial {schedule.source['trial']}, {label} {schedule.metric['value']:.4g} "
             f"(baseline {schedule.metric['baseline']})")
     if format == "schedule":
         schedule.save(out)
