@@ -60,6 +60,7 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     diffusers' equivalent pipe.enable_freeu(...) call when there is one (a UNet2DConditionModel such
     as Stable Diffusion's and SDXL's, FreeU v1-stages at every σ, no factor 0), or why there is none."""
     from ..core.files import write_text_atomic
+    from ..scoring.objectives import objective_label
     from ..search import ui_presets
     from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study, study_space
@@ -68,9 +69,11 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
     schedule = export_best(st, storage)
     metric = schedule.metric
-    best = (f"trial {schedule.source['trial']}, chosen by eye after {metric['comparisons']} choices"
-            if metric["name"] == "eye" else
-            f"trial {schedule.source['trial']}, FID {metric['value']:.2f} (baseline {metric['baseline']})")
+    if metric["name"] == "eye":
+        best = f"trial {schedule.source['trial']}, chosen by eye after {metric['comparisons']} choices"
+    else:
+        best = (f"trial {schedule.source['trial']}, {objective_label(metric.get('name', 'fid'))} "
+                f"{metric['value']:.4g} (baseline {metric['baseline']})")
     if format == "schedule":
         schedule.save(out)
         click.echo(f"wrote {out}: {best}")

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..core.limits import MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, RHO_MAX
-from ..scoring import OBJECTIVES
+from ..scoring.objectives import objective as objective_of
+from ..scoring.objectives import objective_names, objectives_help
 from ..core.freeu import VARIANTS as FREEU_VARIANTS
 from ..search import OPTIMIZERS
 from .common import (
@@ -47,9 +48,8 @@ RHO = Number(0, RHO_MAX, min_open=True)  # a schedule's ρ lies in (0, 4]
               help="Sample counts at which a trial reports FID, ending at N, e.g. 250,1000 [default: N/4,N]. "
                    "Successive halving keeps the best third at the first rung and at first rung x 3^k; "
                    "a single number turns pruning off.")
-@click.option("--objective", default="fid", show_default=True, type=click.Choice(OBJECTIVES),
-              help="What the study minimizes: FID at N, FID extrapolated to N -> inf over the rungs "
-                   "(removes most of FID's small-N bias), or KID (unbiased; needs reference features).")
+@click.option("--objective", default="fid", show_default=True, type=click.Choice(objective_names()),
+              help=objectives_help())
 @click.option("--rho-min", default=0.5, show_default=True, type=RHO, help="Lower bound of each ρ, in (0, 4].")
 @click.option("--rho-max", default=1.5, show_default=True, type=RHO, help="Upper bound of each ρ, in (0, 4].")
 @batch_option
@@ -134,7 +134,7 @@ def search(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     space, st = prepare(evaluator, storage, **search_kwargs, parallel=workers > 1)
     name = st.study_name
     shown = shown_url(storage)
-    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
+    label = objective_of(objective).label
     if out_path is None:  # the default beside the study, checked as soon as the study's name is known
         out_path = Path("studies") / f"{name}.best.json"
         check_outputs(out_path, inputs=read, storage=storage)

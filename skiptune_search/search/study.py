@@ -22,7 +22,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
 from .optimizers import make_pruner, make_sampler
-from .space import MARK_ATTRS, Space
+from .space import Space, mark_attrs
 from .storage import shown_url, storage_faults
 
 MARKER = "skiptune-search"  # the created_by attribute of this tool's studies
@@ -312,7 +312,7 @@ def recover_dead_trials(study: optuna.Study, own: bool = False) -> list[int]:
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process recovered it first
-        marks = {k: trial.user_attrs[k] for k in MARK_ATTRS if trial.user_attrs.get(k)}
+        marks = {k: trial.user_attrs[k] for k in mark_attrs() if trial.user_attrs.get(k)}
         # a queued trial killed before it suggested anything holds its parameters as fixed ones only
         params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
         study.enqueue_trial(params, user_attrs={**marks, "retry_of": trial.number})
