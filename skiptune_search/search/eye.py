@@ -31,7 +31,7 @@ from ..models.loaders import weights_fingerprint
 from ..scoring.task import Task, with_legacy_defaults
 from . import interrupts
 from .objective import calls_key, upload_grid
-from .space import FIRST_MARKS, Space
+from .space import Space, first_marks
 from .storage import make_storage, shown_url, storage_faults
 from .study import (
     MARKER, _check_settings, _create_or_wait, _process_gone, check_study_name, is_eye, is_own,
@@ -177,7 +177,7 @@ def best_of(source: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
     picked, keys = [], set()
     for t in complete:
         key = t.user_attrs.get("calls_key") or repr(sorted(t.params.items()))
-        if any(t.user_attrs.get(m) for m in FIRST_MARKS) or "same_as" in t.user_attrs or key in keys:
+        if any(t.user_attrs.get(m) for m in first_marks()) or "same_as" in t.user_attrs or key in keys:
             continue
         keys.add(key)
         picked.append(t)
