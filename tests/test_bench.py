@@ -49,6 +49,21 @@ def test_search_efficiency_counts_trials_and_samples_to_the_target():
                for log in runs["random,off"] for k, t in enumerate(log))  # a repeated point is not sampled again
 
 
+def test_a_cheaper_first_rung_is_replayed_from_the_grid_s_low_rung_and_prunes_there():
+    """Rung variants: pruning at a lower first rung the grid holds FID at, then straight to N; a
+    pruned trial costs that rung's samples, and the row says which rungs it ran."""
+    grid = _bowl_grid()
+    for point in grid.values():
+        point["fid"]["125"] = point["fid"]["1000"] + 20
+    results = {"grid": grid, "settings": {"points": 11, "task": {"rungs": [250, 1000]}}}
+    runs = BS.replays(results, ("random",), seeds=2, trials=30, other_rungs=((125, 1000),))
+    assert sorted(runs) == ["random,off", "random,on", "random,on,125-1000"]
+    spent = {t["samples"] for log in runs["random,on,125-1000"] for t in log}
+    assert 125 in spent and spent <= {0, 125, 1000}
+    rows = {r["rungs"]: r for r in BS.search_efficiency(results, runs) if r["pruning"]}
+    assert set(rows) == {None, "125-1000"} and rows["125-1000"]["reached"] >= 1
+
+
 def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkeypatch):
     results = {"grid": _bowl_grid(points=3), "settings": {"points": 3, "task": {"rungs": [250, 1000]}}}
     path = tmp_path / "replays.json"
@@ -589,3 +604,83 @@ def test_a_queued_trial_killed_before_it_suggested_anything_keeps_its_parameters
     study = open_study(storage, "s", task, space, controller, 0)
     retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == started.number)
     assert retry.user_attrs["baseline"] and retry.system_attrs["fixed_params"] == {"rho_inner": 1.0, "rho_outer": 1.0}
+
+
+def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Table 4's per-family part: real searches per method, optimizer and pruning; a schedule any
+    of them scored before (the untuned model first of all) is not sampled again, and a rerun of a
+    finished plan samples nothing; the table renders every row with its target."""
+    from skiptune_search.bench import cost as C
+    from skiptune_search.scoring import evaluator as E
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    sampled = []
+    score = Evaluator.score
+
+    def counting(self, schedule, *args, **kwargs):
+        sampled.append((schedule.rho, schedule.freeu))
+        yield from score(self, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "score", counting)
+    # what is tested is which searches run and what is sampled: a cheap stand-in for FID's 1280-d matrix root
+    monkeypatch.setattr(E, "fid_from_features", lambda features, reference: float(features.double().mean().abs()))
+    path = tmp_path / "cost.json"
+
+    def run_it():
+        return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
+                          optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), blocks=2, batch=8,
+                          progress=False)
+
+    results = run_it()
+    assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
+    logs = {k: v[0]["trials"] for k, v in results["runs"].items()}
+    assert all(len(log) == 3 for log in logs.values())
+    assert all(t["samples"] in (0, 4, 8) for log in logs.values() for t in log)
+    untuned = [r for r, f in sampled if f is None and all(v == 1.0 for row in r for v in row)]
+    # the untuned model: once in the searches (every search's first trial), and 2 held-out blocks for its spread
+    assert len(untuned) == 1 + 2
+    assert set(results["spread"]) == {"untuned", "linear", "freeu"}
+    assert all(len(s["fids"]) == 2 for s in results["spread"].values())
+    before = len(sampled)
+    assert run_it()["runs"] == results["runs"] and len(sampled) == before  # a finished plan: nothing sampled
+    text = "\n".join(C.render(json.loads(path.read_text())))
+    assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
+    assert "Fewest trials to target per method" in text
+
+
+def test_transfer_scores_each_tuned_schedule_at_every_nfe_taking_table_5_s_own_cells(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """Table 9: a schedule tuned at one NFE, applied unchanged at another, scored on table 5's
+    held-out seeds; the cells table 5 measured (its own NFE, the untuned model there) are taken, not
+    sampled; a rerun samples nothing."""
+    from skiptune_search.bench import transfer as T
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    sampled = []
+    score = Evaluator.score
+
+    def counting(self, schedule, *args, **kwargs):
+        sampled.append((self.task.nfe, schedule.rho))
+        yield from score(self, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "score", counting)
+    headline = {"settings": {"model": str(tiny_model_dir), "trials": 2, "n": 4, "rungs": [4], "truth_n": 4,
+                             "held_out_seed": BS.HELD_OUT_SEED, "weights": "w"},
+                "nfe": {"3": {"untuned": 50.0, "linear": [{"seed": 0, "params": {"rho_inner": 0.7, "rho_outer": 1.2},
+                                                            "held_out": 40.0}]}}}
+    path = tmp_path / "transfer.json"
+
+    def run_it():
+        return T.run_transfer(str(tiny_model_dir), headline, path, "c", "box", families=("linear",), tuned_at=(3,),
+                              nfes=(3, 5), seed=0, batch=4, progress=False)
+
+    results = run_it()
+    assert results["scores"]["untuned,0,3"] == {"fid": 50.0, "from": "table 5"}
+    assert results["scores"]["linear,3,3"] == {"fid": 40.0, "from": "table 5"}
+    assert [nfe for nfe, _ in sampled] == [5, 5]  # the untuned model and the tuned schedule, at NFE 5 only
+    assert all(v == 1.0 for row in sampled[0][1] for v in row)  # untuned first, then the tuned ρ
+    assert (min(map(min, sampled[1][1])), max(map(max, sampled[1][1]))) == (pytest.approx(0.7), pytest.approx(1.2))
+    run_it()
+    assert len(sampled) == 2
+    text = "\n".join(T.render(json.loads(path.read_text())))
+    assert "| linear tuned at NFE 3 | 40 (-20.0%)* |" in text and "Not measured yet" not in text

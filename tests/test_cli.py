@@ -298,10 +298,10 @@ def test_nan_samples_fail_that_trial_and_the_study_goes_on(tiny_model_dir, tmp_p
 
 
 def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
-    result = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1,2,3,4,5,6,8")
+    result = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1,2,3,4,5,6,8,9")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "B.md").read_text()
-    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3 --tables 1,2,3,4,5,6,8`" in text
+    assert f"`skiptune-search bench --quick --out B.md --model {tiny_model_dir} --nfe 3 --tables 1,2,3,4,5,6,8,9`" in text
     for part in ("Controller overhead", "| input, ρ = 1 |", "| normalized, ρ = 1 |", "Where a trial's time goes",
                  "images/s", "of their speed", "| input, paper ramp (ρ 0.8 → 1.0) |", "the mean trial of a 16-trial search", "of the trial (target ≥ 90%)", "Machine:", "| fid@16 |", "| kid@4 |", "| fid_inf |", "all 3x3 (ρ_inner, ρ_outer)",
                  "| tpe | on |", "| cmaes | off |", "Largest overhead:", "Per model call, where the hooks weigh most", "| no controller | ", " | 1.000x |", "| random | on |", "| NFE | untuned | linear | per_layer |",
@@ -309,12 +309,15 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
                  "| NFE | untuned | FreeU preset | tuned FreeU (every σ) | tuned FreeU + σ window |",
                  "The preset is SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2)", "| best ρ family (table 5) |"):
         assert part in text, part
+    assert "A cheaper first rung" in text and "| tpe | 2,16 |" in text  # the grid's low rung, replayed
+    assert "### Every family" in text and "| linear | tpe |" in text and "| freeu | tpe |" in text  # real searches
+    assert "| linear tuned at NFE 3 |" in text and "| untuned |" in text  # table 9, from table 5's search
     raw = tmp_path / "studies" / "bench-quick"
     headline, freeu_table = (json.loads((raw / f).read_text())["nfe"]["3"] for f in ("headline.json", "freeu.json"))
     assert freeu_table["untuned"] == headline["untuned"] and "untuned" in freeu_table["taken_from"]  # not scored again
     assert "untuned_seconds" not in freeu_table and len(freeu_table["freeu"]) == 1
     assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json",
-                                               "headline.json", "gpu.json", "replays.json", "freeu.json"}
+                                               "headline.json", "gpu.json", "replays.json", "freeu.json", "cost.json", "transfer.json"}
 
     # a second run of table 1 alone keeps the other tables, rendered from the saved results
     again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1",
@@ -329,8 +332,8 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     assert run("bench", "--quick", "--tables", "none").exit_code == 0
     assert "| fid@16 |" in (raw / "BENCHMARKS.md").read_text() and not (tmp_path / "BENCHMARKS.md").exists()
 
-    bad = run("bench", "--quick", "--tables", "9")
-    assert bad.exit_code == 2 and "the tables are 1, 2, 3, 4, 5, 6, 7, 8" in bad.output
+    bad = run("bench", "--quick", "--tables", "10")
+    assert bad.exit_code == 2 and "the tables are 1, 2, 3, 4, 5, 6, 7, 8, 9" in bad.output
 
 
 def test_out_of_gpu_memory_is_a_one_line_error_naming_the_batch(run, tiny_model_dir, monkeypatch):

@@ -183,7 +183,7 @@ def test_help_of_every_command_loads_no_torch():
             "print('LOADED', [m for m in ('torch', 'optuna', 'torch_fidelity', 'diffusers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "Usage: " in out and out.strip().splitlines()[-1] == "LOADED []"
-    assert out.count("Usage: ") == 12
+    assert out.count("Usage: ") == 13
 
 
 def test_apply_needs_only_the_core():

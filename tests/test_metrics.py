@@ -26,6 +26,23 @@ def test_fid_matches_scipy_sqrtm():
     assert fid_from_features(torch.from_numpy(ref_feats), ref) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("n", [2, 30, 255, 256, 400])
+def test_fid_is_torch_fidelity_s_to_rounding_below_and_above_the_feature_dimension(n):
+    """The symmetric N × N (or D × D) route gives torch-fidelity's own number with fewer samples
+    than feature dimensions (a search's rungs) and more; torch-fidelity's general eigensolver adds
+    the square roots of its rounding noise on Σ₁Σ₂'s zero eigenvalues (about 1e-7 of FID here)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(n)
+    d = 256
+    mix = rng.normal(size=(64, d)) / 8
+    ref = ReferenceStats.from_features(torch.from_numpy(rng.normal(size=(1000, 64)) @ mix + 0.1), "test")
+    gen = torch.from_numpy(rng.normal(0.2, 1.3, size=(n, 64)) @ mix + rng.normal(size=(n, d)) * 0.05)
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(gen), {"mu": ref.mu, "sigma": ref.sigma},
+                                      verbose=False)["frechet_inception_distance"]
+    assert fid_from_features(gen, ref) == pytest.approx(theirs, rel=1e-6)
+
+
 def test_fid_on_real_extractor_features_matches_scipy():
     ext = load_extractor()
     g = torch.Generator().manual_seed(0)

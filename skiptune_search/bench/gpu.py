@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..core.controller import SkipController
+from ..core.errors import InputError
 from ..core.schedule import RhoSchedule
 from ..models.denoisers import EDMPrecond
 from ..sampling.images import to_uint8
@@ -26,6 +27,7 @@ from ..scoring import DEFAULT_FEATURES, PRECISIONS
 from ..scoring.metrics import DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, \
     kid_from_features, load_extractor
 from ..scoring.task import autocast_dtype
+from .tables import Table, register_table
 
 # EDM's ImageNet-64 ADM sizes (Dhariwal & Nichol's 64 px network as EDM trains it)
 ADM64 = dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 768),
@@ -152,3 +154,19 @@ def _speedups(rows: list[dict]) -> list[str]:
             if value and over:
                 ratios.append(f"{precision} {layout} / {label} at batch {batch}: {value / over:.2f}x")
     return ["", "Ratios of images/s: " + "; ".join(ratios) + "."] if ratios else []
+
+
+def _check(ctx) -> None:
+    if ctx.device.type != "cuda" and not ctx.quick:
+        raise InputError("table 6 measures a GPU and none is visible to torch; leave 6 out of the tables on this "
+                         "machine", option="tables")
+
+
+def _measure(ctx) -> None:
+    result = run_gpu_scaling(ctx.device, ctx.size["gpu_batches"], ctx.nfe, ctx.size["search_n"], ctx.quick,
+                             ctx.progress)
+    ctx.save("gpu.json", {**ctx.stamp, **result})
+
+
+register_table(Table(6, "GPU scaling", _measure, lambda ctx: render(r) if (r := ctx.results("gpu.json")) else None,
+                     check=_check, todo="Not measured yet: needs a GPU (`skiptune-search bench --tables 6`)."))

@@ -1,4 +1,4 @@
-"""The headline benchmark (BENCHMARKS.md table 5): does tuning help, by how much, per family?
+"""The headline benchmark (BENCHMARKS.md table 5, and table 8): does tuning help, by how much, per family?
 
 For each NFE: the untuned model and the exported best schedule of a real search (the default
 task: 16 trials, rungs, pruning) of each family, for several search seeds, all scored by FID on
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..core import freeu
 from ..core.errors import StudyError
-from ..core.schedule import RHO_FAMILIES, RhoSchedule
+from ..core.schedule import RhoSchedule
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
@@ -24,9 +24,11 @@ from ..search.storage import make_storage
 from ..search.study import export_best, load_own_study, open_study
 from ..search.tune import make_space
 from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+from .tables import Table, register_table
 
 
 # what tables 5 and 8 compare: searched methods (a family, or FreeU at every σ) and fixed schedules
+RHO_METHODS = ("linear", "per_level", "per_layer", "per_noise")  # table 5's searches
 FIXED = ("untuned", "freeu_preset")
 FREEU_METHODS = ("freeu_allsteps", "freeu", "linear_freeu")  # table 8's searches
 
@@ -50,7 +52,7 @@ def fixed_schedule(evaluator: Evaluator, name: str) -> RhoSchedule:
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
                  trials: int, n: int, rungs: tuple[int, ...], truth_n: int, batch: int,
-                 methods: tuple[str, ...] = RHO_FAMILIES, fixed: tuple[str, ...] = ("untuned",),
+                 methods: tuple[str, ...] = RHO_METHODS, fixed: tuple[str, ...] = ("untuned",),
                  known: Path | None = None, progress: bool = True) -> dict:
     """Search each method at each NFE ``seeds`` times and score the ``fixed`` schedules and each
     search's best on ``truth_n`` held-out samples: the fixed schedules at every NFE first, then the
@@ -353,3 +355,24 @@ def _cost(nfe: int, row: dict, families: tuple[str, ...], truth_n: int) -> str:
 
 def _times(k: int, noun: str) -> str:
     return f"{k} {noun}{'es' if noun.endswith('h') else 's'}" if k != 1 else f"1 {noun}"
+
+
+# --- tables 5 and 8 in BENCHMARKS.md ----------------------------------------------------------
+def _measure(ctx, file: str, methods: tuple[str, ...], fixed: tuple[str, ...], known: Path | None) -> None:
+    size, quick = ctx.size, ctx.quick
+    run_headline(ctx.model, size["headline_nfes"] or (ctx.nfe,), ctx.work / file, ctx.command, ctx.stamp["machine"],
+                 seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
+                 rungs=(size["search_n"],) if quick else size["rungs"], truth_n=size["truth_n"],
+                 batch=size["batch"], methods=methods, fixed=fixed, known=known, progress=ctx.progress)
+
+
+register_table(Table(
+    5, "Headline: held-out FID of each family's best schedule",
+    lambda ctx: _measure(ctx, "headline.json", ctx.size["headline_families"], ("untuned",), None),
+    lambda ctx: render(r) if (r := ctx.results("headline.json")).get("nfe") else None))
+# table 8: table 5's protocol, settings and held-out seeds; its untuned FIDs taken from there
+register_table(Table(
+    8, "FreeU head to head: held-out FID of FreeU's preset, tuned FreeU and tuned ρ",
+    lambda ctx: _measure(ctx, "freeu.json", FREEU_METHODS, ("untuned", "freeu_preset"), ctx.work / "headline.json"),
+    lambda ctx: (render_freeu(r, ctx.results("headline.json")) if (r := ctx.results("freeu.json")).get("nfe")
+                 else None)))

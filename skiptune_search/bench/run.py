@@ -2,8 +2,9 @@
 
 Tables 1-2 (here): controller overhead and where a trial's time goes. Numbers are medians over
 repeats in one process, with the compared variants interleaved; ratios, not absolute times,
-unless on a GPU. Tables 3-4 (search quality) live in
-search.py, table 5 in headline.py, table 6 in gpu.py.
+unless on a GPU. Tables 3-4 (search quality) are measured by search.py and rendered here, tables
+5 and 8 live in headline.py, table 6 in gpu.py, table 7 in sizes.py; each is a ``Table``
+registered in tables.py's registry, through which ``run_bench`` and ``write_markdown`` go.
 
 Each table's raw results go to a JSON file in a work folder (``studies/bench``) as they are
 measured, with the machine and the exact command; BENCHMARKS.md is rendered from all of them,
@@ -19,6 +20,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,10 +29,14 @@ from ..core.files import folder_lock, write_text_atomic
 from ..core.schedule import RhoSchedule
 from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.metrics import extract_features, fid_from_features, kid_from_features
+from ..scoring.objectives import objective as objective_of
+from ..scoring.task import Task
 from ..search.objective import Objective
 from ..search.space import PAPER_RAMP, Space, log_spaced_knots
 from ..search.storage import make_storage
 from ..search.study import open_study
+from .headline import RHO_METHODS
+from .tables import Table, register_table
 
 
 def _clock(device: torch.device) -> float:
@@ -205,88 +211,125 @@ def machine() -> str:
 # full: the sizes the tables' targets are stated for; quick: a minute or two, to keep it working
 SIZES = {
     False: dict(n=250, repeats=15, hook_calls=(50, 41), grid_points=11, search_n=1000, rungs=(250, 1000),
+                low_rungs=(63, 125),
                 seeds=5, trials=60, schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
-                headline_trials=16, headline_families=("linear", "per_level", "per_layer", "per_noise"),
+                headline_trials=16, headline_families=RHO_METHODS,
                 gpu_batches=(256, 512, 1024)),
-    True: dict(n=64, repeats=2, hook_calls=(3, 2), grid_points=3, search_n=16, rungs=(4, 16), seeds=2,
+    True: dict(n=64, repeats=2, hook_calls=(3, 2), grid_points=3, search_n=16, rungs=(4, 16), low_rungs=(2,), seeds=2,
                trials=6, schedules=4, truth_n=32, batch=64, headline_nfes=None, headline_seeds=1, headline_trials=2,
                headline_families=("linear", "per_layer"), gpu_batches=(4, 8)),
 }
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
-ALL_TABLES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def run_bench(quick: bool, out: Path, work: Path, model: str, nfe: int, command: str,
-              tables: tuple[int, ...] = ALL_TABLES, truth_n: int | None = None, checkouts: dict | None = None,
+              tables: tuple[int, ...] | None = None, truth_n: int | None = None, checkouts: dict | None = None,
               progress: bool = True) -> Path:
-    """Measure ``tables`` (saving each table's raw results under ``work`` as they come), then
-    render BENCHMARKS.md from everything ``work`` holds."""
-    from ..scoring.task import Task, resolve_device
-    from . import search as BS
+    """Measure ``tables`` (default: every registered one, ``bench.tables``), saving each table's
+    raw results under ``work`` as they come, then render BENCHMARKS.md from everything ``work``
+    holds. Every table asked for is checked (``Table.check``) before any is measured."""
+    from ..scoring.task import resolve_device
+    from .tables import Context, tables as registered
 
     size = SIZES[quick]
     device = resolve_device("auto")
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{machine()}; device {device}"}
-    if 6 in tables and device.type != "cuda" and not quick:
-        raise InputError("table 6 measures a GPU and none is visible to torch; leave 6 out of the tables on this "
-                         "machine", option="tables")
-    if 7 in tables:  # a folder that is not the checkout named: one line before hours of other tables
-        from .sizes import check_checkouts
-
-        check_checkouts({k: Path(v) for k, v in (checkouts or {}).items() if v})
-    truth_n = truth_n or size["truth_n"]
-    saved_truth_n = BS.load_results(work / "truth.json").get("settings", {}).get("truth_n", truth_n)
-    if 3 in tables and saved_truth_n != truth_n:  # found out before anything is measured, not after tables 1-2
-        raise InputError(f"{work / 'truth.json'} holds table 3 on {saved_truth_n:,} held-out samples per schedule, "
-                         f"not {truth_n:,}: use {saved_truth_n} to extend it, or another folder", option="truth_n")
-    def described(evaluator: Evaluator) -> dict:
-        t = evaluator.task
-        return {"model": model, "sampler": t.sampler, "nfe": nfe, "batch": evaluator.batch_size,
-                "features": t.features, "n": t.n, "rungs": list(t.rungs)}
-
+    ctx = Context(quick, size, work, model, nfe, command, stamp, device, truth_n or size["truth_n"],
+                  {k: Path(v) for k, v in (checkouts or {}).items() if v}, progress)
+    wanted = [t for t in registered() if tables is None or t.number in tables]
+    for table in wanted:  # one line before hours of other tables
+        if table.check is not None:
+            table.check(ctx)
     # one measuring run per folder; rendering alone (no tables) reads the atomic results files
-    with folder_lock(work, "skiptune-search bench") if tables else contextlib.nullcontext():
-        if 1 in tables:
-            evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
-            rows = controller_overhead(evaluator, size["n"], size["repeats"])
-            per_call = hook_cost(evaluator, *size["hook_calls"])
-            BS.save_results(work / "table1.json", {**stamp, "task": described(evaluator), "n": size["n"],
-                                                    "repeats": size["repeats"], "rows": rows, "per_call": per_call})
-        if {2, 3, 4} & set(tables):  # the default search's task: N samples, scored at each rung
-            evaluator = Evaluator(Task(model=model, nfe=nfe, n=size["search_n"], rungs=size["rungs"]),
-                                  batch_size=min(size["batch"], size["search_n"]))
-        if 2 in tables:
-            parts = trial_breakdown(evaluator, size["repeats"] // 2 + 1)
-            BS.save_results(work / "table2.json", {**stamp, "task": described(evaluator), "parts": parts})
-        if 3 in tables or 4 in tables:
-            results = BS.run_grid(evaluator, work / "grid.json", size["grid_points"], command,
-                                  stamp["machine"], progress)
-            if 3 in tables:
-                tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], work / "replays.json")["tpe,on"]
-                keys = BS.pick_schedules(results, tpe, size["schedules"])
-                BS.run_truth(evaluator, work / "truth.json", keys, truth_n, command, stamp["machine"], progress)
-        from .headline import FREEU_METHODS, run_headline
-
-        # table 8: table 5's protocol, settings and held-out seeds; its untuned FIDs taken from there
-        held_out_tables = {5: ("headline.json", size["headline_families"], ("untuned",), None),
-                           8: ("freeu.json", FREEU_METHODS, ("untuned", "freeu_preset"), work / "headline.json")}
-        for table, (file, methods, fixed, known) in held_out_tables.items():
-            if table in tables:
-                run_headline(model, size["headline_nfes"] or (nfe,), work / file, command, stamp["machine"],
-                             seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
-                             rungs=(size["search_n"],) if quick else size["rungs"], truth_n=size["truth_n"],
-                             batch=size["batch"], methods=methods, fixed=fixed, known=known, progress=progress)
-        if 7 in tables:
-            from .sizes import run_sizes
-
-            run_sizes({k: Path(v) for k, v in (checkouts or {}).items() if v}, work / "sizes.json", stamp, device,
-                      calls=1 if quick else 3, progress=progress)
-        if 6 in tables:
-            from .gpu import run_gpu_scaling
-
-            result = run_gpu_scaling(device, size["gpu_batches"], nfe, size["search_n"], quick, progress)
-            BS.save_results(work / "gpu.json", {**stamp, **result})
+    with folder_lock(work, "skiptune-search bench") if wanted else contextlib.nullcontext():
+        for table in wanted:
+            table.measure(ctx)
     return write_markdown(out, work, size)
+
+
+def _described(ctx, evaluator: Evaluator) -> dict:
+    t = evaluator.task
+    return {"model": ctx.model, "sampler": t.sampler, "nfe": ctx.nfe, "batch": evaluator.batch_size,
+            "features": t.features, "n": t.n, "rungs": list(t.rungs)}
+
+
+def _search_evaluator(ctx) -> Evaluator:
+    """The default search's task (N samples, scored at each rung): tables 2-4 share it."""
+    size = ctx.size
+    return ctx.evaluator("search", lambda: Evaluator(Task(model=ctx.model, nfe=ctx.nfe, n=size["search_n"],
+                                                          rungs=size["rungs"]),
+                                                     batch_size=min(size["batch"], size["search_n"])))
+
+
+def _measure_table1(ctx) -> None:
+    size = ctx.size
+    evaluator = Evaluator(Task(model=ctx.model, nfe=ctx.nfe, n=size["n"]), batch_size=min(size["batch"], size["n"]))
+    rows = controller_overhead(evaluator, size["n"], size["repeats"])
+    per_call = hook_cost(evaluator, *size["hook_calls"])
+    ctx.save("table1.json", {**ctx.stamp, "task": _described(ctx, evaluator), "n": size["n"],
+                             "repeats": size["repeats"], "rows": rows, "per_call": per_call})
+
+
+def _measure_table2(ctx) -> None:
+    evaluator = _search_evaluator(ctx)
+    parts = trial_breakdown(evaluator, ctx.size["repeats"] // 2 + 1)
+    ctx.save("table2.json", {**ctx.stamp, "task": _described(ctx, evaluator), "parts": parts})
+
+
+def _grid(ctx, low_rungs: tuple[int, ...] = ()) -> dict:
+    from . import search as BS
+
+    return BS.run_grid(_search_evaluator(ctx), ctx.work / "grid.json", ctx.size["grid_points"], ctx.command,
+                       ctx.stamp["machine"], ctx.progress, low_rungs)
+
+
+def _measure_table4(ctx) -> None:
+    """The linear grid (with its low rungs), then every family's real searches (``bench.cost``)."""
+    from . import cost
+
+    _grid(ctx, ctx.size["low_rungs"])
+    size = cost.SIZES[ctx.quick]
+    cost.run_cost(ctx.model, ctx.work / "cost.json", ctx.command, ctx.stamp["machine"],
+                  **{**size, "nfe": size["nfe"] or ctx.nfe}, progress=ctx.progress)
+
+
+def _check_table3(ctx) -> None:
+    """A truth.json of another truth_n: found out before anything is measured, not after tables 1-2."""
+    saved = ctx.results("truth.json").get("settings", {}).get("truth_n", ctx.truth_n)
+    if saved != ctx.truth_n:
+        raise InputError(f"{ctx.work / 'truth.json'} holds table 3 on {saved:,} held-out samples per schedule, "
+                         f"not {ctx.truth_n:,}: use {saved} to extend it, or another folder", option="truth_n")
+
+
+def _measure_table3(ctx) -> None:
+    from . import search as BS
+
+    size = ctx.size
+    results = _grid(ctx)
+    tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], ctx.work / "replays.json")["tpe,on"]
+    keys = BS.pick_schedules(results, tpe, size["schedules"])
+    BS.run_truth(_search_evaluator(ctx), ctx.work / "truth.json", keys, ctx.truth_n, ctx.command,
+                 ctx.stamp["machine"], ctx.progress)
+
+
+def _render_table3(ctx) -> list[str] | None:
+    grid, truth = ctx.results("grid.json"), ctx.results("truth.json")
+    return _table3(grid, truth, ctx.size) if grid and truth.get("truth") else None
+
+
+def _render_table4(ctx) -> list[str] | None:
+    from . import cost
+
+    grid, every = ctx.results("grid.json"), ctx.results("cost.json")
+    lines = _table4(grid, ctx.size, ctx.work) if grid.get("grid") else []
+    if every.get("runs"):
+        lines += ["", "### Every family: real searches, each to its family's target", "", *cost.render(every)]
+    return lines or None
+
+
+def _rendered(name: str, render: Callable[[dict], list[str]]) -> Callable:
+    """A render of the results file ``name`` alone (None when there is none)."""
+    return lambda ctx: render(r) if (r := ctx.results(name)) else None
 
 
 # --- BENCHMARKS.md ----------------------------------------------------------------------------
@@ -427,7 +470,7 @@ def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
     lines += [f"| {r['proxy']} | {r['spearman']:.3f} | {r['spearman_better_half']:.3f} | {_fmt(r['seed_spread'])} | "
               f"{_fmt(r['schedule_spread'])} |" for r in rows]
     objective = s["task"].get("objective", "fid")
-    used = "fid_inf" if objective == "fid_inf" else f"{objective}@{s['task']['n']}"
+    used = f"{objective}@{s['task']['n']}" if objective_of(objective).per_rung else objective
     mine = next((r for r in rows if r["proxy"] == used), None)
     if mine and len(keys) >= size["schedules"]:
         top = max(rows, key=lambda r: r["spearman"])
@@ -455,7 +498,11 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
     best_key = min(grid["grid"], key=lambda k: grid["grid"][k]["fid"][n])
     best = grid["grid"][best_key]["fid"][n]
     base = grid["grid"][BS.point_key(1.0, 1.0)]["fid"][n]
-    rows = BS.search_efficiency(grid, BS.replays(grid, OPTIMIZERS, size["seeds"], size["trials"], work / "replays.json"))
+    low = [r for r in size.get("low_rungs", ()) if all(str(r) in p["fid"] for p in grid["grid"].values())]
+    other_rungs = tuple((r, int(n)) for r in low)  # a cheaper first rung, straight to N
+    every = BS.search_efficiency(grid, BS.replays(grid, OPTIMIZERS, size["seeds"], size["trials"],
+                                                  work / "replays.json", other_rungs))
+    rows = [r for r in every if r.get("rungs") is None]
     lines = [_header(grid), "",
              f"Ground truth: all {points}x{points} (ρ_inner, ρ_outer) of the linear family in [0.5, 1.5], "
              f"{s['placement']} placement, FID at N = {n} on seeds {s['task']['seed']}-"
@@ -483,38 +530,45 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
         lines += ["", "Samples saved by successive halving on the way to the same target (per search seed, "
                   "samples with pruning vs without, median over the seeds that got there both ways): "
                   + ", ".join(saved) + "."]
+    if variants := [r for r in every if r.get("rungs") is not None]:
+        lines += ["", f"A cheaper first rung: successive halving (keep the best third) at the first rung, then straight "
+                  f"to N = {n}; the grid's FID on each point's first samples (the same seeds) answers the first rung. "
+                  f"Saving: samples to target vs the same search seed without pruning (median over seeds reaching "
+                  f"it both ways).", "",
+                  "| optimizer | rungs | seeds reaching 1% | median trials | median samples | samples saved |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        default = ",".join(map(str, s["task"]["rungs"]))
+        for o in OPTIMIZERS:
+            off = per_seed.get((o, False), [])
+            for r in [x for x in rows if x["optimizer"] == o and x["pruning"]] + [
+                    x for x in variants if x["optimizer"] == o]:
+                pairs = [(a, b) for a, b in zip(r["samples_to_target"], off) if a is not None and b is not None]
+                cut = f"{100 * statistics.median(1 - a / b for a, b in pairs):.0f}%" if pairs else "–"
+                lines.append(f"| {o} | {r['rungs'].replace('-', ',') if r['rungs'] else default} | "
+                             f"{r['reached']}/{r['seeds']} | {_fmt(r['median_trials'], 'g')} | "
+                             f"{_fmt(r['median_samples'], ',.0f')} | {cut} |")
     return lines
 
 
 def write_markdown(out: Path, work: Path, size: dict) -> Path:
-    """BENCHMARKS.md from the results files in ``work``: each table says which command and machine
-    measured it; a table with no results says so."""
-    from . import gpu as bench_gpu
-    from . import headline as bench_headline
-    from . import sizes as bench_sizes
-    from .search import load_results
+    """BENCHMARKS.md from the results files in ``work``: every registered table (``bench.tables``)
+    in number order, each saying which command and machine measured it; a table with no results
+    says so."""
+    from .tables import Context, tables
 
-    r1, r2 = load_results(work / "table1.json"), load_results(work / "table2.json")
-    grid, truth = load_results(work / "grid.json"), load_results(work / "truth.json")
-    headline, gpu = load_results(work / "headline.json"), load_results(work / "gpu.json")
-    freeu_table, sizes = load_results(work / "freeu.json"), load_results(work / "sizes.json")
-    todo = ["Not measured yet: run `skiptune-search bench --tables N`."]
+    ctx = Context(quick=False, size=size, work=work)
     lines = ["# Benchmarks", "",
-             "Written by `skiptune-search bench`, table by table: each says the command and machine that measured it.",
-             "", "## 1. Controller overhead (target ≤ 1.02x)", "", *(_table1(r1) if r1 else todo),
-             "", "## 2. Where a trial's time goes (target ≥ 90% in UNet + feature forwards)", "",
-             *(_table2(r2) if r2 else todo),
-             "", "## 3. Proxy fidelity (target: Spearman ≥ 0.9 for the default objective and rung)", "",
-             *(_table3(grid, truth, size) if grid and truth.get("truth") else todo),
-             "", "## 4. Search efficiency (trials to come within 1% of the grid's best)", "",
-             *(_table4(grid, size, work) if grid.get("grid") else todo),
-             "", "## 5. Headline: held-out FID of each family's best schedule", "",
-             *(bench_headline.render(headline) if headline.get("nfe") else todo),
-             "", "## 6. GPU scaling", "",
-             *(bench_gpu.render(gpu) if gpu else ["Not measured yet: needs a GPU (`skiptune-search bench --tables 6`)."]),
-             "", "## 7. Published sizes: the hooks on SD 1.5, SDXL, EDM, EDM2 and U-ViT with random weights", "",
-             *(bench_sizes.render(sizes) if sizes.get("rows") else todo),
-             "", "## 8. FreeU head to head: held-out FID of FreeU's preset, tuned FreeU and tuned ρ", "",
-             *(bench_headline.render_freeu(freeu_table, headline) if freeu_table.get("nfe") else todo),
-             ""]
-    return write_text_atomic(out, "\n".join(lines))
+             "Written by `skiptune-search bench`, table by table: each says the command and machine that measured it."]
+    for table in tables():
+        lines += ["", f"## {table.number}. {table.title}", "",
+                  *(table.render(ctx) or [table.todo])]
+    return write_text_atomic(out, "\n".join([*lines, ""]))
+
+
+register_table(Table(1, "Controller overhead (target ≤ 1.02x)", _measure_table1, _rendered("table1.json", _table1)))
+register_table(Table(2, "Where a trial's time goes (target ≥ 90% in UNet + feature forwards)", _measure_table2,
+                     _rendered("table2.json", _table2)))
+register_table(Table(3, "Proxy fidelity (target: Spearman ≥ 0.9 for the default objective and rung)",
+                     _measure_table3, _render_table3, check=_check_table3))
+register_table(Table(4, "Search efficiency (trials to come within 1% of the grid's best; every family's to its target)",
+                     _measure_table4, _render_table4))

@@ -31,6 +31,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung, rung_score
 from ..scoring.metrics import fid_inf
+from ..scoring.objectives import proxy_names
 from ..search.objective import Objective
 from ..search.space import Space, grid_values
 from ..search.study import memory_study
@@ -64,6 +65,8 @@ def _scores(rungs: list[Rung]) -> dict:
         out["kid"] = {str(r.n): r.kid for r in rungs}
     if len(rungs) > 1:
         out["fid_inf"] = fid_inf([r.n for r in rungs], [r.fid for r in rungs])
+    for name in rungs[0].values:  # an objective's own metric (Objective.measure)
+        out[name] = {str(r.n): r.values[name] for r in rungs}
     return out
 
 
@@ -96,9 +99,11 @@ def stamp_run(results: dict, settings: dict, command: str, machine: str) -> None
 
 # --- table 4, part 1: the exhaustive grid -------------------------------------------------------
 def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machine: str,
-             progress: bool = True) -> dict:
+             progress: bool = True, low_rungs: tuple[int, ...] = ()) -> dict:
     """Evaluate every (ρ_inner, ρ_outer) of a ``points`` × ``points`` grid on the task's seeds,
-    in a seeded random order (a partial grid is still an even sample of it)."""
+    in a seeded random order (a partial grid is still an even sample of it); then, once the grid
+    is whole, each point's FID on its first samples at each of ``low_rungs`` (sample counts below
+    the task's first rung: what replays of a cheaper first rung look up)."""
     task = evaluator.task
     results = load_results(path)
     settings = {"task": task.scoring_key(), "points": points, "placement": Space().placement,
@@ -116,6 +121,14 @@ def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machin
         schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
         label = progress and f"grid {len(grid) + 1}/{points * points} ρ=({inner:g},{outer:g})"
         grid[point_key(inner, outer)] = _scores(list(evaluator.score(schedule, progress=label)))
+        save_results(path, results)
+    low = tuple(r for r in low_rungs if r < task.rungs[0])
+    lacking = [(i, o) for i, o in order if any(str(r) not in grid[point_key(i, o)]["fid"] for r in low)]
+    for k, (inner, outer) in enumerate(lacking):  # the same seeds' first samples: FID at N = r, as a rung scores
+        schedule = Space().schedule(ctl.arch, ctl.skips, {"rho_inner": inner, "rho_outer": outer})
+        label = progress and f"grid low rungs {k + 1}/{len(lacking)} ρ=({inner:g},{outer:g})"
+        for rung in evaluator.score(schedule, rungs=low, progress=label, kid=False):
+            grid[point_key(inner, outer)]["fid"][str(rung.n)] = rung.fid
         save_results(path, results)
     return results
 
@@ -166,12 +179,14 @@ def _reach(log: list[dict], target: float) -> tuple[int | None, int | None]:
     return None, None
 
 
-def replays(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int, path: Path | None = None) -> dict:
+def replays(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int, path: Path | None = None,
+            other_rungs: tuple[tuple[int, ...], ...] = ()) -> dict:
     """Each optimizer's replays on the grid, search seeds 0 to ``seeds`` - 1, pruning on and off,
-    keyed 'optimizer,on|off'. They are deterministic but slow (a GP replay takes seconds), so with
-    ``path`` they are saved there with the grid, the Optuna version and the search code they ran
-    on, and reused while all stay the same: a change to the objective, the first trials or the
-    optimizers reruns them."""
+    keyed 'optimizer,on|off'; and, for each of ``other_rungs`` (rung sets the grid holds FID at),
+    pruning on those rungs, keyed 'optimizer,on,R1-R2-...'. They are deterministic but slow (a GP
+    replay takes seconds), so with ``path`` they are saved there with the grid, the Optuna version
+    and the search code they ran on, and reused while all stay the same: a change to the objective,
+    the first trials or the optimizers reruns them."""
     grid, points = results["grid"], results["settings"]["points"]
     rungs = tuple(results["settings"]["task"]["rungs"])
     digest = hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:16]
@@ -179,14 +194,17 @@ def replays(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int,
                 "search_code": search_code_digest()}
     saved = load_results(path) if path else {}
     runs = saved["runs"] if saved.get("settings") == settings else {}
+    variants = [(rungs, True, "on"), (rungs, False, "off")] + [
+        (tuple(r), True, "on," + "-".join(map(str, r))) for r in other_rungs if tuple(r) != rungs]
     for optimizer in optimizers:
-        for prune in (True, False):
-            key = f"{optimizer},{'on' if prune else 'off'}"
+        for variant_rungs, prune, label in variants:
+            key = f"{optimizer},{label}"
             if key not in runs:
-                runs[key] = [replay_search(grid, points, rungs, optimizer, s, trials, prune) for s in range(seeds)]
+                runs[key] = [replay_search(grid, points, variant_rungs, optimizer, s, trials, prune)
+                             for s in range(seeds)]
                 if path:
                     save_results(path, {"settings": settings, "runs": runs})
-    return runs
+    return {k: v for k, v in runs.items() if k in {f"{o},{label}" for o in optimizers for *_, label in variants}}
 
 
 def search_code_digest() -> str:
@@ -208,13 +226,14 @@ def search_efficiency(results: dict, runs: dict, default_trials: int = 16) -> li
     target = 1.01 * min(r["fid"][n] for r in results["grid"].values())
     rows = []
     for key, logs in runs.items():
-        optimizer, prune = key.split(",")
+        optimizer, prune, *other = key.split(",")
         reached = [_reach(log, target) for log in logs]
         hit = [r for r in reached if r[0] is not None]
         at_default = [min((t["value"] for t in log[:default_trials] if t["value"] is not None), default=None)
                       for log in logs]
         rows.append({
-            "optimizer": optimizer, "pruning": prune == "on", "seeds": len(logs), "reached": len(hit),
+            "optimizer": optimizer, "pruning": prune == "on", "rungs": other[0] if other else None,
+            "seeds": len(logs), "reached": len(hit),
             "median_trials": statistics.median(r[0] for r in hit) if hit else None,
             "median_samples": statistics.median(r[1] for r in hit) if hit else None,
             "samples_to_target": [r[1] for r in reached],  # per search seed; None where it never got there
@@ -277,8 +296,9 @@ def run_truth(evaluator: Evaluator, path: Path, keys: list[str], truth_n: int, c
 
 
 def _proxy(scores: dict, name: str) -> float | None:
-    if name == "fid_inf":
-        return scores.get("fid_inf")
+    """A proxy's value in a results entry: ``NAME@N`` at rung N, else over all rungs (``fid_inf``)."""
+    if "@" not in name:
+        return scores.get(name)
     kind, rung = name.split("@")
     return scores.get(kind, {}).get(rung)
 
@@ -290,7 +310,7 @@ def proxy_fidelity(grid: dict, truth: dict, rungs: tuple[int, ...], keys: list[s
     from scipy.stats import spearmanr
 
     keys = [k for k in keys if k in truth]
-    names = ([f"fid@{r}" for r in rungs] + (["fid_inf"] if len(rungs) > 1 else []) + [f"kid@{r}" for r in rungs])
+    names = proxy_names(rungs)  # each registered objective, at each rung or over them
     rows = []
     good = sorted(keys, key=lambda k: truth[k]["fid"])[: max(3, len(keys) // 2)]
     for name in names:

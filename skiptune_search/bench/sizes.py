@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import InputError
+from .tables import Table, register_table
 
 # --- the published configs: diffusers' unet/config.json of SD 1.5 and SDXL base 1.0 -----------------
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -335,3 +336,11 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+register_table(Table(
+    7, "Published sizes: the hooks on SD 1.5, SDXL, EDM, EDM2 and U-ViT with random weights",
+    lambda ctx: run_sizes(ctx.checkouts, ctx.work / "sizes.json", ctx.stamp, ctx.device,
+                          calls=1 if ctx.quick else 3, progress=ctx.progress),
+    lambda ctx: render(r) if (r := ctx.results("sizes.json")).get("rows") else None,
+    check=lambda ctx: check_checkouts(ctx.checkouts)))

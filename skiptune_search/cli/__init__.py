@@ -1,6 +1,6 @@
 """skiptune-search's command line: one module per group of commands, composed here.
 
-``tune`` (search), ``studies`` (studies, export, report, dashboard), ``schedules`` (inspect,
+``tune`` (search), ``eye`` (tune by eye in optuna-dashboard), ``studies`` (studies, export, report, dashboard), ``schedules`` (inspect,
 sample, evaluate), ``maintain`` (bench, train-default, model-card, reference-stats); shared
 options, errors and config files in ``common``. Every command's help text is its manual, and
 ``--help`` loads no torch: bodies import what they run.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from . import maintain, schedules, studies, tune
+from . import eye, maintain, schedules, studies, tune
 from .common import UserError
 
 
@@ -43,6 +43,6 @@ def main() -> None:
     """
 
 
-for module in (tune, studies, schedules, maintain):
+for module in (tune, eye, studies, schedules, maintain):
     for command in module.COMMANDS:
         main.add_command(command)

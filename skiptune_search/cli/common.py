@@ -16,9 +16,9 @@ import sys
 
 import click
 
-from ..core import freeu
+from ..core.families import families_help, family_names
 from ..core.limits import GUIDANCE_RANGE, MAX_BATCH, MAX_NFE, MAX_SEED, SIZE_RANGE, usable_cores
-from ..core.schedule import FAMILIES, PLACEMENTS
+from ..core.schedule import PLACEMENTS
 from ..sampling import SAMPLER_NAMES, SCHEDULERS, SIGMA_GRIDS, canonical_sampler
 from ..scoring import FEATURE_LAYERS, PRECISIONS
 from ..search import DEFAULT_STORAGE, interrupts
@@ -48,6 +48,7 @@ class UserError(click.ClickException):
 
 # what an interrupted command kept, by command
 _RESUME_HINTS = {"search": ": every finished trial is saved; rerun the same command to resume",
+                 "eye": ": every choice is saved in the study; rerun the same command to go on, or export it",
                  "bench": ": every finished point is saved under --work; rerun the same command to resume",
                  "train_default": ": rerun the same command to resume from the last saved state (--state)"}
 
@@ -296,16 +297,8 @@ def features_option(fn, default: str | None = "efficientnet-lite0"):
 
 
 def family_options(fn):
-    (b_lo, b_hi), (s_lo, s_hi) = freeu.B_RANGE, freeu.S_RANGE
-    fn = click.option("--family", default="linear", show_default=True, type=click.Choice(FAMILIES),
-                      help="ρ parameterization: linear (ρ_inner at the deepest skip to ρ_outer at the outermost), "
-                           "per_level (one ρ per resolution), per_layer (one per skip), per_noise (a linear pair "
-                           "at each of --knots σ knots, interpolated in log σ); freeu (FreeU on the two "
-                           f"lowest-resolution decoder stages: backbone factors b1, b2 in [{b_lo:g}, {b_hi:g}], skip "
-                           f"low-frequency factors s1, s2 in [{s_lo:g}, {s_hi:g}], acting while σ is inside a window "
-                           "searched in log σ over the sampler's σ range; ρ = 1; its first trials are the untuned "
-                           "model, then FreeU's published preset for the model: SD1.x, SD2.x, SDXL recognized from "
-                           "the UNet's config, else SD1.5's values), linear_freeu (linear ρ plus freeu).")(fn)
+    fn = click.option("--family", default="linear", show_default=True, type=click.Choice(family_names()),
+                      help=families_help())(fn)
     return click.option("--placement", default="input", show_default=True, type=click.Choice([*PLACEMENTS, "search"]),
                         help="Where ρ acts: input (the skip before its block, as in the paper), normalized (the "
                              "skip channels after the block's GroupNorm, which cannot cancel it), both, or search. "

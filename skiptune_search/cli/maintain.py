@@ -62,7 +62,8 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2
     rerunning the same command resumes them. One run at a time measures into a --work folder
     (a second is refused); '--tables none' renders beside it.
     """
-    from ..bench.run import ALL_TABLES, run_bench
+    from ..bench.run import run_bench
+    from ..bench.tables import table_numbers
 
     torch_setup(threads)
     if tables is None:
@@ -73,8 +74,8 @@ def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2
         wanted = () if tables == "none" else tuple(sorted({int(t) for t in tables.split(",")}))
     except ValueError:
         raise UserError(f"--tables {tables}: give table numbers separated by commas, e.g. 1,2") from None
-    if not set(wanted) <= set(ALL_TABLES):
-        raise UserError(f"--tables {tables}: the tables are {', '.join(map(str, ALL_TABLES))}")
+    if not set(wanted) <= set(table_numbers()):
+        raise UserError(f"--tables {tables}: the tables are {', '.join(map(str, table_numbers()))}")
     folder = Path(work or ("studies/bench-quick" if quick else "studies/bench"))
     # BENCHMARKS.md renders studies/bench; any other folder (--quick's included) renders beside its results
     out = out or ("BENCHMARKS.md" if folder == Path("studies/bench") else str(folder / "BENCHMARKS.md"))

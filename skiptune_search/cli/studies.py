@@ -6,7 +6,8 @@ import click
 
 from ..search.ui_presets import FORMATS as UI_FORMATS
 from .common import (
-    check_outputs, freeu_lines, friendly, model_options, model_source, refuse_trust_for, storage_option, torch_setup,
+    UserError, check_outputs, freeu_lines, friendly, model_options, model_source, refuse_trust_for, storage_option,
+    torch_setup,
 )
 
 STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-search studies').")
@@ -59,6 +60,7 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     diffusers' equivalent pipe.enable_freeu(...) call when there is one (a UNet2DConditionModel such
     as Stable Diffusion's and SDXL's, FreeU v1-stages at every σ, no factor 0), or why there is none."""
     from ..core.files import write_text_atomic
+    from ..scoring.objectives import objective_label
     from ..search import ui_presets
     from ..search.storage import make_storage, shown_url
     from ..search.study import export_best, load_own_study, study_space
@@ -66,8 +68,12 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     check_outputs(out, storage=storage)
     st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
     schedule = export_best(st, storage)
-    best = (f"trial {schedule.source['trial']}, FID {schedule.metric['value']:.2f} "
-            f"(baseline {schedule.metric['baseline']})")
+    metric = schedule.metric
+    if metric["name"] == "eye":
+        best = f"trial {schedule.source['trial']}, chosen by eye after {metric['comparisons']} choices"
+    else:
+        best = (f"trial {schedule.source['trial']}, {objective_label(metric.get('name', 'fid'))} "
+                f"{metric['value']:.4g} (baseline {metric['baseline']})")
     if format == "schedule":
         schedule.save(out)
         click.echo(f"wrote {out}: {best}")
@@ -103,11 +109,14 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
     from ..scoring.task import Task, with_legacy_defaults
     from ..search.report import write_report
     from ..search.storage import make_storage, shown_url
-    from ..search.study import export_best, load_own_study, study_settings
+    from ..search.study import export_best, is_eye, load_own_study, study_settings
 
     check_outputs(out, storage=storage)
     storage_obj = make_storage(storage, create=False)
     st = load_own_study(storage_obj, study, shown_url(storage))
+    if is_eye(st.user_attrs):
+        raise UserError(f"--study: study {study!r} was judged by eye and holds no FID to report: export its "
+                        f"schedule, then 'skiptune-search evaluate --schedule FILE' scores it")
     grids = None
     if samples > 0:
         torch_setup()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import click
 
 from ..core.limits import MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, RHO_MAX
-from ..scoring import OBJECTIVES
+from ..scoring.objectives import objective_names, objectives_help
 from ..core.freeu import VARIANTS as FREEU_VARIANTS
 from ..search import OPTIMIZERS
 from .common import (
@@ -51,9 +50,8 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
               help="Sample counts at which a trial reports FID, ending at N, e.g. 250,1000 [default: N/4,N]. "
                    "Successive halving keeps the best third at the first rung and at first rung x 3^k; "
                    "a single number turns pruning off.")
-@click.option("--objective", default="fid", show_default=True, type=click.Choice(OBJECTIVES),
-              help="What the study minimizes: FID at N, FID extrapolated to N -> inf over the rungs "
-                   "(removes most of FID's small-N bias), or KID (unbiased; needs reference features).")
+@click.option("--objective", default="fid", show_default=True, type=click.Choice(objective_names()),
+              help=objectives_help())
 @click.option("--rho-min", default=0.5, show_default=True, type=RHO, help="Lower bound of each ρ, in (0, 4].")
 @click.option("--rho-max", default=1.5, show_default=True, type=RHO, help="Upper bound of each ρ, in (0, 4].")
 @batch_option
@@ -100,7 +98,8 @@ def search(**options) -> None:
     """
     from ..search.storage import shown_url
     from ..search.study import params_at_edge
-    from ..search.tune import OBJECTIVE_LABELS, run
+    from ..scoring.objectives import objective_label
+    from ..search.tune import run
 
     o = options
     if o["rho_min"] >= o["rho_max"]:
@@ -111,7 +110,7 @@ def search(**options) -> None:
     result = run(task, source, **{name: o[name] for name in SEARCH_OPTIONS},
                  rho_range=(o["rho_min"], o["rho_max"]), batch_size=o["batch"], feature_weights=o["inception_weights"],
                  read=[("the config file", config_read())], say=click.echo)
-    label, base, schedule = OBJECTIVE_LABELS[o["objective"]], result.baseline, result.best
+    label, base, schedule = objective_label(o["objective"]), result.baseline, result.best
     rhos = ", ".join("/".join(f"{v:.3f}" for v in row) for row in schedule.rho)
     click.echo("")
     click.echo(f"baseline {label} (ρ = 1): {base.value:.4g}" if base else f"baseline {label}: not finished")

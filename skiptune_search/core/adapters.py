@@ -18,7 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .errors import NoSkipsError
-from .schedule import SkipInfo
+from .skips import SkipInfo
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .errors import ScheduleError
 if TYPE_CHECKING:
     import torch
 
-    from .schedule import SkipInfo
+    from .skips import SkipInfo
 
 FACTORS = ("b1", "b2", "s1", "s2")
 WINDOW_PARAMS = ("sigma_lo", "sigma_hi")  # a search's names for the window's ends

@@ -20,3 +20,10 @@ def interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """ys (its last dimension along ``xs``) interpolated linearly at ``x``, clamped outside."""
     k, w = bracket(xs, x)
     return ys[..., k - 1] + w * (ys[..., k] - ys[..., k - 1])
+
+
+def interp_log_sigma(log_knots: torch.Tensor, table: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``table`` (its last dimension along the σ knots, ``log_knots`` their log σ, float64)
+    interpolated in log σ at ``sigma`` (a number's tensor, or one σ per sample), clamped outside
+    the knots: a schedule's ρ between its knots."""
+    return interp(log_knots, table, sigma.to(torch.float64).clamp_min(1e-30).log())

@@ -6,14 +6,14 @@ knots ρ is constant in σ. Families (``linear``: the paper's ramp from ρ_inner
 skip to ρ_outer at the outermost) only decide how the table is filled: a reader needs nothing
 but the table. A schedule may also hold FreeU's factors (``freeu.py``; families ``freeu``, ρ = 1,
 and ``linear_freeu``, the linear ramp plus FreeU); such a file is format version 2, the others
-stay version 1, and both load. Imports neither Optuna, torch-fidelity nor the CLI, and torch only
-to interpolate in σ, so the CLI can list the families and placements without loading torch.
+stay version 1, and both load. The families themselves, and how to add one: ``families.py``.
+Imports neither Optuna, torch-fidelity nor the CLI, and torch only to interpolate in σ, so the
+CLI can list the families and placements without loading torch.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -22,42 +22,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ScheduleError
+from .families import family
+from .families import family as _family  # for from_family, whose argument is named family
+from .families import linear_rhos  # noqa: F401 (read from here too)
 from .files import atomic_path, read_json
 from .freeu import FACTORS as FREEU_FACTORS
 from .freeu import WINDOW_PARAMS, FreeU, per_skip, stages
 from .limits import GUIDANCE_RANGE, MAX_NFE, MAX_SEED, RHO_MAX, SIZE_RANGE
+from .skips import SkipInfo, layout_fingerprint  # noqa: F401 (read from here too)
 
 FORMAT = "skiptune-schedule/1"  # ρ only
 FORMAT_FREEU = "skiptune-schedule/2"  # adds the "freeu" object
 FORMATS = (FORMAT, FORMAT_FREEU)
 RHO_LIMITS = (0.0, float(RHO_MAX))  # a ρ outside is almost surely a typo, not a schedule (core.limits)
-
-
-@dataclass(frozen=True)
-class SkipInfo:
-    """One long skip: who makes it, who consumes it, its shape."""
-
-    name: str  # the module whose output is saved, e.g. 'down_blocks.1.resnets.0'
-    consumer: str  # the module that concatenates it, e.g. 'up_blocks.1.resnets.2'
-    channels: int
-    resolution: int
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "consumer": self.consumer,
-                "channels": self.channels, "resolution": self.resolution}
-
-
-def layout_fingerprint(arch: str, skips: Sequence[SkipInfo]) -> str:
-    """A short hash of the architecture class and the skip layout (names, channels, sizes)."""
-    text = json.dumps([arch] + [[s.name, s.channels, s.resolution] for s in skips])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def linear_rhos(n_skips: int, rho_inner: float, rho_outer: float) -> list[float]:
-    """The paper's ramp: ρ_outer at skip 0 (outermost), ρ_inner at the deepest, linear between."""
-    if n_skips == 1:
-        return [float(rho_inner)]
-    return [rho_outer + (rho_inner - rho_outer) * i / (n_skips - 1) for i in range(n_skips)]
 
 
 @dataclass(frozen=True)
@@ -86,65 +63,31 @@ class BlockFactors:
         return not rho_one or self.freeu_acts
 
 
-RHO_FAMILIES = ("linear", "per_level", "per_layer", "per_noise")
-FAMILIES = (*RHO_FAMILIES, "freeu", "linear_freeu")
 PLACEMENTS = ("input", "normalized", "both")
 
 
-def split_family(family: str) -> tuple[str | None, bool]:
+def split_family(name: str) -> tuple[str | None, bool]:
     """(the ρ family or None for ρ = 1, whether FreeU's factors come with it): 'linear_freeu' ->
     ('linear', True), 'freeu' -> (None, True), 'per_layer' -> ('per_layer', False)."""
-    if family not in FAMILIES:
-        raise ScheduleError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if family == "freeu":
-        return None, True
-    return family.removesuffix("_freeu"), family.endswith("_freeu")
+    f = family(name)
+    return f.rho_family, f.freeu
 
 
-def family_params(family: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> list[str]:
-    """The free parameters of a family on a skip layout.
-
-    linear: ρ_inner, ρ_outer. per_level: one ρ per resolution (``rho_28px``...). per_layer: one
-    ρ per skip (``rho_0`` outermost...). per_noise: a linear pair per σ knot (``rho_inner_k0``...).
-    freeu: b1, b2, s1, s2 and the σ window's ends (``sigma_lo``, ``sigma_hi``); linear_freeu:
-    linear's and freeu's.
-    """
-    rho_family, with_freeu = split_family(family)
-    if with_freeu:
-        rho = family_params(rho_family, skips, n_knots) if rho_family else []
-        return [*rho, *FREEU_FACTORS, *WINDOW_PARAMS]
-    if family == "linear":
-        return ["rho_inner", "rho_outer"]
-    if family == "per_level":
-        return [f"rho_{r}px" for r in sorted({s.resolution for s in skips}, reverse=True)]
-    if family == "per_layer":
-        return [f"rho_{i}" for i in range(len(skips))]
-    if family == "per_noise":
-        if n_knots < 2:
-            raise ScheduleError("per_noise needs at least 2 σ knots")
-        return [f"{end}_k{k}" for k in range(n_knots) for end in ("rho_inner", "rho_outer")]
-    raise ScheduleError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+def family_params(name: str, skips: Sequence[SkipInfo], n_knots: int = 3) -> list[str]:
+    """The free parameters of a family on a skip layout (``families``: linear's ρ_inner,
+    ρ_outer; per_level's ``rho_28px``...; per_layer's ``rho_0``...; per_noise's
+    ``rho_inner_k0``...; FreeU's b1, b2, s1, s2, ``sigma_lo``, ``sigma_hi`` after its ρ family's)."""
+    return family(name).params(skips, n_knots)
 
 
-def family_table(family: str, skips: Sequence[SkipInfo], params: dict[str, float],
+def family_table(name: str, skips: Sequence[SkipInfo], params: dict[str, float],
                  n_knots: int = 3) -> list[list[float]]:
     """The ρ table [skip][knot] of a family's parameters (all 1 for ``freeu``)."""
-    rho_family, with_freeu = split_family(family)
-    if with_freeu:
-        return family_table(rho_family, skips, params, n_knots) if rho_family else [[1.0] for _ in skips]
-    names = family_params(family, skips, n_knots)
-    missing = [n for n in names if n not in params]
+    f = family(name)
+    missing = [n for n in f.params(skips, n_knots) if n not in params and n not in FREEU_FACTORS + WINDOW_PARAMS]
     if missing:
-        raise ScheduleError(f"{family} schedule needs parameters {', '.join(missing)}")
-    p = {k: float(v) for k, v in params.items()}
-    if family == "linear":
-        return [[r] for r in linear_rhos(len(skips), p["rho_inner"], p["rho_outer"])]
-    if family == "per_level":
-        return [[p[f"rho_{s.resolution}px"]] for s in skips]
-    if family == "per_layer":
-        return [[p[f"rho_{i}"]] for i in range(len(skips))]
-    columns = [linear_rhos(len(skips), p[f"rho_inner_k{k}"], p[f"rho_outer_k{k}"]) for k in range(n_knots)]
-    return [list(row) for row in zip(*columns)]
+        raise ScheduleError(f"{f.rho_family} schedule needs parameters {', '.join(missing)}")
+    return f.table(skips, {k: float(v) for k, v in params.items()}, n_knots)
 
 
 @dataclass
@@ -186,15 +129,16 @@ class RhoSchedule:
     def from_family(cls, family: str, arch: str, skips: Sequence[SkipInfo], params: dict[str, float],
                     sigma_knots: Sequence[float] = (), sigma_window: tuple[float, float] | None = None,
                     freeu_variant: str = "v1-stages", **meta) -> "RhoSchedule":
-        """A schedule of one family; ``per_noise`` takes its knots from ``sigma_knots``, the FreeU
-        families their σ window from ``sigma_window`` (None: FreeU acts at every σ) and the
-        function they compute from ``freeu_variant`` (``freeu.VARIANTS``)."""
-        rho_family, with_freeu = split_family(family)
-        knots = [float(k) for k in sigma_knots] if rho_family == "per_noise" else []
-        if rho_family == "per_noise" and not knots:
-            raise ScheduleError("a per_noise schedule needs sigma_knots")
+        """A schedule of one family (``families``); one with ρ per σ (``per_noise``) takes its
+        knots from ``sigma_knots``, the FreeU families their σ window from ``sigma_window`` (None:
+        FreeU acts at every σ) and the function they compute from ``freeu_variant``
+        (``freeu.VARIANTS``)."""
+        f = _family(family)
+        knots = [float(k) for k in sigma_knots] if f.per_sigma else []
+        if f.per_sigma and not knots:
+            raise ScheduleError(f"a {f.rho_family} schedule needs sigma_knots")
         table = family_table(family, skips, params, n_knots=len(knots) or 3)
-        freeu = FreeU.from_params(params, window=sigma_window, variant=freeu_variant) if with_freeu else None
+        freeu = FreeU.from_params(params, window=sigma_window, variant=freeu_variant) if f.freeu else None
         return cls(arch=arch, skips=list(skips), rho=table, sigma_knots=knots, family=family,
                    params={k: float(v) for k, v in params.items()}, freeu=freeu, **meta)
 
@@ -221,11 +165,10 @@ class RhoSchedule:
             raise ScheduleError("this schedule depends on σ: pass the noise level")
         import torch
 
-        from .interp import interp
+        from .interp import interp_log_sigma
 
-        log_knots = torch.tensor(self.sigma_knots, dtype=torch.float64).log()
-        log_sigma = torch.tensor(max(float(sigma), 1e-30), dtype=torch.float64).log()
-        return interp(log_knots, torch.tensor(self.rho, dtype=torch.float64), log_sigma).tolist()
+        sigma = torch.tensor(float(sigma), dtype=torch.float64)
+        return interp_log_sigma(*self._tables(torch.device("cpu")), sigma).tolist()
 
     def factors_at(self, sigma: "float | torch.Tensor | None" = None,
                    hidden: "Sequence[int | None] | None" = None) -> list[BlockFactors]:
@@ -238,12 +181,9 @@ class RhoSchedule:
             raise ScheduleError("this schedule depends on σ: pass the noise level")
         per_sample = sigma is not None and not isinstance(sigma, (int, float))
         if per_sample and not self.is_constant:
-            import torch
+            from .interp import interp_log_sigma
 
-            from .interp import interp
-
-            log_knots, table = self._tables(sigma.device)
-            rhos = list(interp(log_knots, table, sigma.to(torch.float64).clamp_min(1e-30).log()))
+            rhos = list(interp_log_sigma(*self._tables(sigma.device), sigma))
         else:
             rhos = self.rhos_at(None if self.is_constant else float(sigma))
         freeu_on = False
@@ -517,6 +457,11 @@ def _check_json(data: Any, where: str) -> None:
             f.number(metric[key], f"metric.{key}", optional=True)
     if "n" in metric:
         f.integer(metric["n"], "metric.n", 2, MAX_SEED)
+    # chosen by eye (a preferential study): the number of choices (sets judged) behind it, no value
+    if metric.get("name") == "eye" and "comparisons" not in metric:
+        raise f.fail("metric", "is 'eye' (chosen by eye) but has no comparisons (the number of choices behind it)")
+    if "comparisons" in metric:
+        f.integer(metric["comparisons"], "metric.comparisons", 1, MAX_SEED)
     if "seeds" in metric:
         seeds = metric["seeds"]
         parts = seeds.split("-") if isinstance(seeds, str) else []

@@ -8,7 +8,7 @@ each rung. The search's objective, ``evaluate`` and the benchmarks all call it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -28,6 +28,7 @@ from .metrics import (
     DEFAULT_REFERENCE, ReferenceStats, extract_features, fid_from_features, kid_from_features, load_extractor,
     load_images, reference_from_images,
 )
+from .objectives import objective as objective_of
 from .task import CUSTOM, Task, autocast_dtype, resolve_device
 
 CACHE_DIR = Path("studies") / "cache"  # reference features computed from data sets or folders
@@ -56,12 +57,18 @@ class Rung:
     kid: float | None = None  # when the reference holds features
     features: torch.Tensor | None = None  # all ``n`` samples' features [n, D]
     images: torch.Tensor | None = None  # the first samples (a grid's worth), at the first rung only
+    values: dict = field(default_factory=dict)  # an objective's own metric (Objective.measure), by its name
 
 
-def rung_score(features: torch.Tensor, reference: ReferenceStats, kid: bool = True) -> Rung:
-    """FID, and (``kid``) KID where the reference has features, of ``features``."""
+def rung_score(features: torch.Tensor, reference: ReferenceStats, kid: bool = True,
+               objective: str | None = None) -> Rung:
+    """FID, and (``kid``) KID where the reference has features, of ``features``; and the metric of
+    ``objective`` where it has one of its own (``Objective.measure``)."""
     kid = kid_from_features(features, reference) if kid and reference.kid_features is not None else None
-    return Rung(len(features), fid_from_features(features, reference), kid, features)
+    rung = Rung(len(features), fid_from_features(features, reference), kid, features)
+    if objective is not None and (measure := objective_of(objective).measure) is not None:
+        rung.values[objective] = float(measure(features, reference))
+    return rung
 
 
 SampleFn = Callable[[list[int]], torch.Tensor]  # seeds -> uint8 images [len(seeds), C, H, W]
@@ -203,10 +210,10 @@ class Evaluator:
             else:
                 images = load_images(self.task.reference)
                 self._reference = reference_from_images(images, self.extractor, self.task.features, CACHE_DIR)
-            if self.task.objective == "kid" and self._reference.kid_features is None:
+            if objective_of(self.task.objective).needs_reference_features and self._reference.kid_features is None:
                 raise ReferenceStatsError(
-                    f"objective kid needs reference features, and {self.task.reference} holds only mu and sigma: "
-                    f"use fashion-mnist:test or a folder of reference images", option="reference")
+                    f"objective {self.task.objective} needs reference features, and {self.task.reference} holds only "
+                    f"mu and sigma: use fashion-mnist:test or a folder of reference images", option="reference")
         return self._reference
 
     def check_reference(self) -> None:
@@ -278,7 +285,7 @@ class Evaluator:
             label = progress and (f"{progress}, N={rung}" if isinstance(progress, str) else f"N={rung}")
             more, images = self.features(schedule, seeds[done:rung], progress=label)
             features.append(more)
-            result = rung_score(torch.cat(features), self.reference, kid)
+            result = rung_score(torch.cat(features), self.reference, kid, self.task.objective)
             if done == 0:
                 result.images = images
             done = rung

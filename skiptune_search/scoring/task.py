@@ -17,7 +17,8 @@ from ..core.limits import GUIDANCE_RANGE, MAX_N, MAX_NFE, MAX_SEED, SIZE_RANGE, 
 from ..bundled import DEFAULT_MODEL_NAME
 from ..sampling import SAMPLER_NAMES, SIGMA_GRIDS, SIGMA_SAMPLERS, canonical_sampler
 from ..sampling.samplers import check_sigma_grid, default_sigma_grid, steps_for_nfe
-from . import DEFAULT_FEATURES, FEATURE_LAYERS, OBJECTIVES, PRECISIONS
+from . import DEFAULT_FEATURES, FEATURE_LAYERS, PRECISIONS
+from .objectives import objective as objective_of
 
 CUSTOM = "custom"  # the sampler of a model sampled by the caller's own loop (Python API)
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of text models when none is given (diffusers' SD default)
@@ -37,7 +38,7 @@ class Task:
     features: str = DEFAULT_FEATURES
     reference: str = "bundled"  # 'bundled', an .npz (mu, sigma), 'fashion-mnist:test' or an image folder
     rungs: tuple[int, ...] = ()  # sample counts at which a trial reports FID; the last is n
-    objective: str = "fid"  # 'fid' (at n), 'fid_inf' (extrapolated to N -> inf over the rungs) or 'kid'
+    objective: str = "fid"  # scoring.objectives: 'fid' (at n), 'fid_inf' (extrapolated to N -> inf), 'kid'
     sigma_grid: str | None = None  # 'karras' or 'model'; None: the sampler's default (default_sigma_grid)
     prompts: str | None = None  # a text model's prompt file (one per line); seed s uses prompt s mod P
     guidance: float | None = None  # classifier-free guidance scale of a text model (1: none)
@@ -54,11 +55,7 @@ class Task:
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
                              option="precision")
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}",
-                             option="objective")
-        if self.objective == "fid_inf" and len(rungs) < 2:
-            raise InputError("objective fid_inf needs at least two rungs (e.g. 250,1000)", option="rungs")
+        objective_of(self.objective).check_rungs(rungs)  # a registered objective (scoring.objectives), its rungs
         object.__setattr__(self, "rungs", rungs)
         if self.sampler == CUSTOM:  # the caller's loop: its NFE is a label, it has no σ grid of ours
             object.__setattr__(self, "sigma_grid", CUSTOM)

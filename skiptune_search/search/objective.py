@@ -9,6 +9,7 @@ trial's attributes changes the benchmarks too. A scorer is anything with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -22,8 +23,9 @@ from ..core.errors import NonFiniteSamplesError
 from ..core.schedule import RhoSchedule, SkipInfo
 from ..scoring.evaluator import Rung
 from ..scoring.metrics import fid_inf
+from ..scoring.objectives import objective as objective_of
 from . import interrupts
-from .space import FIRST_MARKS, Space
+from .space import Space, first_marks, first_note
 from .storage import storage_fault, storage_faults
 from .study import finished_trials, is_finished, recover_dead_trials, worker_id
 
@@ -60,7 +62,7 @@ class Objective:
                  call_sigmas: Sequence[float] = (), hidden: Sequence[int | None] | None = None) -> None:
         self.call_sigmas, self.hidden = tuple(call_sigmas), hidden
         self.scorer, self.space, self.arch, self.skips = scorer, space, arch, list(skips)
-        self.rungs, self.objective, self.seeds, self.limit = tuple(rungs), objective, seeds, limit
+        self.rungs, self.objective, self.seeds, self.limit = tuple(rungs), objective_of(objective), seeds, limit
         self.store = None
         if artifacts is not None:
             from optuna.artifacts import FileSystemArtifactStore
@@ -90,6 +92,7 @@ class Objective:
         label = self.label() if self.label else False
         fids: dict[int, float] = {}
         kids: dict[int, float] = {}
+        seen: list[Rung] = []  # every rung so far, without its features and images: what the objective's value reads
         grid = None
         scores = self.scorer.score(schedule, progress=label)
         try:
@@ -101,13 +104,16 @@ class Objective:
                 if rung.kid is not None:
                     kids[rung.n] = rung.kid
                     trial.set_user_attr("kid_at", {str(n): v for n, v in kids.items()})
+                seen.append(dataclasses.replace(rung, features=None, images=None))
+                for name in rung.values:  # an objective's own metric at each rung
+                    trial.set_user_attr(f"{name}_at", {str(r.n): r.values[name] for r in seen})
                 grid = rung.images if grid is None else grid
                 trial.set_user_attr("wall_seconds", round(time.perf_counter() - start, 2))
-                # rungs report FID (KID for the kid objective); FID∞ needs every rung
-                value, metric = (rung.kid, "KID") if self.objective == "kid" else (rung.fid, "FID")
+                # what each rung reports: the objective's rung value (FID for fid_inf, which needs every rung)
+                value = self.objective.rung(rung)
                 trial.report(value, step=rung.n)
                 if k < len(self.rungs) - 1 and trial.should_prune() and not trial.user_attrs.get("baseline"):
-                    raise optuna.TrialPruned(f"{metric} {value:.4g} at N={rung.n}")
+                    raise optuna.TrialPruned(f"{self.objective.rung_name} {value:.4g} at N={rung.n}")
         except NonFiniteSamplesError as exc:
             trial.set_user_attr("fail_reason", str(exc))  # a failure of its own: counts as finished
             raise
@@ -122,7 +128,7 @@ class Objective:
             trial.set_user_attr("fid_inf", fid_inf(list(fids), list(fids.values())))
         if self.store is not None and grid is not None:
             self._upload_grid(trial, grid)
-        return {"fid": fids[n], "fid_inf": trial.user_attrs.get("fid_inf"), "kid": kids.get(n)}[self.objective]
+        return self.objective.final(seen)
 
     def _surplus(self, trial: optuna.Trial) -> str | None:
         """Why this trial must not run, or None: 'count' when the trials ahead of it already
@@ -131,16 +137,16 @@ class Objective:
         if "retry_of" in trial.user_attrs:
             return None
         live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-        ahead, marks = 0, set()
+        ahead, marks, marks_of_first = 0, set(), first_marks()
         for t in trial.study.get_trials(deepcopy=False):
             if t.number >= trial.number or not (is_finished(t) or t.state in live):
                 continue
-            mark = next((m for m in FIRST_MARKS if t.user_attrs.get(m)), None)
+            mark = next((m for m in marks_of_first if t.user_attrs.get(m)), None)
             if mark in marks:
                 continue  # a duplicate: it will not run either
             marks.add(mark) if mark else None
             ahead += 1
-        mine = next((m for m in FIRST_MARKS if trial.user_attrs.get(m)), None)
+        mine = next((m for m in marks_of_first if trial.user_attrs.get(m)), None)
         if mine is not None:
             return "duplicate" if mine in marks else None
         return "count" if ahead >= self.limit else None
@@ -156,7 +162,7 @@ class Objective:
         """Record ``same``'s scores as this trial's, without sampling: its rungs reported again,
         pruned where it was pruned."""
         trial.set_user_attr("same_as", same.number)
-        for attr in ("fid_at", "kid_at", "fid", "kid", "fid_inf", "n", "seeds"):
+        for attr in ("fid_at", "kid_at", "fid", "kid", "fid_inf", "n", "seeds", f"{self.objective.name}_at"):
             if attr in same.user_attrs:
                 trial.set_user_attr(attr, same.user_attrs[attr])
         trial.set_user_attr("wall_seconds", 0.0)
@@ -167,14 +173,19 @@ class Objective:
         return same.value
 
     def _upload_grid(self, trial: optuna.Trial, images) -> None:
-        from optuna.artifacts import upload_artifact
+        upload_grid(self.store, trial, images[:64], nrow=8)
 
-        from ..sampling.images import save_grid
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_grid(images[:64], Path(tmp) / f"trial-{trial.number}-samples.png", nrow=8)
-            upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
-                            mimetype="image/png")
+def upload_grid(store, trial: optuna.Trial, images, nrow: int | None = None) -> str:
+    """``images`` (uint8 [N, C, H, W]) as one PNG grid, uploaded as ``trial``'s artifact named by
+    its trial number (the number optuna-dashboard shows); returns the artifact's id."""
+    from optuna.artifacts import upload_artifact
+
+    from ..sampling.images import save_grid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_grid(images, Path(tmp) / f"trial-{trial.number}-samples.png", nrow=nrow)
+        return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial, mimetype="image/png")
 
 
 def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float],
@@ -250,7 +261,7 @@ def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, objective: 
     same = f" (same as trial {attrs['same_as']}: not sampled again)" if "same_as" in attrs else ""
     if trial.state.name == "PRUNED":
         step = trial.last_step
-        rung_label = "KID" if objective == "kid" else "FID"  # what each rung reports
+        rung_label = objective_of(objective).rung_name  # what each rung reports
         return f"trial {trial.number}: pruned at N={step} ({rung_label} {trial.intermediate_values[step]:.4g}){same}"
     if trial.value is None:
         return f"trial {trial.number}: failed ({trial.user_attrs.get('fail_reason', 'see log')})"
@@ -259,10 +270,10 @@ def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, objective: 
     warm = attrs.get("warm_start")
     tag = (" (baseline)" if attrs.get("baseline")
            else f" (FreeU preset: {attrs['freeu_preset_note']})" if attrs.get("freeu_preset")
-           else " (paper-style ramp)" if attrs.get("paper_ramp")
+           else f" ({note})" if (note := first_note(attrs))
            else f" (warm start: the best of NFE {warm['nfe']}, trial {warm['trial']} of {warm['study']})" if warm
            else same)
-    label = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}[objective]
+    label = objective_of(objective).label
     return (f"trial {trial.number}: {label} {trial.value:.4g}  {params}{tag}  "
             f"[{trial.user_attrs['wall_seconds']:.0f}s, best {study.best_value:.4g}]")
 

@@ -13,8 +13,10 @@ import optuna
 import plotly.graph_objects as go
 
 from ..core import freeu
+from ..core.families import family, family_names
 from ..core.files import write_text_atomic
 from ..core.schedule import RhoSchedule
+from ..scoring.objectives import objective_label
 from .space import CALL_PARAMS
 from .storage import shown_url
 from .study import baseline_trial, export_best, siblings
@@ -54,7 +56,7 @@ def _fid_vs_nfe(study: optuna.Study) -> go.Figure | None:
     nfes = [p[0] for p in points]
     fig = go.Figure([go.Scatter(x=nfes, y=[p[1] for p in points], name="untuned (ρ = 1)", mode="lines+markers"),
                      go.Scatter(x=nfes, y=[p[2] for p in points], name="tuned (best trial)", mode="lines+markers")])
-    fig.update_layout(title="FID vs NFE", xaxis_title="NFE", yaxis_title=task.get("objective", "fid").upper())
+    fig.update_layout(title="FID vs NFE", xaxis_title="NFE", yaxis_title=objective_label(task.get("objective", "fid")))
     return fig
 
 
@@ -73,7 +75,7 @@ def write_report(study: optuna.Study, storage, storage_url: str, out: str | os.P
     base = baseline_trial(study)
     figures: list[tuple[str, go.Figure]] = [
         ("Optimization history", optuna.visualization.plot_optimization_history(study))]
-    if schedule.family != "freeu":  # ρ = 1 everywhere there
+    if schedule.family not in family_names() or family(schedule.family).rho_family is not None:  # else ρ = 1
         figures.append(("Best schedule", _rho_heatmap(schedule)))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     freeu_params = [p for p in (*freeu.FACTORS, *freeu.WINDOW_PARAMS, *CALL_PARAMS) if p in schedule.params]

@@ -10,13 +10,27 @@ import torch
 
 from ..core import freeu
 from ..core.errors import InputError, ScheduleError
-from ..core.schedule import PLACEMENTS, RhoSchedule, SkipInfo, family_params, split_family
+from ..core.families import PAPER_RAMP, family, family_names  # noqa: F401 (PAPER_RAMP: read from here too)
+from ..core.schedule import PLACEMENTS, RhoSchedule, SkipInfo
 
-PAPER_RAMP = {"rho_inner": 0.8, "rho_outer": 1.0}  # the paper's shape: deep skips damped, outer kept
-# the user attributes that mark the first trials (the one that carries a value: freeu_preset, the
-# preset's name); freeu_preset_note says why that preset
-FIRST_MARKS = ("baseline", "freeu_preset", "paper_ramp")
-MARK_ATTRS = (*FIRST_MARKS, "freeu_preset_note")
+
+def first_marks() -> tuple[str, ...]:
+    """The user attributes that mark the first trials: the untuned model's, FreeU's preset's (the
+    one that carries a value: the preset's name), then each registered family's own (paper_ramp)."""
+    own = [t.mark for name in family_names() for t in family(name).first_trials]
+    return ("baseline", "freeu_preset", *dict.fromkeys(own))
+
+
+def first_note(attrs: dict) -> str | None:
+    """What a trial line says of a family's own first trial (its user attributes ``attrs``), or None."""
+    return next((t.note for name in family_names() for t in family(name).first_trials if attrs.get(t.mark)), None)
+
+
+def mark_attrs() -> tuple[str, ...]:
+    """``first_marks`` and freeu_preset_note (why that preset): what a retried trial keeps."""
+    return (*first_marks(), "freeu_preset_note")
+
+
 FREEU_GRID_STEP = 0.1  # a grid search's FreeU factors: 0.1 apart, so 1 and every preset lie on it
 # FreeU's σ window searched over the sampler's model calls: the first and the last call it acts on,
 # counted from the first call (the highest σ); they stand for freeu.WINDOW_PARAMS when the calls are known
@@ -53,7 +67,7 @@ class Space:
 
     @property
     def with_freeu(self) -> bool:
-        return split_family(self.family)[1]
+        return family(self.family).freeu
 
     def as_dict(self) -> dict:
         freeu_keys = {"sigma_range": list(self.sigma_range), "freeu_model": self.freeu_model} if self.with_freeu else {}
@@ -72,7 +86,7 @@ class Space:
         return self.with_freeu and self.freeu_window and len(self.call_sigmas) >= 2
 
     def params(self, skips: list[SkipInfo]) -> list[str]:
-        names = family_params(self.family, skips, len(self.sigma_knots))
+        names = family(self.family).params(skips, len(self.sigma_knots))
         if not self.freeu_window:
             return [n for n in names if n not in freeu.WINDOW_PARAMS]
         if self.searches_calls:
@@ -118,7 +132,8 @@ class Space:
     def first_trials(self, skips: list[SkipInfo], optimizer: str) -> list[tuple[str, dict]]:
         """What every study runs first, by the user attribute that marks it: the untuned model;
         for the FreeU families FreeU's published preset for the model (``marks`` names it); then
-        (linear families, inside the range, not on a grid search) the paper-style ramp."""
+        the family's own first trials (linear's paper-style ramp) where they lie inside the range,
+        not on a grid search."""
         base = self.baseline(skips)
         firsts = [("baseline", base)]
         if self.with_freeu:
@@ -129,9 +144,9 @@ class Space:
         def allowed(v: float) -> bool:  # inside the range, and on the grid when ρ moves in steps
             return lo <= v <= hi and (not self.step or abs((v - lo) / self.step - round((v - lo) / self.step)) < 1e-6)
 
-        if (split_family(self.family)[0] == "linear" and optimizer != "grid"
-                and all(map(allowed, PAPER_RAMP.values()))):
-            firsts.append(("paper_ramp", {**base, **PAPER_RAMP}))
+        if optimizer != "grid":
+            firsts += [(t.mark, {**base, **t.params}) for t in family(self.family).first_trials
+                       if all(map(allowed, t.params.values()))]
         return firsts
 
     def marks(self, attr: str) -> dict:

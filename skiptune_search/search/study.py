@@ -22,7 +22,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
 from .optimizers import make_pruner, make_sampler
-from .space import MARK_ATTRS, Space
+from .space import Space, mark_attrs
 from .storage import shown_url, storage_faults
 
 MARKER = "skiptune-search"  # the created_by attribute of this tool's studies
@@ -58,6 +58,12 @@ def is_own(user_attrs: dict, directions) -> bool:
     return (len(directions) == 1 and directions[0] == optuna.study.StudyDirection.MINIMIZE
             and isinstance(settings, dict) and isinstance(settings.get("task"), dict)
             and isinstance(layout, dict) and "skips" in layout)
+
+
+def is_eye(user_attrs: dict) -> bool:
+    """A study judged by eye (``search.eye``: a preferential study of optuna-dashboard), not by FID."""
+    settings = user_attrs.get("settings")
+    return isinstance(settings, dict) and settings.get("judge") == "eye"
 
 
 def _foreign(name: str) -> StudyError:
@@ -103,6 +109,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     if not created:
         study_id = storage.get_study_id_from_name(name)
         attrs = storage.get_study_user_attrs(study_id)
+        if is_eye(attrs):
+            raise StudyError(f"study {name!r} is judged by eye (a preferential study), not by FID: it is left "
+                             f"untouched; give this search another study name", option="study")
         _check_settings(name, attrs, settings, weights, task.model)
         if "weights" not in attrs:  # a study from before weights were recorded
             storage.set_study_user_attr(study_id, "weights", weights)
@@ -166,19 +175,23 @@ def warm_starts(study: optuna.Study, space: Space, skips: list[SkipInfo]) -> lis
     return starts
 
 
-def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict, wait_s: float = 20.0) -> bool:
+def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict, wait_s: float = 20.0,
+                    system_attrs: dict | None = None) -> bool:
     """Create the study with ``attrs`` (True), or find it existing and return False once it is this
     tool's. Creating a study and writing its attributes are separate writes: ``created_by`` goes
     first and ``layout`` (which makes a study this tool's) last, so a study found with a part of
     ``attrs`` and no trials may be one another process is creating this very moment. It is waited
     for while its attributes keep coming (``wait_s`` after the last one). One that stops short with
     this tool's mark was left half-made by a process that died creating it: with the same values it
-    is completed and used, with others refused; any other study is someone else's."""
+    is completed and used, with others refused; any other study is someone else's. A new study
+    gets ``system_attrs`` (optuna-dashboard's marks of a preferential study) before any of ``attrs``."""
     try:
         study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
     except optuna.exceptions.DuplicatedStudyError:
         study_id = None
     if study_id is not None:
+        for key, value in (system_attrs or {}).items():
+            storage.set_study_system_attr(study_id, key, value)
         for key in sorted(attrs, key=lambda k: (k != "created_by", k == "layout")):
             storage.set_study_user_attr(study_id, key, attrs[key])
         return True
@@ -299,7 +312,7 @@ def recover_dead_trials(study: optuna.Study, own: bool = False) -> list[int]:
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process recovered it first
-        marks = {k: trial.user_attrs[k] for k in MARK_ATTRS if trial.user_attrs.get(k)}
+        marks = {k: trial.user_attrs[k] for k in mark_attrs() if trial.user_attrs.get(k)}
         # a queued trial killed before it suggested anything holds its parameters as fixed ones only
         params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
         study.enqueue_trial(params, user_attrs={**marks, "retry_of": trial.number})
@@ -324,6 +337,8 @@ def study_rows(storage: optuna.storages.BaseStorage) -> list[dict]:
         count = {s.name.lower(): sum(t.state == s and not t.user_attrs.get("surplus") for t in trials) for s in states}
         base = getattr(baseline_trial(study), "value", None)
         best = min((t.value for t in trials if t.state == states.COMPLETE), default=None)
+        if is_eye(summary.user_attrs):  # its trials' values are optuna-dashboard's placeholders, not scores
+            base = best = None
         rows.append({"name": summary.study_name, "foreign": False, **count, "baseline": base, "best": best})
     return rows
 
@@ -358,8 +373,13 @@ def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float =
 # --- export -------------------------------------------------------------------------------------
 @storage_faults
 def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
-    """The best completed trial of ``study`` as a schedule, with where it came from."""
+    """The best completed trial of ``study`` as a schedule, with where it came from (of a study
+    judged by eye: its most preferred candidate, ``eye.preferred_schedule``)."""
     settings = study_settings(study)
+    if is_eye(study.user_attrs):
+        from .eye import preferred_schedule
+
+        return preferred_schedule(study, storage_url)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise StudyError(f"study {study.study_name!r} has no completed trial yet; run its search first")
@@ -367,16 +387,22 @@ def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
     task = with_legacy_defaults(settings["task"])
     arch, skips = study_layout(study)
     base = baseline_trial(study)
-    tuned_for = {"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
-                 "sigma_grid": task["sigma_grid"], "precision": task["precision"]}
-    if task["prompts"] is not None:
-        tuned_for.update(prompts=task["prompts"], guidance=task["guidance"])
-    tuned_for.update({k: task[k] for k in ("height", "width") if task[k] is not None})
     return study_space(study).schedule(
         arch, skips, best.params,
-        tuned_for=tuned_for,
+        tuned_for=tuned_for(task),
         metric={"name": task.get("objective", "fid"), "features": task["features"], "n": task["n"],
                 "seeds": f"{task['seed']}-{task['seed'] + task['n'] - 1}", "value": best.value,
                 "baseline": base.value if base else None},
         source={"study": study.study_name, "trial": best.number, "storage": shown_url(storage_url)},
     )
+
+
+def tuned_for(task: dict) -> dict:
+    """A schedule's ``tuned_for`` from a study's task settings: model, sampler, NFE, σ grid and
+    precision; a text model's prompts and guidance, and its image size where set."""
+    out = {"model": task["model"], "sampler": task["sampler"], "nfe": task["nfe"],
+           "sigma_grid": task["sigma_grid"], "precision": task["precision"]}
+    if task["prompts"] is not None:
+        out.update(prompts=task["prompts"], guidance=task["guidance"])
+    out.update({k: task[k] for k in ("height", "width") if task[k] is not None})
+    return out

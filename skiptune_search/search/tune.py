@@ -25,11 +25,14 @@ from ..core.files import check_output
 from ..core.limits import (
     MAX_BATCH, MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, check_float, check_int, check_rho_range,
 )
-from ..core.schedule import FAMILIES, PLACEMENTS, RhoSchedule, split_family
+from ..core.families import family as family_of
+from ..core.families import family_names
+from ..core.schedule import PLACEMENTS, RhoSchedule
 from ..models.source import ModelSource
 from ..scoring import DEFAULT_FEATURES
 from ..scoring.evaluator import Evaluator, OwnModel, SampleFn, check_bundled_reference
 from ..scoring.metrics import reference_inputs
+from ..scoring.objectives import objective_label
 from ..scoring.task import CUSTOM, Task, default_rungs
 from . import DEFAULT_STORAGE, OPTIMIZERS
 from .objective import run_search
@@ -74,15 +77,16 @@ def study_name(task: Task, space: Space) -> str:
 def check_window_family(family: str, freeu_window: bool, freeu_variant: str = "v1-stages") -> bool:
     """Whether ``family`` comes with FreeU; FreeU at every σ (no window), or another FreeU variant,
     needs one that does."""
-    with_freeu = split_family(family)[1]
+    with_freeu = family_of(family).freeu
+    freeu_families = ", ".join(name for name in family_names() if family_of(name).freeu)
     if not freeu_window and not with_freeu:
-        raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family (freeu, linear_freeu), not "
+        raise InputError(f"FreeU acting at every σ (no window) needs a FreeU family ({freeu_families}), not "
                          f"{family}", option="family")
     if freeu_variant not in freeu.VARIANTS:
         raise InputError(f"unknown FreeU variant {freeu_variant!r}; choose one of {', '.join(freeu.VARIANTS)}",
                          option="freeu_variant")
     if freeu_variant != "v1-stages" and not with_freeu:
-        raise InputError(f"FreeU variant {freeu_variant} needs a FreeU family (freeu, linear_freeu), not {family}",
+        raise InputError(f"FreeU variant {freeu_variant} needs a FreeU family ({freeu_families}), not {family}",
                          option="freeu_variant")
     return with_freeu
 
@@ -90,8 +94,8 @@ def check_window_family(family: str, freeu_window: bool, freeu_variant: str = "v
 def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                rho_range: tuple[float, float] = (0.5, 1.5), knots: int = 3, freeu_window: bool = True,
                freeu_variant: str = "v1-stages") -> Space:
-    """A family's search space on the evaluator's model and sampler: per_noise's ``knots``
-    log-spaced over the sampler's σ range; for the FreeU families their σ window over the
+    """A family's search space on the evaluator's model and sampler: the ``knots`` of a family with
+    ρ per σ (per_noise) log-spaced over the sampler's σ range; for the FreeU families their σ window over the
     sampler's model calls (over its σ range for your own loop; unless ``freeu_window`` is off:
     FreeU at every σ) and the model family FreeU's preset is picked for; ``freeu_variant`` the
     FreeU function searched (``freeu.VARIANTS``), checked on the model before a study is written."""
@@ -106,7 +110,8 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
             freeu.per_skip(probe, ctl.skips, ctl.hidden_channels())
         except ScheduleError as exc:
             raise InputError(f"FreeU {freeu_variant} on {ctl.arch}: {exc}", option="freeu_variant") from None
-    sigma_dependent = family == "per_noise" or (with_freeu and freeu_window)
+    per_sigma = family_of(family).per_sigma
+    sigma_dependent = per_sigma or (with_freeu and freeu_window)
     try:  # known for every model the CLI loads; for your own loop, needed only where σ matters
         sigma_range = evaluator.sigma_range
     except InputError:
@@ -118,7 +123,7 @@ def make_space(evaluator: Evaluator, family: str, placement: str = "input",
                          f"is called with timesteps and no timestep_to_sigma was given: pass timestep_to_sigma, or "
                          f"the model inside its Precond wrapper" + (", or freeu_window=False" if with_freeu else ""),
                          option="family")
-    sigma_knots = log_spaced_knots(*sigma_range, knots) if family == "per_noise" else ()
+    sigma_knots = log_spaced_knots(*sigma_range, knots) if per_sigma else ()
     freeu_args = (dict(sigma_range=sigma_range, freeu_model=freeu.recognize(evaluator.controller.unet),
                        freeu_window=freeu_window, call_sigmas=evaluator.call_sigmas if freeu_window else (),
                        freeu_variant=freeu_variant) if with_freeu else {})
@@ -161,7 +166,7 @@ def check_tune_arguments(args: dict) -> None:
     check_int(args["knots"], "knots", MIN_KNOTS, MAX_KNOTS)
     check_int(args["search_seed"], "search_seed", 0, MAX_SEARCH_SEED)
     check_int(args["batch_size"], "batch_size", 1, MAX_BATCH)
-    _check_choice(args["family"], "family", FAMILIES)
+    _check_choice(args["family"], "family", family_names())
     _check_choice(args["placement"], "placement", (*PLACEMENTS, "search"))
     _check_choice(args["optimizer"], "optimizer", OPTIMIZERS)
     check_rho_range(args["rho_range"])
@@ -193,9 +198,6 @@ class Outcome:
     best: RhoSchedule
     baseline: optuna.trial.FrozenTrial | None
     out: Path | None
-
-
-OBJECTIVE_LABELS = {"fid": "FID", "fid_inf": "FID∞", "kid": "KID"}
 
 
 def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: str = DEFAULT_STORAGE,
@@ -255,7 +257,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     if out is None and default_out:  # the default beside the study, checked as soon as its name is known
         out = Path("studies") / f"{name}.best.json"
         check_output(out, read)
-    label = OBJECTIVE_LABELS[task.objective]
+    label = objective_label(task.objective)
     say(f"study {name!r} in {shown_url(storage)}: {finished_trials(opened)} finished trials so far; "
         f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
         f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "

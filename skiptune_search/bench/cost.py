@@ -1,0 +1,239 @@
+"""What a search costs per family (BENCHMARKS.md table 4, second part).
+
+Table 4's first part replays the optimizers on the linear family's exhaustive grid, a lookup.
+No other family has a grid, so here every search is real: for each searched method (a ρ family,
+or a FreeU one), optimizer, pruning on and off, and search seed, a study of ``trials`` trials at a
+cheap protocol (a low NFE, a small N with its rungs). The target of a method is its reference
+best (the best N-sample FID any of its searches found) plus the proxy's seed-to-seed spread (the
+std of FID at N between blocks of N held-out samples, measured on that best and on the untuned
+model): a search has reached the target at its first trial scoring at or below it.
+
+Cost is what each search would spend on its own: its trials' samples (a pruned trial's up to
+its rung; a repeated proposal, recorded ``same_as``, none). The run itself samples a schedule
+only once: every score is cached by what the schedule does at each of the sampler's model
+calls, so the untuned model, the presets and a point two searches share are sampled once for
+all of them (the cache counts as samples spent by the run, not by the searches).
+
+The studies live in one SQLite file beside the results, and every finished search and score is
+written to the JSON results file at once: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from ..core.schedule import RhoSchedule
+from ..models.loaders import weights_fingerprint
+from ..scoring.evaluator import Evaluator, Rung
+from ..scoring.task import Task
+from ..search.objective import calls_key, run_search
+from ..search.storage import make_storage
+from ..search.study import open_study
+from .headline import fixed_schedule, method_space
+from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+
+# the protocol: full, at most about 20 CPU-hours on a 2-core machine; quick (nfe None: bench's --nfe), to keep it working
+SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
+                     rungs=(125, 500), blocks=8, batch=250),
+         True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
+                    blocks=2, batch=16)}
+METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
+# item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
+TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer": 25, "per_noise": 25,
+                 "freeu": 25, "linear_freeu": 25}
+
+
+class CachedScorer:
+    """The evaluator of one search, its scores taken from ``cache`` where the same model calls were
+    scored before (by any search of the run) and added to it where not. ``cache`` maps a schedule's
+    ``calls_key`` to its FID at each rung scored so far."""
+
+    def __init__(self, evaluator: Evaluator, task: Task, cache: dict, save) -> None:
+        self.evaluator, self.task, self.cache, self.save = evaluator, task, cache, save
+
+    def __getattr__(self, name):  # the controller, call_sigmas, ... of the evaluator
+        return getattr(self.evaluator, name)
+
+    def score(self, schedule: RhoSchedule, progress: bool | str = False):
+        key = calls_key(schedule, self.evaluator.call_sigmas, self.evaluator.controller.hidden_channels())
+        known = self.cache.get(key, {})
+        if all(str(n) in known for n in self.task.rungs):
+            for n in self.task.rungs:
+                yield Rung(n, known[str(n)])
+            return
+        for rung in self.evaluator.score(schedule, rungs=self.task.rungs, progress=progress, kid=False):
+            self.cache.setdefault(key, {})[str(rung.n)] = rung.fid
+            self.save()
+            yield rung
+
+
+def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int) -> str:
+    return f"cost-nfe{nfe}-{method}-{optimizer}-{'on' if prune else 'off'}-seed{seed}"
+
+
+def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...] | None,
+             optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...], blocks: int,
+             batch: int, progress: bool = True) -> dict:
+    """Every search of the plan, search seed by search seed (every method, optimizer and pruning at
+    seed 0 first), then the proxy's spread on each method's reference best and on the untuned model."""
+    methods = methods or METHODS
+    results = load_results(path)
+    on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
+    evaluator = Evaluator(on_task, batch_size=min(batch, n))
+    ctl = evaluator.controller
+    settings = {"model": model, "nfe": nfe, "trials": trials, "n": n, "rungs": list(rungs), "blocks": blocks,
+                "held_out_seed": HELD_OUT_SEED, "weights": weights_fingerprint(ctl.unet)}
+    check_same_settings(path, "search-cost results", results.get("settings"), settings)
+    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
+                   plan={"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds})
+    machines = results.setdefault("machines", [])
+    if machine not in machines:
+        machines.append(machine)
+    cache = results.setdefault("cache", {})
+    save = lambda: save_results(path, results)  # noqa: E731 - every finished number at once
+    storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
+    tasks = {True: on_task, False: Task(model=model, nfe=nfe, n=n, rungs=(n,))}
+    runs = results.setdefault("runs", {})
+    for seed in range(seeds):
+        for method in methods:
+            space = method_space(evaluator, method)
+            for optimizer in optimizers:
+                for prune in (True, False):
+                    key = f"{method},{optimizer},{'on' if prune else 'off'}"
+                    if len(runs.setdefault(key, [])) > seed:
+                        continue
+                    task = tasks[prune]
+                    study = open_study(storage, study_name(nfe, method, optimizer, prune, seed), task, space, ctl,
+                                       seed, optimizer, warm_start=False)
+                    start = time.process_time()
+                    scorer = CachedScorer(evaluator, task, cache, save)
+                    run_search(scorer, study, space, trials, progress=progress)
+                    runs[key].append({"seed": seed, "trials": trial_log(study),
+                                      "cpu_seconds": round(time.process_time() - start, 1)})
+                    save()
+    spread = results.setdefault("spread", {})
+    held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
+    for method in ("untuned", *methods):
+        best = reference_best(results, method) if method != "untuned" else None
+        if method != "untuned" and best is None:
+            continue
+        params = best["params"] if best else {}
+        if spread.get(method, {}).get("params") == params:
+            continue
+        schedule = (fixed_schedule(evaluator, "untuned") if best is None
+                    else method_space(evaluator, method).schedule(ctl.arch, ctl.skips, params))
+        fids = [next(evaluator.score(schedule, rungs=(n,), seeds=seeds_, kid=False,
+                                     progress=progress and f"spread {method} block {b + 1}/{blocks}")).fid
+                for b, seeds_ in enumerate(held_out)]
+        spread[method] = {"params": params, "fids": fids, "std": statistics.stdev(fids)}
+        save()
+    return results
+
+
+def trial_log(study) -> list[dict]:
+    """Each trial of a finished search: its value (None when pruned or failed), the samples it
+    spent (none for a repeated proposal) and its parameters."""
+    return [{"value": t.value if t.state.name == "COMPLETE" else None,
+             "samples": 0 if "same_as" in t.user_attrs else (t.last_step or 0),
+             "params": t.params} for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+
+
+def reference_best(results: dict, method: str) -> dict | None:
+    """The best completed trial of any of ``method``'s searches: the target's anchor."""
+    done = [t for key, logs in results.get("runs", {}).items() if key.split(",")[0] == method
+            for log in logs for t in log["trials"] if t["value"] is not None]
+    return min(done, key=lambda t: t["value"]) if done else None
+
+
+def _reach(trials: list[dict], target: float) -> tuple[int | None, int | None]:
+    samples = 0
+    for k, t in enumerate(trials):
+        samples += t["samples"]
+        if t["value"] is not None and t["value"] <= target:
+            return k + 1, samples
+    return None, None
+
+
+def cost_rows(results: dict) -> list[dict]:
+    """Per method, optimizer and pruning: search seeds reaching the target, median trials and samples
+    to it (over those that did), and the samples saved by pruning seed by seed."""
+    spread = results.get("spread", {})
+    rows = []
+    for key, logs in results.get("runs", {}).items():
+        method, optimizer, prune = key.split(",")
+        best = reference_best(results, method)
+        stds = [spread[m]["std"] for m in ("untuned", method) if m in spread]
+        if best is None or not stds:
+            continue
+        target = best["value"] + statistics.median(stds)
+        reached = [_reach(log["trials"], target) for log in logs]
+        hit = [r for r in reached if r[0] is not None]
+        rows.append({"method": method, "optimizer": optimizer, "pruning": prune == "on", "seeds": len(logs),
+                     "reached": len(hit), "target": target, "best": best["value"],
+                     "median_trials": statistics.median(r[0] for r in hit) if hit else None,
+                     "median_samples": statistics.median(r[1] for r in hit) if hit else None,
+                     "samples_to_target": [r[1] for r in reached],
+                     "median_samples_all": statistics.median(sum(t["samples"] for t in log["trials"]) for log in logs),
+                     "cpu_seconds": sum(log.get("cpu_seconds", 0) for log in logs)})
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def render(results: dict) -> list[str]:
+    """The per-family part of table 4: the protocol, a row per method and optimizer, the saving of
+    pruning, which optimizer each method's target picks, and what is not measured yet."""
+    s, plan = results["settings"], results["plan"]
+    rows = cost_rows(results)
+    by_key = {(r["method"], r["optimizer"], r["pruning"]): r for r in rows}
+    cpu_h = sum(log.get("cpu_seconds", 0) for logs in results.get("runs", {}).values() for log in logs) / 3600
+    lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
+             f"Protocol (a cheaper one than the grid's, so that every family fits about 20 CPU-hours): model "
+             f"{s['model']}, Heun NFE {s['nfe']}, Karras σ, N = {s['n']} (rungs {','.join(map(str, s['rungs']))}, "
+             f"successive halving; pruning off: N only), {s['trials']} trials per search, search seeds "
+             f"0-{plan['seeds'] - 1}, each method's default space (input placement, ρ in [0.5, 1.5], per_noise on 3 "
+             f"σ knots, FreeU's window over the sampler's model calls). Target: the method's reference best (the "
+             f"best N-sample FID of all its searches here) plus the proxy's seed-to-seed spread (std of FID at N over "
+             f"{s['blocks']} blocks of N held-out samples, median of the untuned model's and the reference best's). "
+             f"Trials and samples to target: medians over the search seeds that reached it. "
+             f"Searches so far took {cpu_h:.1f} CPU-hours (process time).", "",
+             "| method | optimizer | target (best + spread) | seeds reaching, pruning on / off | median trials on / off "
+             "| median samples on / off | samples saved by pruning |",
+             "| --- | --- | ---: | :---: | ---: | ---: | ---: |"]
+    choices, missing = [], []
+    for method in plan["methods"]:
+        for optimizer in plan["optimizers"]:
+            on, off = by_key.get((method, optimizer, True)), by_key.get((method, optimizer, False))
+            for r, label in ((on, "on"), (off, "off")):
+                done = r["seeds"] if r else len(results.get("runs", {}).get(f"{method},{optimizer},{label}", []))
+                if done < plan["seeds"]:
+                    missing.append(f"{method} {optimizer} pruning {label} ({done} of {plan['seeds']} seeds)")
+            if not on or not off:
+                continue
+            pairs = [(a, b) for a, b in zip(on["samples_to_target"], off["samples_to_target"])
+                     if a is not None and b is not None]
+            saved = (f"{100 * statistics.median(1 - a / b for a, b in pairs):.0f}% ({len(pairs)} seed"
+                     f"{'s' * (len(pairs) > 1)})" if pairs else "–")
+            lines.append(f"| {method} | {optimizer} | {on['target']:.4g} ({on['best']:.4g} + "
+                         f"{on['target'] - on['best']:.3g}) | {on['reached']}/{on['seeds']} / {off['reached']}/"
+                         f"{off['seeds']} | {_fmt(on['median_trials'], 'g')} / {_fmt(off['median_trials'], 'g')} | "
+                         f"{_fmt(on['median_samples'], ',.0f')} / {_fmt(off['median_samples'], ',.0f')} | {saved} |")
+        done = [by_key[(method, o, True)] for o in plan["optimizers"] if (method, o, True) in by_key]
+        full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
+        if full:
+            pick = min(full, key=lambda r: (r["median_trials"], r["median_samples"]))
+            goal = TRIAL_TARGETS.get(method)
+            verdict = ("" if goal is None else f", target ≤ {goal}: " +
+                       ("met" if pick["median_trials"] <= goal else f"missed by {pick['median_trials'] - goal:g}"))
+            choices.append(f"{method}: {pick['optimizer']} (median {pick['median_trials']:g} trials with pruning"
+                           f"{verdict})")
+    if choices:
+        lines += ["", "Fewest trials to target per method, among optimizers that reached it at every search seed "
+                      "(pruning on): " + "; ".join(choices) + "."]
+    if missing:
+        lines += ["", f"Not measured yet (rerun the same command to go on): {', '.join(missing)}."]
+    return lines
