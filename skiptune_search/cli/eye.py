@@ -10,7 +10,7 @@ from ..core.freeu import VARIANTS as FREEU_VARIANTS
 from ..core.limits import MAX_KNOTS, MAX_SEARCH_SEED, MIN_KNOTS, RHO_MAX
 from .common import (
     Number, UserError, batch_option, check_outputs, config_option, family_options, freeu_lines, friendly,
-    model_inputs, refuse_trust_for, storage_option, task_options, torch_setup,
+    model_source, refuse_trust_for, storage_option, task_options, torch_setup,
 )
 
 RHO = Number(0, RHO_MAX, min_open=True)
@@ -120,11 +120,11 @@ def eye(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, promp
     else:
         task = Task(model=model, sampler=sampler, nfe=nfe, n=grid, seed=seed, rungs=(grid,), sigma_grid=sigma_grid,
                     prompts=prompts, guidance=guidance, height=height, width=width, precision=precision)
-    read = [*model_inputs(model, edm_path, uvit_path), ("the prompt file", task.prompts)]
+    model_at = model_source(model, trust_pickle, edm_path, uvit_path, uvit_config)
+    read = [*model_at.inputs(), ("the prompt file", task.prompts)]
     check_outputs(out_path, inputs=read, storage=storage)
     torch_setup(threads)
-    evaluator = Evaluator(task, batch_size=batch, trust_pickle=trust_pickle, edm_path=edm_path, device=device,
-                          uvit_path=uvit_path, uvit_config=uvit_config)
+    evaluator = Evaluator(task, batch, source=model_at, device=device)
     space, pstudy = E.prepare_eye(evaluator, storage, study=study, source=source, top=top, show=show,
                                   search_seed=search_seed, family=family, placement=placement,
                                   rho_range=(rho_min, rho_max), knots=knots, freeu_window=freeu_window,
