@@ -63,11 +63,12 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
     from ..scoring.objectives import objective_label
     from ..search import ui_presets
     from ..search.storage import make_storage, shown_url
-    from ..search.study import export_best, load_own_study, study_space
+    from ..search.eye import preferred_schedule
+    from ..search.study import export_best, is_eye, load_own_study, study_space
 
     check_outputs(out, storage=storage)
     st = load_own_study(make_storage(storage, create=False), study, shown_url(storage))
-    schedule = export_best(st, storage)
+    schedule = (preferred_schedule if is_eye(st.user_attrs) else export_best)(st, storage)
     metric = schedule.metric
     if metric["name"] == "eye":
         best = f"trial {schedule.source['trial']}, chosen by eye after {metric['comparisons']} choices"

@@ -373,13 +373,12 @@ def params_at_edge(params: dict, rho_range: tuple[float, float], margin: float =
 # --- export -------------------------------------------------------------------------------------
 @storage_faults
 def export_best(study: optuna.Study, storage_url: str) -> RhoSchedule:
-    """The best completed trial of ``study`` as a schedule, with where it came from (of a study
-    judged by eye: its most preferred candidate, ``eye.preferred_schedule``)."""
+    """The best completed trial of ``study`` as a schedule, with where it came from (a study judged
+    by eye exports its most preferred candidate instead: ``eye.preferred_schedule``)."""
     settings = study_settings(study)
     if is_eye(study.user_attrs):
-        from .eye import preferred_schedule
-
-        return preferred_schedule(study, storage_url)
+        raise StudyError(f"study {study.study_name!r} was judged by eye: it has a most preferred candidate, not a "
+                         f"best value (eye.preferred_schedule)")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise StudyError(f"study {study.study_name!r} has no completed trial yet; run its search first")
