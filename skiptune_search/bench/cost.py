@@ -32,7 +32,7 @@ from ..search.objective import calls_key, run_search
 from ..search.storage import make_storage
 from ..search.study import open_study
 from .headline import fixed_schedule, method_space
-from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+from .search import HELD_OUT_SEED, _reach, check_same_settings, load_results, save_results
 
 # the protocol: full, at most about 20 CPU-hours on a 2-core machine; quick (nfe None: bench's --nfe), to keep it working
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
@@ -145,15 +145,6 @@ def reference_best(results: dict, method: str) -> dict | None:
     done = [t for key, logs in results.get("runs", {}).items() if key.split(",")[0] == method
             for log in logs for t in log["trials"] if t["value"] is not None]
     return min(done, key=lambda t: t["value"]) if done else None
-
-
-def _reach(trials: list[dict], target: float) -> tuple[int | None, int | None]:
-    samples = 0
-    for k, t in enumerate(trials):
-        samples += t["samples"]
-        if t["value"] is not None and t["value"] <= target:
-            return k + 1, samples
-    return None, None
 
 
 def cost_rows(results: dict) -> list[dict]:
