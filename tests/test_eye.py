@@ -45,8 +45,17 @@ def shown(study) -> list:
 def judge_once(url: str, name: str, show: int) -> int | None:
     """When a full set is shown, mark its candidate farthest from TARGET as the worst, through the
     call the dashboard's 'Worst' button makes (report_history: the choice and its history entry)."""
+    import sqlite3
+
     from optuna_dashboard._preferential_history import NewHistory, report_history
 
+    if url.startswith("sqlite:///"):  # the eye process may still be creating the tables: read-only until the study is there
+        try:
+            with sqlite3.connect(f"file:{url[len('sqlite:///'):]}?mode=ro", uri=True) as db:
+                if not db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone():
+                    return None
+        except sqlite3.Error:  # no file or no tables yet
+            return None
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except KeyError:  # not created yet
@@ -100,7 +109,7 @@ def test_eye_resumes_after_a_kill_with_every_choice_and_exports_the_preferred(ti
     first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while (tmp_path / "studies/skiptune.db").exists() is False or judge_once(abs_url, name, 2) is None:
+        while judge_once(abs_url, name, 2) is None:
             assert time.monotonic() < deadline and first.poll() is None, first.stdout.read() if first.poll() else ""
             time.sleep(0.2)
         # the next candidate shown: the process waits for the person; it is killed there
