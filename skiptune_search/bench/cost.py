@@ -32,7 +32,7 @@ from ..search.objective import calls_key, run_search
 from ..search.storage import make_storage
 from ..search.study import open_study
 from .headline import fixed_schedule, method_space
-from .search import HELD_OUT_SEED, _reach, check_same_settings, load_results, save_results
+from .search import HELD_OUT_SEED, _reach, check_same_settings, fmt, load_results, pruning_saving, save_results, stamp_run
 
 # the protocol: full, at most about 20 CPU-hours on a 2-core machine; quick (nfe None: bench's --nfe), to keep it working
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
@@ -86,11 +86,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     settings = {"model": model, "nfe": nfe, "trials": trials, "n": n, "rungs": list(rungs), "blocks": blocks,
                 "held_out_seed": HELD_OUT_SEED, "weights": weights_fingerprint(ctl.unet)}
     check_same_settings(path, "search-cost results", results.get("settings"), settings)
-    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
-                   plan={"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds})
-    machines = results.setdefault("machines", [])
-    if machine not in machines:
-        machines.append(machine)
+    stamp_run(results, settings, command, machine)
+    results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds}
     cache = results.setdefault("cache", {})
     save = lambda: save_results(path, results)  # noqa: E731 - every finished number at once
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
@@ -171,10 +168,6 @@ def cost_rows(results: dict) -> list[dict]:
     return rows
 
 
-def _fmt(v, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def render(results: dict) -> list[str]:
     """The per-family part of table 4: the protocol, a row per method and optimizer, the saving of
     pruning, which optimizer each method's target picks, and what is not measured yet."""
@@ -205,14 +198,12 @@ def render(results: dict) -> list[str]:
                     missing.append(f"{method} {optimizer} pruning {label} ({done} of {plan['seeds']} seeds)")
             if not on or not off:
                 continue
-            pairs = [(a, b) for a, b in zip(on["samples_to_target"], off["samples_to_target"])
-                     if a is not None and b is not None]
-            saved = (f"{100 * statistics.median(1 - a / b for a, b in pairs):.0f}% ({len(pairs)} seed"
-                     f"{'s' * (len(pairs) > 1)})" if pairs else "–")
+            cut = pruning_saving(on["samples_to_target"], off["samples_to_target"])
+            saved = f"{cut[0]:.0f}% ({cut[1]} seed{'s' * (cut[1] > 1)})" if cut else "–"
             lines.append(f"| {method} | {optimizer} | {on['target']:.4g} ({on['best']:.4g} + "
                          f"{on['target'] - on['best']:.3g}) | {on['reached']}/{on['seeds']} / {off['reached']}/"
-                         f"{off['seeds']} | {_fmt(on['median_trials'], 'g')} / {_fmt(off['median_trials'], 'g')} | "
-                         f"{_fmt(on['median_samples'], ',.0f')} / {_fmt(off['median_samples'], ',.0f')} | {saved} |")
+                         f"{off['seeds']} | {fmt(on['median_trials'], 'g')} / {fmt(off['median_trials'], 'g')} | "
+                         f"{fmt(on['median_samples'], ',.0f')} / {fmt(off['median_samples'], ',.0f')} | {saved} |")
         done = [by_key[(method, o, True)] for o in plan["optimizers"] if (method, o, True) in by_key]
         full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
         if full:

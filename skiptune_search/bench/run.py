@@ -443,10 +443,6 @@ def _table2(r: dict) -> list[str]:
     return lines
 
 
-def _fmt(v, spec: str = ".4g") -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
     from . import search as BS
 
@@ -467,8 +463,8 @@ def _table3(grid: dict, truth: dict, size: dict) -> list[str]:
              f"{s['task']['n']} samples (median over schedules), next to its std across the schedules.", "",
              "| proxy | Spearman, all | Spearman, better half | seed-to-seed spread | spread across schedules |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['proxy']} | {r['spearman']:.3f} | {r['spearman_better_half']:.3f} | {_fmt(r['seed_spread'])} | "
-              f"{_fmt(r['schedule_spread'])} |" for r in rows]
+    lines += [f"| {r['proxy']} | {r['spearman']:.3f} | {r['spearman_better_half']:.3f} | {BS.fmt(r['seed_spread'])} | "
+              f"{BS.fmt(r['schedule_spread'])} |" for r in rows]
     objective = s["task"].get("objective", "fid")
     used = f"{objective}@{s['task']['n']}" if objective_of(objective).per_rung else objective
     mine = next((r for r in rows if r["proxy"] == used), None)
@@ -515,17 +511,14 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
              "median best after 16 trials | median samples in 16 trials |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['optimizer']} | {'on' if r['pruning'] else 'off'} | {r['reached']}/{r['seeds']} | "
-              f"{_fmt(r['median_trials'], 'g')} | {_fmt(r['median_samples'], ',.0f')} | "
+              f"{BS.fmt(r['median_trials'], 'g')} | {BS.fmt(r['median_samples'], ',.0f')} | "
               f"{r['median_best_at_default']:.4g} | {r['median_samples_at_default']:,.0f} |" for r in rows]
     # pruning on vs off, seed by seed: both replays of a search seed start alike, so compare them pairwise
     per_seed = {(r["optimizer"], r["pruning"]): r.get("samples_to_target", []) for r in rows}
     saved = []
     for o in OPTIMIZERS:
-        pairs = [(on, off) for on, off in zip(per_seed.get((o, True), []), per_seed.get((o, False), []))
-                 if on is not None and off is not None]
-        if pairs:
-            saved.append(f"{o} {100 * statistics.median(1 - on / off for on, off in pairs):.0f}% "
-                         f"({len(pairs)} seed{'s' * (len(pairs) > 1)})")
+        if cut := BS.pruning_saving(per_seed.get((o, True), []), per_seed.get((o, False), [])):
+            saved.append(f"{o} {cut[0]:.0f}% ({cut[1]} seed{'s' * (cut[1] > 1)})")
     if saved:
         lines += ["", "Samples saved by successive halving on the way to the same target (per search seed, "
                   "samples with pruning vs without, median over the seeds that got there both ways): "
@@ -542,11 +535,11 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
             off = per_seed.get((o, False), [])
             for r in [x for x in rows if x["optimizer"] == o and x["pruning"]] + [
                     x for x in variants if x["optimizer"] == o]:
-                pairs = [(a, b) for a, b in zip(r["samples_to_target"], off) if a is not None and b is not None]
-                cut = f"{100 * statistics.median(1 - a / b for a, b in pairs):.0f}%" if pairs else "–"
+                cut = BS.pruning_saving(r["samples_to_target"], off)
+                cut = f"{cut[0]:.0f}%" if cut else "–"
                 lines.append(f"| {o} | {r['rungs'].replace('-', ',') if r['rungs'] else default} | "
-                             f"{r['reached']}/{r['seeds']} | {_fmt(r['median_trials'], 'g')} | "
-                             f"{_fmt(r['median_samples'], ',.0f')} | {cut} |")
+                             f"{r['reached']}/{r['seeds']} | {BS.fmt(r['median_trials'], 'g')} | "
+                             f"{BS.fmt(r['median_samples'], ',.0f')} | {cut} |")
     return lines
 
 

@@ -97,6 +97,18 @@ def stamp_run(results: dict, settings: dict, command: str, machine: str) -> None
                    machines=machines + [machine] * (machine not in machines))
 
 
+def fmt(v, spec: str = ".4g") -> str:
+    """A table cell: ``v`` in ``spec``, or – where there is none."""
+    return "–" if v is None else format(v, spec)
+
+
+def pruning_saving(with_pruning: list, without: list) -> tuple[float, int] | None:
+    """Samples to target with pruning vs without, search seed by search seed (both replays of a
+    seed start alike): the median share saved, in %, and the seeds that got there both ways."""
+    pairs = [(a, b) for a, b in zip(with_pruning, without) if a is not None and b is not None]
+    return (100 * statistics.median(1 - a / b for a, b in pairs), len(pairs)) if pairs else None
+
+
 # --- table 4, part 1: the exhaustive grid -------------------------------------------------------
 def run_grid(evaluator: Evaluator, path: Path, points: int, command: str, machine: str,
              progress: bool = True, low_rungs: tuple[int, ...] = ()) -> dict:

@@ -17,7 +17,7 @@ from ..core.errors import InputError
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
 from .headline import fixed_schedule, method_space
-from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results, stamp_run
 from .tables import Table, register_table
 
 # full: table 5's NFEs and two between them, the default family at 1 search seed; quick: bench's --nfe and one more
@@ -35,11 +35,8 @@ def run_transfer(model: str, headline: dict, path: Path, command: str, machine: 
     settings = {"model": model, "truth_n": s["truth_n"], "held_out_seed": HELD_OUT_SEED, "seed": seed,
                 "weights": s["weights"], "table5": {k: s[k] for k in ("trials", "n", "rungs")}}
     check_same_settings(path, "transfer results", results.get("settings"), settings)
-    results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
-                   plan={"families": list(families), "tuned_at": list(tuned_at), "nfes": list(nfes)})
-    machines = results.setdefault("machines", [])
-    if machine not in machines:
-        machines.append(machine)
+    stamp_run(results, settings, command, machine)
+    results["plan"] = {"families": list(families), "tuned_at": list(tuned_at), "nfes": list(nfes)}
     rows = headline.get("nfe", {})
     scores = results.setdefault("scores", {})  # "family,tuned_at,nfe" (family "untuned": tuned_at 0) -> FID
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + s["truth_n"]))
