@@ -49,35 +49,35 @@ def run_transfer(model: str, headline: dict, path: Path, command: str, machine: 
                                         batch_size=min(batch, s["n"]))
         return evaluators[nfe]
 
-    def score(key: str, nfe: int, make, known: float | None) -> None:
+    def score(key: str, nfe: int, schedule, known: float | None) -> None:
         if key in scores:
             return
         if known is not None:  # table 5 scored it on the same held-out seeds
             scores[key] = {"fid": known, "from": "table 5"}
         else:
-            schedule = make()  # built first: a tuned schedule in its own NFE's space
             evaluator = evaluator_at(nfe)
             start = time.perf_counter()
-            rung = next(evaluator.score(schedule, rungs=(len(held_out),), seeds=held_out, kid=False,
+            rung = next(evaluator.score(schedule(), rungs=(len(held_out),), seeds=held_out, kid=False,
                                         progress=progress and f"table 9 {key} held-out"))
             scores[key] = {"fid": rung.fid, "seconds": round(time.perf_counter() - start, 1)}
         save_results(path, results)
 
+    # each tuned schedule built once, in its own NFE's space (its σ knots and FreeU window), and only
+    # where one of its cells is missing; then the cells NFE by NFE, each NFE's model loaded once
+    tuned_runs = {(family, tuned): runs[0] for family in families for tuned in tuned_at
+                  if (runs := [r for r in rows.get(str(tuned), {}).get(family, []) if r["seed"] == seed])}
+    schedules = {}
+    for (family, tuned), run in tuned_runs.items():
+        if any(f"{family},{tuned},{nfe}" not in scores for nfe in nfes if nfe != tuned):
+            ctl = evaluator_at(tuned).controller
+            schedules[family, tuned] = method_space(evaluator_at(tuned), family).schedule(ctl.arch, ctl.skips,
+                                                                                         run["params"])
     for nfe in nfes:
         score(f"untuned,0,{nfe}", nfe, lambda: fixed_schedule(evaluator_at(nfe), "untuned"),
               rows.get(str(nfe), {}).get("untuned"))
-    for family in families:
-        for tuned in tuned_at:
-            runs = [r for r in rows.get(str(tuned), {}).get(family, []) if r["seed"] == seed]
-            if not runs:
-                continue
-            run = runs[0]
-            def make(tuned=tuned, run=run, family=family):
-                ctl = evaluator_at(tuned).controller  # its σ knots and FreeU window: those of its own NFE
-                return method_space(evaluator_at(tuned), family).schedule(ctl.arch, ctl.skips, run["params"])
-
-            for nfe in nfes:
-                score(f"{family},{tuned},{nfe}", nfe, make, run["held_out"] if nfe == tuned else None)
+        for (family, tuned), run in tuned_runs.items():
+            score(f"{family},{tuned},{nfe}", nfe, lambda: schedules[family, tuned],
+                  run["held_out"] if nfe == tuned else None)
     return results
 
 
