@@ -186,17 +186,60 @@ def storage_option(fn):
                         help="Optuna storage: any SQLAlchemy URL (sqlite:///..., postgresql://...).")(fn)
 
 
-def model_options(fn):
-    """--model, --trust-pickle, --edm-path, --uvit-path, --uvit-config: which model, and consent
-    to run a pickle's or a checkout's code (command line only: a config file cannot give it)."""
+class Checkout(click.ParamType):
+    """NAME=PATH: a code base a registered model kind may run (``models.source.known_checkouts``),
+    and its folder."""
+
+    name = "name=path"
+
+    def convert(self, value, param, ctx):
+        from ..models.source import known_checkouts
+
+        name, _, path = value.partition("=")
+        if not name or not path:
+            self.fail(f"{value!r} is not NAME=PATH: give the code base's name and its folder, e.g. edm=/src/edm",
+                      param, ctx)
+        known = known_checkouts()
+        if name not in known:
+            self.fail(f"{name!r} is not a checkout a model kind runs: name one of {', '.join(known)}", param, ctx)
+        return name, click.Path(file_okay=False).convert(path, param, ctx)
+
+
+SHORTCUTS = {"edm_path": "edm", "uvit_path": "uvit"}  # --edm-path X is --checkout edm=X
+
+
+def model_options(command):
+    """--model, --trust-pickle, --checkout (and its shortcuts --edm-path, --uvit-path),
+    --uvit-config: which model, and consent to run a pickle's or a checkout's code (command line
+    only: a config file cannot give it). The command gets the checkouts as one ``checkouts``
+    mapping, name -> folder, for ``model_source``."""
+
+    @functools.wraps(command)
+    def with_checkouts(*args, checkout, **options):
+        given = [(name, path, f"--checkout {name}={path}") for name, path in checkout]
+        for option, name in SHORTCUTS.items():
+            if (path := options.pop(option)) is not None:
+                given.insert(0, (name, path, f"--{option.replace('_', '-')} {path}"))
+        checkouts, shown = {}, {}
+        for name, path, flag in given:
+            if checkouts.setdefault(name, path) != path:
+                raise UserError(f"two checkouts of {name}: {shown[name]} and {flag}; give one")
+            shown.setdefault(name, flag)
+        return command(*args, checkouts=checkouts, **options)
+
     fn = click.option("--uvit-config", default=None,
                       help="Name of a U-ViT checkpoint's config in the checkout's configs/ (e.g. cifar10_uvit_small) "
-                           "[default: the checkpoint's file name].")(fn)
+                           "[default: the checkpoint's file name].")(with_checkouts)
+    fn = click.option("--checkout", multiple=True, type=Checkout(),
+                      help="A checkout of the code a model kind needs, as NAME=PATH (repeatable): edm (NVlabs/edm or "
+                           "edm2), uvit (baofff/U-ViT), or a name a registered kind declares. Loading the model runs "
+                           "that checkout's code.")(fn)
     fn = click.option("--uvit-path", default=None, type=click.Path(file_okay=False),
                       help="Checkout of baofff/U-ViT, needed to build a U-ViT .pth checkpoint's network (runs the "
-                           "checkout's libs/uvit.py and config).")(fn)
+                           "checkout's libs/uvit.py and config); the same as --checkout uvit=PATH.")(fn)
     fn = click.option("--edm-path", default=None, type=click.Path(file_okay=False),
-                      help="Checkout of NVlabs/edm (NVlabs/edm2 for EDM2 networks), needed to unpickle them.")(fn)
+                      help="Checkout of NVlabs/edm (NVlabs/edm2 for EDM2 networks), needed to unpickle them; "
+                           "the same as --checkout edm=PATH.")(fn)
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Allow loading an EDM or EDM2 .pkl (unpickling runs code from the file).")(fn)
     fn = click.option("--model", default="fashion-mnist-edm", show_default=True,
@@ -337,12 +380,11 @@ def config_read() -> str | None:
     return ctx.meta.get(CONFIG_READ) if ctx else None
 
 
-def model_source(model: str | None, trust_pickle: bool = False, edm_path: str | None = None,
-                 uvit_path: str | None = None, uvit_config: str | None = None):
-    """The one ``ModelSource`` of a command's model options."""
+def model_source(model: str | None, trust_pickle: bool = False, checkouts=None, uvit_config: str | None = None):
+    """The one ``ModelSource`` of a command's model options (``model_options``)."""
     from ..models.source import ModelSource
 
-    return ModelSource.from_options(model, trust_pickle, edm_path, uvit_path, uvit_config)
+    return ModelSource(model, trust_pickle, checkouts or {}, uvit_config)
 
 
 def check_outputs(*outputs, inputs=(), storage: str | None = None, option: str = "out") -> None:
@@ -361,7 +403,8 @@ def config_option(fn):
     return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                         callback=_load_config,
                         help="TOML file of option values (keys as the long options, e.g. nfe = 19); the command "
-                             "line wins. --trust-pickle, --edm-path and --uvit-path are command-line only.")(fn)
+                             "line wins. --trust-pickle, --checkout, --edm-path and --uvit-path are command-line "
+                             "only.")(fn)
 
 
 def freeu_lines(schedule, prefix: str = "") -> list[str]:

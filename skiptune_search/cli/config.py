@@ -4,9 +4,9 @@ Keys are the command's long options without the dashes (``nfe = 19``, ``rho_min 
 and underscores are the same). Options given on the command line win over the file. Each value
 must have the option's type (a TOML integer for an integer option, true/false for a flag, one of
 the listed strings for a choice) and lie in the option's range. Options that let code from a file
-run (``trust_pickle``; ``edm_path``, which decides where the unpickled code is imported from;
-``uvit_path``, the U-ViT checkout whose code builds the network) are never taken from a config
-file: only the command line can give them.
+run (``trust_pickle``; ``checkout``, a code base whose code builds the model, and its shortcuts
+``edm_path``, where the unpickled code is imported from, and ``uvit_path``) are never taken from
+a config file: only the command line can give them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Iterable
 import click
 
 # options a config file may not set: each one lets code from a file run
-COMMAND_LINE_ONLY = {"trust_pickle": "--trust-pickle", "edm_path": "--edm-path", "uvit_path": "--uvit-path"}
+COMMAND_LINE_ONLY = {"trust_pickle": "--trust-pickle", "checkout": "--checkout", "edm_path": "--edm-path",
+                     "uvit_path": "--uvit-path"}
 
 
 class ConfigError(ValueError):

@@ -62,7 +62,7 @@ FROM_STUDY = ("sampler", "nfe", "seed", "sigma_grid", "prompts", "guidance", "he
               help="Where to export the most preferred schedule once --choices are made "
                    "[default: studies/STUDY.best.json].")
 @friendly
-def eye(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width,
+def eye(model, trust_pickle, checkouts, uvit_config, sigma_grid, prompts, guidance, height, width,
         precision, sampler, nfe, seed, threads, device, storage, study, family, placement, freeu_window, freeu_variant,
         knots, rho_min, rho_max, from_study, top, grid, show, choices, serve, host, port, search_seed, batch,
         out) -> None:
@@ -120,7 +120,7 @@ def eye(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, promp
     else:
         task = Task(model=model, sampler=sampler, nfe=nfe, n=grid, seed=seed, rungs=(grid,), sigma_grid=sigma_grid,
                     prompts=prompts, guidance=guidance, height=height, width=width, precision=precision)
-    model_at = model_source(model, trust_pickle, edm_path, uvit_path, uvit_config)
+    model_at = model_source(model, trust_pickle, checkouts, uvit_config)
     read = [*model_at.inputs(), ("the prompt file", task.prompts)]
     check_outputs(out_path, inputs=read, storage=storage)
     torch_setup(threads)

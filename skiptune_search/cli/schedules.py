@@ -18,7 +18,7 @@ from .common import (
 @model_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"skips": [...]} as JSON instead of a table.')
 @friendly
-def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> None:
+def inspect(model, trust_pickle, checkouts, uvit_config, as_json) -> None:
     """List a model's long skips in encoder order (0 = outermost): name, resolution, channels,
     the block that consumes it, the FreeU stage whose factors act there (b1/s1 at the lowest
     resolution, b2/s2 at the next), and whether GroupNorm cancels a ρ placed on its input."""
@@ -29,7 +29,7 @@ def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> N
     from ..core.errors import ScheduleError
 
     # a pipeline's UNet alone, whatever samples it; anything else as the denoiser its sampler sees
-    ctl = SkipController(model_source(model, trust_pickle, edm_path, uvit_path, uvit_config).network())
+    ctl = SkipController(model_source(model, trust_pickle, checkouts, uvit_config).network())
     try:
         stages = freeu.stages(ctl.skips)
     except ScheduleError:  # skips at one resolution: no FreeU stages
@@ -57,7 +57,7 @@ def inspect(model, trust_pickle, edm_path, uvit_path, uvit_config, as_json) -> N
 @click.option("-n", "n", default=64, show_default=True, type=click.IntRange(1, 100_000), help="Number of images.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @friendly
-def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, prompts, guidance, height, width,
+def sample(model, trust_pickle, checkouts, uvit_config, sigma_grid, prompts, guidance, height, width,
            precision, sampler, nfe, seed, threads, device, schedule, n, out) -> None:
     """Sample a grid of images, with a schedule applied or untuned. With --schedule, the model,
     sampler, NFE, σ grid, prompts, guidance, image size and precision it was tuned for are the
@@ -74,7 +74,7 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
     if schedule is not None:
         schedule = load_schedule(schedule)
         settings = tuned_for_defaults(schedule, trust_pickle=trust_pickle, **settings)
-    source = model_source(settings["model"], trust_pickle, edm_path, uvit_path, uvit_config)
+    source = model_source(settings["model"], trust_pickle, checkouts, uvit_config)
     check_outputs(out, inputs=[("the schedule file", path), ("the prompt file", settings["prompts"]),
                                *source.inputs()])
     task = Task(n=max(n, 2), seed=seed, **settings)
@@ -111,7 +111,7 @@ def sample(model, trust_pickle, edm_path, uvit_path, uvit_config, sigma_grid, pr
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @friendly
-def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sampler, nfe, sigma_grid, prompts,
+def evaluate(schedule, model, trust_pickle, checkouts, uvit_config, sampler, nfe, sigma_grid, prompts,
              guidance, height, width, precision, n, blocks, seed, features, inception_weights, reference, batch, threads,
              device, as_json) -> None:
     """Confirm a schedule's gain on held-out seeds: FID of the untuned model and of the schedule
@@ -135,7 +135,7 @@ def evaluate(schedule, model, trust_pickle, edm_path, uvit_path, uvit_config, sa
             raise UserError(f"seeds {seed}-{seed + n - 1} overlap the search's seeds {searched}; pick another --seed")
     task = Task(n=n, seed=seed, features=features or sched.metric.get("features", "efficientnet-lite0"),
                 reference=reference, **settings)
-    evaluator = Evaluator(task, batch, source=model_source(task.model, trust_pickle, edm_path, uvit_path, uvit_config),
+    evaluator = Evaluator(task, batch, source=model_source(task.model, trust_pickle, checkouts, uvit_config),
                           feature_weights=inception_weights, device=device)
     evaluator.check_reference()
     result = evaluate_schedule(evaluator, sched, task.seeds, blocks)

@@ -102,7 +102,7 @@ def export(storage, study, out, format, name) -> None:  # noqa: A002 (the option
               help="Sample the model for baseline and best grids (0: no grids, no model needed).")
 @model_options
 @friendly
-def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_path, uvit_config) -> None:
+def report(storage, study, out, samples, model, trust_pickle, checkouts, uvit_config) -> None:
     """Write one self-contained HTML report of a study: optimization history, ρ heatmap of the
     best schedule, parameter importances, FID at each rung, FID vs NFE across sibling studies,
     and baseline vs best sample grids. --model defaults to the study's model."""
@@ -126,7 +126,7 @@ def report(storage, study, out, samples, model, trust_pickle, edm_path, uvit_pat
         if source == click.core.ParameterSource.DEFAULT:
             refuse_trust_for(task["model"], f"the study {study!r}", trust_pickle)
         model = task["model"] if source == click.core.ParameterSource.DEFAULT else model
-        model = model_source(model, trust_pickle, edm_path, uvit_path, uvit_config)
+        model = model_source(model, trust_pickle, checkouts, uvit_config)
         check_outputs(out, inputs=[*model.inputs(), ("the prompt file", task["prompts"])], storage=storage)
         evaluator = Evaluator(Task(model=model.model,
                                    sampler=task["sampler"], nfe=task["nfe"], n=max(samples, 2), seed=task["seed"],

@@ -106,7 +106,7 @@ def search(**options) -> None:
         raise UserError(f"need --rho-min < --rho-max, got {o['rho_min']} and {o['rho_max']}")
     torch_setup(o["threads"])
     task = {name: o[name] for name in TASK_OPTIONS} | {"rungs": parse_rungs(o["rungs"], o["n"])}
-    source = model_source(o["model"], o["trust_pickle"], o["edm_path"], o["uvit_path"], o["uvit_config"])
+    source = model_source(o["model"], o["trust_pickle"], o["checkouts"], o["uvit_config"])
     result = run(task, source, **{name: o[name] for name in SEARCH_OPTIONS},
                  rho_range=(o["rho_min"], o["rho_max"]), batch_size=o["batch"], feature_weights=o["inception_weights"],
                  read=[("the config file", config_read())], say=click.echo)

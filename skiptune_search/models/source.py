@@ -11,9 +11,10 @@ processes get it whole in their job. Trust (``trust_pickle``) and checkouts (cod
 runs) come from the command line or the caller, never from a file.
 
 A new kind of model is a ``ModelKind`` (its ``recognizes``, ``load`` and, where it reads more
-than the model's path, ``inputs``) given to ``register_model_kind``; the built-in kinds are
-registered at the end of this module (docs/extending.md, "A model kind"). Kinds are tried
-newest first, so a registered kind goes before the built-in ones.
+than the model's path or runs a checkout, ``inputs`` and ``checkouts``) given to
+``register_model_kind``; the built-in kinds are registered at the end of this module
+(docs/extending.md, "A model kind"). Kinds are tried newest first, so a registered kind goes
+before the built-in ones.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ from typing import Mapping
 from ..bundled import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 from ..core.errors import InputError, ModelLoadError
 
-CHECKOUTS = {"edm": "EDM", "uvit": "U-ViT"}  # code bases a loader may run, as messages name them
-
 
 @dataclass(frozen=True)
 class ModelSource:
     """A model by name or path, and what its loader may use: ``trust_pickle`` (consent to run a
-    pickle's code), ``checkouts`` (code base name -> folder: 'edm' for NVlabs/edm or edm2,
-    'uvit' for baofff/U-ViT), ``config`` (a checkpoint's config by name in its checkout) and
-    ``kind`` (the registered kind that loads it; None: the first that recognizes it)."""
+    pickle's code), ``checkouts`` (code base name -> folder, the names of ``known_checkouts``:
+    'edm' for NVlabs/edm or edm2, 'uvit' for baofff/U-ViT), ``config`` (a checkpoint's config by
+    name in its checkout) and ``kind`` (the registered kind that loads it; None: the first that
+    recognizes it)."""
 
     model: str = DEFAULT_MODEL_NAME
     trust_pickle: bool = False
@@ -57,8 +57,9 @@ class ModelSource:
             if path is None:
                 continue
             if not isinstance(name, str) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-                raise InputError(f"{path!r} is not the path of a checkout of the {CHECKOUTS.get(name, name)} code: give "
-                                 f"its folder, or leave it out", option=f"{name}_path")
+                what = known_checkouts().get(name, name)
+                raise InputError(f"{path!r} is not the path of a checkout of the {what} code: give its folder, or "
+                                 f"leave it out", option=f"{name}_path")
             checkouts[name] = os.fspath(path)
         for name, value in (("config", self.config), ("kind", self.kind)):
             if value is not None and (not isinstance(value, str) or not value):
@@ -68,14 +69,6 @@ class ModelSource:
 
     def __hash__(self) -> int:
         return hash((self.model, self.trust_pickle, tuple(self.checkouts.items()), self.config, self.kind))
-
-    @classmethod
-    def from_options(cls, model: str | os.PathLike | None = None, trust_pickle: bool = False,
-                     edm_path: str | os.PathLike | None = None, uvit_path: str | os.PathLike | None = None,
-                     uvit_config: str | None = None) -> "ModelSource":
-        """The source of a command's model options (--model, --trust-pickle, --edm-path,
-        --uvit-path, --uvit-config)."""
-        return cls(model, trust_pickle, {"edm": edm_path, "uvit": uvit_path}, uvit_config)
 
     def checkout(self, name: str) -> str | None:
         """The folder of code base ``name`` the user gave, or None."""
@@ -130,7 +123,8 @@ class ModelSource:
         (``core.files.check_output``): the model's files and the checkouts given."""
         kind = next((k for k in _KINDS if k.name == self.kind or self.kind is None and k.recognizes(self)), None)
         pairs = kind.inputs(self) if kind is not None else [("the model folder", self.model)]
-        pairs += [(f"the {CHECKOUTS.get(name, name)} checkout", path) for name, path in self.checkouts.items()]
+        known = known_checkouts()
+        pairs += [(f"the {known.get(name, name)} checkout", path) for name, path in self.checkouts.items()]
         return [(what, p) for what, p in pairs if p is not None and (p == DEFAULT_MODEL_DIR or Path(p).exists())]
 
 
@@ -139,11 +133,14 @@ class ModelKind:
     ``recognizes(source)`` (cheap: names and files, nothing loaded), ``load(source)`` (the
     denoiser D(x, σ) with its info: name, resolution, channels, sigma_min, sigma_max, and
     label_dim for a class-conditional model), and, where they differ from the defaults,
-    ``inputs(source)`` (the files it reads) and ``network(source)``. Loading may run code only
-    with the consent the source carries (``trust_pickle``, a checkout)."""
+    ``inputs(source)`` (the files it reads), ``network(source)`` and ``checkouts`` (the code bases
+    its loader may run, name -> how messages name them: ``source.checkout(name)``, given by the
+    user as ``--checkout NAME=PATH``). Loading may run code only with the consent the source
+    carries (``trust_pickle``, a checkout)."""
 
     name = "?"
     what = "?"
+    checkouts: Mapping[str, str] = {}
 
     def recognizes(self, source: ModelSource) -> bool:
         raise NotImplementedError
@@ -166,6 +163,10 @@ def register_model_kind(kind: ModelKind) -> ModelKind:
     (one of the same name is replaced). Returns it."""
     if not isinstance(kind, ModelKind) or not isinstance(kind.name, str) or not kind.name:
         raise InputError(f"{kind!r} is not a ModelKind with a name", option="kind")
+    if not isinstance(kind.checkouts, Mapping) or not all(
+            isinstance(n, str) and n and "=" not in n and isinstance(w, str) and w for n, w in kind.checkouts.items()):
+        raise InputError(f"model kind {kind.name!r}: checkouts = {kind.checkouts!r} is not a mapping of code base "
+                         f"names (no '=') to how messages name them, e.g. {{'edm': 'EDM'}}", option="kind")
     unregister_model_kind(kind.name)
     _KINDS.insert(0, kind)
     return kind
@@ -180,11 +181,18 @@ def model_kinds() -> list[str]:
     return [k.name for k in _KINDS]
 
 
+def known_checkouts() -> dict[str, str]:
+    """The code bases the registered kinds may run (their ``checkouts``), name -> how messages
+    name them, sorted by name."""
+    return dict(sorted({name: what for kind in _KINDS for name, what in kind.checkouts.items()}.items()))
+
+
 def load_denoiser(model: str | os.PathLike | None = None, trust_pickle: bool = False,
                   edm_path: str | os.PathLike | None = None, uvit_path: str | os.PathLike | None = None,
                   uvit_config: str | None = None):
-    """``ModelSource.from_options(...).load()``: the denoiser of ``model`` and its info."""
-    return ModelSource.from_options(model, trust_pickle, edm_path, uvit_path, uvit_config).load()
+    """The denoiser of ``model`` and its info: ``ModelSource(model, trust_pickle, {"edm": edm_path,
+    "uvit": uvit_path}, uvit_config).load()``."""
+    return ModelSource(model, trust_pickle, {"edm": edm_path, "uvit": uvit_path}, uvit_config).load()
 
 
 # --- the built-in kinds (tried last to first: the model folder is the fallback) ------------------------
@@ -227,6 +235,7 @@ class Pipeline(ModelKind):
 
 class UViT(ModelKind):
     name, what = "uvit", "a U-ViT .pth"
+    checkouts = {"uvit": "U-ViT"}
 
     def recognizes(self, source):
         return source.checkout("uvit") is not None or source.model.endswith(".pth")
@@ -239,6 +248,7 @@ class UViT(ModelKind):
 
 class EDMPickle(ModelKind):
     name, what = "edm-pickle", "an EDM or EDM2 .pkl (trusted)"
+    checkouts = {"edm": "EDM"}
 
     def recognizes(self, source):
         return source.model != DEFAULT_MODEL_NAME and source.model.endswith(".pkl")
@@ -253,5 +263,5 @@ for _kind in (ModelFolder(), Pipeline(), UViT(), EDMPickle()):
     register_model_kind(_kind)
 BUILT_IN_KINDS = tuple(reversed(model_kinds()))
 
-__all__ = ["ModelKind", "ModelSource", "load_denoiser", "model_kinds", "register_model_kind",
+__all__ = ["ModelKind", "ModelSource", "known_checkouts", "load_denoiser", "model_kinds", "register_model_kind",
            "unregister_model_kind"]
