@@ -13,7 +13,19 @@ from .common import (
 )
 
 
-@click.command()
+class _ListsTables(click.Command):
+    """``bench``'s help ends with the registered tables, by number and title: a table added with
+    ``register_table`` is listed without an edit here (the registry is read only for --help)."""
+
+    def format_help_text(self, ctx, formatter) -> None:
+        super().format_help_text(ctx, formatter)
+        from ..bench.tables import tables
+
+        with formatter.section("Tables"):
+            formatter.write_dl([(str(t.number), t.title) for t in tables()])
+
+
+@click.command(cls=_ListsTables)
 @click.option("--quick", is_flag=True, help="Small sizes that only keep the command working (the test suite runs it).")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="The Markdown file to write (all tables: measured now or earlier under --work) [default: "
@@ -43,23 +55,10 @@ from .common import (
 @friendly
 def bench(quick, out, model, nfe, tables, work, truth_n, threads, edm_path, edm2_path, uvit_path) -> None:
     """Measure the benchmark tables and write them, each with its machine and command, to
-    BENCHMARKS.md:
+    BENCHMARKS.md. The tables (every registered one, by number) are listed below.
 
-    \b
-    1  controller overhead per placement at ρ = 1 (target ≤ 1.02x)
-    2  where a trial's time goes (sampling, features, FID, KID, Optuna)
-    3  proxy fidelity: Spearman of each objective vs FID on --truth-n held-out samples
-    4  search efficiency: an 11x11 grid of the linear family, optimizers replayed on it
-    5  headline: held-out FID of the untuned model and each family's best, NFE 5, 9, 19
-    6  GPU scaling: images/s and seconds per proxy trial of a 64 px ADM-sized UNet, fp32 vs bf16
-    7  published sizes: SD 1.5, SDXL, EDM ADM-64, EDM2-img64-S, U-ViT-M with random weights:
-       skips, parameters, seconds per call, the hooks' time per call, peak memory (EDM, EDM2
-       and U-ViT from the checkouts given)
-    8  FreeU head to head: FreeU's preset, tuned FreeU (every σ, σ window), linear ρ + FreeU,
-       at table 5's NFEs and protocol, beside table 5's untuned model and best ρ family
-
-    Tables 3, 5 and 8 sample the most: their results are saved point by point under --work, and
-    rerunning the same command resumes them. One run at a time measures into a --work folder
+    Tables 3, 4, 5, 8 and 9 sample the most: their results are saved as they come under --work,
+    and rerunning the same command resumes them. One run at a time measures into a --work folder
     (a second is refused); '--tables none' renders beside it.
     """
     from ..bench.run import run_bench
