@@ -5,7 +5,8 @@ and saves its raw results under ``ctx.work`` (``ctx.save``), ``render(ctx)``, it
 from what ``ctx.work`` holds (None: not measured yet), and an optional ``check(ctx)``, which
 refuses a run in one line before any table of it is measured. ``bench.run.run_bench`` checks, then
 measures the tables asked for, in number order, then renders every registered table. The built-in
-tables register themselves in the modules that measure them (``BUILTIN``). How to add one:
+tables register themselves in the modules that measure them (``BUILTIN``: number -> module and
+help line). How to add one:
 docs/extending.md.
 """
 
@@ -18,8 +19,23 @@ from typing import Any, Callable
 
 from ..core.errors import InputError
 
-# the modules whose tables are built in: run (tables 1-4), headline (5, 8), gpu (6), sizes (7), transfer (9)
-BUILTIN = ("run", "headline", "gpu", "sizes", "transfer")
+# the built-in tables: number -> (the module that measures and registers it, its line in `bench --help`,
+# which loads no torch and so cannot import the modules to read their titles)
+BUILTIN = {
+    1: ("run", "controller overhead per placement at ρ = 1 (target ≤ 1.02x)"),
+    2: ("run", "where a trial's time goes (sampling, features, FID, KID, Optuna)"),
+    3: ("run", "proxy fidelity: Spearman of each objective vs FID on --truth-n held-out samples"),
+    4: ("run", "search efficiency: optimizers and pruners replayed on an 11x11 grid of the linear family; "
+               "every family's real searches"),
+    5: ("headline", "headline: held-out FID of the untuned model and each family's best, NFE 5, 9, 19"),
+    6: ("gpu", "GPU scaling: images/s and seconds per proxy trial of a 64 px ADM-sized UNet, fp32 vs bf16"),
+    7: ("sizes", "published sizes: SD 1.5, SDXL, EDM ADM-64, EDM2-img64-S, U-ViT-M with random weights: skips, "
+                 "parameters, seconds per call, the hooks' time per call, peak memory (EDM, EDM2 and U-ViT from the "
+                 "checkouts given)"),
+    8: ("headline", "FreeU head to head: FreeU's preset, tuned FreeU (every σ, σ window), linear ρ + FreeU, at "
+                    "table 5's NFEs and protocol, beside table 5's untuned model and best ρ family"),
+    9: ("transfer", "transfer: table 5's best linear schedules tuned at NFE 5, 9, 19, scored at NFE 5, 7, 9, 13, 19"),
+}
 
 
 @dataclass
@@ -83,7 +99,7 @@ def register_table(table: Table, replace: bool = False) -> Table:
 
 def tables() -> list[Table]:
     """Every registered table, the built-in ones included, by number."""
-    for module in BUILTIN:
+    for module in dict.fromkeys(module for module, _ in BUILTIN.values()):
         importlib.import_module(f".{module}", __package__)
     return [_TABLES[k] for k in sorted(_TABLES)]
 
