@@ -684,3 +684,147 @@ def test_transfer_scores_each_tuned_schedule_at_every_nfe_taking_table_5_s_own_c
     assert len(sampled) == 2
     text = "\n".join(T.render(json.loads(path.read_text())))
     assert "| linear tuned at NFE 3 | 40 (-20.0%)* |" in text and "Not measured yet" not in text
+
+
+def _fake_fid(monkeypatch, calls):
+    """Every score without sampling: a bowl in ρ around 0.8 (the untuned model is never the best
+    once a trial moves ρ towards it), a little higher on fewer samples; each call recorded."""
+    from skiptune_search.scoring.evaluator import Evaluator, Rung
+
+    def score(self, schedule, rungs=None, seeds=None, progress=False, kid=True):
+        calls.append((self.task.nfe, schedule.rho))
+        off = sum((v - 0.8) ** 2 for row in schedule.rho for v in row)
+        for n in rungs or self.task.rungs:
+            yield Rung(n, 10 + off + 1 / n)
+
+    monkeypatch.setattr(Evaluator, "score", score)
+
+
+def _table5(tmp_path, model, seeds):
+    """Table 5's results and studies at NFE 3 and 5 (linear, ``seeds`` search seeds), as its own code writes them."""
+    from skiptune_search.bench import headline as H
+
+    path = tmp_path / "headline.json"
+    H.run_headline(str(model), (3, 5), path, "c", "box", seeds=seeds, trials=4, n=8, rungs=(4, 8), truth_n=8, batch=8,
+                   methods=("linear",), progress=False)
+    return path
+
+
+def _studies(url):
+    storage = make_storage(url, heartbeat=None)
+    return {name: optuna.load_study(study_name=name, storage=storage) for name in optuna.get_all_study_names(storage)}
+
+
+def test_a_warm_search_starts_from_its_own_seed_s_nfe_9_best_and_a_rerun_searches_nothing_again(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """Table 4's warm starts: the NFE 5 search (here 3, from 5) queues, after the baseline, the best
+    of table 5's search of the same family and seed at the other NFE (not another seed's, even one
+    a killed run left copied), pruned as table 5 was; table 5's study file is only read; a finished
+    search is not run again; the part renders each search beside the cold one."""
+    from skiptune_search.bench import cost as C
+    from skiptune_search.bench import warm as W
+    from skiptune_search.search.study import baseline_trial
+
+    calls, searched = [], []
+    _fake_fid(monkeypatch, calls)
+    headline = _table5(tmp_path, tiny_model_dir, seeds=2)
+    table5_url = f"sqlite:///{tmp_path / 'headline.db'}"
+    before = {n: [(t.state, t.value, t.params) for t in s.trials] for n, s in _studies(table5_url).items()}
+    search = W.run_search
+
+    def spy(evaluator, study, space, trials, progress):
+        searched.append((study.study_name, study.pruner))
+        return search(evaluator, study, space, trials, progress=progress)
+
+    monkeypatch.setattr(W, "run_search", spy)
+    path = tmp_path / "warm.json"
+
+    def run_it(seeds):
+        return W.run_warm(headline, path, "c", "box", seeds=seeds, batch=8, source=5, target=3, progress=False)
+
+    run_it(1)
+    # a copy of seed 0's source, as a run killed while creating a warm study leaves it: dropped before
+    # seed 1's study is made, whose source's copy is then the only NFE 5 study in warm.db
+    optuna.copy_study(from_study_name="headline-nfe5-linear-seed0", from_storage=table5_url,
+                      to_storage=f"sqlite:///{tmp_path / 'warm.db'}")
+    results = run_it(2)
+    assert [name for name, _ in searched] == ["warm-nfe3-from5-linear-seed0", "warm-nfe3-from5-linear-seed1"]
+    for _, pruner in searched:  # table 5's successive halving, from its first rung
+        assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+        assert (pruner._reduction_factor, pruner._min_resource) == (W.TABLE5_REDUCTION_FACTOR, 4)
+    warm, table5 = _studies(f"sqlite:///{tmp_path / 'warm.db'}"), _studies(table5_url)
+    assert sorted(warm) == ["warm-nfe3-from5-linear-seed0", "warm-nfe3-from5-linear-seed1"]  # no copy left
+    for seed in (0, 1):
+        trials = warm[f"warm-nfe3-from5-linear-seed{seed}"].trials
+        source = table5[f"headline-nfe5-linear-seed{seed}"]
+        best = min((t for t in source.trials if t.value is not None), key=lambda t: t.value)
+        assert best.number != baseline_trial(source).number
+        assert trials[0].user_attrs.get("baseline") and [t.number for t in trials if t.user_attrs.get("warm_start")] == [1]
+        assert trials[1].user_attrs["warm_start"]["study"] == source.study_name and trials[1].params == best.params
+        run = results["runs"]["linear"][seed]
+        assert run["seed"] == seed and run["cold"] == C.trial_log(table5[f"headline-nfe3-linear-seed{seed}"])
+        assert run["trials"] == C.trial_log(warm[f"warm-nfe3-from5-linear-seed{seed}"])
+    assert {n: [(t.state, t.value, t.params) for t in s.trials] for n, s in table5.items()} == before
+    sampled = len(calls)
+    assert run_it(2)["runs"] == results["runs"] and len(calls) == sampled and len(searched) == 2
+
+    text = "\n".join(W.render(json.loads(path.read_text())))
+    assert "warm-started from the best trial of table 5's NFE 5 search" in text and "Not measured yet" not in text
+    for seed, run in enumerate(results["runs"]["linear"]):
+        cold = min(t["value"] for t in run["cold"] if t["value"] is not None)
+        warm_best = min(t["value"] for t in run["trials"] if t["value"] is not None)
+        assert f"| linear | {seed} | {BS.fmt(cold)} / {BS.fmt(warm_best)} |" in text
+        start = run["trials"][1]
+        assert f"trial 2: {BS.fmt(start['value']) if start['value'] is not None else 'pruned'}" in text
+    assert "| linear | median of 2 |" in text
+
+
+def test_the_warm_part_says_what_it_needs_and_runs_only_once_table_5_has_it(tmp_path, monkeypatch):
+    """Without table 5's studies at both NFEs, table 4 measures no warm search and its part says why;
+    with them, it is measured after the grid and before the per-family searches."""
+    from skiptune_search.bench import cost as C
+    from skiptune_search.bench import run as bench
+    from skiptune_search.bench import warm as W
+    from skiptune_search.bench.tables import Context
+
+    steps = []
+    monkeypatch.setattr(bench, "_grid", lambda ctx, low_rungs=(): steps.append("grid"))
+    monkeypatch.setattr(C, "run_cost", lambda *a, **k: steps.append("cost"))
+    monkeypatch.setattr(W, "run_warm", lambda *a, **k: steps.append("warm"))
+    ctx = Context(quick=True, size=bench.SIZES[True], work=tmp_path, stamp={"machine": "m"}, progress=False)
+    bench._measure_table4(ctx)
+    assert steps == ["grid", "cost"]
+    assert bench._render_table4(ctx) is None  # nothing of table 4 measured: the table's own 'not measured'
+    (tmp_path / "cost.json").write_text("{}")
+    monkeypatch.setattr(bench, "_table4", lambda grid, size, work: ["the grid"])
+    (tmp_path / "grid.json").write_text(json.dumps({"grid": {"1,1": {}}}))
+    text = "\n".join(bench._render_table4(ctx))
+    assert "### Warm starts" in text and "(table 5 is not measured here): run --tables 5 first" in text
+
+    run = {"seed": 0, "held_out": 1.0}
+    headline = {"settings": {"trials": 16, "n": 1000, "rungs": [250, 1000]}, "plan": {"families": ["linear"]},
+                "nfe": {"5": {"linear": [run]}}}
+    (tmp_path / "headline.json").write_text(json.dumps(headline))
+    assert "(table 5 here has NFE 5): run --tables 5 first" in "\n".join(bench._render_table4(ctx))
+    headline["nfe"]["9"] = {"linear": [run]}
+    (tmp_path / "headline.json").write_text(json.dumps(headline))
+    text = "\n".join(bench._render_table4(ctx))
+    assert "Not measured yet: rerun `--tables 4`" in text and "N = 1000 (rungs 250,1000" in text
+    steps.clear()
+    bench._measure_table4(ctx)
+    assert steps == ["grid", "warm", "cost"]
+
+
+def test_the_warm_part_renders_a_search_that_never_reached_and_lists_the_missing_ones():
+    from skiptune_search.bench import warm as W
+
+    cold = [{"value": 20.0, "samples": 8}, {"value": None, "samples": 4}, {"value": 15.0, "samples": 8}]
+    warm = [{"value": 20.0, "samples": 8}, {"value": 16.0, "samples": 8, "warm_start": {"study": "s", "nfe": 9,
+                                                                                         "trial": 3, "value": 12.0}},
+            {"value": None, "samples": 4}]
+    results = {"settings": {"source_nfe": 9, "target_nfe": 5, "table5": {"trials": 3, "n": 8, "rungs": [4, 8]}},
+               "plan": {"families": ["linear", "per_layer"], "seeds": 2}, "command": "c", "date": "d",
+               "machines": ["m"], "runs": {"linear": [{"seed": 0, "trials": warm, "cold": cold}]}}
+    text = "\n".join(W.render(results))
+    assert "| linear | 0 | 15 / 16 | 3 / not in 3 | 20 / – | – | trial 2: 16, the best |" in text
+    assert "Not measured yet: linear seed 1, per_layer seed 0, per_layer seed 1 (" in text

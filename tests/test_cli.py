@@ -313,12 +313,15 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     assert "A cheaper first rung" in text and "| tpe | 2,16 |" in text  # the grid's low rung, replayed
     assert "### Every family" in text and "| linear | tpe |" in text and "| freeu | tpe |" in text  # real searches
     assert "| linear tuned at NFE 3 |" in text and "| untuned |" in text  # table 9, from table 5's search
+    # table 4 runs before table 5, whose quick run searches --nfe alone: no warm search, and the part says why
+    assert "### Warm starts" in text and "(table 5 here has NFE 3): run --tables 5 first" in text
     raw = tmp_path / "studies" / "bench-quick"
     headline, freeu_table = (json.loads((raw / f).read_text())["nfe"]["3"] for f in ("headline.json", "freeu.json"))
     assert freeu_table["untuned"] == headline["untuned"] and "untuned" in freeu_table["taken_from"]  # not scored again
     assert "untuned_seconds" not in freeu_table and len(freeu_table["freeu"]) == 1
     assert {p.name for p in raw.iterdir()} >= {"table1.json", "table2.json", "grid.json", "truth.json",
                                                "headline.json", "gpu.json", "replays.json", "freeu.json", "cost.json", "transfer.json"}
+    assert not (raw / "warm.json").exists()
 
     # a second run of table 1 alone keeps the other tables, rendered from the saved results
     again = run("bench", "--quick", "--model", tiny_model_dir, "--nfe", 3, "--out", "B.md", "--tables", "1",

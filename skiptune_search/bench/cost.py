@@ -131,10 +131,11 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
 
 def trial_log(study) -> list[dict]:
     """Each trial of a finished search: its value (None when pruned or failed), the samples it
-    spent (none for a repeated proposal) and its parameters."""
+    spent (none for a repeated proposal), its parameters, and a warm start's mark (``open_study``)."""
     return [{"value": t.value if t.state.name == "COMPLETE" else None,
-             "samples": 0 if "same_as" in t.user_attrs else (t.last_step or 0),
-             "params": t.params} for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+             "samples": 0 if "same_as" in t.user_attrs else (t.last_step or 0), "params": t.params,
+             **({"warm_start": t.user_attrs["warm_start"]} if t.user_attrs.get("warm_start") else {})}
+            for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
 
 
 def reference_best(results: dict, method: str) -> dict | None:

@@ -213,11 +213,11 @@ SIZES = {
     False: dict(n=250, repeats=15, hook_calls=(50, 41), grid_points=11, search_n=1000, rungs=(250, 1000),
                 low_rungs=(63, 125),
                 seeds=5, trials=60, schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
-                headline_trials=16, headline_families=RHO_METHODS,
+                headline_trials=16, headline_families=RHO_METHODS, warm_seeds=3,
                 gpu_batches=(256, 512, 1024)),
     True: dict(n=64, repeats=2, hook_calls=(3, 2), grid_points=3, search_n=16, rungs=(4, 16), low_rungs=(2,), seeds=2,
                trials=6, schedules=4, truth_n=32, batch=64, headline_nfes=None, headline_seeds=1, headline_trials=2,
-               headline_families=("linear", "per_layer"), gpu_batches=(4, 8)),
+               headline_families=("linear", "per_layer"), warm_seeds=1, gpu_batches=(4, 8)),
 }
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
 
@@ -284,10 +284,14 @@ def _grid(ctx, low_rungs: tuple[int, ...] = ()) -> dict:
 
 
 def _measure_table4(ctx) -> None:
-    """The linear grid (with its low rungs), then every family's real searches (``bench.cost``)."""
-    from . import cost
+    """The linear grid (with its low rungs), table 5's NFE 5 searches warm-started (``bench.warm``:
+    where table 5's studies are there), then every family's real searches (``bench.cost``)."""
+    from . import cost, warm
 
     _grid(ctx, ctx.size["low_rungs"])
+    if warm.available(ctx.results("headline.json"), ctx.size["warm_seeds"]):  # else its part says what it needs
+        warm.run_warm(ctx.work / "headline.json", ctx.work / "warm.json", ctx.command, ctx.stamp["machine"],
+                      seeds=ctx.size["warm_seeds"], batch=ctx.size["batch"], progress=ctx.progress)
     size = cost.SIZES[ctx.quick]
     cost.run_cost(ctx.model, ctx.work / "cost.json", ctx.command, ctx.stamp["machine"],
                   **{**size, "nfe": size["nfe"] or ctx.nfe}, progress=ctx.progress)
@@ -318,12 +322,15 @@ def _render_table3(ctx) -> list[str] | None:
 
 
 def _render_table4(ctx) -> list[str] | None:
-    from . import cost
+    from . import cost, warm
 
-    grid, every = ctx.results("grid.json"), ctx.results("cost.json")
+    grid, every, started = ctx.results("grid.json"), ctx.results("cost.json"), ctx.results("warm.json")
     lines = _table4(grid, ctx.size, ctx.work) if grid.get("grid") else []
     if every.get("runs"):
         lines += ["", "### Every family: real searches, each to its family's target", "", *cost.render(every)]
+    if lines or started.get("runs"):
+        lines += ["", "### Warm starts", "", *(warm.render(started) if started.get("runs") else
+                                               warm.unmeasured(ctx.results("headline.json"), ctx.size["warm_seeds"]))]
     return lines or None
 
 

@@ -103,8 +103,9 @@ def fmt(v, spec: str = ".4g") -> str:
 
 
 def pruning_saving(with_pruning: list, without: list) -> tuple[float, int] | None:
-    """Samples to target with pruning vs without, search seed by search seed (both replays of a
-    seed start alike): the median share saved, in %, and the seeds that got there both ways."""
+    """Samples to target with pruning vs without (or warm-started vs cold), search seed by search
+    seed (both searches of a seed start alike): the median share saved, in %, and the seeds that
+    got there both ways."""
     pairs = [(a, b) for a, b in zip(with_pruning, without) if a is not None and b is not None]
     return (100 * statistics.median(1 - a / b for a, b in pairs), len(pairs)) if pairs else None
 
