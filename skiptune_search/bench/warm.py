@@ -10,7 +10,7 @@ A new study queues as warm starts the bests of every study in its storage that d
 only in the NFE (``study.siblings``), so table 5's study file cannot hold the warm searches, nor
 may this part's own (``warm.db``) keep the NFE 9 studies of other search seeds: the one NFE 9
 study a warm search starts from is copied there from table 5's file (which is only read) while
-the warm study is created, and deleted again (``storage.borrowed_study``). Everything else is
+the warm study is created, and deleted again (``borrowed_study``). Everything else is
 table 5's: its task (model, N, rungs), space, trials, optimizer, search seed and pruning. Every
 finished search is written to the JSON results file at once: an interrupted run resumes where it
 stopped.
@@ -18,15 +18,18 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from pathlib import Path
+
+import optuna
 
 from ..core.errors import InputError
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
 from ..search.objective import run_search
-from ..search.storage import borrowed_study, make_storage
+from ..search.storage import make_storage
 from ..search.study import load_own_study, open_study
 from .cost import trial_log
 from .headline import method_space, study_name
@@ -58,6 +61,23 @@ def open_search(storage, name: str, evaluator: Evaluator, space, seed: int):
     """A warm search's study: table 5's task and space, its pruning (successive halving at its rungs,
     factor ``TABLE5_REDUCTION_FACTOR``), the best of its sibling studies queued after the baseline."""
     return open_study(storage, name, evaluator.task, space, evaluator.controller, seed, warm_start=True)
+
+
+@contextlib.contextmanager
+def borrowed_study(name: str, source: optuna.storages.BaseStorage, storage: optuna.storages.BaseStorage):
+    """``source``'s study ``name`` copied into ``storage`` while the block runs, with its trials and
+    user attributes (a study created in the block finds it among its ``study.siblings``), and
+    deleted after it. A study of ``source`` already in ``storage`` is a copy a process killed
+    inside such a block left: deleted first."""
+    theirs = set(optuna.get_all_study_names(source))
+    for left in optuna.get_all_study_names(storage):
+        if left in theirs:
+            optuna.delete_study(study_name=left, storage=storage)
+    optuna.copy_study(from_study_name=name, from_storage=source, to_storage=storage)
+    try:
+        yield
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
 
 
 def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, seeds: int, batch: int,
