@@ -25,7 +25,7 @@ def _bowl_grid(points=11, best=(0.7, 0.9)):
 
 def test_replayed_searches_stay_on_the_grid_and_find_a_bowls_bottom():
     grid = _bowl_grid()
-    log = BS.replay_search(grid, 11, (250, 1000), "tpe", seed=0, trials=40, prune=True)
+    log = BS.replay_search(grid, 11, (250, 1000), "tpe", seed=0, trials=40, reduction_factor=3)
     assert len(log) == 40 and all(t["point"] in grid for t in log)
     assert log[0]["point"] == "1,1" and log[1]["point"] == "0.8,1"  # baseline, then the paper ramp
     assert {t["samples"] for t in log} <= {0, 250, 1000}
@@ -37,10 +37,11 @@ def test_replayed_searches_stay_on_the_grid_and_find_a_bowls_bottom():
 
 def test_search_efficiency_counts_trials_and_samples_to_the_target():
     results = {"grid": _bowl_grid(), "settings": {"points": 11, "task": {"rungs": [250, 1000]}}}
-    runs = BS.replays(results, ("random",), seeds=3, trials=30)
+    runs = BS.replays(results, ("random",), seeds=3, trials=30, pruners=(((250, 1000), 3),))
     rows = BS.search_efficiency(results, runs)
-    assert [(r["optimizer"], r["pruning"]) for r in rows] == [("random", True), ("random", False)]
-    for row, key in zip(rows, ("random,on", "random,off")):
+    assert [(r["optimizer"], r["pruning"], r["pruner"]) for r in rows] == [("random", True, "250-1000,rf3"),
+                                                                         ("random", False, None)]
+    for row, key in zip(rows, ("random,on,250-1000,rf3", "random,off")):
         reached = [BS._reach(log, 101.0) for log in runs[key]]
         assert row["reached"] == sum(r[0] is not None for r in reached)
         assert row["samples_to_target"] == [r[1] for r in reached]  # seed by seed, for the pruning comparison
@@ -49,33 +50,42 @@ def test_search_efficiency_counts_trials_and_samples_to_the_target():
                for log in runs["random,off"] for k, t in enumerate(log))  # a repeated point is not sampled again
 
 
-def test_a_cheaper_first_rung_is_replayed_from_the_grid_s_low_rung_and_prunes_there():
-    """Rung variants: pruning at a lower first rung the grid holds FID at, then straight to N; a
-    pruned trial costs that rung's samples, and the row says which rungs it ran."""
+def test_pruner_variants_are_replayed_from_the_grid_s_low_rungs_and_prune_where_they_check():
+    """Pruner variants (rungs, reduction factor[, min_resource]): pruning at lower rungs the grid
+    holds FID at; a pruned trial costs the samples of the rung it stopped at, which is a rung the
+    pruner checks; each row says which pruner it ran."""
     grid = _bowl_grid()
     for point in grid.values():
-        point["fid"]["125"] = point["fid"]["1000"] + 20
+        point["fid"].update({"63": point["fid"]["1000"] + 30, "125": point["fid"]["1000"] + 20})
     results = {"grid": grid, "settings": {"points": 11, "task": {"rungs": [250, 1000]}}}
-    runs = BS.replays(results, ("random",), seeds=2, trials=30, other_rungs=((125, 1000),))
-    assert sorted(runs) == ["random,off", "random,on", "random,on,125-1000"]
-    spent = {t["samples"] for log in runs["random,on,125-1000"] for t in log}
-    assert 125 in spent and spent <= {0, 125, 1000}
-    rows = {r["rungs"]: r for r in BS.search_efficiency(results, runs) if r["pruning"]}
-    assert set(rows) == {None, "125-1000"} and rows["125-1000"]["reached"] >= 1
+    pruners = (((125, 1000), 8), ((63, 250, 1000), 4), ((63, 250, 1000), 4, 62))
+    runs = BS.replays(results, ("random",), seeds=2, trials=30, pruners=pruners)
+    assert sorted(runs) == ["random,off", "random,on,125-1000,rf8", "random,on,63-250-1000,rf4",
+                            "random,on,63-250-1000,rf4,from62"]
+    spent = lambda key: {t["samples"] for log in runs[key] for t in log}  # noqa: E731
+    assert 125 in spent("random,on,125-1000,rf8") and spent("random,on,125-1000,rf8") <= {0, 125, 1000}
+    assert spent("random,on,63-250-1000,rf4") <= {0, 63, 1000}  # 250 < 63 x 4: never checked
+    assert {63, 250} <= spent("random,on,63-250-1000,rf4,from62") <= {0, 63, 250, 1000}  # 250 ≥ 62 x 4
+    rows = {r["pruner"]: r for r in BS.search_efficiency(results, runs) if r["pruning"]}
+    assert set(rows) == {BS.pruning_key(*p) for p in pruners} and rows["125-1000,rf8"]["reached"] >= 1
 
 
 def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkeypatch):
     results = {"grid": _bowl_grid(points=3), "settings": {"points": 3, "task": {"rungs": [250, 1000]}}}
     path = tmp_path / "replays.json"
-    first = BS.replays(results, ("random",), seeds=2, trials=4, path=path)
+    pruners = (((250, 1000), 3),)
+    first = BS.replays(results, ("random",), seeds=2, trials=4, path=path, pruners=pruners)
+    more = BS.replays(results, ("random",), seeds=3, trials=4, path=path, pruners=pruners)
+    assert {k: v[:2] for k, v in more.items()} == first  # more seeds add the missing ones, the first unchanged
     calls = []
     monkeypatch.setattr(BS, "replay_search", lambda *a: calls.append(a) or [])
-    assert BS.replays(results, ("random",), seeds=2, trials=4, path=path) == first and not calls
+    assert BS.replays(results, ("random",), seeds=2, trials=4, path=path, pruners=pruners) == first and not calls
+    assert BS.replays(results, ("random",), seeds=3, trials=4, path=path, pruners=pruners) == more and not calls
     results["grid"]["1,1"]["fid"]["1000"] += 1  # a re-measured point: the saved replays no longer apply
-    BS.replays(results, ("random",), seeds=2, trials=4, path=path)
+    BS.replays(results, ("random",), seeds=2, trials=4, path=path, pruners=pruners)
     assert len(calls) == 4
     monkeypatch.setattr(BS, "search_code_digest", lambda: "changed")  # an edit to the objective or its parts
-    BS.replays(results, ("random",), seeds=2, trials=4, path=path)
+    BS.replays(results, ("random",), seeds=2, trials=4, path=path, pruners=pruners)
     assert len(calls) == 8
 
 
@@ -85,11 +95,11 @@ def test_replays_run_the_search_s_own_objective_and_first_trials(monkeypatch):
     from skiptune_search.search.space import Space
 
     grid = _bowl_grid(points=11)
-    log = BS.replay_search(grid, 11, (250, 1000), "random", 0, 6, True)
+    log = BS.replay_search(grid, 11, (250, 1000), "random", 0, 6, 3)
     assert [t["point"] for t in log[:2]] == ["1,1", "0.8,1"]  # the baseline, then the paper ramp
     assert log[0]["samples"] == 1000 and log[0]["value"] is not None
     monkeypatch.setattr(Space, "first_trials", lambda self, skips, optimizer: [("baseline", self.baseline(skips))])
-    changed = BS.replay_search(grid, 11, (250, 1000), "random", 0, 6, True)
+    changed = BS.replay_search(grid, 11, (250, 1000), "random", 0, 6, 3)
     assert changed[0]["point"] == "1,1" and changed[1]["point"] != "0.8,1"
 
 
@@ -102,7 +112,7 @@ def test_reach_is_the_first_completed_trial_under_the_target():
 def test_picked_schedules_are_the_baseline_the_tpe_finds_and_random_points():
     grid = _bowl_grid()
     results = {"grid": grid, "settings": {"task": {"rungs": [250, 1000]}}}
-    logs = [BS.replay_search(grid, 11, (250, 1000), "tpe", s, 20, True) for s in range(2)]
+    logs = [BS.replay_search(grid, 11, (250, 1000), "tpe", s, 20, 3) for s in range(2)]
     keys = BS.pick_schedules(results, logs, 20)
     assert len(keys) == len(set(keys)) == 20 and keys[0] == "1,1"
     found = {t["point"] for log in logs for t in log if t["value"] is not None}
@@ -238,6 +248,8 @@ def test_headline_names_the_best_family_where_tuning_did_not_help_and_what_is_mi
                   "per_layer": runs(101.0, 110.0)},
             "9": {"untuned": 50.0, "machines": ["cpu box"], "linear": runs(49.0)}}
     text = "\n".join(render(_headline(rows, {"nfes": [5, 9, 19], "families": ["linear", "per_layer"], "seeds": 3})))
+    # results from before the factor was recorded were pruned with 3
+    assert "(N = 1000, rungs 250,1000, successive halving keeping the best third at 250, input placement" in text
     assert "| 5 | 100 | 85 ± 5 (-15.0%, 3 seeds) | 105.5 ± 6.36 (+5.5%, 2 seeds, one or more no better than untuned) |" in text
     assert "| 9 | 50 | 49 (-2.0%, 1 seed) | – |" in text
     assert "NFE 5: best family linear (-15.0% held-out FID); no gain from per_layer." in text
@@ -311,6 +323,12 @@ def test_freeu_table_compares_with_table_5_and_says_where_the_preset_hurt():
     assert "Not measured yet: NFE 9 tuned FreeU (every σ) (1 of 2 search seeds)." in text
     assert "SD1.5's (b1, b2, s1, s2 = 1.5, 1.6, 0.9, 0.2) (no published preset)." in text
     assert "Untuned: table 5's numbers at NFE 5, scored here at the others; best ρ family: table 5's" in text
+    # table 8 extended after the pruner joined its settings, table 5 not: the same protocol (3 before it was recorded)
+    table8["settings"] = {**settings, "reduction_factor": 3}
+    assert "| per_noise: 41 ± 1.41 (-18.0%, 2 seeds) |" in "\n".join(render_freeu(table8, table5))
+    table8["settings"] = {**settings, "reduction_factor": 8}
+    assert "best ρ family: not shown (table 5 was run with other settings" in "\n".join(render_freeu(table8, table5))
+    table8["settings"] = settings
     table5["settings"] = {**settings, "trials": 8}  # table 5 of other settings: its numbers are not comparable
     other = "\n".join(render_freeu(table8, table5))
     assert other.count("| – |") == 2 and "best ρ family: not shown (table 5 was run with other settings" in other
@@ -372,7 +390,7 @@ def test_held_out_searches_run_seed_by_seed_across_nfes_and_resume_where_stopped
 
     from skiptune_search.bench import headline as H
 
-    searched = []
+    searched, factors = [], []
 
     class Stop(Exception):
         pass
@@ -393,7 +411,8 @@ def test_held_out_searches_run_seed_by_seed_across_nfes_and_resume_where_stopped
                         "make_storage": lambda url, heartbeat: None, "fixed_schedule": lambda ev, name: name,
                         "method_space": lambda ev, method: SimpleNamespace(searches_calls=False),
                         "run_search": fake_search,
-                        "open_study": lambda storage, name, task, space, ctl, seed, warm_start: name,
+                        "open_study": lambda storage, name, task, space, ctl, seed, warm_start, reduction_factor:
+                        factors.append(reduction_factor) or name,
                         "export_best": lambda study, url: SimpleNamespace(metric={"value": 1.0, "baseline": 2.0},
                                                                           params={}),
                         "search_seconds": lambda study: 0.0}.items():
@@ -401,8 +420,8 @@ def test_held_out_searches_run_seed_by_seed_across_nfes_and_resume_where_stopped
     path = tmp_path / "h.json"
 
     def run_it():
-        H.run_headline("m", (5, 9), path, "c", "box", seeds=2, trials=4, n=8, rungs=(8,), truth_n=8, batch=8,
-                       methods=("a", "b"), progress=False)
+        H.run_headline("m", (5, 9), path, "c", "box", seeds=2, trials=4, n=8, rungs=(8,), reduction_factor=3,
+                       truth_n=8, batch=8, methods=("a", "b"), progress=False)
 
     stop_at = 5
     with pytest.raises(Stop):
@@ -417,6 +436,7 @@ def test_held_out_searches_run_seed_by_seed_across_nfes_and_resume_where_stopped
     assert searched[5:] == ["headline-nfe5-b-seed1", "headline-nfe9-a-seed1", "headline-nfe9-b-seed1"]
     saved = json.loads(path.read_text())["nfe"]
     assert [[r["seed"] for r in saved[nfe][m]] for nfe in ("5", "9") for m in ("a", "b")] == [[0, 1]] * 4
+    assert set(factors) == {3} and json.loads(path.read_text())["settings"]["reduction_factor"] == 3  # as asked
 
 
 def test_headline_names_searches_that_ran_without_their_baseline_trial():
@@ -463,19 +483,48 @@ def test_a_trial_left_running_by_a_killed_run_is_failed_and_queued_again(tmp_pat
 
 
 def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path, monkeypatch):
-    """A seed that reached the target only without pruning is left out of the comparison."""
+    """A seed that reached the target only without pruning is left out of the comparison; the
+    default pruning's rows, then each variant the grid holds FID for, then no pruning."""
     from skiptune_search.bench import run as bench
+    from skiptune_search.scoring.task import default_rungs
+    from skiptune_search.search.optimizers import REDUCTION_FACTOR, pruning_text
 
     grid = {"grid": _bowl_grid(), "settings": {"points": 11, "placement": "input", "task": {
         "rungs": [250, 1000], "seed": 0, "sampler": "heun", "nfe": 9}}, "command": "c", "machine": "m", "date": "d"}
-    rows = [{"optimizer": "tpe", "pruning": True, "seeds": 3, "reached": 2, "median_trials": 5, "median_samples": 600,
-             "samples_to_target": [500, None, 700], "median_best_at_default": 100, "median_samples_at_default": 1},
-            {"optimizer": "tpe", "pruning": False, "seeds": 3, "reached": 3, "median_trials": 5, "median_samples": 900,
-             "samples_to_target": [1000, 200, 1000], "median_best_at_default": 100, "median_samples_at_default": 1}]
-    monkeypatch.setattr(BS, "replays", lambda *a, **k: {})
+    default = BS.pruning_key(default_rungs(1000), REDUCTION_FACTOR)  # the tool's pruning for the grid's N
+    row = {"optimizer": "tpe", "seeds": 3, "median_trials": 5, "median_best_at_default": 100,
+           "median_samples_at_default": 1}
+    rows = [{**row, "pruning": True, "pruner": default, "reached": 2, "median_samples": 600,
+             "samples_to_target": [500, None, 700]},
+            {**row, "pruning": True, "pruner": "250-1000,rf3", "reached": 3, "median_samples": 800,
+             "samples_to_target": [900, 200, 800]},
+            {**row, "pruning": False, "pruner": None, "reached": 3, "median_samples": 900,
+             "samples_to_target": [1000, 200, 1000]}]
+    asked = []
+    monkeypatch.setattr(BS, "replays", lambda *a, **k: asked.append(a) or {})
     monkeypatch.setattr(BS, "search_efficiency", lambda *a, **k: rows)
-    text = "\n".join(bench._table4(grid, {"seeds": 3, "trials": 60}, tmp_path))
+    size = {"replay_seeds": 3, "trials": 60, "pruners": (((250, 1000), 3), ((63, 1000), 3))}
+    for point in grid["grid"].values():
+        point["fid"]["125"] = point["fid"]["1000"] + 20
+    lines = bench._table4(grid, size, tmp_path)
+    text = "\n".join(lines)
+    # the grid holds no FID at 63: that variant is not replayed
+    assert asked[-1][2] == 3 and asked[-1][5] == ((default_rungs(1000), REDUCTION_FACTOR), ((250, 1000), 3))
     assert "tpe 40% (2 seeds)." in text  # seeds 0 and 2: 50% and 30% saved
+    assert "| tpe | on | 2/3 |" in text and "| tpe | off | 3/3 |" in text and "250-1000" not in text
+    assert f"pruning on: rungs {','.join(map(str, default_rungs(1000)))}, {pruning_text(default_rungs(1000))}" in text
+    variants = [line for line in lines if line.startswith("| tpe |")][2:]  # after the rows of the first table
+    assert variants == [
+        f"| tpe | {','.join(map(str, default_rungs(1000)))} | {pruning_text(default_rungs(1000))} (default) | "
+        f"2/3 | 5 | 600 | 40% |",
+        "| tpe | 250,1000 | successive halving keeping the best third at 250 (the default before) | 3/3 | 5 | 800 | "
+        "10% |",  # 10%, 0%, 20%
+        "| tpe | 1000 | none | 3/3 | 5 | 900 | – |"]
+    for point in grid["grid"].values():
+        del point["fid"]["125"]
+    assert "pruning on not replayed yet: the grid lacks FID at 125 samples" in "\n".join(bench._table4(grid, size,
+                                                                                                    tmp_path))
+    assert asked[-1][5] == (((250, 1000), 3),)
 
 
 def test_saved_results_of_other_weights_are_refused_and_older_files_without_them_extend():
@@ -628,8 +677,8 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
 
     def run_it():
         return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
-                          optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), blocks=2, batch=8,
-                          progress=False)
+                          optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2,
+                          batch=8, progress=False)
 
     results = run_it()
     assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
@@ -646,6 +695,15 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
     assert "Fewest trials to target per method" in text
+    assert "N = 8 (rungs 4,8, successive halving keeping the best third at 4; pruning off: N only)" in text
+    from skiptune_search.core.errors import InputError
+
+    saved = json.loads(path.read_text())
+    del saved["settings"]["reduction_factor"]  # results from before the factor was recorded: pruned with 3
+    BS.save_results(path, saved)
+    with pytest.raises(InputError, match=r"of other settings \(reduction_factor: 3 \(now 8\)\)"):
+        C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"), optimizers=("random",),
+                   seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=8, blocks=2, batch=8, progress=False)
 
 
 def test_transfer_scores_each_tuned_schedule_at_every_nfe_taking_table_5_s_own_cells(tmp_path, tiny_model_dir,
@@ -705,7 +763,8 @@ def _table5(tmp_path, model, seeds):
     from skiptune_search.bench import headline as H
 
     path = tmp_path / "headline.json"
-    H.run_headline(str(model), (3, 5), path, "c", "box", seeds=seeds, trials=4, n=8, rungs=(4, 8), truth_n=8, batch=8,
+    H.run_headline(str(model), (3, 5), path, "c", "box", seeds=seeds, trials=4, n=8, rungs=(4, 8), reduction_factor=3,
+                   truth_n=8, batch=8,
                    methods=("linear",), progress=False)
     return path
 
@@ -751,7 +810,7 @@ def test_a_warm_search_starts_from_its_own_seed_s_nfe_9_best_and_a_rerun_searche
     assert [name for name, _ in searched] == ["warm-nfe3-from5-linear-seed0", "warm-nfe3-from5-linear-seed1"]
     for _, pruner in searched:  # table 5's successive halving, from its first rung
         assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
-        assert (pruner._reduction_factor, pruner._min_resource) == (W.TABLE5_REDUCTION_FACTOR, 4)
+        assert (pruner._reduction_factor, pruner._min_resource) == (3, 4)
     warm, table5 = _studies(f"sqlite:///{tmp_path / 'warm.db'}"), _studies(table5_url)
     assert sorted(warm) == ["warm-nfe3-from5-linear-seed0", "warm-nfe3-from5-linear-seed1"]  # no copy left
     for seed in (0, 1):
@@ -822,7 +881,8 @@ def test_the_warm_part_renders_a_search_that_never_reached_and_lists_the_missing
     warm = [{"value": 20.0, "samples": 8}, {"value": 16.0, "samples": 8, "warm_start": {"study": "s", "nfe": 9,
                                                                                          "trial": 3, "value": 12.0}},
             {"value": None, "samples": 4}]
-    results = {"settings": {"source_nfe": 9, "target_nfe": 5, "table5": {"trials": 3, "n": 8, "rungs": [4, 8]}},
+    results = {"settings": {"source_nfe": 9, "target_nfe": 5, "reduction_factor": 3,
+                            "table5": {"trials": 3, "n": 8, "rungs": [4, 8]}},
                "plan": {"families": ["linear", "per_layer"], "seeds": 2}, "command": "c", "date": "d",
                "machines": ["m"], "runs": {"linear": [{"seed": 0, "trials": warm, "cold": cold}]}}
     text = "\n".join(W.render(results))

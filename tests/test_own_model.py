@@ -10,6 +10,7 @@ import torch
 from skiptune_search import apply
 from skiptune_search.core.errors import InputError
 from skiptune_search.models.denoisers import EDMPrecond
+from skiptune_search.scoring.task import default_rungs
 from skiptune_search.search.tune import tune
 
 
@@ -31,17 +32,17 @@ def euler_loop(net):
 
 def test_tune_a_model_of_your_own_with_your_own_loop(net, tmp_path, bundled_npz):
     url = f"sqlite:///{tmp_path}/s.db"
-    best = tune(net, euler_loop(net), name="my-unet", reference=bundled_npz, trials=4, n=8, storage=url,
+    best = tune(net, euler_loop(net), name="my-unet", reference=bundled_npz, trials=4, n=16, storage=url,
                 out=tmp_path / "best.json", progress=False, batch_size=4)
     assert best.tuned_for["model"] == "my-unet" and best.source["study"] == "my-unet-linear-input"
     assert json.loads((tmp_path / "best.json").read_text())["rho"] == best.rho
     study = optuna.load_study(study_name="my-unet-linear-input", storage=url)
     assert len(study.trials) == 4 and study.trials[0].user_attrs["baseline"]
-    assert [t.intermediate_values for t in study.trials[:1]] == [{2: pytest.approx(study.trials[0].intermediate_values[2]),
-                                                                  8: study.trials[0].value}]  # rungs N/4, N
+    assert list(study.trials[0].intermediate_values) == list(default_rungs(16)) == [2, 16]  # rungs N/8, N
+    assert study.trials[0].intermediate_values[16] == study.trials[0].value
     assert list((tmp_path / "artifacts").rglob("*")), "no sample grid uploaded for the dashboard"
     # the baseline trial scored the untouched model: the same images with the hooks at ρ = 1
-    again = tune(net, euler_loop(net), name="my-unet", reference=bundled_npz, trials=4, n=8, storage=url,
+    again = tune(net, euler_loop(net), name="my-unet", reference=bundled_npz, trials=4, n=16, storage=url,
                  progress=False, batch_size=4)
     assert len(optuna.load_study(study_name="my-unet-linear-input", storage=url).trials) == 4  # resumed, no new trial
     assert again.rho == best.rho

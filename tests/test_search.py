@@ -281,12 +281,40 @@ def test_rungs_reuse_samples_report_and_prune(tiny_model_dir, tmp_path):
     assert export_best(study, url).source["trial"] == 0  # an export never points at a pruned trial
 
 
-def test_rungs_that_successive_halving_never_checks_are_named():
-    from skiptune_search.search.optimizers import unpruned_rungs
+def _optuna_checks(rungs, reduction_factor, min_resource=None):
+    """The rungs at which Optuna's own pruner (as ``make_pruner`` builds it) checks a lone trial,
+    read from the rung marks it leaves on the trial."""
+    from skiptune_search.search.optimizers import make_pruner
 
-    assert unpruned_rungs((250, 1000)) == [] and unpruned_rungs((1000,)) == []
-    assert unpruned_rungs((111, 333, 1000)) == []
+    study = optuna.create_study(pruner=make_pruner(rungs, reduction_factor, min_resource))
+    trial, checked, marks = study.ask(), [], 0
+    for r in rungs[:-1]:
+        trial.report(1.0, r)
+        assert not trial.should_prune()  # alone, it is the best at every rung
+        now = sum(k.startswith("completed_rung") for k in study._storage.get_trial(trial._trial_id).system_attrs)
+        checked += [r] * (now > marks)
+        marks = now
+    return checked
+
+
+def test_rungs_that_successive_halving_never_checks_are_named():
+    from skiptune_search.scoring.task import default_rungs
+    from skiptune_search.search.optimizers import REDUCTION_FACTOR, checked_rungs, pruning_text, unpruned_rungs
+
+    assert unpruned_rungs((125, 1000)) == [] and unpruned_rungs((1000,)) == []
+    assert unpruned_rungs(default_rungs(1000)) == unpruned_rungs(default_rungs(500)) == []  # one check, at N/8
+    assert unpruned_rungs((15, 125, 1000)) == []  # 125 ≥ 15 x 8
     assert unpruned_rungs((250, 500, 1000)) == [500]
+    assert unpruned_rungs((111, 333, 1000), 3) == [] and unpruned_rungs((250, 500, 1000), 3) == [500]
+    assert unpruned_rungs((250, 800, 1000), 3) == []  # 800 ≥ 750: the second check falls there
+    for rungs, factor, start in (((125, 1000), REDUCTION_FACTOR, None), ((15, 125, 1000), 8, None),
+                                 ((250, 500, 1000), 8, None), ((250, 500, 800, 1000), 3, None),
+                                 ((63, 250, 1000), 4, None), ((63, 250, 1000), 4, 62), ((4, 5, 16), 2, 2)):
+        assert checked_rungs(rungs, factor, start) == _optuna_checks(rungs, factor, start), (rungs, factor, start)
+    assert checked_rungs((63, 250, 1000), 4, 62) == [63, 250] and checked_rungs((63, 250, 1000), 4) == [63]
+    assert pruning_text((250, 1000), 3) == "successive halving keeping the best third at 250"
+    assert pruning_text((63, 250, 1000), 4, 62) == "successive halving keeping the best quarter at 63 and 250"
+    assert pruning_text((1000,)) == "no pruning"
     # and Optuna's pruner agrees: a trial worse than two others is not pruned at 500, is at 750
     study = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=250, reduction_factor=3))
     for value in (1.0, 2.0):
@@ -302,6 +330,30 @@ def test_rungs_that_successive_halving_never_checks_are_named():
     assert not worst.should_prune()  # 500 is no rung of the pruner's
     worst.report(9.0, 750)
     assert worst.should_prune()
+
+
+def test_a_study_keeps_the_pruning_it_was_created_with(evaluator, tmp_path):
+    """A new study records its successive halving factor; resumed, it keeps it whatever the caller
+    (a later default) asks for; a study from before the factor was recorded resumes with 3."""
+    from skiptune_search.search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR
+
+    task = Task(model=evaluator.task.model, nfe=3, n=12, seed=100, rungs=(6, 12))
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    study = open_study(storage, "new", task, SPACE, evaluator.controller, 0)
+    assert study.user_attrs["reduction_factor"] == REDUCTION_FACTOR
+    assert study.pruner._reduction_factor == REDUCTION_FACTOR  # Optuna's pruner, as built
+    other = REDUCTION_FACTOR + 2
+    resumed = open_study(storage, "new", task, SPACE, evaluator.controller, 0, reduction_factor=other)
+    assert resumed.pruner._reduction_factor == REDUCTION_FACTOR
+    assert open_study(storage, "other", task, SPACE, evaluator.controller, 0,
+                      reduction_factor=other).pruner._reduction_factor == other
+    old = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "old")  # as made before the factor
+    for key, value in study.user_attrs.items():
+        if key != "reduction_factor":
+            storage.set_study_user_attr(old, key, value)
+    resumed = open_study(storage, "old", task, SPACE, evaluator.controller, 0)
+    assert resumed.pruner._reduction_factor == LEGACY_REDUCTION_FACTOR == 3
+    assert "reduction_factor" not in resumed.user_attrs
 
 
 def test_rungs_must_end_at_n():

@@ -27,18 +27,21 @@ from pathlib import Path
 from ..core.schedule import RhoSchedule
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung
-from ..scoring.task import Task
+from ..scoring.task import Task, default_rungs
 from ..search.objective import calls_key, run_search
+from ..search.optimizers import REDUCTION_FACTOR, pruning_text
 from ..search.storage import make_storage
 from ..search.study import open_study
 from .headline import fixed_schedule, method_space
-from .search import HELD_OUT_SEED, _reach, check_same_settings, fmt, load_results, pruning_saving, save_results, stamp_run
+from .search import (HELD_OUT_SEED, _reach, check_same_settings, fmt, load_results, pruning_saving, save_results,
+                     stamp_run, with_legacy_factor)
 
-# the protocol: full, at most about 20 CPU-hours on a 2-core machine; quick (nfe None: bench's --nfe), to keep it working
+# the protocol: full, at most about 20 CPU-hours on a 2-core machine, pruned as the tool prunes a
+# search of N = 500 by default; quick (nfe None: bench's --nfe), to keep it working
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
-                     rungs=(125, 500), blocks=8, batch=250),
+                     rungs=default_rungs(500), reduction_factor=REDUCTION_FACTOR, blocks=8, batch=250),
          True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
-                    blocks=2, batch=16)}
+                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16)}
 METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
 # item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
 TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer": 25, "per_noise": 25,
@@ -74,8 +77,8 @@ def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int) ->
 
 
 def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...] | None,
-             optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...], blocks: int,
-             batch: int, progress: bool = True) -> dict:
+             optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...],
+             reduction_factor: int, blocks: int, batch: int, progress: bool = True) -> dict:
     """Every search of the plan, search seed by search seed (every method, optimizer and pruning at
     seed 0 first), then the proxy's spread on each method's reference best and on the untuned model."""
     methods = methods or METHODS
@@ -83,9 +86,10 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
     evaluator = Evaluator(on_task, batch_size=min(batch, n))
     ctl = evaluator.controller
-    settings = {"model": model, "nfe": nfe, "trials": trials, "n": n, "rungs": list(rungs), "blocks": blocks,
+    settings = {"model": model, "nfe": nfe, "trials": trials, "n": n, "rungs": list(rungs),
+                "reduction_factor": reduction_factor, "blocks": blocks,
                 "held_out_seed": HELD_OUT_SEED, "weights": weights_fingerprint(ctl.unet)}
-    check_same_settings(path, "search-cost results", results.get("settings"), settings)
+    check_same_settings(path, "search-cost results", with_legacy_factor(results.get("settings")), settings)
     stamp_run(results, settings, command, machine)
     results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds}
     cache = results.setdefault("cache", {})
@@ -103,7 +107,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                         continue
                     task = tasks[prune]
                     study = open_study(storage, study_name(nfe, method, optimizer, prune, seed), task, space, ctl,
-                                       seed, optimizer, warm_start=False)
+                                       seed, optimizer, warm_start=False, reduction_factor=reduction_factor)
                     start = time.process_time()
                     scorer = CachedScorer(evaluator, task, cache, save)
                     run_search(scorer, study, space, trials, progress=progress)
@@ -179,8 +183,8 @@ def render(results: dict) -> list[str]:
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
              f"Protocol (a cheaper one than the grid's, so that every family fits about 20 CPU-hours): model "
              f"{s['model']}, Heun NFE {s['nfe']}, Karras σ, N = {s['n']} (rungs {','.join(map(str, s['rungs']))}, "
-             f"successive halving; pruning off: N only), {s['trials']} trials per search, search seeds "
-             f"0-{plan['seeds'] - 1}, each method's default space (input placement, ρ in [0.5, 1.5], per_noise on 3 "
+             f"{pruning_text(s['rungs'], with_legacy_factor(s)['reduction_factor'])}; pruning off: N only), "
+             f"{s['trials']} trials per search, search seeds 0-{plan['seeds'] - 1}, each method's default space (input placement, ρ in [0.5, 1.5], per_noise on 3 "
              f"σ knots, FreeU's window over the sampler's model calls). Target: the method's reference best (the "
              f"best N-sample FID of all its searches here) plus the proxy's seed-to-seed spread (std of FID at N over "
              f"{s['blocks']} blocks of N held-out samples, median of the untuned model's and the reference best's). "

@@ -19,11 +19,13 @@ from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
 from ..search.objective import run_search
+from ..search.optimizers import pruning_text
 from ..search.space import Space
 from ..search.storage import make_storage
 from ..search.study import export_best, load_own_study, open_study
 from ..search.tune import make_space
-from .search import HELD_OUT_SEED, check_same_settings, load_results, save_results
+from .search import (HELD_OUT_SEED, check_same_settings, load_results, same_settings, save_results,
+                     with_legacy_factor)
 from .tables import Table, register_table
 
 
@@ -51,31 +53,33 @@ def fixed_schedule(evaluator: Evaluator, name: str) -> RhoSchedule:
 
 
 def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, machine: str, *, seeds: int,
-                 trials: int, n: int, rungs: tuple[int, ...], truth_n: int, batch: int,
+                 trials: int, n: int, rungs: tuple[int, ...], reduction_factor: int, truth_n: int, batch: int,
                  methods: tuple[str, ...] = RHO_METHODS, fixed: tuple[str, ...] = ("untuned",),
                  known: Path | None = None, progress: bool = True) -> dict:
     """Search each method at each NFE ``seeds`` times and score the ``fixed`` schedules and each
     search's best on ``truth_n`` held-out samples: the fixed schedules at every NFE first, then the
     searches seed by seed (every NFE and method at search seed 0, then at seed 1, ...). A fixed
     schedule already scored in ``known`` (another table's results file of the same settings) is
-    taken from there."""
+    taken from there. ``reduction_factor``: the searches' successive halving (a study resumed keeps
+    its own: ``open_study``)."""
     results = load_results(path)
 
     def evaluator_for(nfe: int) -> Evaluator:
         return Evaluator(Task(model=model, nfe=nfe, n=n, rungs=rungs), batch_size=min(batch, n))
 
     evaluator = evaluator_for(nfes[0])
-    settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "truth_n": truth_n,
+    settings = {"model": model, "trials": trials, "n": n, "rungs": list(rungs), "reduction_factor": reduction_factor,
+                "truth_n": truth_n,
                 "held_out_seed": HELD_OUT_SEED,  # and the weights: a model retrained in place is another model
                 "weights": weights_fingerprint(evaluator.controller.unet)}
-    check_same_settings(path, "held-out results", results.get("settings"), settings)
+    check_same_settings(path, "held-out results", with_legacy_factor(results.get("settings")), settings)
     results.update(settings=settings, command=command, machine=machine, date=time.strftime("%Y-%m-%d"),
                    plan={"nfes": list(nfes), "families": list(methods), "seeds": seeds, "fixed": list(fixed)})
     if "freeu_preset" in fixed:  # which preset, and why that one (the model's own, or SD1.5's)
         name, values, why = freeu.preset_for(freeu.recognize(evaluator.controller.unet))
         results["freeu_preset"] = {"name": name, "values": [getattr(values, f) for f in freeu.FACTORS], "why": why}
     other = load_results(known) if known else {}
-    other_rows = other.get("nfe", {}) if other.get("settings") == settings else {}
+    other_rows = other.get("nfe", {}) if same_settings(with_legacy_factor(other.get("settings")), settings) else {}
     storage_url = f"sqlite:///{Path(path).with_suffix('.db')}"
     storage = make_storage(storage_url, heartbeat=None)
     held_out = list(range(HELD_OUT_SEED, HELD_OUT_SEED + truth_n))
@@ -137,7 +141,8 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                 space = method_space(evaluator, method)
                 # a trial a killed run left running is failed and queued again by open_study
                 study = open_study(storage, study_name(nfe, method, seed, space.searches_calls), evaluator.task,
-                                   space, evaluator.controller, seed, warm_start=False)  # each search on its own
+                                   space, evaluator.controller, seed, warm_start=False,  # each search on its own
+                                   reduction_factor=reduction_factor)
                 run_search(evaluator, study, space, trials, progress=progress)
                 best = export_best(study, storage_url)
                 fid, seconds = held_out_fid(evaluator, best, f"{method} seed {seed}")
@@ -147,6 +152,11 @@ def run_headline(model: str, nfes: tuple[int, ...], path: Path, command: str, ma
                              **({"window": "calls"} if space.searches_calls else {})})
                 save(row)
     return results
+
+
+def _pruning(settings: dict) -> str:
+    """The searches' pruning as the protocol says it (results from before it was recorded: the factor then)."""
+    return pruning_text(settings["rungs"], with_legacy_factor(settings)["reduction_factor"])
 
 
 def study_name(nfe: int, family: str, seed: int, calls: bool = False) -> str:
@@ -174,8 +184,8 @@ def render(results: dict) -> list[str]:
              "Machines: " + "; ".join(f"NFE {nfe}: {', '.join(row['machines'])}" for nfe, row in sorted(rows.items())) + ".")
     lines = [f"Written by `{results['command']}` on {results['date']}. {where}", "",
              f"Model {s['model']}, Heun, Karras σ. Each family: a search of {s['trials']} trials "
-             f"(N = {s['n']}, rungs {','.join(map(str, s['rungs']))}, input placement, ρ in [0.5, 1.5]) per search "
-             f"seed; its exported best and the untuned model are scored by FID on {s['truth_n']:,} held-out "
+             f"(N = {s['n']}, rungs {','.join(map(str, s['rungs']))}, {_pruning(s)}, input placement, "
+             f"ρ in [0.5, 1.5]) per search seed; its exported best and the untuned model are scored by FID on {s['truth_n']:,} held-out "
              f"samples (seeds from {s['held_out_seed']:,}). Mean ± std over search seeds; change vs untuned.", "",
              "| NFE | untuned | " + " | ".join(families) + " |",
              "| ---: | ---: | " + " | ".join("---:" for _ in families) + " |"]
@@ -232,16 +242,17 @@ def render_freeu(results: dict, headline: dict) -> list[str]:
     s, plan = results["settings"], results["plan"]
     methods = tuple(plan["families"])
     rows = {int(k): v for k, v in results.get("nfe", {}).items()}
-    rho_rows = headline.get("nfe", {}) if headline.get("settings") == s else {}
+    rho_rows = (headline.get("nfe", {}) if same_settings(with_legacy_factor(headline.get("settings")),
+                                                         with_legacy_factor(s)) else {})
     rho_families = tuple(headline.get("plan", {}).get("families", ())) if rho_rows else ()
     machines = sorted({m for row in rows.values() for m in row.get("machines", [])})
     preset = results.get("freeu_preset", {})
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine{'s' * (len(machines) > 1)}: "
              f"{'; '.join(machines) or 'see table 5 (every number here was taken from there)'}.", "",
              f"Model {s['model']}, Heun, Karras σ, the protocol of table 5: each method a search of {s['trials']} "
-             f"trials (N = {s['n']}, rungs {','.join(map(str, s['rungs']))}) per search seed, its exported best "
-             f"scored by FID on {s['truth_n']:,} held-out samples (seeds from {s['held_out_seed']:,}); mean ± std over "
-             f"search seeds, change vs untuned. FreeU searches b1, b2 in [{freeu.B_RANGE[0]:g}, {freeu.B_RANGE[1]:g}] "
+             f"trials (N = {s['n']}, rungs {','.join(map(str, s['rungs']))}, {_pruning(s)}) per search seed, its "
+             f"exported best scored by FID on {s['truth_n']:,} held-out samples (seeds from {s['held_out_seed']:,}); "
+             f"mean ± std over search seeds, change vs untuned. FreeU searches b1, b2 in [{freeu.B_RANGE[0]:g}, {freeu.B_RANGE[1]:g}] "
              f"and s1, s2 in [{freeu.S_RANGE[0]:g}, {freeu.S_RANGE[1]:g}], at every σ or inside a σ window, searched "
              f"as the first and last of the sampler's model calls it acts on (cells marked † searched the window's "
              f"ends in log σ over the σ range instead, the space before issue 27, where a window could hold no "
@@ -362,7 +373,8 @@ def _measure(ctx, file: str, methods: tuple[str, ...], fixed: tuple[str, ...], k
     size, quick = ctx.size, ctx.quick
     run_headline(ctx.model, size["headline_nfes"] or (ctx.nfe,), ctx.work / file, ctx.command, ctx.stamp["machine"],
                  seeds=size["headline_seeds"], trials=size["headline_trials"], n=size["search_n"],
-                 rungs=(size["search_n"],) if quick else size["rungs"], truth_n=size["truth_n"],
+                 rungs=(size["search_n"],) if quick else size["rungs"], reduction_factor=size["reduction_factor"],
+                 truth_n=size["truth_n"],
                  batch=size["batch"], methods=methods, fixed=fixed, known=known, progress=ctx.progress)
 
 

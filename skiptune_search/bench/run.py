@@ -30,8 +30,9 @@ from ..core.schedule import RhoSchedule
 from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.metrics import extract_features, fid_from_features, kid_from_features
 from ..scoring.objectives import objective as objective_of
-from ..scoring.task import Task
+from ..scoring.task import Task, default_rungs
 from ..search.objective import Objective
+from ..search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, pruning_text
 from ..search.space import PAPER_RAMP, Space, log_spaced_knots
 from ..search.storage import make_storage
 from ..search.study import open_study
@@ -209,14 +210,20 @@ def machine() -> str:
 
 # --- the run: which tables, at which sizes ----------------------------------------------------
 # full: the sizes the tables' targets are stated for; quick: a minute or two, to keep it working
+# rungs and reduction_factor: the grid's task (tables 2-4) and the pruning of tables 3, 5 and 8, the
+# default before issue 27 (their results were measured so); schedule_seeds: table 3's TPE replays
+# that pick its schedules; replay_seeds and pruners: table 4's replays, (rungs, reduction factor
+# [, min_resource]) beside the tool's default pruning for the grid's N
 SIZES = {
     False: dict(n=250, repeats=15, hook_calls=(50, 41), grid_points=11, search_n=1000, rungs=(250, 1000),
-                low_rungs=(63, 125),
-                seeds=5, trials=60, schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
+                reduction_factor=3, low_rungs=(63, 125), schedule_seeds=5, replay_seeds=20,
+                pruners=(((250, 1000), 3), ((63, 1000), 3), ((125, 1000), 3), ((63, 250, 1000), 4, 62)),
+                trials=60, schedules=20, truth_n=10_000, batch=250, headline_nfes=(5, 9, 19), headline_seeds=3,
                 headline_trials=16, headline_families=RHO_METHODS, warm_seeds=3,
                 gpu_batches=(256, 512, 1024)),
-    True: dict(n=64, repeats=2, hook_calls=(3, 2), grid_points=3, search_n=16, rungs=(4, 16), low_rungs=(2,), seeds=2,
-               trials=6, schedules=4, truth_n=32, batch=64, headline_nfes=None, headline_seeds=1, headline_trials=2,
+    True: dict(n=64, repeats=2, hook_calls=(3, 2), grid_points=3, search_n=16, rungs=(4, 16), reduction_factor=3,
+               low_rungs=(2,), schedule_seeds=2, replay_seeds=2, pruners=(((4, 16), 3),), trials=6, schedules=4,
+               truth_n=32, batch=64, headline_nfes=None, headline_seeds=1, headline_trials=2,
                headline_families=("linear", "per_layer"), warm_seeds=1, gpu_batches=(4, 8)),
 }
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random")
@@ -310,7 +317,9 @@ def _measure_table3(ctx) -> None:
 
     size = ctx.size
     results = _grid(ctx)
-    tpe = BS.replays(results, ("tpe",), size["seeds"], size["trials"], ctx.work / "replays.json")["tpe,on"]
+    pruner = (size["rungs"], size["reduction_factor"])  # the pruning its schedules were picked with
+    tpe = BS.replays(results, ("tpe",), size["schedule_seeds"], size["trials"], ctx.work / "replays.json",
+                     (pruner,))["tpe,on," + BS.pruning_key(*pruner)]
     keys = BS.pick_schedules(results, tpe, size["schedules"])
     BS.run_truth(_search_evaluator(ctx), ctx.work / "truth.json", keys, ctx.truth_n, ctx.command,
                  ctx.stamp["machine"], ctx.progress)
@@ -501,19 +510,27 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
     best_key = min(grid["grid"], key=lambda k: grid["grid"][k]["fid"][n])
     best = grid["grid"][best_key]["fid"][n]
     base = grid["grid"][BS.point_key(1.0, 1.0)]["fid"][n]
-    low = [r for r in size.get("low_rungs", ()) if all(str(r) in p["fid"] for p in grid["grid"].values())]
-    other_rungs = tuple((r, int(n)) for r in low)  # a cheaper first rung, straight to N
-    every = BS.search_efficiency(grid, BS.replays(grid, OPTIMIZERS, size["seeds"], size["trials"],
-                                                  work / "replays.json", other_rungs))
-    rows = [r for r in every if r.get("rungs") is None]
+    default = (default_rungs(int(n)), REDUCTION_FACTOR)  # the tool's own pruning for the grid's N
+    held = lambda p: all(str(r) in point["fid"] for point in grid["grid"].values() for r in p[0])  # noqa: E731
+    pruners = {BS.pruning_key(*p): p for p in (default, *size["pruners"]) if held(p)}
+    seeds = size["replay_seeds"]
+    every = [r for r in BS.search_efficiency(grid, BS.replays(grid, OPTIMIZERS, seeds, size["trials"],
+                                                              work / "replays.json", tuple(pruners.values())))
+             if r["pruner"] is None or r["pruner"] in pruners]
+    on = BS.pruning_key(*default)
+    before = BS.pruning_key(s["task"]["rungs"], size.get("reduction_factor", LEGACY_REDUCTION_FACTOR))
+    rows = [r for r in every if r["pruner"] in (None, on)]
+    with_pruning = (f"pruning on: rungs {','.join(map(str, default[0]))}, {pruning_text(*default)} (the tool's "
+                    f"default for N = {n})" if on in pruners else
+                    f"pruning on not replayed yet: the grid lacks FID at {default[0][0]} samples for some points")
     lines = [_header(grid), "",
              f"Ground truth: all {points}x{points} (ρ_inner, ρ_outer) of the linear family in [0.5, 1.5], "
              f"{s['placement']} placement, FID at N = {n} on seeds {s['task']['seed']}-"
              f"{s['task']['seed'] + int(n) - 1} ({s['task']['sampler']} NFE {s['task']['nfe']}). "
              f"Baseline (1, 1): {base:.4g}; grid best {best:.4g} at ({best_key}); target ≤ {1.01 * best:.4g} (1%).",
-             f"Each optimizer is replayed {size['seeds']} times (search seeds 0-{size['seeds'] - 1}) for up to "
-             f"{size['trials']} trials on the same grid (Optuna {version('optuna')}), baseline and paper ramp first, "
-             f"rungs {','.join(map(str, s['task']['rungs']))}; medians over the seeds that reached the target.", "",
+             f"Each optimizer is replayed {seeds} times (search seeds 0-{seeds - 1}) for up to "
+             f"{size['trials']} trials on the same grid (Optuna {version('optuna')}), baseline and paper ramp first; "
+             f"{with_pruning}; pruning off: N only. Medians over the seeds that reached the target.", "",
              "| optimizer | pruning | seeds reaching 1% | median trials | median samples | "
              "median best after 16 trials | median samples in 16 trials |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -521,32 +538,34 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
               f"{BS.fmt(r['median_trials'], 'g')} | {BS.fmt(r['median_samples'], ',.0f')} | "
               f"{r['median_best_at_default']:.4g} | {r['median_samples_at_default']:,.0f} |" for r in rows]
     # pruning on vs off, seed by seed: both replays of a search seed start alike, so compare them pairwise
-    per_seed = {(r["optimizer"], r["pruning"]): r.get("samples_to_target", []) for r in rows}
+    per_seed = {(r["optimizer"], r["pruner"]): r.get("samples_to_target", []) for r in every}
     saved = []
     for o in OPTIMIZERS:
-        if cut := BS.pruning_saving(per_seed.get((o, True), []), per_seed.get((o, False), [])):
+        if cut := BS.pruning_saving(per_seed.get((o, on), []), per_seed.get((o, None), [])):
             saved.append(f"{o} {cut[0]:.0f}% ({cut[1]} seed{'s' * (cut[1] > 1)})")
     if saved:
         lines += ["", "Samples saved by successive halving on the way to the same target (per search seed, "
                   "samples with pruning vs without, median over the seeds that got there both ways): "
                   + ", ".join(saved) + "."]
-    if variants := [r for r in every if r.get("rungs") is not None]:
-        lines += ["", f"A cheaper first rung: successive halving (keep the best third) at the first rung, then straight "
-                  f"to N = {n}; the grid's FID on each point's first samples (the same seeds) answers the first rung. "
-                  f"Saving: samples to target vs the same search seed without pruning (median over seeds reaching "
-                  f"it both ways).", "",
-                  "| optimizer | rungs | seeds reaching 1% | median trials | median samples | samples saved |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
-        default = ",".join(map(str, s["task"]["rungs"]))
+    if any(r["pruner"] not in (None, on) for r in every):
+        lines += ["", f"Pruning variants, the default first (rungs below {s['task']['rungs'][0]} are answered by the "
+                  f"grid's FID on each point's first samples, the same seeds). Saving: samples to target vs the same "
+                  f"search seed without pruning (median over seeds reaching it both ways).", "",
+                  "| optimizer | rungs | pruning | seeds reaching 1% | median trials | median samples | samples saved |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
         for o in OPTIMIZERS:
-            off = per_seed.get((o, False), [])
-            for r in [x for x in rows if x["optimizer"] == o and x["pruning"]] + [
-                    x for x in variants if x["optimizer"] == o]:
-                cut = BS.pruning_saving(r["samples_to_target"], off)
-                cut = f"{cut[0]:.0f}%" if cut else "–"
-                lines.append(f"| {o} | {r['rungs'].replace('-', ',') if r['rungs'] else default} | "
+            off = per_seed.get((o, None), [])
+            for r in sorted((x for x in every if x["optimizer"] == o),
+                            key=lambda x: (x["pruner"] is None, x["pruner"] != on)):
+                if r["pruner"] is None:
+                    rungs, text, cut = s["task"]["rungs"][-1:], "none", None
+                else:
+                    rungs, text = pruners[r["pruner"]][0], pruning_text(*pruners[r["pruner"]])
+                    cut = BS.pruning_saving(r["samples_to_target"], off)
+                mark = {on: " (default)", before: " (the default before)"}.get(r["pruner"], "")
+                lines.append(f"| {o} | {','.join(map(str, rungs))} | {text}{mark} | "
                              f"{r['reached']}/{r['seeds']} | {BS.fmt(r['median_trials'], 'g')} | "
-                             f"{BS.fmt(r['median_samples'], ',.0f')} | {cut} |")
+                             f"{BS.fmt(r['median_samples'], ',.0f')} | {f'{cut[0]:.0f}%' if cut else '–'} |")
     return lines
 
 

@@ -33,6 +33,7 @@ from ..scoring.evaluator import Evaluator, Rung, rung_score
 from ..scoring.metrics import fid_inf
 from ..scoring.objectives import proxy_names
 from ..search.objective import Objective
+from ..search.optimizers import LEGACY_REDUCTION_FACTOR
 from ..search.space import Space, grid_values
 from ..search.study import memory_study
 
@@ -80,6 +81,17 @@ def settings_differences(old: dict | None, new: dict) -> list[str]:
     old_task, new_task = old.get("task", {}), new.get("task", {})
     return ([f"{k}: {old_task[k]} (now {v})" for k, v in new_task.items() if k in old_task and old_task[k] != v]
             + [f"{k}: {old[k]} (now {v})" for k, v in new.items() if k != "task" and k in old and old[k] != v])
+
+
+def with_legacy_factor(settings: dict | None) -> dict | None:
+    """A results file's settings with the successive halving factor of its searches: one from before
+    the factor was recorded ran with the factor of then (``LEGACY_REDUCTION_FACTOR``)."""
+    return None if settings is None else {"reduction_factor": LEGACY_REDUCTION_FACTOR, **settings}
+
+
+def same_settings(old: dict | None, new: dict) -> bool:
+    """Results under ``old`` settings are of ``new`` ones: there are some, and ``settings_differences`` finds none."""
+    return old is not None and not settings_differences(old, new)
 
 
 def check_same_settings(path: Path, what: str, old: dict | None, new: dict) -> None:
@@ -166,14 +178,20 @@ _LINEAR_PAIR = [SkipInfo("outer", "", 1, 2), SkipInfo("inner", "", 1, 1)]
 
 
 def replay_search(grid: dict, points: int, rungs: tuple[int, ...], optimizer: str, seed: int, trials: int,
-                  prune: bool) -> list[dict]:
+                  reduction_factor: int | None, min_resource: int | None = None) -> list[dict]:
     """One search of ``trials`` trials whose ρ are restricted to the grid and whose scores are
-    looked up in it, run by the search's own objective, first trials and pruner on an in-memory
-    study. Returns each trial's point, score (None when pruned) and samples spent (none for a
-    proposal of a point already scored, which the objective records without sampling)."""
+    looked up in it, run by the search's own objective, first trials and pruner (successive halving
+    by ``reduction_factor`` at ``rungs``, from ``min_resource``: ``make_pruner``; None: no pruning,
+    N samples only) on an in-memory study. Returns each trial's point, score (None when pruned) and
+    samples spent (none for a proposal of a point already scored, which the objective records
+    without sampling)."""
     values = grid_values(points)
     space = Space(step=round(values[1] - values[0], 6))
-    study = memory_study(space, _LINEAR_PAIR, optimizer, seed, rungs if prune else rungs[-1:])
+    if reduction_factor:
+        study = memory_study(space, _LINEAR_PAIR, optimizer, seed, rungs, reduction_factor, min_resource)
+    else:
+        rungs = rungs[-1:]
+        study = memory_study(space, _LINEAR_PAIR, optimizer, seed, rungs)
     objective = Objective(GridScorer(grid, rungs), space, "grid", _LINEAR_PAIR, rungs)
     study.optimize(objective, n_trials=trials)
     return [{"point": point_key(round(t.params["rho_inner"], 6), round(t.params["rho_outer"], 6)),
@@ -192,32 +210,36 @@ def _reach(log: list[dict], target: float) -> tuple[int | None, int | None]:
     return None, None
 
 
+def pruning_key(rungs: tuple[int, ...], reduction_factor: int, min_resource: int | None = None) -> str:
+    """A replayed pruning, as the replays' keys name it: '125-1000,rf8' (',from62': checked from 62
+    samples on, not from the first rung)."""
+    return "-".join(map(str, rungs)) + f",rf{reduction_factor}" + (f",from{min_resource}" if min_resource else "")
+
+
 def replays(results: dict, optimizers: tuple[str, ...], seeds: int, trials: int, path: Path | None = None,
-            other_rungs: tuple[tuple[int, ...], ...] = ()) -> dict:
-    """Each optimizer's replays on the grid, search seeds 0 to ``seeds`` - 1, pruning on and off,
-    keyed 'optimizer,on|off'; and, for each of ``other_rungs`` (rung sets the grid holds FID at),
-    pruning on those rungs, keyed 'optimizer,on,R1-R2-...'. They are deterministic but slow (a GP
-    replay takes seconds), so with ``path`` they are saved there with the grid, the Optuna version
-    and the search code they ran on, and reused while all stay the same: a change to the objective,
-    the first trials or the optimizers reruns them."""
+            pruners: tuple[tuple, ...] = ()) -> dict:
+    """Each optimizer's replays on the grid, search seeds 0 to ``seeds`` - 1: without pruning, keyed
+    'optimizer,off', and with each of ``pruners`` ((rungs, reduction factor) or (rungs, reduction
+    factor, min_resource), at rungs the grid holds FID at), keyed 'optimizer,on,' + ``pruning_key``.
+    They are deterministic but slow (a GP replay takes seconds), so with ``path`` they are saved
+    there with the grid, the Optuna version and the search code they ran on, and reused while all
+    stay the same (a replay of more seeds adds the seeds missing): a change to the objective, the
+    first trials or the optimizers reruns them."""
     grid, points = results["grid"], results["settings"]["points"]
-    rungs = tuple(results["settings"]["task"]["rungs"])
     digest = hashlib.sha256(json.dumps(grid, sort_keys=True).encode()).hexdigest()[:16]
-    settings = {"grid": digest, "optuna": version("optuna"), "seeds": seeds, "trials": trials,
-                "search_code": search_code_digest()}
+    settings = {"grid": digest, "optuna": version("optuna"), "trials": trials, "search_code": search_code_digest()}
     saved = load_results(path) if path else {}
     runs = saved["runs"] if saved.get("settings") == settings else {}
-    variants = [(rungs, True, "on"), (rungs, False, "off")] + [
-        (tuple(r), True, "on," + "-".join(map(str, r))) for r in other_rungs if tuple(r) != rungs]
+    rungs = tuple(results["settings"]["task"]["rungs"])
+    variants = {"on," + pruning_key(*p): p for p in pruners} | {"off": (rungs, None)}
     for optimizer in optimizers:
-        for variant_rungs, prune, label in variants:
-            key = f"{optimizer},{label}"
-            if key not in runs:
-                runs[key] = [replay_search(grid, points, variant_rungs, optimizer, s, trials, prune)
-                             for s in range(seeds)]
+        for label, (variant_rungs, *pruning) in variants.items():
+            logs = runs.setdefault(f"{optimizer},{label}", [])
+            for s in range(len(logs), seeds):  # deterministic: seed s replays alike whatever the others
+                logs.append(replay_search(grid, points, tuple(variant_rungs), optimizer, s, trials, *pruning))
                 if path:
                     save_results(path, {"settings": settings, "runs": runs})
-    return {k: v for k, v in runs.items() if k in {f"{o},{label}" for o in optimizers for *_, label in variants}}
+    return {f"{o},{label}": runs[f"{o},{label}"][:seeds] for o in optimizers for label in variants}
 
 
 def search_code_digest() -> str:
@@ -232,20 +254,20 @@ def search_code_digest() -> str:
 
 
 def search_efficiency(results: dict, runs: dict, default_trials: int = 16) -> list[dict]:
-    """Per optimizer, with and without pruning (``runs`` from :func:`replays`): median trials and
-    samples to come within 1% of the grid's best, how many seeds got there, and the median best
-    after ``default_trials`` trials."""
+    """Per optimizer, without pruning and with each pruner (``runs`` from :func:`replays`; a row's
+    ``pruner``: its ``pruning_key``): median trials and samples to come within 1% of the grid's
+    best, how many seeds got there, and the median best after ``default_trials`` trials."""
     n = str(results["settings"]["task"]["rungs"][-1])
     target = 1.01 * min(r["fid"][n] for r in results["grid"].values())
     rows = []
     for key, logs in runs.items():
-        optimizer, prune, *other = key.split(",")
+        optimizer, prune, *pruning = key.split(",")
         reached = [_reach(log, target) for log in logs]
         hit = [r for r in reached if r[0] is not None]
         at_default = [min((t["value"] for t in log[:default_trials] if t["value"] is not None), default=None)
                       for log in logs]
         rows.append({
-            "optimizer": optimizer, "pruning": prune == "on", "rungs": other[0] if other else None,
+            "optimizer": optimizer, "pruning": prune == "on", "pruner": ",".join(pruning) or None,
             "seeds": len(logs), "reached": len(hit),
             "median_trials": statistics.median(r[0] for r in hit) if hit else None,
             "median_samples": statistics.median(r[1] for r in hit) if hit else None,

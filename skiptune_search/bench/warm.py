@@ -10,7 +10,7 @@ A new study queues as warm starts the bests of every study in its storage that d
 only in the NFE (``study.siblings``), so table 5's study file cannot hold the warm searches, nor
 may this part's own (``warm.db``) keep the NFE 9 studies of other search seeds: the one NFE 9
 study a warm search starts from is copied there from table 5's file (which is only read) while
-the warm study is created, and deleted again (``borrowed_study``). Everything else is
+the warm study is created, and deleted again (``storage.borrowed_study``). Everything else is
 table 5's: its task (model, N, rungs), space, trials, optimizer, search seed and pruning. Every
 finished search is written to the JSON results file at once: an interrupted run resumes where it
 stopped.
@@ -18,27 +18,24 @@ stopped.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from pathlib import Path
-
-import optuna
 
 from ..core.errors import InputError
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator
 from ..scoring.task import Task
 from ..search.objective import run_search
-from ..search.storage import make_storage
+from ..search.optimizers import pruning_text
+from ..search.storage import borrowed_study, make_storage
 from ..search.study import load_own_study, open_study
 from .cost import trial_log
 from .headline import method_space, study_name
-from .search import _reach, check_same_settings, fmt, load_results, pruning_saving, save_results, stamp_run
+from .search import (
+    _reach, check_same_settings, fmt, load_results, pruning_saving, save_results, stamp_run, with_legacy_factor,
+)
 
 SOURCE_NFE, TARGET_NFE = 9, 5  # an NFE 5 search warm-started from NFE 9's best
-# table 5's successive halving kept the best third at each rung (open_study's factor when it ran):
-# open_search opens every warm search, and the tests check its pruner keeps this factor
-TABLE5_REDUCTION_FACTOR = 3
 
 
 def warm_name(family: str, seed: int, source: int = SOURCE_NFE, target: int = TARGET_NFE) -> str:
@@ -57,27 +54,11 @@ def available(headline: dict, seeds: int, source: int = SOURCE_NFE, target: int 
             if table5_run(headline, source, family, seed) and table5_run(headline, target, family, seed)]
 
 
-def open_search(storage, name: str, evaluator: Evaluator, space, seed: int):
-    """A warm search's study: table 5's task and space, its pruning (successive halving at its rungs,
-    factor ``TABLE5_REDUCTION_FACTOR``), the best of its sibling studies queued after the baseline."""
-    return open_study(storage, name, evaluator.task, space, evaluator.controller, seed, warm_start=True)
-
-
-@contextlib.contextmanager
-def borrowed_study(name: str, source: optuna.storages.BaseStorage, storage: optuna.storages.BaseStorage):
-    """``source``'s study ``name`` copied into ``storage`` while the block runs, with its trials and
-    user attributes (a study created in the block finds it among its ``study.siblings``), and
-    deleted after it. A study of ``source`` already in ``storage`` is a copy a process killed
-    inside such a block left: deleted first."""
-    theirs = set(optuna.get_all_study_names(source))
-    for left in optuna.get_all_study_names(storage):
-        if left in theirs:
-            optuna.delete_study(study_name=left, storage=storage)
-    optuna.copy_study(from_study_name=name, from_storage=source, to_storage=storage)
-    try:
-        yield
-    finally:
-        optuna.delete_study(study_name=name, storage=storage)
+def open_search(storage, name: str, evaluator: Evaluator, space, seed: int, reduction_factor: int):
+    """A warm search's study: table 5's task, space and pruning (successive halving at its rungs,
+    ``reduction_factor``), the best of its sibling studies queued after the baseline."""
+    return open_study(storage, name, evaluator.task, space, evaluator.controller, seed, warm_start=True,
+                      reduction_factor=reduction_factor)
 
 
 def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, seeds: int, batch: int,
@@ -86,7 +67,7 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
     them) and search seed, seed by seed (every family at seed 0 first), where table 5 searched both
     NFEs; each with table 5's cold search of the same family and seed read beside it."""
     headline = load_results(headline_path)
-    s = headline["settings"]
+    s = with_legacy_factor(headline["settings"])
     results = load_results(path)
     evaluator = Evaluator(Task(model=s["model"], nfe=target, n=s["n"], rungs=tuple(s["rungs"])),
                           batch_size=min(batch, s["n"]))
@@ -96,7 +77,7 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
                          f"since?): warm starts compare with its searches only on the same weights; measure table 5 "
                          f"again first", option="work")
     settings = {"model": s["model"], "source_nfe": source, "target_nfe": target, "weights": weights,
-                "reduction_factor": TABLE5_REDUCTION_FACTOR, "table5": {k: s[k] for k in ("trials", "n", "rungs")}}
+                "reduction_factor": s["reduction_factor"], "table5": {k: s[k] for k in ("trials", "n", "rungs")}}
     check_same_settings(path, "warm-start results", results.get("settings"), settings)
     stamp_run(results, settings, command, machine)
     families = list(headline["plan"]["families"])
@@ -112,7 +93,8 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
         space = method_space(evaluator, family)
         start = table5_run(headline, source, family, seed)
         with borrowed_study(study_name(source, family, seed, "window" in start), table5, storage):
-            study = open_search(storage, warm_name(family, seed, source, target), evaluator, space, seed)
+            study = open_search(storage, warm_name(family, seed, source, target), evaluator, space, seed,
+                                s["reduction_factor"])
         run_search(evaluator, study, space, s["trials"], progress=progress)
         cold = table5_run(headline, target, family, seed)
         cold_study = load_own_study(table5, study_name(target, family, seed, "window" in cold), db)
@@ -156,10 +138,9 @@ def _start(start: dict | None) -> str:
     return f"trial {start['at'] + 1}: {value}" + (", the best" if start["best"] else "")
 
 
-def protocol(source: int, target: int, trials: int, n: int, rungs: list, seeds: int) -> str:
+def protocol(source: int, target: int, trials: int, n: int, rungs: list, reduction_factor: int, seeds: int) -> str:
     """What the part measures, in words, from table 5's settings."""
-    pruning = (f"rungs {','.join(map(str, rungs))}, successive halving keeping the best 1/{TABLE5_REDUCTION_FACTOR} "
-               f"at each" if len(rungs) > 1 else "no pruning")
+    pruning = f"rungs {','.join(map(str, rungs))}, {pruning_text(rungs, reduction_factor)}"
     return (f"Protocol: table 5's NFE {target} searches run again, each warm-started from the best trial of "
             f"table 5's NFE {source} search of the same family and search seed (its parameters carried over, "
             f"queued right after the untuned baseline; none when that best is the untuned model), everything else "
@@ -175,7 +156,8 @@ def render(results: dict) -> list[str]:
     s, plan = results["settings"], results["plan"]
     t5 = s["table5"]
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
-             protocol(s["source_nfe"], s["target_nfe"], t5["trials"], t5["n"], t5["rungs"], plan["seeds"]), "",
+             protocol(s["source_nfe"], s["target_nfe"], t5["trials"], t5["n"], t5["rungs"], s["reduction_factor"],
+                      plan["seeds"]), "",
              "| family | search seed | final best, cold / warm | trials to cold's best, cold / warm "
              "| samples to it, cold / warm | samples saved | warm-start trial (FID here) |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -209,7 +191,8 @@ def unmeasured(headline: dict, seeds: int, source: int = SOURCE_NFE, target: int
     """What the part says before any warm search ran: what it would measure, and what it waits for."""
     if available(headline, seeds, source, target):
         s = headline["settings"]
-        return [protocol(source, target, s["trials"], s["n"], s["rungs"], seeds), "",
+        return [protocol(source, target, s["trials"], s["n"], s["rungs"],
+                         with_legacy_factor(s)["reduction_factor"], seeds), "",
                 f"Not measured yet: rerun `--tables 4` (table 5 has the NFE {source} and {target} searches it "
                 f"starts from and compares with)."]
     nfes = sorted(int(k) for k in headline.get("nfe", {}))

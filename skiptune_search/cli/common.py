@@ -426,7 +426,7 @@ def freeu_lines(schedule, prefix: str = "") -> list[str]:
 
 
 def parse_rungs(text: str | None, n: int) -> tuple[int, ...]:
-    """'250,1000' -> (250, 1000); none given -> (N/4, N), or just (N) when N/4 < 2."""
+    """'250,1000' -> (250, 1000); none given -> (N/8, N), or just (N) when N/8 < 2."""
     if not text:
         from ..scoring.task import default_rungs
 

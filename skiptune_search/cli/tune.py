@@ -47,8 +47,9 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
 @click.option("--n", "n", default=1000, show_default=True, type=click.IntRange(2, MAX_N),
               help="Samples per trial (proxy FID's N).")
 @click.option("--rungs", default=None,
-              help="Sample counts at which a trial reports FID, ending at N, e.g. 250,1000 [default: N/4,N]. "
-                   "Successive halving keeps the best third at the first rung and at first rung x 3^k; "
+              help="Sample counts at which a trial reports FID, ending at N, e.g. 125,1000 [default: N/8,N]. "
+                   "Successive halving keeps the best eighth at the first rung and at first rung x 8^k (a "
+                   "resumed study keeps the share it was made with: the best third if made before this default); "
                    "a single number turns pruning off.")
 @click.option("--objective", default="fid", show_default=True, type=click.Choice(objective_names()),
               help=objectives_help())

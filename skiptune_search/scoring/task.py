@@ -146,8 +146,9 @@ class Task:
 
 
 def default_rungs(n: int) -> tuple[int, ...]:
-    """A search's rungs when none are given: (N/4, N), or just (N) when N/4 < 2."""
-    return (n // 4, n) if n // 4 >= 2 else (n,)
+    """A search's rungs when none are given: (N/8, N), or just (N) when N/8 < 2. Successive halving
+    checks a trial once, at N/8 (``search.optimizers.REDUCTION_FACTOR``)."""
+    return (n // 8, n) if n // 8 >= 2 else (n,)
 
 
 def default_sampler(model: str) -> str:

@@ -12,7 +12,11 @@ from ..core.schedule import PLACEMENTS, SkipInfo
 from . import OPTIMIZERS
 from .space import Space
 
-REDUCTION_FACTOR = 3  # successive halving keeps the best third at each checked rung
+# successive halving keeps the best eighth at each checked rung: with the default rungs (N/8, N), a
+# trial goes on to N only if it is among the best eighth of those scored at N/8 (BENCHMARKS.md table 4)
+REDUCTION_FACTOR = 8
+LEGACY_REDUCTION_FACTOR = 3  # the factor before issue 27: of studies and results that do not record one
+_SHARE = {2: "half", 3: "third", 4: "quarter", 8: "eighth"}
 
 
 def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
@@ -39,18 +43,41 @@ def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
     raise InputError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}", option="optimizer")
 
 
-def make_pruner(rungs: Sequence[int]) -> optuna.pruners.BasePruner:
-    """Successive halving from the first rung when there are several rungs, else none."""
+def make_pruner(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR,
+                min_resource: int | None = None) -> optuna.pruners.BasePruner:
+    """Successive halving from the first rung (or from ``min_resource``, where the first check
+    falls) when there are several rungs, else none."""
     if len(rungs) < 2:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0], reduction_factor=REDUCTION_FACTOR)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource or rungs[0],
+                                                  reduction_factor=reduction_factor)
+
+
+def checked_rungs(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR,
+                  min_resource: int | None = None) -> list[int]:
+    """The rungs before the last at which successive halving checks a trial: it checks the k-th
+    time at the first rung of at least min_resource × factor^k samples (min_resource: the first rung)."""
+    checked, level, first = [], 0, min_resource or rungs[0]
+    for r in rungs[:-1]:
+        if r >= first * reduction_factor ** level:
+            checked.append(r)
+        while r >= first * reduction_factor ** level:
+            level += 1
+    return checked
 
 
 def unpruned_rungs(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR) -> list[int]:
-    """Rungs before the last that successive halving never checks: it prunes only at N = the
-    first rung × factor^k, so the others report FID (and feed FID∞) but cannot prune."""
-    checked, r = set(), rungs[0]
-    while r < rungs[-1]:
-        checked.add(r)
-        r *= reduction_factor
+    """Rungs before the last that successive halving never checks (``checked_rungs``): they report
+    FID (and feed FID∞) but cannot prune."""
+    checked = checked_rungs(rungs, reduction_factor)
     return [r for r in rungs[:-1] if r not in checked]
+
+
+def pruning_text(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR,
+                 min_resource: int | None = None) -> str:
+    """'successive halving keeping the best eighth at 125', as the docs and tables say it."""
+    checked = checked_rungs(rungs, reduction_factor, min_resource)
+    if not checked:
+        return "no pruning"
+    share = _SHARE.get(reduction_factor, f"1/{reduction_factor}")
+    return f"successive halving keeping the best {share} at {' and '.join(map(str, checked))}"

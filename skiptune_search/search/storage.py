@@ -257,6 +257,23 @@ def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storag
                 time.sleep(0.5 * (attempt + 1))
 
 
+@contextlib.contextmanager
+def borrowed_study(name: str, source: optuna.storages.BaseStorage, storage: optuna.storages.BaseStorage):
+    """``source``'s study ``name`` copied into ``storage`` while the block runs, with its trials and
+    user attributes (a study created in the block finds it among its ``study.siblings``), and
+    deleted after it. A study of ``source`` already in ``storage`` is a copy a process killed
+    inside such a block left: deleted first."""
+    theirs = set(optuna.get_all_study_names(source))
+    for left in optuna.get_all_study_names(storage):
+        if left in theirs:
+            optuna.delete_study(study_name=left, storage=storage)
+    optuna.copy_study(from_study_name=name, from_storage=source, to_storage=storage)
+    try:
+        yield
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
+
+
 def run_files(storage_url: str | None) -> list[tuple[str, Path]]:
     """The search's own files, as (what, path) pairs for the output guard: the SQLite files of
     ``storage_url`` and of the default storage (the tool's own in any run), their artifacts."""

@@ -21,7 +21,7 @@ from ..core.errors import StudyError
 from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
-from .optimizers import make_pruner, make_sampler
+from .optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, make_pruner, make_sampler
 from .space import Space, mark_attrs
 from .storage import shown_url, storage_faults
 
@@ -86,7 +86,8 @@ def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) 
 
 @storage_faults
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space, controller,
-               seed: int, optimizer: str = "tpe", parallel: bool = False, warm_start: bool = True) -> optuna.Study:
+               seed: int, optimizer: str = "tpe", parallel: bool = False, warm_start: bool = True,
+               reduction_factor: int = REDUCTION_FACTOR) -> optuna.Study:
     """Create the study, or load it and check it is this tool's and was run with the same task,
     space and weights (of ``controller``'s model: its ``arch``, ``skips`` and ``unet``); nothing
     is written to a study that fails a check. Trials a dead process
@@ -99,12 +100,16 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
 
     ``warm_start``: a new study queues, right after the untuned baseline, the best trial of each
     study of this tool in the same storage that differs from it only in the NFE (``siblings``),
-    its parameters carried over to this space and marked ``warm_start``."""
+    its parameters carried over to this space and marked ``warm_start``.
+
+    ``reduction_factor``: a new study's successive halving, recorded in it; a resumed study keeps
+    the one it was created with (``reduction_factor_of``)."""
     check_study_name(name)
     space.check(controller.skips)
     arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
     settings = json.loads(json.dumps({"task": task.scoring_key(), **space.as_dict()}))
     created = _create_or_wait(storage, name, {"weights": weights, "created_by": MARKER, "settings": settings,
+                                              "reduction_factor": reduction_factor,
                                               "layout": {"arch": arch, "skips": [s.as_dict() for s in skips]}})
     if not created:
         study_id = storage.get_study_id_from_name(name)
@@ -115,8 +120,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
         _check_settings(name, attrs, settings, weights, task.model)
         if "weights" not in attrs:  # a study from before weights were recorded
             storage.set_study_user_attr(study_id, "weights", weights)
+        reduction_factor = reduction_factor_of(attrs)  # the pruner it was created with
     study = optuna.load_study(storage=storage, study_name=name, sampler=make_sampler(optimizer, space, skips, seed),
-                              pruner=make_pruner(task.rungs))
+                              pruner=make_pruner(task.rungs, reduction_factor))
     if parallel or not created:
         study.sampler.reseed_rng()
     recover_dead_trials(study)
@@ -129,6 +135,11 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
             for params, mark in warm_starts(study, space, skips):
                 study.enqueue_trial(params, user_attrs={"warm_start": mark})
     return study
+
+
+def reduction_factor_of(user_attrs: dict) -> int:
+    """The successive halving factor a study was created with (one from before it was recorded: 3)."""
+    return user_attrs.get("reduction_factor", LEGACY_REDUCTION_FACTOR)
 
 
 def queued_warm_starts(study: optuna.Study) -> list[dict]:
@@ -221,13 +232,14 @@ def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict
         time.sleep(0.2)
 
 
-def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs) -> optuna.Study:
-    """A study in memory with the search's optimizer, pruner and first trials: what the
-    benchmarks replay a search on (Optuna's own log set to warnings, as ``make_storage`` does)."""
+def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs,
+                 reduction_factor: int = REDUCTION_FACTOR, min_resource: int | None = None) -> optuna.Study:
+    """A study in memory with the search's optimizer, pruner (``make_pruner``) and first trials: what
+    the benchmarks replay a search on (Optuna's own log set to warnings, as ``make_storage`` does)."""
     space.check(skips)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(optimizer, space, skips, seed),
-                                pruner=make_pruner(rungs))
+                                pruner=make_pruner(rungs, reduction_factor, min_resource))
     for attr, params in space.first_trials(skips, optimizer):
         study.enqueue_trial(params, user_attrs=space.marks(attr))
     return study

@@ -211,7 +211,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
         check_loop: bool = False) -> Outcome:
     """A whole search, the one composition root of the CLI's ``search`` and of ``tune``: check the
     settings and outputs before the model loads, build the task (``task``: Task's fields; rungs
-    None for (N/4, N)) and its evaluator on ``source`` (default: the task's model by name), open
+    None for (N/8, N)) and its evaluator on ``source`` (default: the task's model by name), open
     or resume the study (named after the task unless ``study`` is given), run the trials here and
     in ``workers - 1`` worker processes (``workers.spawn``; stopped with this one), export the best
     schedule to ``out`` (default, with ``default_out``: studies/STUDY.best.json). ``read``: more
@@ -222,7 +222,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     from .objective import trial_line
     from .optimizers import unpruned_rungs
     from .storage import check_storage_url, run_files
-    from .study import baseline_trial, finished_trials, queued_warm_starts
+    from .study import baseline_trial, finished_trials, queued_warm_starts, reduction_factor_of
 
     say = say or (lambda line: None)
     check_window_family(family, freeu_window, freeu_variant)  # before the model loads
@@ -265,9 +265,10 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     if warm := queued_warm_starts(opened):
         say("warm start: after the baseline, the best of " + ", ".join(
             f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
-    if unchecked := unpruned_rungs(task.rungs):
-        say(f"note: successive halving checks only N = {task.rungs[0]} x 3^k, so rung(s) "
-            f"{','.join(map(str, unchecked))} report FID but never prune")
+    factor = reduction_factor_of(opened.user_attrs)
+    if unchecked := unpruned_rungs(task.rungs, factor):
+        say(f"note: successive halving checks a trial as its samples reach N = {task.rungs[0]} x {factor}^k, so "
+            f"rung(s) {','.join(map(str, unchecked))} report FID but never prune")
 
     def report(study, trial) -> None:
         if line := trial_line(study, trial, task.objective):
