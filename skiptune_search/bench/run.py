@@ -335,8 +335,11 @@ def _render_table4(ctx) -> list[str] | None:
 
     grid, every, started = ctx.results("grid.json"), ctx.results("cost.json"), ctx.results("warm.json")
     lines = _table4(grid, ctx.size, ctx.work) if grid.get("grid") else []
-    if every.get("runs"):
-        lines += ["", "### Every family: real searches, each to its family's target", "", *cost.render(every)]
+    if every.get("runs") or lines:
+        lines += ["", "### Every family: real searches, each to its family's target", "",
+                  *(cost.render(every) if every.get("runs") else
+                    ["Not measured yet: rerun `--tables 4` (every family's searches at NFE 5, a protocol sized "
+                     "for about 20 CPU-hours on 2 cores; a stopped run resumes)."])]
     if lines or started.get("runs"):
         lines += ["", "### Warm starts", "", *(warm.render(started) if started.get("runs") else
                                                warm.unmeasured(ctx.results("headline.json"), ctx.size["warm_seeds"]))]
