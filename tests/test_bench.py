@@ -1,6 +1,8 @@
 """The search-quality benchmarks (tables 3 and 4) on synthetic grids, where the answer is known."""
 
+import contextlib
 import json
+import sqlite3
 import statistics
 
 import optuna
@@ -788,6 +790,8 @@ def test_a_warm_search_starts_from_its_own_seed_s_nfe_9_best_and_a_rerun_searche
     _fake_fid(monkeypatch, calls)
     headline = _table5(tmp_path, tiny_model_dir, seeds=2)
     table5_url = f"sqlite:///{tmp_path / 'headline.db'}"
+    with contextlib.closing(sqlite3.connect(tmp_path / "headline.db")) as db, db:  # as the real table 5's
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'weights'")  # studies, made before weights were recorded
     before = {n: [(t.state, t.value, t.params) for t in s.trials] for n, s in _studies(table5_url).items()}
     search = W.run_search
 

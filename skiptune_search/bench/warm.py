@@ -92,7 +92,13 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
             continue
         space = method_space(evaluator, family)
         start = table5_run(headline, source, family, seed)
-        with borrowed_study(study_name(source, family, seed, "window" in start), table5, storage):
+        borrowed = study_name(source, family, seed, "window" in start)
+        with borrowed_study(borrowed, table5, storage):
+            # table 5's studies predate recorded weights (siblings match on them): its results file
+            # records the weights they were searched with, checked above to be these
+            copy = storage.get_study_id_from_name(borrowed)
+            if "weights" not in storage.get_study_user_attrs(copy):
+                storage.set_study_user_attr(copy, "weights", weights)
             study = open_search(storage, warm_name(family, seed, source, target), evaluator, space, seed,
                                 s["reduction_factor"])
         run_search(evaluator, study, space, s["trials"], progress=progress)
