@@ -86,13 +86,20 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
     db = f"sqlite:///{Path(headline_path).with_suffix('.db')}"
     table5 = make_storage(db, heartbeat=None, create=False)
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
+    kept = {study.study_name for study in table5.get_all_studies()}
+    lost = results["lost"] = []  # searches table 5's results hold but its study file no longer does
     for family, seed in available(headline, seeds, source, target):
         done = runs.setdefault(family, [])
         if any(r["seed"] == seed for r in done):
             continue
+        start, cold = table5_run(headline, source, family, seed), table5_run(headline, target, family, seed)
+        borrowed, cold_name = (study_name(source, family, seed, "window" in start),
+                               study_name(target, family, seed, "window" in cold))
+        if not {borrowed, cold_name} <= kept:
+            lost += [{"family": family, "seed": seed, "study": name} for name in (borrowed, cold_name)
+                     if name not in kept]
+            continue
         space = method_space(evaluator, family)
-        start = table5_run(headline, source, family, seed)
-        borrowed = study_name(source, family, seed, "window" in start)
         with borrowed_study(borrowed, table5, storage):
             # table 5's studies predate recorded weights (siblings match on them): its results file
             # records the weights they were searched with, checked above to be these
@@ -102,10 +109,10 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
             study = open_search(storage, warm_name(family, seed, source, target), evaluator, space, seed,
                                 s["reduction_factor"])
         run_search(evaluator, study, space, s["trials"], progress=progress)
-        cold = table5_run(headline, target, family, seed)
-        cold_study = load_own_study(table5, study_name(target, family, seed, "window" in cold), db)
+        cold_study = load_own_study(table5, cold_name, db)
         done.append({"seed": seed, "trials": trial_log(study), "cold": trial_log(cold_study)})
         save_results(path, results)
+    save_results(path, results)  # what was lost, where nothing else changed
     return results
 
 
@@ -167,10 +174,11 @@ def render(results: dict) -> list[str]:
              "| family | search seed | final best, cold / warm | trials to cold's best, cold / warm "
              "| samples to it, cold / warm | samples saved | warm-start trial (FID here) |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
-    missing = []
+    missing, lost = [], results.get("lost", [])
     for family in plan["families"]:
         rows = [comparison(r) for r in sorted(results["runs"].get(family, []), key=lambda r: r["seed"])]
-        missing += [f"{family} seed {k}" for k in range(plan["seeds"]) if k not in {r["seed"] for r in rows}]
+        missing += [f"{family} seed {k}" for k in range(plan["seeds"])
+                    if k not in {r["seed"] for r in rows} | {g["seed"] for g in lost if g["family"] == family}]
         for r in rows:
             warm = fmt(r["trials"]["warm"], "g") if r["trials"]["warm"] is not None else f"not in {t5['trials']}"
             lines.append(f"| {family} | {r['seed']} | {fmt(r['best']['cold'])} / {fmt(r['best']['warm'])} | "
@@ -187,6 +195,11 @@ def render(results: dict) -> list[str]:
                          f"{fmt(_median([r['samples']['cold'] for r in rows]), ',.0f')} / "
                          f"{fmt(_median([r['samples']['warm'] for r in reached]), ',.0f')} | {_saved(rows)} | "
                          f"the best in {best_at_start} of {len(rows)} |")
+    if lost:
+        lines += ["", f"Not measurable: {', '.join(sorted({g['family'] + ' seed ' + str(g['seed']) for g in lost}))}. "
+                      f"Table 5's results list their searches, but its study file no longer holds "
+                      f"{', '.join(sorted({g['study'] for g in lost}))}, which a warm search starts from or is "
+                      f"compared with."]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)} (each needs table 5's NFE {s['source_nfe']} and "
                       f"{s['target_nfe']} searches of its family and seed; rerun `--tables 4` to go on)."]
