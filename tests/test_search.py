@@ -376,6 +376,54 @@ def test_every_optimizer_runs(evaluator, tmp_path, optimizer):
         assert study.trials[1].params == {"rho_inner": 0.8, "rho_outer": 1.0}
 
 
+def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_path):
+    """Without an optimizer, a search uses its method's default (table 4's pick; TPE where table 4
+    has not decided); one named is used as it is."""
+    from skiptune_search.search import DEFAULT_OPTIMIZERS, default_optimizer
+    from skiptune_search.search.tune import prepare
+
+    assert default_optimizer("linear") == DEFAULT_OPTIMIZERS["linear"] == "cmaes"
+    assert default_optimizer("per_level") == default_optimizer("freeu", freeu_window=False) == "tpe"
+    assert default_optimizer("linear", placement="search") == "tpe"  # a categorical CMA-ES would sample at random
+    from skiptune_search.search.optimizers import CmaEs
+
+    kinds = {"cmaes": CmaEs, "tpe": optuna.samplers.TPESampler}
+    url = f"sqlite:///{tmp_path}/s.db"
+    for name, family, optimizer, expected in (("a", "linear", None, "cmaes"), ("b", "linear", "tpe", "tpe"),
+                                              ("c", "per_level", None, "tpe")):
+        _, study = prepare(evaluator, url, family=family, study=name, optimizer=optimizer)
+        assert type(study.sampler) is kinds[expected], name
+
+
+def test_cma_es_state_is_read_back_without_running_code_from_the_storage(tmp_path):
+    """Optuna's CMA-ES pickles its state into the trials: ours reads it back, so the search goes on
+    from generation to generation, but a state that would build anything else is refused and not run."""
+    import pickle
+
+    from skiptune_search.core.errors import StudyError
+    from skiptune_search.search.optimizers import CmaEs, make_sampler
+
+    assert type(make_sampler("cmaes", SPACE, [], 0)) is CmaEs
+    study = optuna.create_study(sampler=CmaEs(seed=0, popsize=4))
+    toy = lambda t: (t.suggest_float("a", 0, 1) - 0.3) ** 2 + t.suggest_float("b", 0, 1)  # noqa: E731
+    study.optimize(toy, n_trials=12)
+    assert max(t.system_attrs.get("cma:generation", -1) for t in study.trials) >= 2  # restored, told, went on
+
+    evidence = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(evidence), "w")
+
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    study.add_trial(optuna.trial.create_trial(params={"a": 0.5, "b": 0.5}, distributions={"a": dist, "b": dist},
+                                              value=1.0, system_attrs={"cma:optimizer:0": pickle.dumps(Payload()).hex(),
+                                                                       "cma:generation": 3}))
+    with pytest.raises(StudyError, match="would build io.open, which no CMA-ES state does"):
+        study.optimize(toy, n_trials=1)
+    assert not evidence.exists()
+
+
 def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 

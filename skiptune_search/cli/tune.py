@@ -7,7 +7,7 @@ import click
 from ..core.limits import MAX_KNOTS, MAX_N, MAX_SEARCH_SEED, MAX_TRIALS, MIN_KNOTS, RHO_MAX
 from ..scoring.objectives import objective_names, objectives_help
 from ..core.freeu import VARIANTS as FREEU_VARIANTS
-from ..search import OPTIMIZERS
+from ..search import DEFAULT_OPTIMIZERS, FALLBACK_OPTIMIZER, OPTIMIZERS
 from .common import (
     Number, UserError, batch_option, config_option, config_read, family_options, features_option, freeu_lines,
     friendly, model_source, parse_rungs, storage_option, task_options, torch_setup,
@@ -66,8 +66,11 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
               help="Stop starting new trials after this many seconds.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
-@click.option("--optimizer", default="tpe", show_default=True, type=click.Choice(OPTIMIZERS),
-              help="Optuna sampler proposing the trials (grid: 11 values per ρ).")
+@click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
+              help="Optuna sampler proposing the trials (grid: 11 values per ρ) [default: per family, the one "
+                   "that needed the fewest trials in BENCHMARKS.md table 4: "
+                   + ", ".join(f"{method} {name}" for method, name in DEFAULT_OPTIMIZERS.items())
+                   + f"; {FALLBACK_OPTIMIZER} for the others and for --placement search].")
 @click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEARCH_SEED),
               help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "
                    "repeat its points).")

@@ -10,3 +10,18 @@ The names below are plain data for the CLI.
 
 DEFAULT_STORAGE = "sqlite:///studies/skiptune.db"
 OPTIMIZERS = ("tpe", "cmaes", "gp", "random", "grid")
+
+# The optimizer of a search that names none (--optimizer), per searched method: a family, or
+# FAMILY_allsteps for a FreeU family acting at every σ (--no-window). Each is the optimizer that
+# BENCHMARKS.md table 4 found reaching the method's target in the fewest trials with pruning on.
+# A method table 4 has not decided yet keeps TPE, and so does a searched placement: a categorical
+# parameter, which Optuna's CMA-ES and GP leave to random sampling.
+DEFAULT_OPTIMIZERS = {"linear": "cmaes"}
+FALLBACK_OPTIMIZER = "tpe"
+
+
+def default_optimizer(family: str, freeu_window: bool = True, placement: str = "input") -> str:
+    """The optimizer a search of ``family`` (with or without FreeU's σ window) uses unless told."""
+    if placement == "search":
+        return FALLBACK_OPTIMIZER
+    return DEFAULT_OPTIMIZERS.get(family if freeu_window else f"{family}_allsteps", FALLBACK_OPTIMIZER)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import pickle
 import warnings
 from typing import Sequence
 
 import optuna
 
-from ..core.errors import InputError
+from ..core.errors import InputError, StudyError
 from ..core.schedule import PLACEMENTS, SkipInfo
 from . import OPTIMIZERS
 from .space import Space
@@ -30,7 +32,7 @@ def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
         if optimizer == "cmaes":
             # CMA-ES starts at the centre of the box (ρ = 1 for the default [0.5, 1.5]); Optuna deprecated x0
-            return optuna.samplers.CmaEsSampler(seed=seed)
+            return CmaEs(seed=seed)
         if optimizer == "gp":
             return optuna.samplers.GPSampler(seed=seed)
         if optimizer == "random":
@@ -41,6 +43,35 @@ def make_sampler(optimizer: str, space: Space, skips: list[SkipInfo], seed: int,
                 grid["placement"] = list(PLACEMENTS)
             return optuna.samplers.GridSampler(grid, seed=seed)
     raise InputError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}", option="optimizer")
+
+
+class _CmaState(pickle.Unpickler):
+    """Builds only what Optuna's CMA-ES state holds (the cmaes optimizer and numpy arrays): a
+    storage is a file, and nothing runs code from a file the user did not trust."""
+
+    ALLOWED = {("cmaes._cma", "CMA"), ("numpy", "dtype"), ("numpy", "ndarray"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise StudyError(f"a trial of this study holds a CMA-ES state that would build {module}.{name}, which "
+                             f"no CMA-ES state does: the storage was written by something else, and it is not "
+                             f"loaded; search with another optimizer or in a new study", option="optimizer")
+        return super().find_class(module, name)
+
+
+class CmaEs(optuna.samplers.CmaEsSampler):
+    """Optuna's CMA-ES, its state (which Optuna pickles into the trials' system attributes) read
+    back by ``_CmaState``, never by plain pickle."""
+
+    def _restore_optimizer(self, completed_trials):
+        prefix = self._attr_key_optimizer
+        for trial in reversed(completed_trials):
+            attrs = {key: value for key, value in trial.system_attrs.items() if key.startswith(prefix)}
+            if attrs:
+                return _CmaState(io.BytesIO(bytes.fromhex(self._concat_optimizer_attrs(attrs)))).load()
+        return None
 
 
 def make_pruner(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR,
