@@ -86,18 +86,18 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
     db = f"sqlite:///{Path(headline_path).with_suffix('.db')}"
     table5 = make_storage(db, heartbeat=None, create=False)
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
-    kept = {study.study_name for study in table5.get_all_studies()}
+    kept, plan = {study.study_name for study in table5.get_all_studies()}, []
     lost = results["lost"] = []  # searches table 5's results hold but its study file no longer does
     for family, seed in available(headline, seeds, source, target):
+        start, cold = table5_run(headline, source, family, seed), table5_run(headline, target, family, seed)
+        names = study_name(source, family, seed, "window" in start), study_name(target, family, seed, "window" in cold)
+        lost += [{"family": family, "seed": seed, "study": name} for name in names if name not in kept]
+        if set(names) <= kept:
+            plan.append((family, seed, *names))
+    save_results(path, results)
+    for family, seed, borrowed, cold_name in plan:
         done = runs.setdefault(family, [])
         if any(r["seed"] == seed for r in done):
-            continue
-        start, cold = table5_run(headline, source, family, seed), table5_run(headline, target, family, seed)
-        borrowed, cold_name = (study_name(source, family, seed, "window" in start),
-                               study_name(target, family, seed, "window" in cold))
-        if not {borrowed, cold_name} <= kept:
-            lost += [{"family": family, "seed": seed, "study": name} for name in (borrowed, cold_name)
-                     if name not in kept]
             continue
         space = method_space(evaluator, family)
         with borrowed_study(borrowed, table5, storage):
@@ -112,7 +112,6 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
         cold_study = load_own_study(table5, cold_name, db)
         done.append({"seed": seed, "trials": trial_log(study), "cold": trial_log(cold_study)})
         save_results(path, results)
-    save_results(path, results)  # what was lost, where nothing else changed
     return results
 
 
