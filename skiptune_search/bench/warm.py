@@ -139,7 +139,7 @@ def _median(values: list) -> float | None:
 def _saved(rows: list[dict]) -> str:
     """The median share of samples to the cold search's best that warm starts saved, seed by seed."""
     cut = pruning_saving([r["samples"]["warm"] for r in rows], [r["samples"]["cold"] for r in rows])
-    return "–" if cut is None else f"{cut[0]:.0f}%" + (f" ({cut[1]} seeds)" if len(rows) > 1 else "")
+    return "–" if cut is None else f"{cut[0]:.0f}%" + (f" ({cut[1]} seed{'s' * (cut[1] > 1)})" if len(rows) > 1 else "")
 
 
 def _start(start: dict | None) -> str:
