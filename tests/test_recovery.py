@@ -41,7 +41,9 @@ def _running_after_complete(tmp_path):
         trials = _study(tmp_path).trials
     except Exception:
         return False
-    return any(t.state == STATES.COMPLETE for t in trials) and trials[-1].state == STATES.RUNNING
+    # and the running trial has its parameters: killed before it asked for them, it has none to retry
+    return (any(t.state == STATES.COMPLETE for t in trials) and trials[-1].state == STATES.RUNNING
+            and bool(trials[-1].params))
 
 
 def _wait_until_a_trial_runs_after_one_completed(worker, tmp_path):
