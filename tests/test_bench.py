@@ -665,11 +665,12 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     from skiptune_search.scoring import evaluator as E
     from skiptune_search.scoring.evaluator import Evaluator
 
-    sampled = []
+    sampled, labels = [], []
     score = Evaluator.score
 
     def counting(self, schedule, *args, **kwargs):
         sampled.append((schedule.rho, schedule.freeu))
+        labels.append(kwargs.get("progress"))
         yield from score(self, schedule, *args, **kwargs)
 
     monkeypatch.setattr(Evaluator, "score", counting)
@@ -677,12 +678,15 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     monkeypatch.setattr(E, "fid_from_features", lambda features, reference: float(features.double().mean().abs()))
     path = tmp_path / "cost.json"
 
-    def run_it():
+    def run_it(progress=False):
         return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
                           optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2,
-                          batch=8, progress=False)
+                          batch=8, progress=progress)
 
-    results = run_it()
+    results = run_it(progress=True)
+    # each trial's bar says which search of the plan it belongs to
+    assert labels[0] == "search 1/4 (linear, random, pruning on, seed 0), trial 1/3"
+    assert "search 4/4 (freeu, random, pruning off, seed 0), trial 3/3" in labels
     assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
     logs = {k: v[0]["trials"] for k, v in results["runs"].items()}
     assert all(len(log) == 3 for log in logs.values())

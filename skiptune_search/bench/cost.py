@@ -97,12 +97,14 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
     tasks = {True: on_task, False: Task(model=model, nfe=nfe, n=n, rungs=(n,))}
     runs = results.setdefault("runs", {})
+    total, count = seeds * len(methods) * len(optimizers) * 2, 0
     for seed in range(seeds):
         for method in methods:
             space = method_space(evaluator, method)
             for optimizer in optimizers:
                 for prune in (True, False):
-                    key = f"{method},{optimizer},{'on' if prune else 'off'}"
+                    pruning, count = "on" if prune else "off", count + 1
+                    key = f"{method},{optimizer},{pruning}"
                     if len(runs.setdefault(key, [])) > seed:
                         continue
                     task = tasks[prune]
@@ -110,7 +112,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                                        seed, optimizer, warm_start=False, reduction_factor=reduction_factor)
                     start = time.process_time()
                     scorer = CachedScorer(evaluator, task, cache, save)
-                    run_search(scorer, study, space, trials, progress=progress)
+                    label = f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})"
+                    run_search(scorer, study, space, trials, progress=progress and label)
                     runs[key].append({"seed": seed, "trials": trial_log(study),
                                       "cpu_seconds": round(time.process_time() - start, 1)})
                     save()

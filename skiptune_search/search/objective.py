@@ -204,16 +204,18 @@ def calls_key(schedule: RhoSchedule, call_sigmas: Sequence[float],
 @storage_faults
 def run_search(evaluator, study: optuna.Study, space: Space, trials: int, timeout: float | None = None,
                on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-               artifacts: Path | None = None, share: int | None = None, progress: bool = True) -> optuna.Study:
+               artifacts: Path | None = None, share: int | None = None, progress: bool | str = True) -> optuna.Study:
     """Run trials of ``evaluator``'s task until the study holds ``trials`` finished (complete,
     pruned or failed) trials, or, for one of several workers, exactly ``share`` trials. Trials
     queued again after a dead process (the baseline among them) run even when the count is met.
 
     With ``artifacts`` (a folder), each completed trial uploads a grid of its first 64 samples as
-    an Optuna artifact, which optuna-dashboard shows on the trial's page."""
+    an Optuna artifact, which optuna-dashboard shows on the trial's page. ``progress``: a bar per
+    trial, its label led by ``progress`` when that is text (a benchmark's 'search 4/168')."""
     task = evaluator.task
     # the bar counts finished trials, not trial numbers: a retried trial of a dead worker has a number too
-    label = (lambda: f"trial {finished_trials(study) + 1}/{trials}") if progress else None
+    lead = f"{progress}, " if isinstance(progress, str) else ""
+    label = (lambda: f"{lead}trial {finished_trials(study) + 1}/{trials}") if progress else None
     objective = Objective(evaluator, space, evaluator.controller.arch, evaluator.controller.skips, task.rungs,
                           task.objective, task.seed_label, artifacts, label, limit=trials,
                           call_sigmas=evaluator.call_sigmas, hidden=evaluator.controller.hidden_channels())
