@@ -212,10 +212,12 @@ def test_library_errors_share_one_base_and_name_no_flags():
 
 
 def test_concurrent_searches_stop_at_exactly_the_trial_count(tiny_model_dir, tmp_path):
-    """Two searches started together on one new study, each asked for 5 trials: the study ends
-    with exactly 5 finished trials, one baseline, and both commands succeed."""
+    """Two searches started together on one new study, each asked for 12 trials: the study ends
+    with exactly 12 finished trials, one baseline, and both commands succeed. Under the linear
+    family's default optimizer (CMA-ES) 12 trials pass a generation: its state, saved in the
+    trials by one process, is read back by both."""
     command = [EXE, "search", "--model", str(tiny_model_dir), "--nfe", "3", "--n", "8", "--rungs", "8",
-               "--batch", "8", "--threads", "1", "--trials", "5"]
+               "--batch", "8", "--threads", "1", "--trials", "12"]
     runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     for r in runs:
@@ -225,7 +227,8 @@ def test_concurrent_searches_stop_at_exactly_the_trial_count(tiny_model_dir, tmp
                               storage=f"sqlite:///{tmp_path}/studies/skiptune.db")
     from skiptune_search.search.study import finished_trials
 
-    assert finished_trials(study) == 5
+    assert finished_trials(study) == 12 and study.user_attrs["optimizer"] == "cmaes"
+    assert max(t.system_attrs.get("cma:generation", 0) for t in study.trials) >= 1
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sum(bool(t.user_attrs.get("baseline")) for t in complete) == 1
     assert all(t.user_attrs.get("surplus") for t in study.trials if t.state == optuna.trial.TrialState.FAIL)

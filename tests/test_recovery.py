@@ -43,9 +43,10 @@ def _running_after_complete(tmp_path):
         trials = _study(tmp_path).trials
     except Exception:
         return False
-    # and the running trial has its parameters: killed before it asked for them, it has none to retry
+    # and the running trial has all its parameters (the objective records its ρ once they are drawn):
+    # killed before it asked for them, or between two, it has none or some to compare with its retry
     return (any(t.state == STATES.COMPLETE for t in trials) and trials[-1].state == STATES.RUNNING
-            and bool(trials[-1].params))
+            and "rho" in trials[-1].user_attrs)
 
 
 def _wait_until_a_trial_runs_after_one_completed(worker, tmp_path):

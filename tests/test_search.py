@@ -392,22 +392,58 @@ def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_p
     for name, family, optimizer, expected in (("a", "linear", None, "cmaes"), ("b", "linear", "tpe", "tpe"),
                                               ("c", "per_level", None, "tpe")):
         _, study = prepare(evaluator, url, family=family, study=name, optimizer=optimizer)
-        assert type(study.sampler) is kinds[expected], name
+        assert type(study.sampler) is kinds[expected] and study.user_attrs["optimizer"] == expected, name
+
+
+def test_a_resumed_study_keeps_the_optimizer_it_was_made_with(evaluator, tmp_path):
+    """A default that changes (table 4 picks another optimizer for a family) leaves a study made
+    before alone; an optimizer named against the study's own is refused before anything is written;
+    a study from before optimizers were recorded searched with TPE, every search's default then."""
+    import sqlite3
+
+    from skiptune_search.core.errors import StudyError
+    from skiptune_search.search.optimizers import CmaEs
+    from skiptune_search.search.tune import prepare
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    prepare(evaluator, url, study="made-with-tpe", optimizer="tpe")
+    _, study = prepare(evaluator, url, study="made-with-tpe")  # linear's default is CMA-ES now
+    assert type(study.sampler) is optuna.samplers.TPESampler
+    before = study.user_attrs
+    with pytest.raises(StudyError, match="study 'made-with-tpe' searches with tpe, the optimizer it was made with: "
+                                         "resume it without an optimizer"):
+        prepare(evaluator, url, study="made-with-tpe", optimizer="cmaes")
+    assert optuna.load_study(study_name="made-with-tpe", storage=url).user_attrs == before
+    _, study = prepare(evaluator, url, study="made-with-cmaes")
+    assert type(prepare(evaluator, url, study="made-with-cmaes", optimizer="cmaes")[1].sampler) is CmaEs
+    with sqlite3.connect(tmp_path / "s.db") as db:  # as a study made before the optimizer was recorded
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'optimizer'")
+    assert type(prepare(evaluator, url, study="made-with-cmaes")[1].sampler) is optuna.samplers.TPESampler
+    assert optuna.load_study(study_name="made-with-cmaes", storage=url).user_attrs["optimizer"] == "tpe"
+    with sqlite3.connect(tmp_path / "s.db") as db:  # one named for such a study is taken, and recorded
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'optimizer'")
+    assert type(prepare(evaluator, url, study="made-with-cmaes", optimizer="cmaes")[1].sampler) is CmaEs
+    assert optuna.load_study(study_name="made-with-cmaes", storage=url).user_attrs["optimizer"] == "cmaes"
 
 
 def test_cma_es_state_is_read_back_without_running_code_from_the_storage(tmp_path):
     """Optuna's CMA-ES pickles its state into the trials: ours reads it back, so the search goes on
     from generation to generation, but a state that would build anything else is refused and not run."""
+    import io
     import pickle
 
     from skiptune_search.core.errors import StudyError
-    from skiptune_search.search.optimizers import CmaEs, make_sampler
+    from skiptune_search.search.optimizers import CmaEs, _CmaState, make_sampler
 
     assert type(make_sampler("cmaes", SPACE, [], 0)) is CmaEs
     study = optuna.create_study(sampler=CmaEs(seed=0, popsize=4))
     toy = lambda t: (t.suggest_float("a", 0, 1) - 0.3) ** 2 + t.suggest_float("b", 0, 1)  # noqa: E731
     study.optimize(toy, n_trials=12)
     assert max(t.system_attrs.get("cma:generation", -1) for t in study.trials) >= 2  # restored, told, went on
+    state = study.sampler._restore_optimizer(study.trials)
+    for protocol in (3, 4, 5):  # 5: numpy arrays through _frombuffer, Python 3.14's default protocol
+        data = io.BytesIO(pickle.dumps(state, protocol=protocol))
+        assert (_CmaState(data).load()._mean == state._mean).all()
 
     evidence = tmp_path / "ran"
 

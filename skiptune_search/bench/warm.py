@@ -89,6 +89,8 @@ def run_warm(headline_path: Path, path: Path, command: str, machine: str, *, see
     kept, plan = {study.study_name for study in table5.get_all_studies()}, []
     lost = results["lost"] = []  # searches table 5's results hold but its study file no longer does
     for family, seed in available(headline, seeds, source, target):
+        if any(r["seed"] == seed for r in runs.get(family, [])):
+            continue  # measured: its row stands, whatever table 5's study file holds now
         start, cold = table5_run(headline, source, family, seed), table5_run(headline, target, family, seed)
         names = study_name(source, family, seed, "window" in start), study_name(target, family, seed, "window" in cold)
         lost += [{"family": family, "seed": seed, "study": name} for name in names if name not in kept]

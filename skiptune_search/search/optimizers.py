@@ -17,6 +17,7 @@ from .space import Space
 # successive halving keeps the best eighth at each checked rung: with the default rungs (N/8, N), a
 # trial goes on to N only if it is among the best eighth of those scored at N/8 (BENCHMARKS.md table 4)
 REDUCTION_FACTOR = 8
+LEGACY_OPTIMIZER = "tpe"  # every search's default before a study recorded its optimizer
 LEGACY_REDUCTION_FACTOR = 3  # the factor before issue 27: of studies and results that do not record one
 _SHARE = {2: "half", 3: "third", 4: "quarter", 8: "eighth"}
 
@@ -49,9 +50,12 @@ class _CmaState(pickle.Unpickler):
     """Builds only what Optuna's CMA-ES state holds (the cmaes optimizer and numpy arrays): a
     storage is a file, and nothing runs code from a file the user did not trust."""
 
+    # numpy 2 (numpy._core) and 1 (numpy.core); _frombuffer: arrays at pickle protocol 5 (Python 3.14's default)
     ALLOWED = {("cmaes._cma", "CMA"), ("numpy", "dtype"), ("numpy", "ndarray"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar")}
+               ("numpy._core.numeric", "_frombuffer"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -63,7 +67,11 @@ class _CmaState(pickle.Unpickler):
 
 class CmaEs(optuna.samplers.CmaEsSampler):
     """Optuna's CMA-ES, its state (which Optuna pickles into the trials' system attributes) read
-    back by ``_CmaState``, never by plain pickle."""
+    back by ``_CmaState``, never by plain pickle. Plain CMA-ES only: the separable, with-margin and
+    warm-started variants keep states of other classes."""
+
+    def __init__(self, seed: int | None = None, popsize: int | None = None) -> None:
+        super().__init__(seed=seed, popsize=popsize)
 
     def _restore_optimizer(self, completed_trials):
         prefix = self._attr_key_optimizer

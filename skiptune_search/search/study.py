@@ -21,7 +21,8 @@ from ..core.errors import StudyError
 from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
-from .optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, make_pruner, make_sampler
+from . import default_optimizer
+from .optimizers import LEGACY_OPTIMIZER, LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, make_pruner, make_sampler
 from .space import Space, mark_attrs
 from .storage import shown_url, storage_faults
 
@@ -86,7 +87,7 @@ def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) 
 
 @storage_faults
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space, controller,
-               seed: int, optimizer: str = "tpe", parallel: bool = False, warm_start: bool = True,
+               seed: int, optimizer: str | None = "tpe", parallel: bool = False, warm_start: bool = True,
                reduction_factor: int = REDUCTION_FACTOR) -> optuna.Study:
     """Create the study, or load it and check it is this tool's and was run with the same task,
     space and weights (of ``controller``'s model: its ``arch``, ``skips`` and ``unet``); nothing
@@ -103,13 +104,17 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     its parameters carried over to this space and marked ``warm_start``.
 
     ``reduction_factor``: a new study's successive halving, recorded in it; a resumed study keeps
-    the one it was created with (``reduction_factor_of``)."""
+    the one it was created with (``reduction_factor_of``).
+
+    ``optimizer``: a new study's, recorded in it (None: the method's default, ``default_optimizer``);
+    a resumed study keeps its own (``optimizer_of``): None resumes with it, another is refused."""
     check_study_name(name)
     space.check(controller.skips)
     arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
     settings = json.loads(json.dumps({"task": task.scoring_key(), **space.as_dict()}))
+    chosen = optimizer or default_optimizer(space.family, space.freeu_window, space.placement)
     created = _create_or_wait(storage, name, {"weights": weights, "created_by": MARKER, "settings": settings,
-                                              "reduction_factor": reduction_factor,
+                                              "reduction_factor": reduction_factor, "optimizer": chosen,
                                               "layout": {"arch": arch, "skips": [s.as_dict() for s in skips]}})
     if not created:
         study_id = storage.get_study_id_from_name(name)
@@ -121,20 +126,35 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
         if "weights" not in attrs:  # a study from before weights were recorded
             storage.set_study_user_attr(study_id, "weights", weights)
         reduction_factor = reduction_factor_of(attrs)  # the pruner it was created with
-    study = optuna.load_study(storage=storage, study_name=name, sampler=make_sampler(optimizer, space, skips, seed),
+        if "optimizer" not in attrs:  # a study from before optimizers were recorded: the one named, or TPE
+            chosen = optimizer or optimizer_of(attrs)
+            storage.set_study_user_attr(study_id, "optimizer", chosen)
+        else:  # the optimizer it was made with: a default that changed since leaves it alone
+            chosen = optimizer_of(attrs)
+            if optimizer and optimizer != chosen:
+                raise StudyError(f"study {name!r} searches with {chosen}, the optimizer it was made with: resume "
+                                 f"it without an optimizer (or with {chosen}), or search with {optimizer} in a "
+                                 f"study of another name", option="optimizer")
+    study = optuna.load_study(storage=storage, study_name=name, sampler=make_sampler(chosen, space, skips, seed),
                               pruner=make_pruner(task.rungs, reduction_factor))
     if parallel or not created:
         study.sampler.reseed_rng()
     recover_dead_trials(study)
     trials = study.get_trials(deepcopy=False)
     pending = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    for k, (attr, params) in enumerate(space.first_trials(skips, optimizer)):
+    for k, (attr, params) in enumerate(space.first_trials(skips, chosen)):
         if not any(t.user_attrs.get(attr) and (is_finished(t) or t.state in pending) for t in trials):
             study.enqueue_trial(params, user_attrs=space.marks(attr))
         if k == 0 and created and warm_start:
             for params, mark in warm_starts(study, space, skips):
                 study.enqueue_trial(params, user_attrs={"warm_start": mark})
     return study
+
+
+def optimizer_of(user_attrs: dict) -> str:
+    """The optimizer a study searches with (one from before it was recorded: TPE, every search's
+    default then)."""
+    return user_attrs.get("optimizer", LEGACY_OPTIMIZER)
 
 
 def reduction_factor_of(user_attrs: dict) -> int:

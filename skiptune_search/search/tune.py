@@ -34,7 +34,7 @@ from ..scoring.evaluator import Evaluator, OwnModel, SampleFn, check_bundled_ref
 from ..scoring.metrics import reference_inputs
 from ..scoring.objectives import objective_label
 from ..scoring.task import CUSTOM, Task, default_rungs
-from . import DEFAULT_STORAGE, OPTIMIZERS, default_optimizer
+from . import DEFAULT_STORAGE, OPTIMIZERS
 from .objective import run_search
 from .space import Space, log_spaced_knots
 from .storage import artifact_dir, make_storage, shown_url
@@ -49,7 +49,7 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
     """The search space (σ knots of per_noise, and FreeU's σ window, over the sampler's σ range) and
     the study (created, or resumed after its settings are checked; named after the task unless given;
     a new one warm-started from the same search's studies at other NFEs unless ``warm_start`` is off;
-    ``optimizer`` None: the family's default, ``default_optimizer``)."""
+    ``optimizer`` None: a resumed study's own, a new one's the family's default, ``default_optimizer``)."""
     ctl = evaluator.controller
     if placement != "search":
         ctl.check_placement(placement)  # before any trial: a placement the architecture cannot take
@@ -59,7 +59,6 @@ def prepare(evaluator: Evaluator, storage: str, *, family: str = "linear", place
                             option="placement")
     space = make_space(evaluator, family, placement, rho_range, knots, freeu_window, freeu_variant)
     name = check_study_name(study) if study else study_name(evaluator.task, space)
-    optimizer = optimizer or default_optimizer(family, freeu_window, placement)
     opened = open_study(make_storage(storage, heartbeat), name, evaluator.task, space, evaluator.controller,
                         search_seed, optimizer, parallel, warm_start)
     return space, opened
@@ -170,7 +169,7 @@ def check_tune_arguments(args: dict) -> None:
     check_int(args["batch_size"], "batch_size", 1, MAX_BATCH)
     _check_choice(args["family"], "family", family_names())
     _check_choice(args["placement"], "placement", (*PLACEMENTS, "search"))
-    if args["optimizer"] is not None:  # None: the family's default
+    if args["optimizer"] is not None:  # None: the study's own, or the family's default for a new one
         _check_choice(args["optimizer"], "optimizer", OPTIMIZERS)
     check_rho_range(args["rho_range"])
     if args["sigma_range"] is not None:
@@ -215,8 +214,8 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     """A whole search, the one composition root of the CLI's ``search`` and of ``tune``: check the
     settings and outputs before the model loads, build the task (``task``: Task's fields; rungs
     None for (N/8, N)) and its evaluator on ``source`` (default: the task's model by name), open
-    or resume the study (named after the task unless ``study`` is given; ``optimizer`` None: the
-    family's default, ``default_optimizer``), run the trials here and
+    or resume the study (named after the task unless ``study`` is given; ``optimizer`` None: a
+    resumed study's own, a new one's the family's default, ``default_optimizer``), run the trials here and
     in ``workers - 1`` worker processes (``workers.spawn``; stopped with this one), export the best
     schedule to ``out`` (default, with ``default_out``: studies/STUDY.best.json). ``read``: more
     files the run reads, kept from being written (the CLI's config file); ``say`` gets each line
@@ -226,12 +225,11 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     from .objective import trial_line
     from .optimizers import unpruned_rungs
     from .storage import check_storage_url, run_files
-    from .study import baseline_trial, finished_trials, queued_warm_starts, reduction_factor_of
+    from .study import baseline_trial, finished_trials, optimizer_of, queued_warm_starts, reduction_factor_of
 
     say = say or (lambda line: None)
     check_window_family(family, freeu_window, freeu_variant)  # before the model loads
     check_rho_range(rho_range)
-    optimizer = optimizer or default_optimizer(family, freeu_window, placement)
     if study is not None:
         check_study_name(study)
     check_storage_url(storage)  # an in-memory storage: before the model loads
@@ -266,7 +264,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     say(f"study {name!r} in {shown_url(storage)}: {finished_trials(opened)} finished trials so far; "
         f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
         f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
-        f"objective {task.objective}, {task.precision}, optimizer {optimizer}")
+        f"objective {task.objective}, {task.precision}, optimizer {optimizer_of(opened.user_attrs)}")
     if warm := queued_warm_starts(opened):
         say("warm start: after the baseline, the best of " + ", ".join(
             f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
