@@ -31,7 +31,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     listing = run("studies")
     assert listing.exit_code == 0 and "tiny-model-heun-nfe3-linear-input" in listing.output
     row = next(line for line in listing.output.splitlines() if line.startswith("tiny-model"))
-    assert row.split()[1:3] == ["3", "0"]
+    assert row.split()[1:3] == ["3", "0"] and row.split()[-1] == "cmaes"
 
     result = run("report", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "report.html", "--samples", 4)
     assert result.exit_code == 0, result.output

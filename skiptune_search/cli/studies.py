@@ -17,8 +17,9 @@ STUDY = click.option("--study", required=True, help="Study name (see 'skiptune-s
 @storage_option
 @friendly
 def studies(storage) -> None:
-    """List the studies in a storage: finished, running, pruned and failed trials, baseline and
-    best. Studies of other tools in the same storage are named, not read."""
+    """List the studies in a storage: finished, running, pruned and failed trials, baseline, best
+    and the optimizer (a study keeps the one it was made with). Studies of other tools in the same
+    storage are named, not read."""
     from ..search.storage import make_storage, shown_url
     from ..search.study import study_rows
 
@@ -27,7 +28,7 @@ def studies(storage) -> None:
         click.echo(f"no studies in {shown_url(storage)}; run 'skiptune-search search'")
         return
     click.echo(f"{'study':<48} {'done':>5} {'run':>4} {'pruned':>6} {'failed':>6} {'baseline':>9} {'best':>9} "
-               f"{'change':>7}")
+               f"{'change':>7} {'optimizer':>9}")
     fmt = lambda v: f"{v:9.2f}" if v is not None else f"{'-':>9}"  # noqa: E731
     for r in rows:
         if r["foreign"]:
@@ -36,7 +37,7 @@ def studies(storage) -> None:
         base, best = r["baseline"], r["best"]
         change = f"{100 * (best - base) / base:+6.1f}%" if base is not None and best is not None else f"{'-':>7}"
         click.echo(f"{r['name']:<48} {r['complete']:>5} {r['running']:>4} {r['pruned']:>6} {r['fail']:>6} "
-                   f"{fmt(base)} {fmt(best)} {change}")
+                   f"{fmt(base)} {fmt(best)} {change} {r['optimizer'] or '-':>9}")
 
 
 @click.command()

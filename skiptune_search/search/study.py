@@ -356,7 +356,8 @@ def recover_dead_trials(study: optuna.Study, own: bool = False) -> list[int]:
 def study_rows(storage: optuna.storages.BaseStorage) -> list[dict]:
     """One row per study of the storage, by name: this tool's with their trial counts (done,
     running, pruned, failed; surplus trials of concurrent runs are not failures), baseline and
-    best values; other tools' studies as ``{"name": ..., "foreign": True}``, never read further."""
+    best values and optimizer (None for one judged by eye); other tools' studies as
+    ``{"name": ..., "foreign": True}``, never read further."""
     rows = []
     states = optuna.trial.TrialState
     for summary in sorted(optuna.get_all_study_summaries(storage, include_best_trial=False),
@@ -369,9 +370,11 @@ def study_rows(storage: optuna.storages.BaseStorage) -> list[dict]:
         count = {s.name.lower(): sum(t.state == s and not t.user_attrs.get("surplus") for t in trials) for s in states}
         base = getattr(baseline_trial(study), "value", None)
         best = min((t.value for t in trials if t.state == states.COMPLETE), default=None)
+        optimizer = optimizer_of(summary.user_attrs)
         if is_eye(summary.user_attrs):  # its trials' values are optuna-dashboard's placeholders, not scores
-            base = best = None
-        rows.append({"name": summary.study_name, "foreign": False, **count, "baseline": base, "best": best})
+            base = best = optimizer = None  # and optuna-dashboard's preferential sampler proposes
+        rows.append({"name": summary.study_name, "foreign": False, **count, "baseline": base, "best": best,
+                     "optimizer": optimizer})
     return rows
 
 
