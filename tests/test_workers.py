@@ -94,8 +94,9 @@ def test_four_workers_on_postgresql(tiny_model_dir, tmp_path, postgres_url):
 
 def test_each_worker_gets_its_own_gpu(monkeypatch):
     """With GPUs visible, the caller keeps the first (its cuda:0) and worker i gets GPU i, in the
-    order the search command calls them: its own set-up first, then the spawn. The job (storage
-    URL and password included) goes through the worker's stdin, never its command line."""
+    order the search command calls them: its own set-up first, then the start. What to load, then
+    the job (storage URL and password included) go through the worker's stdin, never its command
+    line."""
     import io
     import json
     import os
@@ -115,13 +116,113 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(W.subprocess, "Popen", FakePopen)
     W.own_setup(3)
-    W.spawn([4, 4, 3], {"storage": "postgresql://alice:PW@db/x"})
+    children = W.start(3, {"task": "T"})
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env, _ in started] == ["5", "7"]
-    assert [json.loads(child.stdin.getvalue())["share"] for _, _, child in started] == [4, 3]
+    assert W.assign(children, [4, 4, 3], {"storage": "postgresql://alice:PW@db/x"}) == children
+    lines = [child.stdin.getvalue().decode().splitlines() for _, _, child in started]
+    assert [[json.loads(line) for line in two] for two in lines] == [
+        [{"task": "T"}, {"storage": "postgresql://alice:PW@db/x", "share": share}] for share in (4, 3)]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5,7"
     # the library's worker through this interpreter, nothing imported from the working folder
     assert started[0][0] == [sys.executable, "-P", "-c", W.WORKER_CODE]
     assert not any("PW" in " ".join(argv) for argv, _, _ in started)
+
+
+def test_workers_start_before_the_study_and_one_without_trials_is_stopped(monkeypatch, tmp_path):
+    """The workers get what to load at their start, the job only once ``assign`` has their shares; a
+    worker left without trials is stopped and not counted as failed."""
+    import json
+
+    import skiptune_search.search.workers as W
+
+    monkeypatch.setattr(W, "WORKER_CODE", "import os, sys, time\n"  # writes its stdin to a file, line by line
+                        f"with open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w') as f:\n"
+                        "    for line in sys.stdin: f.write(line); f.flush()")
+    monkeypatch.setattr(W, "visible_gpus", lambda: [])
+    children = W.start(3, {"task": "T"})
+    running = W.assign(children, [2, 0, 1], {"storage": "s"})
+    assert running == [children[1]] and children[0].returncode is not None  # stopped, not waited for again
+    running[0].stdin.close()  # this one ends at the end of its input
+    assert W.wait(running) == 0
+    lines = [json.loads(line) for line in (tmp_path / str(children[1].pid)).read_text().splitlines()]
+    assert lines == [{"task": "T"}, {"storage": "s", "share": 1}]
+    stopped = tmp_path / str(children[0].pid)  # perhaps stopped before it could open its file
+    assert "share" not in (stopped.read_text() if stopped.exists() else "")
+
+
+def test_the_workers_load_while_the_search_loads_its_own_model(run, tiny_model_dir, monkeypatch):
+    """``search --workers`` starts its workers before it loads its model (they load theirs meanwhile)
+    and gives them their shares once its study is open."""
+    import skiptune_search.search.workers as W
+    from skiptune_search.core.errors import StudyError
+    from skiptune_search.scoring import evaluator
+
+    order = []
+    real_init = evaluator.Evaluator.__init__
+    monkeypatch.setattr(evaluator.Evaluator, "__init__",
+                        lambda self, *a, **k: (order.append("load"), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(W, "usable_cores", lambda: 2)
+    monkeypatch.setattr(W, "start", lambda workers, first: order.append(("start", workers, first["task"]["nfe"])) or [])
+
+    def assign(children, shares, second):
+        order.append(("assign", shares, second["trials"]))
+        raise StudyError("no trials here")  # what follows is the search's, as without workers
+
+    monkeypatch.setattr(W, "assign", assign)
+    result = run("search", "--model", tiny_model_dir, "--nfe", 1, "--n", 4, "--rungs", 4, "--batch", 4,
+                 "--workers", 2, "--trials", 4, "--optimizer", "tpe")
+    assert result.exit_code == 2 and "no trials here" in result.output, result.output
+    assert order == [("start", 2, 1), "load", ("assign", [2, 2], 4)]
+
+
+@pytest.mark.parametrize("loads, second", [(True, b""), (True, b'{"share": 2}\n'), (False, b""),
+                                           (False, b'{"share": 2}\n')])
+def test_a_worker_runs_only_once_given_its_share(monkeypatch, capsys, loads, second):
+    """Closed before its second line (the parent failed or ended), a worker ends quietly, exit 0,
+    even if its own load failed; given its share, it runs, or says why it cannot (exit 2)."""
+    from skiptune_search.core.errors import ModelLoadError
+    from skiptune_search.search import interrupts, worker
+
+    class Lines:
+        def __init__(self, fd):
+            self.left = [b'{"task": "T"}\n', second]
+
+        def next(self):
+            return self.left.pop(0)
+
+    def load(first):
+        if not loads:
+            raise ModelLoadError("no model here")
+        return ("evaluator", first)
+
+    ran = []
+    monkeypatch.setattr(worker, "_Lines", Lines)
+    monkeypatch.setattr(worker, "load", load)
+    monkeypatch.setattr(worker, "run", lambda evaluator, work: ran.append((evaluator, work)))
+    monkeypatch.setattr(worker, "_stop_when_parent_ends", lambda: None)  # would end this process with the pipe
+    monkeypatch.setattr(interrupts, "install", lambda: None)
+    if loads or not second:
+        worker.main()  # returns: exit 0
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            worker.main()
+        assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert ran == ([(("evaluator", {"task": "T"}), {"share": 2})] if loads and second else [])
+    assert err == ("" if loads or not second else f"Error: worker {__import__('os').getpid()}: no model here\n")
+
+
+def test_a_workers_lines_are_split_whatever_the_reads_bring():
+    import os
+
+    from skiptune_search.search.worker import _Lines
+
+    read, write = os.pipe()
+    os.write(write, b'{"a": 1}\n{"b": 2}\n{"c"')
+    os.close(write)
+    lines = _Lines(read)
+    assert [lines.next() for _ in range(3)] == [b'{"a": 1}\n', b'{"b": 2}\n', b""]
+    os.close(read)
 
 
 def test_a_storage_password_is_never_shown_or_stored(run, tmp_path, tiny_model_dir, postgres_url, monkeypatch):

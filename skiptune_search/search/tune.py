@@ -246,46 +246,47 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
                    else task["rungs"]})
     if task.reference == "bundled" and own:  # refused before your model is hooked: it has no record of its data
         check_bundled_reference(task.model, None)
+    children = []
     if workers > 1 and not own:
         source = source.for_workers()  # the workers load the same kind (one registered here alone is refused)
-    evaluator = Evaluator(task, batch_size, source=source, feature_weights=feature_weights, device=device)
-    evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
-    if check_loop:
-        evaluator.images(evaluator.controller.identity(), seeds=[task.seed], progress=False)
-    settings = dict(family=family, placement=placement, rho_range=tuple(rho_range), knots=knots,
-                    freeu_window=freeu_window, freeu_variant=freeu_variant, study=study, heartbeat=heartbeat,
-                    search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
-    space, opened = prepare(evaluator, storage, **settings, parallel=workers > 1)
-    name = opened.study_name
-    if out is None and default_out:  # the default beside the study, checked as soon as its name is known
-        out = Path("studies") / f"{name}.best.json"
-        check_output(out, read)
-    label = objective_label(task.objective)
-    say(f"study {name!r} in {shown_url(storage)}: {finished_trials(opened)} finished trials so far; "
-        f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
-        f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
-        f"objective {task.objective}, {task.precision}, optimizer {optimizer_of(opened.user_attrs)}")
-    if warm := queued_warm_starts(opened):
-        say("warm start: after the baseline, the best of " + ", ".join(
-            f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
-    factor = reduction_factor_of(opened.user_attrs)
-    if unchecked := unpruned_rungs(task.rungs, factor):
-        say(f"note: successive halving checks a trial as its samples reach N = {task.rungs[0]} x {factor}^k, so "
-            f"rung(s) {','.join(map(str, unchecked))} report FID but never prune")
+        children = W.start(workers, W.load(task, source, dict(batch_size=batch_size, feature_weights=feature_weights,
+                                                              device=device), threads))
+    with W.stopped_with(children):  # failed or interrupted: the workers are stopped and waited for first
+        evaluator = Evaluator(task, batch_size, source=source, feature_weights=feature_weights, device=device)
+        evaluator.check_reference()  # before any trial: statistics and the extractor's weights are there and fit
+        if check_loop:
+            evaluator.images(evaluator.controller.identity(), seeds=[task.seed], progress=False)
+        settings = dict(family=family, placement=placement, rho_range=tuple(rho_range), knots=knots,
+                        freeu_window=freeu_window, freeu_variant=freeu_variant, study=study, heartbeat=heartbeat,
+                        search_seed=search_seed, optimizer=optimizer, warm_start=warm_start)
+        space, opened = prepare(evaluator, storage, **settings, parallel=workers > 1)
+        name = opened.study_name
+        if out is None and default_out:  # the default beside the study, checked as soon as its name is known
+            out = Path("studies") / f"{name}.best.json"
+            check_output(out, read)
+        label = objective_label(task.objective)
+        say(f"study {name!r} in {shown_url(storage)}: {finished_trials(opened)} finished trials so far; "
+            f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
+            f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
+            f"objective {task.objective}, {task.precision}, optimizer {optimizer_of(opened.user_attrs)}")
+        if warm := queued_warm_starts(opened):
+            say("warm start: after the baseline, the best of " + ", ".join(
+                f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
+        factor = reduction_factor_of(opened.user_attrs)
+        if unchecked := unpruned_rungs(task.rungs, factor):
+            say(f"note: successive halving checks a trial as its samples reach N = {task.rungs[0]} x {factor}^k, "
+                f"so rung(s) {','.join(map(str, unchecked))} report FID but never prune")
 
-    def report(study, trial) -> None:
-        if line := trial_line(study, trial, task.objective):
-            say(line)
+        def report(study, trial) -> None:
+            if line := trial_line(study, trial, task.objective):
+                say(line)
 
-    share, children = None, []
-    if workers > 1:
-        shares = W.split(max(0, trials - finished_trials(opened)), workers)
-        say(f"{workers} workers: {', '.join(map(str, shares))} trials")
-        children = W.spawn(shares, W.job(task, source, dict(batch_size=batch_size, feature_weights=feature_weights,
-                                                            device=device),
-                                         storage, {**settings, "study": name}, trials, timeout, threads))
-        share = shares[0]
-    with W.stopped_with(children):  # interrupted: the workers are stopped and waited for first
+        share = None
+        if workers > 1:
+            shares = W.split(max(0, trials - finished_trials(opened)), workers)
+            say(f"{workers} workers: {', '.join(map(str, shares))} trials")
+            children[:] = W.assign(children, shares, W.job(storage, {**settings, "study": name}, trials, timeout))
+            share = shares[0]
         run_search(evaluator, opened, space, trials, timeout, on_trial=report, artifacts=artifact_dir(storage),
                    share=share, progress=workers == 1 if progress is None else progress)
         failed = W.wait(children)

@@ -1,7 +1,8 @@
-"""A worker process of a search (``workers.spawn`` starts it with ``python -P -c``): ``main``
-reads its job from stdin (``workers.job``: the task, the model source, the study, its share),
-runs its share of the trials and prints one line per trial. Kept apart from ``workers`` (the
-parent's side), which ``tune.run`` imports, so that no import runs in a circle."""
+"""A worker process of a search (``workers.start`` starts it with ``python -P -c``): ``main``
+reads its first line from stdin and loads the model (``workers.load``) while the parent loads its
+own, then its second (``workers.job``: the study, its share), runs its share of the trials and
+prints one line per trial. Kept apart from ``workers`` (the parent's side), which ``tune.run``
+imports, so that no import runs in a circle."""
 
 from __future__ import annotations
 
@@ -13,16 +14,27 @@ import threading
 
 
 def main() -> None:
-    """A worker: read the job from stdin, run its share, print one line per trial. Exit 0, 2 on the
-    tool's own error (one line), 130/143 when stopped."""
+    """A worker: load, then read the job and run its share, printing one line per trial. Exit 0
+    (also when the parent closed the pipe before giving a share), 2 on the tool's own error (one
+    line), 130/143 when stopped."""
     from ..core.errors import SkiptuneError
     from . import interrupts
 
-    work = json.loads(_read_line(0))
-    interrupts.install()
-    threading.Thread(target=_stop_when_parent_ends, daemon=True).start()
+    interrupts.install()  # first: a worker stopped while it loads ends at once, quietly
+    lines = _Lines(0)
     try:
-        run(work)
+        failed, evaluator = None, None
+        try:
+            evaluator = load(json.loads(lines.next()))
+        except SkiptuneError as exc:  # said only if the parent goes on regardless (it fails the same way)
+            failed = exc
+        second = lines.next()
+        if not second:  # the parent ended, or failed, before giving a share
+            return
+        threading.Thread(target=_stop_when_parent_ends, daemon=True).start()
+        if failed is not None:
+            raise failed
+        run(evaluator, json.loads(second))
     except KeyboardInterrupt:
         sys.exit(143 if interrupts.state.signum == signal.SIGTERM else 130)
     except SkiptuneError as exc:
@@ -30,15 +42,21 @@ def main() -> None:
         sys.exit(2)
 
 
-def _read_line(fd: int) -> bytes:
-    """One line from ``fd``, read unbuffered (so no buffered reader is left for the watcher below)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        data += chunk
-    return data
+class _Lines:
+    """The lines of ``fd``, read unbuffered (so no buffered reader is left for the watcher below)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.rest = fd, b""
+
+    def next(self) -> bytes:
+        """The next line, or b"" at the end of the file."""
+        while b"\n" not in self.rest:
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return b""
+            self.rest += chunk
+        line, _, self.rest = self.rest.partition(b"\n")
+        return line + b"\n"
 
 
 def _stop_when_parent_ends() -> None:
@@ -47,27 +65,33 @@ def _stop_when_parent_ends() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(work: dict) -> None:
+def load(first: dict):
+    """The evaluator of the search, its model loaded (``workers.load``)."""
     import torch
 
     from ..models.source import ModelSource
     from ..scoring.evaluator import Evaluator
     from ..scoring.task import Task
+
+    torch.set_flush_denormal(True)  # as the command does (cli torch_setup)
+    if first["threads"]:
+        torch.set_num_threads(first["threads"])
+    evaluator = Evaluator(Task(**first["task"]), source=ModelSource.from_dict(first["source"]), **first["evaluator"])
+    evaluator.check_reference()
+    return evaluator
+
+
+def run(evaluator, work: dict) -> None:
+    """Run this worker's share of the study (``workers.job``)."""
     from .objective import run_search, trial_line
     from .storage import artifact_dir
     from .tune import prepare
 
-    torch.set_flush_denormal(True)  # as the command does (cli torch_setup)
-    if work["threads"]:
-        torch.set_num_threads(work["threads"])
-    task = Task(**work["task"])
-    evaluator = Evaluator(task, source=ModelSource.from_dict(work["source"]), **work["evaluator"])
-    evaluator.check_reference()
     search = {**work["search"], "rho_range": tuple(work["search"]["rho_range"])}
     space, study = prepare(evaluator, work["storage"], **search, parallel=True)
 
     def report(study, trial) -> None:
-        if line := trial_line(study, trial, task.objective):
+        if line := trial_line(study, trial, evaluator.task.objective):
             print(line, flush=True)
 
     run_search(evaluator, study, space, work["trials"], work["timeout"], on_trial=report,

@@ -2,15 +2,19 @@
 
 The search command starts each worker through the library, never through the command line:
 ``python -P -c`` (nothing imported from the working folder) runs ``worker.main``, which reads its
-whole job (the task, the model source, the study, its share of the trials) as one JSON line
-from an inherited pipe, its stdin. So the storage URL, password included, is on no command line
-(``ps`` shows every user the command lines). Each worker is pinned to one GPU when there are GPUs
-(``CUDA_VISIBLE_DEVICES`` is respected) and given its share of CPU threads otherwise.
+job from an inherited pipe, its stdin, in two JSON lines. The first (``load``: the task, the model
+source, the evaluator's settings) is written as the worker starts, before this process loads its
+own model, so that the workers import and load theirs at the same time (not one after the other);
+the second (``job``: the storage, the study, its share of the trials) once the study is open. So
+the storage URL, password included, is on no command line (``ps`` shows every user the command
+lines). Each worker is pinned to one GPU when there are GPUs (``CUDA_VISIBLE_DEVICES`` is
+respected) and given its share of CPU threads otherwise.
 
 The pipe stays open while the parent lives: when it closes (the parent ended, even by SIGKILL) the
-worker stops as on SIGTERM, its trial under way marked failed. A parent that is interrupted itself
-stops its workers and waits for them (``stopped_with``). Workers on other machines are just more
-``skiptune-search search`` commands pointed at the same ``--storage``.
+worker stops as on SIGTERM, its trial under way marked failed; closed before the second line, the
+worker ends with nothing done. A parent that is interrupted itself (or fails before the workers
+have their share) stops its workers and waits for them (``stopped_with``). Workers on other
+machines are just more ``skiptune-search search`` commands pointed at the same ``--storage``.
 """
 
 from __future__ import annotations
@@ -48,25 +52,26 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def job(task, source, evaluator: dict, storage: str, search: dict, trials: int, timeout: float | None,
-        threads: int = 0) -> dict:
-    """What a worker needs to run its share: ``task`` (a Task), ``source`` (the ModelSource, its
-    kind named), ``evaluator`` (Evaluator's keyword arguments: batch_size, feature_weights,
-    device), ``storage``, ``search`` (``tune.prepare``'s keyword arguments, the study's name among
-    them), the study's trial count and timeout."""
-    return {"task": dataclasses.asdict(task), "source": source.to_dict(), "evaluator": evaluator,
-            "storage": storage, "search": search, "trials": trials, "timeout": timeout, "threads": threads}
+def load(task, source, evaluator: dict, threads: int = 0) -> dict:
+    """A worker's first line, what it loads while the caller loads its own: ``task`` (a Task),
+    ``source`` (the ModelSource, its kind named), ``evaluator`` (Evaluator's keyword arguments:
+    batch_size, feature_weights, device) and its CPU threads (0: its share of the cores)."""
+    return {"task": dataclasses.asdict(task), "source": source.to_dict(), "evaluator": evaluator, "threads": threads}
 
 
-def spawn(shares: list[int], work: dict) -> list[subprocess.Popen]:
-    """Start one worker per share (shares[0] is the caller's own and is not started), each given
-    ``work`` (see ``job``) and its share through its stdin."""
+def job(storage: str, search: dict, trials: int, timeout: float | None) -> dict:
+    """A worker's second line, once the study is open: ``storage``, ``search`` (``tune.prepare``'s
+    keyword arguments, the study's name among them), the study's trial count and timeout."""
+    return {"storage": storage, "search": search, "trials": trials, "timeout": timeout}
+
+
+def start(workers: int, first: dict) -> list[subprocess.Popen]:
+    """Start ``workers - 1`` workers (the caller is the first), each given ``first`` (see ``load``)
+    at once through its stdin; ``assign`` gives them their share later."""
     gpus = visible_gpus()
-    threads = max(1, (os.cpu_count() or 1) // len(shares))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     children = []
-    for i, share in enumerate(shares[1:], start=1):
-        if share == 0:
-            continue
+    for i in range(1, workers):
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
@@ -74,9 +79,28 @@ def spawn(shares: list[int], work: dict) -> list[subprocess.Popen]:
             env["OMP_NUM_THREADS"] = str(threads)
         child = subprocess.Popen([sys.executable, "-P", "-c", WORKER_CODE], env=env, stdin=subprocess.PIPE)
         children.append(child)
-        child.stdin.write((json.dumps({**work, "share": share}) + "\n").encode())
-        child.stdin.flush()  # kept open: its end tells the worker that this process is gone
+        _send(child, first)
     return children
+
+
+def assign(children: list[subprocess.Popen], shares: list[int], second: dict) -> list[subprocess.Popen]:
+    """Give each started worker its share (``shares[0]`` is the caller's own) with ``second`` (see
+    ``job``); the pipe is kept open, its end tells the worker that this process is gone. A worker
+    left without trials is stopped. Returns the workers that run."""
+    running = []
+    for child, share in zip(children, shares[1:]):
+        if share == 0:
+            stop([child])
+            continue
+        running.append(child)
+        with contextlib.suppress(BrokenPipeError):  # it ended already (a bug while loading): ``wait`` counts it
+            _send(child, {**second, "share": share})
+    return running
+
+
+def _send(child: subprocess.Popen, line: dict) -> None:
+    child.stdin.write((json.dumps(line) + "\n").encode())
+    child.stdin.flush()
 
 
 def max_workers() -> tuple[int, str]:
