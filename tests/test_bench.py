@@ -712,6 +712,43 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
                    seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=8, blocks=2, batch=8, progress=False)
 
 
+def test_an_interrupted_search_s_process_time_is_counted_when_it_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    """Table 4's CPU-hours: the process time a search spent before an interruption (up to its last
+    saved score) is kept and added to what it spends once resumed."""
+    import types
+
+    from skiptune_search.bench import cost as C
+    from skiptune_search.scoring import evaluator as E
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    now, labels, stop_at = [0.0], [], [3]
+    score = Evaluator.score
+
+    def costly(self, schedule, *args, **kwargs):  # each schedule sampled costs 5 s of process time
+        now[0] += 5
+        labels.append(kwargs.get("progress"))
+        if len(labels) == stop_at[0]:
+            raise KeyboardInterrupt
+        yield from score(self, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "score", costly)
+    monkeypatch.setattr(E, "fid_from_features", lambda features, reference: float(features.double().mean().abs()))
+    monkeypatch.setattr(C, "time", types.SimpleNamespace(process_time=lambda: now[0]))
+    path = tmp_path / "cost.json"
+    run = lambda: C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear",),  # noqa: E731
+                             optimizers=("random",), seeds=1, trials=3, n=8, rungs=(8,), reduction_factor=3,
+                             blocks=2, batch=8, progress=True)
+    with pytest.raises(KeyboardInterrupt):
+        run()  # in its first search's third schedule: two were scored and saved
+    assert json.loads(path.read_text())["partial"] == {C.study_name(3, "linear", "random", True, 0): 10.0}
+    labels.clear()
+    stop_at[0] = 0
+    results = run()
+    resumed = sum(label.startswith("search 1/2") for label in labels)  # what it sampled once resumed
+    assert resumed >= 1 and results["runs"]["linear,random,on"][0]["cpu_seconds"] == 10 + 5 * resumed
+    assert results["partial"] == {}
+
+
 def test_transfer_scores_each_tuned_schedule_at_every_nfe_taking_table_5_s_own_cells(tmp_path, tiny_model_dir,
                                                                                    monkeypatch):
     """Table 9: a schedule tuned at one NFE, applied unchanged at another, scored on table 5's

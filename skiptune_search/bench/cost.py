@@ -97,6 +97,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
     tasks = {True: on_task, False: Task(model=model, nfe=nfe, n=n, rungs=(n,))}
     runs = results.setdefault("runs", {})
+    partial = results.setdefault("partial", {})  # process time of each search under way, as its scores are saved
     total, count = seeds * len(methods) * len(optimizers) * 2, 0
     for seed in range(seeds):
         for method in methods:
@@ -107,15 +108,21 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                     key = f"{method},{optimizer},{pruning}"
                     if len(runs.setdefault(key, [])) > seed:
                         continue
-                    task = tasks[prune]
-                    study = open_study(storage, study_name(nfe, method, optimizer, prune, seed), task, space, ctl,
-                                       seed, optimizer, warm_start=False, reduction_factor=reduction_factor)
-                    start = time.process_time()
-                    scorer = CachedScorer(evaluator, task, cache, save)
+                    task, name = tasks[prune], study_name(nfe, method, optimizer, prune, seed)
+                    study = open_study(storage, name, task, space, ctl, seed, optimizer, warm_start=False,
+                                       reduction_factor=reduction_factor)
+                    start = time.process_time() - partial.get(name, 0.0)  # an interrupted run's share counts
+
+                    def save_search(name=name, start=start) -> None:
+                        partial[name] = round(time.process_time() - start, 1)
+                        save()
+
+                    scorer = CachedScorer(evaluator, task, cache, save_search)
                     label = f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})"
                     run_search(scorer, study, space, trials, progress=progress and label)
                     runs[key].append({"seed": seed, "trials": trial_log(study),
                                       "cpu_seconds": round(time.process_time() - start, 1)})
+                    partial.pop(name, None)
                     save()
     spread = results.setdefault("spread", {})
     held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
@@ -182,7 +189,8 @@ def render(results: dict) -> list[str]:
     s, plan = results["settings"], results["plan"]
     rows = cost_rows(results)
     by_key = {(r["method"], r["optimizer"], r["pruning"]): r for r in rows}
-    cpu_h = sum(log.get("cpu_seconds", 0) for logs in results.get("runs", {}).values() for log in logs) / 3600
+    cpu_h = (sum(log.get("cpu_seconds", 0) for logs in results.get("runs", {}).values() for log in logs)
+             + sum(results.get("partial", {}).values())) / 3600  # and the search under way, up to its last score
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
              f"Protocol (a cheaper one than the grid's, so that every family fits about 20 CPU-hours): model "
              f"{s['model']}, Heun NFE {s['nfe']}, Karras σ, N = {s['n']} (rungs {','.join(map(str, s['rungs']))}, "
