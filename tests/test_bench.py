@@ -687,6 +687,11 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     # each trial's bar says which search of the plan it belongs to
     assert labels[0] == "search 1/4 (linear, random, pruning on, seed 0), trial 1/3"
     assert "search 4/4 (freeu, random, pruning off, seed 0), trial 3/3" in labels
+    # method by method, each followed by its spread (the untuned model's first): its rows final at once
+    firsts = [label.split(",")[0].split(" block")[0] for label in labels]  # what sampled, in order
+    assert [f for i, f in enumerate(firsts) if f not in firsts[:i]] == [
+        "search 1/4 (linear", "search 2/4 (linear", "spread untuned", "spread linear", "search 3/4 (freeu",
+        "search 4/4 (freeu", "spread freeu"]
     assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
     logs = {k: v[0]["trials"] for k, v in results["runs"].items()}
     assert all(len(log) == 3 for log in logs.values())

@@ -79,8 +79,9 @@ def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int) ->
 def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...] | None,
              optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...],
              reduction_factor: int, blocks: int, batch: int, progress: bool = True) -> dict:
-    """Every search of the plan, search seed by search seed (every method, optimizer and pruning at
-    seed 0 first), then the proxy's spread on each method's reference best and on the untuned model."""
+    """Every search of the plan, method by method (each method's search seeds, optimizers and
+    pruning), each method's followed by the proxy's spread on its reference best (and, first of all,
+    on the untuned model): a method's rows in the table are final as soon as its searches are done."""
     methods = methods or METHODS
     results = load_results(path)
     on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
@@ -99,9 +100,27 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     runs = results.setdefault("runs", {})
     partial = results.setdefault("partial", {})  # process time of each search under way, as its scores are saved
     total, count = seeds * len(methods) * len(optimizers) * 2, 0
-    for seed in range(seeds):
-        for method in methods:
-            space = method_space(evaluator, method)
+    spread = results.setdefault("spread", {})
+    held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
+
+    def measure_spread(method: str) -> None:  # FID at N over the held-out blocks of the method's best
+        best = reference_best(results, method) if method != "untuned" else None
+        if method != "untuned" and best is None:
+            return
+        params = best["params"] if best else {}
+        if spread.get(method, {}).get("params") == params:
+            return
+        schedule = (fixed_schedule(evaluator, "untuned") if best is None
+                    else method_space(evaluator, method).schedule(ctl.arch, ctl.skips, params))
+        fids = [next(evaluator.score(schedule, rungs=(n,), seeds=seeds_, kid=False,
+                                     progress=progress and f"spread {method} block {b + 1}/{blocks}")).fid
+                for b, seeds_ in enumerate(held_out)]
+        spread[method] = {"params": params, "fids": fids, "std": statistics.stdev(fids)}
+        save()
+
+    for method in methods:
+        space = method_space(evaluator, method)
+        for seed in range(seeds):
             for optimizer in optimizers:
                 for prune in (True, False):
                     pruning, count = "on" if prune else "off", count + 1
@@ -124,22 +143,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                                       "cpu_seconds": round(time.process_time() - start, 1)})
                     partial.pop(name, None)
                     save()
-    spread = results.setdefault("spread", {})
-    held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
-    for method in ("untuned", *methods):
-        best = reference_best(results, method) if method != "untuned" else None
-        if method != "untuned" and best is None:
-            continue
-        params = best["params"] if best else {}
-        if spread.get(method, {}).get("params") == params:
-            continue
-        schedule = (fixed_schedule(evaluator, "untuned") if best is None
-                    else method_space(evaluator, method).schedule(ctl.arch, ctl.skips, params))
-        fids = [next(evaluator.score(schedule, rungs=(n,), seeds=seeds_, kid=False,
-                                     progress=progress and f"spread {method} block {b + 1}/{blocks}")).fid
-                for b, seeds_ in enumerate(held_out)]
-        spread[method] = {"params": params, "fids": fids, "std": statistics.stdev(fids)}
-        save()
+        for measured in ("untuned", method):  # the method's rows are final from here on
+            measure_spread(measured)
     return results
 
 
