@@ -28,6 +28,7 @@ def main() -> None:
             evaluator = load(json.loads(lines.next()))
         except SkiptuneError as exc:  # said only if the parent goes on regardless (it fails the same way)
             failed = exc
+        interrupts.check()  # stopped while loading, the signal swallowed by an import's clean-up
         second = lines.next()
         if not second:  # the parent ended, or failed, before giving a share
             return
