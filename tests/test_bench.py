@@ -706,6 +706,12 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
     assert "Fewest trials to target per method" in text
+    # a method under way (its search running, no spread yet) renders no row, only what is missing
+    under_way = json.loads(path.read_text())
+    under_way["plan"]["methods"].append("per_level")
+    under_way["runs"] |= {"per_level,random,on": under_way["runs"]["linear,random,on"], "per_level,random,off": []}
+    text = "\n".join(C.render(under_way))
+    assert "| per_level |" not in text and "per_level random pruning off (0 of 1 seeds)" in text
     assert "N = 8 (rungs 4,8, successive halving keeping the best third at 4; pruning off: N only)" in text
     from skiptune_search.core.errors import InputError
 

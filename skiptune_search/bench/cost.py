@@ -172,9 +172,9 @@ def cost_rows(results: dict) -> list[dict]:
     for key, logs in results.get("runs", {}).items():
         method, optimizer, prune = key.split(",")
         best = reference_best(results, method)
-        stds = [spread[m]["std"] for m in ("untuned", method) if m in spread]
-        if best is None or not stds:
+        if best is None or not logs or method not in spread:  # rows only once the method's spread is measured
             continue
+        stds = [spread[m]["std"] for m in ("untuned", method) if m in spread]
         target = best["value"] + statistics.median(stds)
         reached = [_reach(log["trials"], target) for log in logs]
         hit = [r for r in reached if r[0] is not None]
