@@ -213,11 +213,10 @@ def test_library_errors_share_one_base_and_name_no_flags():
 
 def test_concurrent_searches_stop_at_exactly_the_trial_count(tiny_model_dir, tmp_path):
     """Two searches started together on one new study, each asked for 12 trials: the study ends
-    with exactly 12 finished trials, one baseline, and both commands succeed. Under the linear
-    family's default optimizer (CMA-ES) 12 trials pass a generation: its state, saved in the
-    trials by one process, is read back by both."""
+    with exactly 12 finished trials, one baseline, and both commands succeed. Under CMA-ES 12 trials
+    pass a generation: its state, saved in the trials by one process, is read back by both."""
     command = [EXE, "search", "--model", str(tiny_model_dir), "--nfe", "3", "--n", "8", "--rungs", "8",
-               "--batch", "8", "--threads", "1", "--trials", "12"]
+               "--batch", "8", "--threads", "1", "--trials", "12", "--optimizer", "cmaes"]
     runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     for r in runs:

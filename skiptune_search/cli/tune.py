@@ -68,10 +68,10 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
               help="Optuna sampler proposing the trials (grid: 11 values per ρ) [default: per family, the one "
-                   "that needed the fewest trials in BENCHMARKS.md table 4: "
-                   + ", ".join(f"{method} {name}" for method, name in DEFAULT_OPTIMIZERS.items())
-                   + f"; {FALLBACK_OPTIMIZER} for the others and for --placement search; a resumed study keeps "
-                   "the one it was made with].")
+                   "that needed the fewest trials in BENCHMARKS.md table 4"
+                   + "".join(f", {method} {name}" for method, name in DEFAULT_OPTIMIZERS.items())
+                   + f"; {FALLBACK_OPTIMIZER} for the families it has not decided and for --placement search; a "
+                   "resumed study keeps the one it was made with].")
 @click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEARCH_SEED),
               help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "
                    "repeat its points).")
