@@ -17,7 +17,7 @@ OPTIMIZERS = ("tpe", "cmaes", "gp", "random", "grid")
 # A method table 4 has not decided yet keeps TPE, and so does a searched placement: a categorical
 # parameter, which Optuna's CMA-ES and GP leave to random sampling. linear stays on TPE: its
 # per-family rows (NFE 5) have TPE first; CMA-ES, first on the NFE 9 grid, reached the target in
-# none of 3 seeds with pruning there (its optimum at the edge of the box, far from CMA-ES's start).
+# none of 3 seeds with pruning there (its optimum far from ρ = 1, where CMA-ES starts).
 DEFAULT_OPTIMIZERS: dict[str, str] = {}
 FALLBACK_OPTIMIZER = "tpe"
 
