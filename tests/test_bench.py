@@ -712,6 +712,15 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     under_way["runs"] |= {"per_level,random,on": under_way["runs"]["linear,random,on"], "per_level,random,off": []}
     text = "\n".join(C.render(under_way))
     assert "| per_level |" not in text and "per_level random pruning off (0 of 1 seeds)" in text
+    # a method whose every optimizer missed its target at some seed (pruning on) has no pick, and says so
+    missed = json.loads(path.read_text())
+    best = min(t["value"] for logs in missed["runs"].values() for log in logs for t in log["trials"]
+               if t["value"] is not None)
+    for key in ("linear,random,on", "freeu,random,on"):
+        for t in missed["runs"][key][0]["trials"]:
+            t["value"] = None if t["value"] is None else best + 10 ** 6  # far above any target
+    text = "\n".join(C.render(missed))
+    assert "linear: none (no optimizer reached it at every search seed)" in text and "| linear | random |" in text
     assert "N = 8 (rungs 4,8, successive halving keeping the best third at 4; pruning off: N only)" in text
     from skiptune_search.core.errors import InputError
 

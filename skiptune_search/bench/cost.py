@@ -227,6 +227,8 @@ def render(results: dict) -> list[str]:
                          f"{fmt(on['median_samples'], ',.0f')} / {fmt(off['median_samples'], ',.0f')} | {saved} |")
         done = [by_key[(method, o, True)] for o in plan["optimizers"] if (method, o, True) in by_key]
         full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
+        if done and not full and len(done) == len(plan["optimizers"]):
+            choices.append(f"{method}: none (no optimizer reached it at every search seed)")
         if full:
             pick = min(full, key=lambda r: (r["median_trials"], r["median_samples"]))
             goal = TRIAL_TARGETS.get(method)
