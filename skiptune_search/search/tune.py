@@ -216,7 +216,8 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     None for (N/8, N)) and its evaluator on ``source`` (default: the task's model by name), open
     or resume the study (named after the task unless ``study`` is given; ``optimizer`` None: a
     resumed study's own, a new one's the family's default, ``default_optimizer``), run the trials here and
-    in ``workers - 1`` worker processes (``workers.spawn``; stopped with this one), export the best
+    in ``workers - 1`` worker processes (``workers.start``, loading while this one loads, then
+    ``workers.assign``; stopped with this one), export the best
     schedule to ``out`` (default, with ``default_out``: studies/STUDY.best.json). ``read``: more
     files the run reads, kept from being written (the CLI's config file); ``say`` gets each line
     a search prints before its summary (a trial's when it ends); ``check_loop``: sample one image
@@ -285,6 +286,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
         if workers > 1:
             shares = W.split(max(0, trials - finished_trials(opened)), workers)
             say(f"{workers} workers: {', '.join(map(str, shares))} trials")
+            # in place: ``stopped_with`` holds this list, and the workers left without trials are gone from it
             children[:] = W.assign(children, shares, W.job(storage, {**settings, "study": name}, trials, timeout))
             share = shares[0]
         run_search(evaluator, opened, space, trials, timeout, on_trial=report, artifacts=artifact_dir(storage),

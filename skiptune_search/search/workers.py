@@ -93,14 +93,14 @@ def assign(children: list[subprocess.Popen], shares: list[int], second: dict) ->
             stop([child])
             continue
         running.append(child)
-        with contextlib.suppress(BrokenPipeError):  # it ended already (a bug while loading): ``wait`` counts it
-            _send(child, {**second, "share": share})
+        _send(child, {**second, "share": share})
     return running
 
 
 def _send(child: subprocess.Popen, line: dict) -> None:
-    child.stdin.write((json.dumps(line) + "\n").encode())
-    child.stdin.flush()
+    with contextlib.suppress(BrokenPipeError):  # it ended already (a bug while loading): ``wait`` counts it
+        child.stdin.write((json.dumps(line) + "\n").encode())
+        child.stdin.flush()
 
 
 def max_workers() -> tuple[int, str]:
