@@ -465,6 +465,28 @@ def test_cma_es_state_is_read_back_without_running_code_from_the_storage(tmp_pat
     assert not evidence.exists()
 
 
+def test_cmaes_counts_pruned_trials_toward_its_generations():
+    """With successive halving most trials are pruned: CMA-ES tells them at their last rung's value,
+    so its generations go on (a plain CmaEsSampler stays at its first, waiting for completed trials)."""
+    from skiptune_search.search.optimizers import CmaEs, make_pruner
+
+    def toy(trial):  # reported at a first rung of 2 and pruned there, or scored to 16
+        value = (trial.suggest_float("a", 0, 1) - 0.3) ** 2 + trial.suggest_float("b", 0, 1)
+        trial.report(value + 0.1, 2)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+        return value
+
+    generations = {}
+    for name, sampler in (("ours", CmaEs(seed=0, popsize=4)),
+                          ("plain", optuna.samplers.CmaEsSampler(seed=0, popsize=4))):
+        study = optuna.create_study(sampler=sampler, pruner=make_pruner((2, 16)))
+        study.optimize(toy, n_trials=24)
+        assert sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials) >= 12  # mostly pruned
+        generations[name] = max(t.system_attrs.get("cma:generation", -1) for t in study.trials)
+    assert generations["ours"] >= 4 and generations["plain"] <= 1, generations
+
+
 def test_kid_objective_with_a_folder_reference(tiny_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 

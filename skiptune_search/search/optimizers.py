@@ -68,10 +68,18 @@ class _CmaState(pickle.Unpickler):
 class CmaEs(optuna.samplers.CmaEsSampler):
     """Optuna's CMA-ES, its state (which Optuna pickles into the trials' system attributes) read
     back by ``_CmaState``, never by plain pickle. Plain CMA-ES only: the separable, with-margin and
-    warm-started variants keep states of other classes."""
+    warm-started variants keep states of other classes.
+
+    A pruned trial counts toward its generation at the FID of its last rung (Optuna's
+    ``consider_pruned_trials``, which its docs advise beside successive halving): without it, a
+    generation waits for ``popsize`` completed trials, and with the default pruning, which completes
+    about one trial in eight, CMA-ES stayed at its first generation through a 30-trial search
+    (BENCHMARKS.md table 4)."""
 
     def __init__(self, seed: int | None = None, popsize: int | None = None) -> None:
-        super().__init__(seed=seed, popsize=popsize)
+        with warnings.catch_warnings():  # 'experimental' in Optuna's words since 2.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(seed=seed, popsize=popsize, consider_pruned_trials=True)
 
     def _restore_optimizer(self, completed_trials):
         prefix = self._attr_key_optimizer
