@@ -721,7 +721,8 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
             t["value"] = None if t["value"] is None else best + 10 ** 6  # far above any target
     text = "\n".join(C.render(missed))
     assert "linear: none (no optimizer reached it at every search seed)" in text and "| linear | random |" in text
-    assert "N = 8 (rungs 4,8, successive halving keeping the best third at 4; pruning off: N only)" in text
+    assert ("N = 8 (rungs 4,8, successive halving keeping the best third at 4, CMA-ES counting a pruned trial "
+            "toward its generation at its rung's FID; pruning off: N only)") in text
     from skiptune_search.core.errors import InputError
 
     saved = json.loads(path.read_text())

@@ -199,7 +199,8 @@ def render(results: dict) -> list[str]:
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
              f"Protocol (a cheaper one than the grid's, so that every family fits about 20 CPU-hours): model "
              f"{s['model']}, Heun NFE {s['nfe']}, Karras σ, N = {s['n']} (rungs {','.join(map(str, s['rungs']))}, "
-             f"{pruning_text(s['rungs'], with_legacy_factor(s)['reduction_factor'])}; pruning off: N only), "
+             f"{pruning_text(s['rungs'], with_legacy_factor(s)['reduction_factor'])}, CMA-ES counting a pruned trial "
+             f"toward its generation at its rung's FID; pruning off: N only), "
              f"{s['trials']} trials per search, search seeds 0-{plan['seeds'] - 1}, each method's default space (input placement, ρ in [0.5, 1.5], per_noise on 3 "
              f"σ knots, FreeU's window over the sampler's model calls). Target: the method's reference best (the "
              f"best N-sample FID of all its searches here) plus the proxy's seed-to-seed spread (std of FID at N over "
