@@ -19,7 +19,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "baseline FID (ρ = 1):" in out and "best FID:" in out and "best ρ (outer→inner):" in out
-    assert "sqlite:///studies/skiptune.db" in out and ", optimizer tpe" in out  # the linear family's default
+    assert "sqlite:///studies/skiptune.db" in out and ", optimizer cmaes" in out  # the linear family's default
     exported = tmp_path / "studies" / "tiny-model-heun-nfe3-linear-input.best.json"
     assert exported.is_file() and str(exported.relative_to(tmp_path)) in out
     assert (tmp_path / "studies" / "skiptune.db").is_file()
@@ -31,7 +31,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     listing = run("studies")
     assert listing.exit_code == 0 and "tiny-model-heun-nfe3-linear-input" in listing.output
     row = next(line for line in listing.output.splitlines() if line.startswith("tiny-model"))
-    assert row.split()[1:3] == ["3", "0"] and row.split()[-1] == "tpe"
+    assert row.split()[1:3] == ["3", "0"] and row.split()[-1] == "cmaes"
 
     result = run("report", "--study", "tiny-model-heun-nfe3-linear-input", "-o", "report.html", "--samples", 4)
     assert result.exit_code == 0, result.output

@@ -383,9 +383,10 @@ def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_p
     from skiptune_search.search import default_optimizer
     from skiptune_search.search.tune import prepare
 
-    assert default_optimizer("linear") == "tpe"  # table 4 has decided no family yet
-    monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "cmaes"})  # as when it picks one
-    assert default_optimizer("linear") == "cmaes"
+    assert default_optimizer("linear") == "cmaes"  # table 4's pick
+    monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "gp"})  # as when it picks another
+    assert default_optimizer("linear") == "gp"
+    monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "cmaes"})
     assert default_optimizer("per_level") == default_optimizer("freeu", freeu_window=False) == "tpe"
     assert default_optimizer("linear", placement="search") == "tpe"  # a categorical CMA-ES would sample at random
     from skiptune_search.search.optimizers import CmaEs
