@@ -658,9 +658,10 @@ def test_a_queued_trial_killed_before_it_suggested_anything_keeps_its_parameters
 
 
 def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path, tiny_model_dir, monkeypatch):
-    """Table 4's per-family part: real searches per method, optimizer and pruning; a schedule any
-    of them scored before (the untuned model first of all) is not sampled again, and a rerun of a
-    finished plan samples nothing; the table renders every row with its target."""
+    """Table 4's per-family part: real searches per method, optimizer and pruning, then a method's
+    pruning variants; a schedule any of them scored before (the untuned model first of all) is not
+    sampled again, and a rerun of a finished plan samples nothing; the table renders every row with
+    its target."""
     from skiptune_search.bench import cost as C
     from skiptune_search.scoring import evaluator as E
     from skiptune_search.scoring.evaluator import Evaluator
@@ -681,30 +682,37 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     def run_it(progress=False):
         return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
                           optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2,
-                          batch=8, progress=progress)
+                          batch=8, variants=(((2, 8), 3),), variant_optimizers=("random",), progress=progress)
 
     results = run_it(progress=True)
     # each trial's bar says which search of the plan it belongs to
     assert labels[0] == "search 1/4 (linear, random, pruning on, seed 0), trial 1/3"
     assert "search 4/4 (freeu, random, pruning off, seed 0), trial 3/3" in labels
-    # method by method, each followed by its spread (the untuned model's first): its rows final at once
+    # method by method, each followed by its spread (the untuned model's first): its rows final at once;
+    # then its pruning variants
     firsts = [label.split(",")[0].split(" block")[0] for label in labels]  # what sampled, in order
     assert [f for i, f in enumerate(firsts) if f not in firsts[:i]] == [
-        "search 1/4 (linear", "search 2/4 (linear", "spread untuned", "spread linear", "search 3/4 (freeu",
-        "search 4/4 (freeu", "spread freeu"]
+        "search 1/4 (linear", "search 2/4 (linear", "spread untuned", "spread linear", "variant 1/2 (linear",
+        "search 3/4 (freeu", "search 4/4 (freeu", "spread freeu", "variant 2/2 (freeu"]
+    assert "variant 1/2 (linear, random, rungs 2,8, seed 0), trial 1/3" in labels
     assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
+    assert sorted(results["variants"]) == ["freeu,random,2-8,rf3", "linear,random,2-8,rf3"]
+    assert all(t["samples"] in (0, 2, 8) for logs in results["variants"].values() for t in logs[0]["trials"])
+    assert any(t["samples"] == 2 for logs in results["variants"].values() for t in logs[0]["trials"])  # pruned at 2
     logs = {k: v[0]["trials"] for k, v in results["runs"].items()}
     assert all(len(log) == 3 for log in logs.values())
     assert all(t["samples"] in (0, 4, 8) for log in logs.values() for t in log)
     untuned = [r for r, f in sampled if f is None and all(v == 1.0 for row in r for v in row)]
-    # the untuned model: once in the searches (every search's first trial), and 2 held-out blocks for its spread
-    assert len(untuned) == 1 + 2
+    # the untuned model: once in the searches (every search's first trial), 2 held-out blocks for its
+    # spread, and once more for the variants, whose first rung (2) no search scored
+    assert len(untuned) == 1 + 2 + 1
     assert set(results["spread"]) == {"untuned", "linear", "freeu"}
     assert all(len(s["fids"]) == 2 for s in results["spread"].values())
     before = len(sampled)
     assert run_it()["runs"] == results["runs"] and len(sampled) == before  # a finished plan: nothing sampled
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
+    assert "Pruning variants" in text and "| linear | random | 2,8: successive halving keeping the best third at 2 |" in text
     assert "Fewest trials to target per method" in text
     # a method under way (its search running, no spread yet) renders no row, only what is missing
     under_way = json.loads(path.read_text())
@@ -712,6 +720,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     under_way["runs"] |= {"per_level,random,on": under_way["runs"]["linear,random,on"], "per_level,random,off": []}
     text = "\n".join(C.render(under_way))
     assert "| per_level |" not in text and "per_level random pruning off (0 of 1 seeds)" in text
+    assert "per_level random rungs 2,8 (0 of 1 seeds)" in text
     # a method whose every optimizer missed its target at some seed (pruning on) has no pick, and says so
     missed = json.loads(path.read_text())
     best = min(t["value"] for logs in missed["runs"].values() for log in logs for t in log["trials"]

@@ -38,10 +38,15 @@ from .search import (HELD_OUT_SEED, _reach, check_same_settings, fmt, load_resul
 
 # the protocol: full, at most about 20 CPU-hours on a 2-core machine, pruned as the tool prunes a
 # search of N = 500 by default; quick (nfe None: bench's --nfe), to keep it working
+# variants: other prunings (rungs, reduction factor), searched by variant_optimizers after a method's
+# own rows: a first rung of 125 samples, as the default run's (N = 1,000) first rung, where the
+# protocol's 62 ranks near-best trials mostly by noise
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
-                     rungs=default_rungs(500), reduction_factor=REDUCTION_FACTOR, blocks=8, batch=250),
+                     rungs=default_rungs(500), reduction_factor=REDUCTION_FACTOR, blocks=8, batch=250,
+                     variants=(((125, 500), REDUCTION_FACTOR),), variant_optimizers=("tpe", "cmaes")),
          True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
-                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16)}
+                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16, variants=(((8, 16), REDUCTION_FACTOR),),
+                    variant_optimizers=("tpe",))}
 METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
 # item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
 TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer": 25, "per_noise": 25,
@@ -72,16 +77,26 @@ class CachedScorer:
             yield rung
 
 
-def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int) -> str:
-    return f"cost-nfe{nfe}-{method}-{optimizer}-{'on' if prune else 'off'}-seed{seed}"
+def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int, variant: str = "") -> str:
+    """The study of one search; ``variant``: its pruning's ``variant_key``, for a pruning variant."""
+    tail = "-" + variant.replace(",", "-") if variant else ""
+    return f"cost-nfe{nfe}-{method}-{optimizer}-{'on' if prune else 'off'}-seed{seed}{tail}"
+
+
+def variant_key(rungs, reduction_factor: int) -> str:
+    """A pruning variant as results name it: '125-500,rf8'."""
+    return "-".join(map(str, rungs)) + f",rf{reduction_factor}"
 
 
 def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...] | None,
              optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...],
-             reduction_factor: int, blocks: int, batch: int, progress: bool = True) -> dict:
+             reduction_factor: int, blocks: int, batch: int, variants: tuple = (), variant_optimizers: tuple = (),
+             progress: bool = True) -> dict:
     """Every search of the plan, method by method (each method's search seeds, optimizers and
     pruning), each method's followed by the proxy's spread on its reference best (and, first of all,
-    on the untuned model): a method's rows in the table are final as soon as its searches are done."""
+    on the untuned model): a method's rows in the table are final as soon as its searches are done.
+    Then the method's searches with each pruning of ``variants`` ((rungs, reduction factor)), by
+    ``variant_optimizers``, kept apart under ``variants`` in the results."""
     methods = methods or METHODS
     results = load_results(path)
     on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
@@ -92,14 +107,16 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                 "held_out_seed": HELD_OUT_SEED, "weights": weights_fingerprint(ctl.unet)}
     check_same_settings(path, "search-cost results", with_legacy_factor(results.get("settings")), settings)
     stamp_run(results, settings, command, machine)
-    results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds}
+    results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds,
+                       "variants": [variant_key(*v) for v in variants], "variant_optimizers": list(variant_optimizers)}
     cache = results.setdefault("cache", {})
     save = lambda: save_results(path, results)  # noqa: E731 - every finished number at once
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
     tasks = {True: on_task, False: Task(model=model, nfe=nfe, n=n, rungs=(n,))}
-    runs = results.setdefault("runs", {})
+    runs, by_variant = results.setdefault("runs", {}), results.setdefault("variants", {})
     partial = results.setdefault("partial", {})  # process time of each search under way, as its scores are saved
     total, count = seeds * len(methods) * len(optimizers) * 2, 0
+    extra, extra_count = seeds * len(methods) * len(variant_optimizers) * len(variants), 0
     spread = results.setdefault("spread", {})
     held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
 
@@ -118,33 +135,47 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
         spread[method] = {"params": params, "fids": fids, "std": statistics.stdev(fids)}
         save()
 
+    def search(logs: list, space, optimizer: str, seed: int, task: Task, factor: int, name: str,
+               label: str) -> None:  # one search, resumed where it stopped; its log appended to logs
+        study = open_study(storage, name, task, space, ctl, seed, optimizer, warm_start=False,
+                           reduction_factor=factor)
+        start = time.process_time() - partial.get(name, 0.0)  # an interrupted run's share counts
+
+        def save_search() -> None:
+            partial[name] = round(time.process_time() - start, 1)
+            save()
+
+        run_search(CachedScorer(evaluator, task, cache, save_search), study, space, trials,
+                   progress=progress and label)
+        logs.append({"seed": seed, "trials": trial_log(study), "cpu_seconds": round(time.process_time() - start, 1)})
+        partial.pop(name, None)
+        save()
+
     for method in methods:
         space = method_space(evaluator, method)
         for seed in range(seeds):
             for optimizer in optimizers:
                 for prune in (True, False):
                     pruning, count = "on" if prune else "off", count + 1
-                    key = f"{method},{optimizer},{pruning}"
-                    if len(runs.setdefault(key, [])) > seed:
-                        continue
-                    task, name = tasks[prune], study_name(nfe, method, optimizer, prune, seed)
-                    study = open_study(storage, name, task, space, ctl, seed, optimizer, warm_start=False,
-                                       reduction_factor=reduction_factor)
-                    start = time.process_time() - partial.get(name, 0.0)  # an interrupted run's share counts
-
-                    def save_search(name=name, start=start) -> None:
-                        partial[name] = round(time.process_time() - start, 1)
-                        save()
-
-                    scorer = CachedScorer(evaluator, task, cache, save_search)
-                    label = f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})"
-                    run_search(scorer, study, space, trials, progress=progress and label)
-                    runs[key].append({"seed": seed, "trials": trial_log(study),
-                                      "cpu_seconds": round(time.process_time() - start, 1)})
-                    partial.pop(name, None)
-                    save()
+                    logs = runs.setdefault(f"{method},{optimizer},{pruning}", [])
+                    if len(logs) <= seed:
+                        search(logs, space, optimizer, seed, tasks[prune], reduction_factor,
+                               study_name(nfe, method, optimizer, prune, seed),
+                               f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})")
         for measured in ("untuned", method):  # the method's rows are final from here on
             measure_spread(measured)
+        for variant_rungs, factor in variants:
+            key = variant_key(variant_rungs, factor)
+            task = Task(model=model, nfe=nfe, n=n, rungs=tuple(variant_rungs))
+            for seed in range(seeds):
+                for optimizer in variant_optimizers:
+                    extra_count += 1
+                    logs = by_variant.setdefault(f"{method},{optimizer},{key}", [])
+                    if len(logs) <= seed:
+                        search(logs, space, optimizer, seed, task, factor,
+                               study_name(nfe, method, optimizer, True, seed, key),
+                               f"variant {extra_count}/{extra} ({method}, {optimizer}, rungs "
+                               f"{','.join(map(str, variant_rungs))}, seed {seed})")
     return results
 
 
@@ -164,28 +195,60 @@ def reference_best(results: dict, method: str) -> dict | None:
     return min(done, key=lambda t: t["value"]) if done else None
 
 
+def target_of(results: dict, method: str) -> tuple[float, float] | None:
+    """(reference best, target) of ``method``: None until its spread is measured."""
+    spread, best = results.get("spread", {}), reference_best(results, method)
+    if best is None or method not in spread:
+        return None
+    return best["value"], best["value"] + statistics.median(spread[m]["std"] for m in ("untuned", method) if m in spread)
+
+
+def reach_summary(logs: list[dict], target: float) -> dict:
+    """Of one row's searches (a log per search seed): how many reached ``target``, the median trials
+    and samples to it (over those that did), each seed's samples to it, and the CPU time."""
+    reached = [_reach(log["trials"], target) for log in logs]
+    hit = [r for r in reached if r[0] is not None]
+    return {"seeds": len(logs), "reached": len(hit),
+            "median_trials": statistics.median(r[0] for r in hit) if hit else None,
+            "median_samples": statistics.median(r[1] for r in hit) if hit else None,
+            "samples_to_target": [r[1] for r in reached],
+            "cpu_seconds": sum(log.get("cpu_seconds", 0) for log in logs)}
+
+
 def cost_rows(results: dict) -> list[dict]:
     """Per method, optimizer and pruning: search seeds reaching the target, median trials and samples
-    to it (over those that did), and the samples saved by pruning seed by seed."""
-    spread = results.get("spread", {})
+    to it (over those that did), and the samples to it seed by seed (for the saving of pruning)."""
     rows = []
     for key, logs in results.get("runs", {}).items():
         method, optimizer, prune = key.split(",")
-        best = reference_best(results, method)
-        if best is None or not logs or method not in spread:  # rows only once the method's spread is measured
+        if not logs or (anchor := target_of(results, method)) is None:  # rows only once the spread is measured
             continue
-        stds = [spread[m]["std"] for m in ("untuned", method) if m in spread]
-        target = best["value"] + statistics.median(stds)
-        reached = [_reach(log["trials"], target) for log in logs]
-        hit = [r for r in reached if r[0] is not None]
-        rows.append({"method": method, "optimizer": optimizer, "pruning": prune == "on", "seeds": len(logs),
-                     "reached": len(hit), "target": target, "best": best["value"],
-                     "median_trials": statistics.median(r[0] for r in hit) if hit else None,
-                     "median_samples": statistics.median(r[1] for r in hit) if hit else None,
-                     "samples_to_target": [r[1] for r in reached],
-                     "median_samples_all": statistics.median(sum(t["samples"] for t in log["trials"]) for log in logs),
-                     "cpu_seconds": sum(log.get("cpu_seconds", 0) for log in logs)})
+        rows.append({"method": method, "optimizer": optimizer, "pruning": prune == "on", "best": anchor[0],
+                     "target": anchor[1], **reach_summary(logs, anchor[1])})
     return rows
+
+
+def variant_lines(results: dict) -> list[str]:
+    """The pruning variants' rows: each beside the same optimizer's searches without pruning."""
+    lines = []
+    for key, logs in results.get("variants", {}).items():
+        method, optimizer, rungs, factor = key.split(",")
+        off = results.get("runs", {}).get(f"{method},{optimizer},off", [])
+        if not logs or (anchor := target_of(results, method)) is None:
+            continue
+        row, without = reach_summary(logs, anchor[1]), reach_summary(off, anchor[1])
+        cut = pruning_saving(row["samples_to_target"], without["samples_to_target"])
+        rung_list = [int(r) for r in rungs.split("-")]
+        lines.append(f"| {method} | {optimizer} | {rungs.replace('-', ',')}: {pruning_text(rung_list, int(factor[2:]))} | "
+                     f"{row['reached']}/{row['seeds']} | {fmt(row['median_trials'], 'g')} | "
+                     f"{fmt(row['median_samples'], ',.0f')} | "
+                     f"{f'{cut[0]:.0f}% ({cut[1]} seed' + 's' * (cut[1] > 1) + ')' if cut else '–'} |")
+    if not lines:
+        return []
+    return ["", "Pruning variants: the same searches with another pruning, against the same target; samples saved "
+                "vs the same optimizer and search seed without pruning.", "",
+            "| method | optimizer | pruning | seeds reaching | median trials | median samples | samples saved |",
+            "| --- | --- | --- | :---: | ---: | ---: | ---: |", *lines]
 
 
 def render(results: dict) -> list[str]:
@@ -194,7 +257,8 @@ def render(results: dict) -> list[str]:
     s, plan = results["settings"], results["plan"]
     rows = cost_rows(results)
     by_key = {(r["method"], r["optimizer"], r["pruning"]): r for r in rows}
-    cpu_h = (sum(log.get("cpu_seconds", 0) for logs in results.get("runs", {}).values() for log in logs)
+    every = [*results.get("runs", {}).values(), *results.get("variants", {}).values()]
+    cpu_h = (sum(log.get("cpu_seconds", 0) for logs in every for log in logs)
              + sum(results.get("partial", {}).values())) / 3600  # and the search under way, up to its last score
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
              f"Protocol (a cheaper one than the grid's, so that every family fits about 20 CPU-hours): model "
@@ -240,6 +304,14 @@ def render(results: dict) -> list[str]:
     if choices:
         lines += ["", "Fewest trials to target per method, among optimizers that reached it at every search seed "
                       "(pruning on): " + "; ".join(choices) + "."]
+    lines += variant_lines(results)
+    for method in plan["methods"]:
+        for key in plan.get("variants", []):
+            for optimizer in plan.get("variant_optimizers", []):
+                done = len(results.get("variants", {}).get(f"{method},{optimizer},{key}", []))
+                if done < plan["seeds"]:
+                    missing.append(f"{method} {optimizer} rungs {key.split(',')[0].replace('-', ',')} "
+                                   f"({done} of {plan['seeds']} seeds)")
     if missing:
         lines += ["", f"Not measured yet (rerun the same command to go on): {', '.join(missing)}."]
     return lines
