@@ -721,6 +721,9 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     text = "\n".join(C.render(under_way))
     assert "| per_level |" not in text and "per_level random pruning off (0 of 1 seeds)" in text
     assert "per_level random rungs 2,8 (0 of 1 seeds)" in text
+    under_way["plan"]["seeds"] = 2  # a variant with a seed to go renders no row yet
+    text = "\n".join(C.render(under_way))
+    assert "| linear | random | 2,8:" not in text and "linear random rungs 2,8 (1 of 2 seeds)" in text
     # a method whose every optimizer missed its target at some seed (pruning on) has no pick, and says so
     missed = json.loads(path.read_text())
     best = min(t["value"] for logs in missed["runs"].values() for log in logs for t in log["trials"]
