@@ -386,7 +386,7 @@ def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_p
     assert default_optimizer("linear") == "cmaes"  # table 4's pick
     monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "gp"})  # as when it picks another
     assert default_optimizer("linear") == "gp"
-    monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "cmaes"})
+    monkeypatch.undo()  # the real table again
     assert default_optimizer("per_level") == default_optimizer("freeu", freeu_window=False) == "tpe"
     assert default_optimizer("linear", placement="search") == "tpe"  # a categorical CMA-ES would sample at random
     from skiptune_search.search.optimizers import CmaEs
