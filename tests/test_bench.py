@@ -682,7 +682,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     def run_it(progress=False):
         return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
                           optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2,
-                          batch=8, variants=(((2, 8), 3),), variant_optimizers=("random",), progress=progress)
+                          batch=8, variants=(((2, 8), 3, None),), variant_optimizers=("random",), progress=progress)
 
     results = run_it(progress=True)
     # each trial's bar says which search of the plan it belongs to
@@ -710,6 +710,14 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     assert all(len(s["fids"]) == 2 for s in results["spread"].values())
     before = len(sampled)
     assert run_it()["runs"] == results["runs"] and len(sampled) == before  # a finished plan: nothing sampled
+    # a variant for some methods only is searched on those alone
+    more = C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"), optimizers=("random",),
+                      seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2, batch=8,
+                      variants=(((2, 8), 3, None), ((4, 8), 8, ("linear",))), variant_optimizers=("random",),
+                      progress=False)
+    assert sorted(more["variants"]) == ["freeu,random,2-8,rf3", "linear,random,2-8,rf3", "linear,random,4-8,rf8"]
+    assert more["plan"]["variants"] == {"2-8,rf3": ["linear", "freeu"], "4-8,rf8": ["linear"]}
+    C.save_results(path, results)  # back to the first plan for what follows
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
     assert "Pruning variants" in text and "| linear | random | 2,8: successive halving keeping the best third at 2 |" in text
@@ -717,10 +725,17 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     # a method under way (its search running, no spread yet) renders no row, only what is missing
     under_way = json.loads(path.read_text())
     under_way["plan"]["methods"].append("per_level")
+    under_way["plan"]["variants"]["2-8,rf3"].append("per_level")
     under_way["runs"] |= {"per_level,random,on": under_way["runs"]["linear,random,on"], "per_level,random,off": []}
     text = "\n".join(C.render(under_way))
     assert "| per_level |" not in text and "per_level random pruning off (0 of 1 seeds)" in text
     assert "per_level random rungs 2,8 (0 of 1 seeds)" in text
+    assert "without pruning (rungs 2,8 on" not in text  # a variant of every method names none
+    # a variant searched on some methods only: the others are not missing it, and the table says so
+    under_way["plan"]["variants"]["2-8,rf3"] = ["linear"]
+    text = "\n".join(C.render(under_way))
+    assert "freeu random rungs 2,8" not in text and "per_level random rungs 2,8" not in text
+    assert "without pruning (rungs 2,8 on linear only)." in text
     under_way["plan"]["seeds"] = 2  # a variant with a seed to go renders no row yet
     text = "\n".join(C.render(under_way))
     assert "| linear | random | 2,8:" not in text and "linear random rungs 2,8 (1 of 2 seeds)" in text

@@ -38,14 +38,17 @@ from .search import (HELD_OUT_SEED, _reach, check_same_settings, fmt, load_resul
 
 # the protocol: full, at most about 20 CPU-hours on a 2-core machine, pruned as the tool prunes a
 # search of N = 500 by default; quick (nfe None: bench's --nfe), to keep it working
-# variants: other prunings (rungs, reduction factor), searched by variant_optimizers after a method's
-# own rows: a first rung of 125 samples, as the default run's (N = 1,000) first rung, where the
-# protocol's 62 ranks near-best trials mostly by noise
+# variants: other prunings (rungs, reduction factor, the methods searched with it: None for all),
+# searched by variant_optimizers after a method's own rows. A first rung of 125 samples, as the
+# default run's (N = 1,000) first rung, where the protocol's 62 ranks near-best trials mostly by
+# noise: on linear and per_level it reached the target at no more seeds and saved fewer samples than
+# the default pruning (2026-12-03), so the other methods are not searched with it
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
                      rungs=default_rungs(500), reduction_factor=REDUCTION_FACTOR, blocks=8, batch=250,
-                     variants=(((125, 500), REDUCTION_FACTOR),), variant_optimizers=("tpe", "cmaes")),
+                     variants=(((125, 500), REDUCTION_FACTOR, ("linear", "per_level")),),
+                     variant_optimizers=("tpe", "cmaes")),
          True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
-                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16, variants=(((8, 16), REDUCTION_FACTOR),),
+                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16, variants=(((8, 16), REDUCTION_FACTOR, None),),
                     variant_optimizers=("tpe",))}
 METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
 # item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
@@ -95,8 +98,9 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     """Every search of the plan, method by method (each method's search seeds, optimizers and
     pruning), each method's followed by the proxy's spread on its reference best (and, first of all,
     on the untuned model): a method's rows in the table are final as soon as its searches are done.
-    Then the method's searches with each pruning of ``variants`` ((rungs, reduction factor)), by
-    ``variant_optimizers``, kept apart under ``variants`` in the results."""
+    Then the method's searches with each pruning of ``variants`` ((rungs, reduction factor, the
+    methods it is for or None for all)), by ``variant_optimizers``, kept apart under ``variants`` in
+    the results."""
     methods = methods or METHODS
     results = load_results(path)
     on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
@@ -108,7 +112,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     check_same_settings(path, "search-cost results", with_legacy_factor(results.get("settings")), settings)
     stamp_run(results, settings, command, machine)
     results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds,
-                       "variants": [variant_key(*v) for v in variants], "variant_optimizers": list(variant_optimizers)}
+                       "variants": {variant_key(r, f): list(only or methods) for r, f, only in variants},
+                       "variant_optimizers": list(variant_optimizers)}
     cache = results.setdefault("cache", {})
     save = lambda: save_results(path, results)  # noqa: E731 - every finished number at once
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
@@ -116,7 +121,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     runs, by_variant = results.setdefault("runs", {}), results.setdefault("variants", {})
     partial = results.setdefault("partial", {})  # process time of each search under way, as its scores are saved
     total, count = seeds * len(methods) * len(optimizers) * 2, 0
-    extra, extra_count = seeds * len(methods) * len(variant_optimizers) * len(variants), 0
+    extra = seeds * len(variant_optimizers) * sum(map(len, results["plan"]["variants"].values()))
+    extra_count = 0
     spread = results.setdefault("spread", {})
     held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
 
@@ -164,7 +170,9 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                                f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})")
         for measured in ("untuned", method):  # the method's rows are final from here on
             measure_spread(measured)
-        for variant_rungs, factor in variants:
+        for variant_rungs, factor, only in variants:
+            if only is not None and method not in only:
+                continue
             key = variant_key(variant_rungs, factor)
             task = Task(model=model, nfe=nfe, n=n, rungs=tuple(variant_rungs))
             for seed in range(seeds):
@@ -245,8 +253,12 @@ def variant_lines(results: dict) -> list[str]:
                      f"{f'{cut[0]:.0f}% ({cut[1]} seed' + 's' * (cut[1] > 1) + ')' if cut else '–'} |")
     if not lines:
         return []
+    plan = results["plan"]
+    only = [f"rungs {key.split(',')[0].replace('-', ',')} on {', '.join(ms)} only"
+            for key, ms in plan.get("variants", {}).items() if set(ms) != set(plan["methods"])]
     return ["", "Pruning variants: the same searches with another pruning, against the same target; samples saved "
-                "vs the same optimizer and search seed without pruning.", "",
+                "vs the same optimizer and search seed without pruning" + (f" ({'; '.join(only)})" if only else "")
+            + ".", "",
             "| method | optimizer | pruning | seeds reaching | median trials | median samples | samples saved |",
             "| --- | --- | --- | :---: | ---: | ---: | ---: |", *lines]
 
@@ -305,8 +317,8 @@ def render(results: dict) -> list[str]:
         lines += ["", "Fewest trials to target per method, among optimizers that reached it at every search seed "
                       "(pruning on): " + "; ".join(choices) + "."]
     lines += variant_lines(results)
-    for method in plan["methods"]:
-        for key in plan.get("variants", []):
+    for key, variant_methods in plan.get("variants", {}).items():
+        for method in variant_methods:
             for optimizer in plan.get("variant_optimizers", []):
                 done = len(results.get("variants", {}).get(f"{method},{optimizer},{key}", []))
                 if done < plan["seeds"]:
