@@ -682,7 +682,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     def run_it(progress=False):
         return C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"),
                           optimizers=("random",), seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2,
-                          batch=8, variants=(((2, 8), 3, None),), variant_optimizers=("random",), progress=progress)
+                          batch=8, variants=(((2, 8), 3, None, ("random",)),), progress=progress)
 
     results = run_it(progress=True)
     # each trial's bar says which search of the plan it belongs to
@@ -713,32 +713,49 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     # a variant for some methods only is searched on those alone
     more = C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"), optimizers=("random",),
                       seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2, batch=8,
-                      variants=(((2, 8), 3, None), ((4, 8), 8, ("linear",))), variant_optimizers=("random",),
-                      progress=False)
+                      variants=(((2, 8), 3, None, ("random",)), ((4, 8), 8, ("linear",), ("random",))), progress=False)
     assert sorted(more["variants"]) == ["freeu,random,2-8,rf3", "linear,random,2-8,rf3", "linear,random,4-8,rf8"]
-    assert more["plan"]["variants"] == {"2-8,rf3": ["linear", "freeu"], "4-8,rf8": ["linear"]}
+    assert more["plan"]["variants"] == {"2-8,rf3": {"methods": ["linear", "freeu"], "optimizers": ["random"]},
+                                        "4-8,rf8": {"methods": ["linear"], "optimizers": ["random"]}}
     C.save_results(path, results)  # back to the first plan for what follows
+    # a method's pick beside the search before issue 27 (TPE, rungs N/4 and N keeping a third): the
+    # medians of samples to the same target, and whether the pick spends fewer
+    before = json.loads(path.read_text())
+    assert C.before_key(8) == "2-8,rf3"
+    before["variants"]["linear,tpe,2-8,rf3"] = before["variants"]["linear,random,2-8,rf3"]
+    first = before["variants"]["linear,tpe,2-8,rf3"][0]["trials"][0]["samples"]  # the untuned model, never pruned
+    pick = {"method": "linear", "target": float("inf"), "median_samples": first - 1, "reached": 1, "seeds": 1}
+    assert C.than_before(before, pick) == (f"; median samples to target {first - 1:,} (1/1 seeds) against {first:,} "
+                                           f"(1/1) for the search before issue 27: fewer")
+    assert C.than_before(before, pick | {"median_samples": first}).endswith(": not fewer")
+    assert C.than_before(before, pick | {"target": float("-inf")}) == (
+        "; the search before issue 27 reached the target at no search seed")
+    assert C.than_before(before | {"plan": before["plan"] | {"seeds": 2}}, pick) == ""  # not every seed yet
+    assert C.than_before(results, pick) == ""  # never searched
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
-    assert "Pruning variants" in text and "| linear | random | 2,8: successive halving keeping the best third at 2 |" in text
+    assert "Pruning variants" in text
+    # rungs N/4 and N keeping a third: how every search pruned before issue 27, and the row says so
+    assert "| linear | random | 2,8: successive halving keeping the best third at 2 (the search before issue 27) |" in text
     assert "Fewest trials to target per method" in text
     # a method under way (its search running, no spread yet) renders no row, only what is missing
     under_way = json.loads(path.read_text())
     under_way["plan"]["methods"].append("per_level")
-    under_way["plan"]["variants"]["2-8,rf3"].append("per_level")
+    under_way["plan"]["variants"]["2-8,rf3"]["methods"].append("per_level")
     under_way["runs"] |= {"per_level,random,on": under_way["runs"]["linear,random,on"], "per_level,random,off": []}
     text = "\n".join(C.render(under_way))
     assert "| per_level |" not in text and "per_level random pruning off (0 of 1 seeds)" in text
-    assert "per_level random rungs 2,8 (0 of 1 seeds)" in text
-    assert "without pruning (rungs 2,8 on" not in text  # a variant of every method names none
+    assert "per_level random successive halving keeping the best third at 2 (0 of 1 seeds)" in text
+    assert "without pruning (successive" not in text  # a variant of every method names none
     # a variant searched on some methods only: the others are not missing it, and the table says so
-    under_way["plan"]["variants"]["2-8,rf3"] = ["linear"]
+    under_way["plan"]["variants"]["2-8,rf3"]["methods"] = ["linear"]
     text = "\n".join(C.render(under_way))
-    assert "freeu random rungs 2,8" not in text and "per_level random rungs 2,8" not in text
-    assert "without pruning (rungs 2,8 on linear only)." in text
+    assert "freeu random successive" not in text and "per_level random successive" not in text
+    assert "without pruning (successive halving keeping the best third at 2 on linear only)." in text
     under_way["plan"]["seeds"] = 2  # a variant with a seed to go renders no row yet
     text = "\n".join(C.render(under_way))
-    assert "| linear | random | 2,8:" not in text and "linear random rungs 2,8 (1 of 2 seeds)" in text
+    assert ("| linear | random | 2,8:" not in text
+            and "linear random successive halving keeping the best third at 2 (1 of 2 seeds)" in text)
     # a method whose every optimizer missed its target at some seed (pruning on) has no pick, and says so
     missed = json.loads(path.read_text())
     best = min(t["value"] for logs in missed["runs"].values() for log in logs for t in log["trials"]
@@ -747,7 +764,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
         for t in missed["runs"][key][0]["trials"]:
             t["value"] = None if t["value"] is None else best + 10 ** 6  # far above any target
     text = "\n".join(C.render(missed))
-    assert "linear: none (no optimizer reached it at every search seed)" in text and "| linear | random |" in text
+    assert "linear: none (no optimizer reached it at every search seed; TPE stays)" in text and "| linear | random |" in text
     assert ("N = 8 (rungs 4,8, successive halving keeping the best third at 4, CMA-ES counting a pruned trial "
             "toward its generation at its rung's FID; pruning off: N only)") in text
     from skiptune_search.core.errors import InputError

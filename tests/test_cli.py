@@ -315,7 +315,8 @@ def test_bench_quick_writes_its_tables(run, tiny_model_dir, tmp_path):
     assert ("(rungs 4,16, successive halving keeping the best eighth at 4, CMA-ES counting a pruned trial toward its "
             "generation at its rung's FID; pruning off: N only)") in text  # every family
     assert "### Every family" in text and "| linear | tpe |" in text and "| freeu | tpe |" in text  # real searches
-    assert "| linear | tpe | 8,16: successive halving keeping the best eighth at 8 |" in text  # a pruning variant
+    assert ("| linear | tpe | 4,16: successive halving keeping the best third at 4 (the search before issue 27) |"
+            in text)  # a pruning variant
     assert "| linear tuned at NFE 3 |" in text and "| untuned |" in text  # table 9, from table 5's search
     # table 4 runs before table 5, whose quick run searches --nfe alone: no warm search, and the part says why
     assert "### Warm starts" in text and "(table 5 here has NFE 3): run --tables 5 first" in text

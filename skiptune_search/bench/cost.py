@@ -29,7 +29,7 @@ from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.task import Task, default_rungs
 from ..search.objective import calls_key, run_search
-from ..search.optimizers import REDUCTION_FACTOR, pruning_text
+from ..search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, pruning_text
 from ..search.storage import make_storage
 from ..search.study import open_study
 from .headline import fixed_schedule, method_space
@@ -38,18 +38,20 @@ from .search import (HELD_OUT_SEED, _reach, check_same_settings, fmt, load_resul
 
 # the protocol: full, at most about 20 CPU-hours on a 2-core machine, pruned as the tool prunes a
 # search of N = 500 by default; quick (nfe None: bench's --nfe), to keep it working
-# variants: other prunings (rungs, reduction factor, the methods searched with it: None for all),
-# searched by variant_optimizers after a method's own rows. A first rung of 125 samples, as the
-# default run's (N = 1,000) first rung, where the protocol's 62 ranks near-best trials mostly by
-# noise: on linear and per_level it reached the target at no more seeds and saved fewer samples than
-# the default pruning (2026-12-03), so the other methods are not searched with it
+# variants: other prunings, (rungs, reduction factor, the methods searched with it or None for all,
+# the optimizers), searched after a method's own rows:
+# - a first rung of 125 samples, as the default run's (N = 1,000) first rung, where the protocol's 62
+#   ranks near-best trials mostly by noise: on linear and per_level it reached the target at no more
+#   seeds and saved fewer samples than the default pruning (2026-12-03), so no other method has it;
+# - the search before issue 27 (``before_key``: TPE, rungs N/4 and N keeping the best third), what
+#   item 2 asks each method's default optimizer to spend fewer samples than
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
                      rungs=default_rungs(500), reduction_factor=REDUCTION_FACTOR, blocks=8, batch=250,
-                     variants=(((125, 500), REDUCTION_FACTOR, ("linear", "per_level")),),
-                     variant_optimizers=("tpe", "cmaes")),
+                     variants=(((125, 500), REDUCTION_FACTOR, ("linear", "per_level"), ("tpe", "cmaes")),
+                               ((125, 500), LEGACY_REDUCTION_FACTOR, None, ("tpe",)))),
          True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
-                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16, variants=(((8, 16), REDUCTION_FACTOR, None),),
-                    variant_optimizers=("tpe",))}
+                    reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16,
+                    variants=(((4, 16), LEGACY_REDUCTION_FACTOR, None, ("tpe",)),))}
 METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
 # item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
 TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer": 25, "per_noise": 25,
@@ -91,16 +93,27 @@ def variant_key(rungs, reduction_factor: int) -> str:
     return "-".join(map(str, rungs)) + f",rf{reduction_factor}"
 
 
+def variant_pruning(key: str) -> tuple[list[int], int]:
+    """The rungs and reduction factor of a ``variant_key``."""
+    rungs, factor = key.split(",")
+    return [int(r) for r in rungs.split("-")], int(factor.removeprefix("rf"))
+
+
+def before_key(n: int) -> str:
+    """The pruning of a search of N samples before issue 27 (rungs N/4 and N, keeping the best
+    third), as ``variant_key`` names it; TPE was every family's optimizer then."""
+    return variant_key((n // 4, n), LEGACY_REDUCTION_FACTOR)
+
+
 def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, methods: tuple[str, ...] | None,
              optimizers: tuple[str, ...], seeds: int, trials: int, n: int, rungs: tuple[int, ...],
-             reduction_factor: int, blocks: int, batch: int, variants: tuple = (), variant_optimizers: tuple = (),
-             progress: bool = True) -> dict:
+             reduction_factor: int, blocks: int, batch: int, variants: tuple = (), progress: bool = True) -> dict:
     """Every search of the plan, method by method (each method's search seeds, optimizers and
     pruning), each method's followed by the proxy's spread on its reference best (and, first of all,
     on the untuned model): a method's rows in the table are final as soon as its searches are done.
     Then the method's searches with each pruning of ``variants`` ((rungs, reduction factor, the
-    methods it is for or None for all)), by ``variant_optimizers``, kept apart under ``variants`` in
-    the results."""
+    methods it is for or None for all, the optimizers)), kept apart under ``variants`` in the
+    results."""
     methods = methods or METHODS
     results = load_results(path)
     on_task = Task(model=model, nfe=nfe, n=n, rungs=rungs)
@@ -112,8 +125,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     check_same_settings(path, "search-cost results", with_legacy_factor(results.get("settings")), settings)
     stamp_run(results, settings, command, machine)
     results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds,
-                       "variants": {variant_key(r, f): list(only or methods) for r, f, only in variants},
-                       "variant_optimizers": list(variant_optimizers)}
+                       "variants": {variant_key(r, f): {"methods": list(only or methods), "optimizers": list(opts)}
+                                    for r, f, only, opts in variants}}
     cache = results.setdefault("cache", {})
     save = lambda: save_results(path, results)  # noqa: E731 - every finished number at once
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
@@ -121,7 +134,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     runs, by_variant = results.setdefault("runs", {}), results.setdefault("variants", {})
     partial = results.setdefault("partial", {})  # process time of each search under way, as its scores are saved
     total, count = seeds * len(methods) * len(optimizers) * 2, 0
-    extra = seeds * len(variant_optimizers) * sum(map(len, results["plan"]["variants"].values()))
+    extra = seeds * sum(len(v["methods"]) * len(v["optimizers"]) for v in results["plan"]["variants"].values())
     extra_count = 0
     spread = results.setdefault("spread", {})
     held_out = [list(range(HELD_OUT_SEED + b * n, HELD_OUT_SEED + (b + 1) * n)) for b in range(blocks)]
@@ -170,7 +183,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                                f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})")
         for measured in ("untuned", method):  # the method's rows are final from here on
             measure_spread(measured)
-        for variant_rungs, factor, only in variants:
+        for variant_rungs, factor, only, variant_optimizers in variants:
             if only is not None and method not in only:
                 continue
             key = variant_key(variant_rungs, factor)
@@ -238,29 +251,45 @@ def cost_rows(results: dict) -> list[dict]:
 
 def variant_lines(results: dict) -> list[str]:
     """The pruning variants' rows: each beside the same optimizer's searches without pruning."""
-    lines = []
+    lines, before = [], before_key(results["settings"]["n"])
     for key, logs in results.get("variants", {}).items():
-        method, optimizer, rungs, factor = key.split(",")
+        method, optimizer, pruning = key.split(",", 2)
         off = results.get("runs", {}).get(f"{method},{optimizer},off", [])
         if len(logs) < results["plan"]["seeds"] or (anchor := target_of(results, method)) is None:
             continue  # a row once every search seed is done
         row, without = reach_summary(logs, anchor[1]), reach_summary(off, anchor[1])
         cut = pruning_saving(row["samples_to_target"], without["samples_to_target"])
-        rung_list = [int(r) for r in rungs.split("-")]
-        lines.append(f"| {method} | {optimizer} | {rungs.replace('-', ',')}: {pruning_text(rung_list, int(factor[2:]))} | "
+        rungs, factor = variant_pruning(pruning)
+        mark = " (the search before issue 27)" if pruning == before else ""
+        lines.append(f"| {method} | {optimizer} | {','.join(map(str, rungs))}: {pruning_text(rungs, factor)}{mark} | "
                      f"{row['reached']}/{row['seeds']} | {fmt(row['median_trials'], 'g')} | "
                      f"{fmt(row['median_samples'], ',.0f')} | "
                      f"{f'{cut[0]:.0f}% ({cut[1]} seed' + 's' * (cut[1] > 1) + ')' if cut else '–'} |")
     if not lines:
         return []
     plan = results["plan"]
-    only = [f"rungs {key.split(',')[0].replace('-', ',')} on {', '.join(ms)} only"
-            for key, ms in plan.get("variants", {}).items() if set(ms) != set(plan["methods"])]
+    only = [f"{pruning_text(*variant_pruning(key))} on {', '.join(v['methods'])} only"
+            for key, v in plan.get("variants", {}).items() if set(v["methods"]) != set(plan["methods"])]
     return ["", "Pruning variants: the same searches with another pruning, against the same target; samples saved "
                 "vs the same optimizer and search seed without pruning" + (f" ({'; '.join(only)})" if only else "")
             + ".", "",
             "| method | optimizer | pruning | seeds reaching | median trials | median samples | samples saved |",
             "| --- | --- | --- | :---: | ---: | ---: | ---: |", *lines]
+
+
+def than_before(results: dict, row: dict) -> str:
+    """'; median samples to target 3,306 (3/3 seeds) against 4,875 (2/3) for the search before issue
+    27: fewer' for ``row`` (a method's optimizer with pruning), once that search (``before_key``) has
+    every search seed; else ''."""
+    logs = results.get("variants", {}).get(f"{row['method']},tpe,{before_key(results['settings']['n'])}", [])
+    if len(logs) < results["plan"]["seeds"] or row["median_samples"] is None:
+        return ""
+    old = reach_summary(logs, row["target"])
+    if old["median_samples"] is None:
+        return "; the search before issue 27 reached the target at no search seed"
+    word = "fewer" if row["median_samples"] < old["median_samples"] else "not fewer"
+    return (f"; median samples to target {row['median_samples']:,.0f} ({row['reached']}/{row['seeds']} seeds) against "
+            f"{old['median_samples']:,.0f} ({old['reached']}/{old['seeds']}) for the search before issue 27: {word}")
 
 
 def render(results: dict) -> list[str]:
@@ -305,24 +334,26 @@ def render(results: dict) -> list[str]:
         done = [by_key[(method, o, True)] for o in plan["optimizers"] if (method, o, True) in by_key]
         full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
         if done and not full and len(done) == len(plan["optimizers"]):
-            choices.append(f"{method}: none (no optimizer reached it at every search seed)")
+            fallback = by_key.get((method, "tpe", True))
+            choices.append(f"{method}: none (no optimizer reached it at every search seed; TPE stays"
+                           f"{than_before(results, fallback) if fallback else ''})")
         if full:
             pick = min(full, key=lambda r: (r["median_trials"], r["median_samples"]))
             goal = TRIAL_TARGETS.get(method)
             verdict = ("" if goal is None else f", target ≤ {goal}: " +
                        ("met" if pick["median_trials"] <= goal else f"missed by {pick['median_trials'] - goal:g}"))
             choices.append(f"{method}: {pick['optimizer']} (median {pick['median_trials']:g} trials with pruning"
-                           f"{verdict})")
+                           f"{verdict}{than_before(results, pick)})")
     if choices:
         lines += ["", "Fewest trials to target per method, among optimizers that reached it at every search seed "
                       "(pruning on): " + "; ".join(choices) + "."]
     lines += variant_lines(results)
-    for key, variant_methods in plan.get("variants", {}).items():
-        for method in variant_methods:
-            for optimizer in plan.get("variant_optimizers", []):
+    for key, variant in plan.get("variants", {}).items():
+        for method in variant["methods"]:
+            for optimizer in variant["optimizers"]:
                 done = len(results.get("variants", {}).get(f"{method},{optimizer},{key}", []))
                 if done < plan["seeds"]:
-                    missing.append(f"{method} {optimizer} rungs {key.split(',')[0].replace('-', ',')} "
+                    missing.append(f"{method} {optimizer} {pruning_text(*variant_pruning(key))} "
                                    f"({done} of {plan['seeds']} seeds)")
     if missing:
         lines += ["", f"Not measured yet (rerun the same command to go on): {', '.join(missing)}."]
