@@ -694,7 +694,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     assert [f for i, f in enumerate(firsts) if f not in firsts[:i]] == [
         "search 1/4 (linear", "search 2/4 (linear", "spread untuned", "spread linear", "variant 1/2 (linear",
         "search 3/4 (freeu", "search 4/4 (freeu", "spread freeu", "variant 2/2 (freeu"]
-    assert "variant 1/2 (linear, random, rungs 2,8, seed 0), trial 1/3" in labels
+    assert "variant 1/2 (linear, random, rungs 2,8 rf3, seed 0), trial 1/3" in labels
     assert sorted(results["runs"]) == ["freeu,random,off", "freeu,random,on", "linear,random,off", "linear,random,on"]
     assert sorted(results["variants"]) == ["freeu,random,2-8,rf3", "linear,random,2-8,rf3"]
     assert all(t["samples"] in (0, 2, 8) for logs in results["variants"].values() for t in logs[0]["trials"])

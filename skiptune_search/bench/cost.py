@@ -196,7 +196,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                         search(logs, space, optimizer, seed, task, factor,
                                study_name(nfe, method, optimizer, True, seed, key),
                                f"variant {extra_count}/{extra} ({method}, {optimizer}, rungs "
-                               f"{','.join(map(str, variant_rungs))}, seed {seed})")
+                               f"{','.join(map(str, variant_rungs))} rf{factor}, seed {seed})")
     return results
 
 
