@@ -67,7 +67,8 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
-              help="Optuna sampler proposing the trials (grid: 11 values per ρ) [default: per family, the one "
+              help="Optuna sampler proposing the trials (grid: 11 values per ρ; gp: at random until its start-up trials have "
+                   "completed, so mostly at random with pruning) [default: per family, the one "
                    "that needed the fewest trials in BENCHMARKS.md table 4"
                    + "".join(f", {method} {name}" for method, name in DEFAULT_OPTIMIZERS.items())
                    + f"; {FALLBACK_OPTIMIZER} for the families it has not decided and for --placement search; a "
