@@ -728,6 +728,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     assert C.than_before(before, pick) == (f"; median samples to target {first - 1:,} (1/1 seeds) against {first:,} "
                                            f"(1/1) for the search before issue 27: fewer")
     assert C.than_before(before, pick | {"median_samples": first}).endswith(": not fewer")
+    assert C.than_before(before, pick | {"reached": 0}).endswith(": at fewer search seeds")  # whatever its samples
     assert C.than_before(before, pick | {"target": float("-inf")}) == (
         "; the search before issue 27 reached the target at no search seed")
     assert C.than_before(before | {"plan": before["plan"] | {"seeds": 2}}, pick) == ""  # not every seed yet
