@@ -568,3 +568,23 @@ def test_bf16_runs_the_model_under_autocast_and_is_its_own_task(evaluator, tmp_p
         open_study(make_storage(url), "b", evaluator.task, SPACE, evaluator.controller, 0)
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         Task(precision="fp16")
+
+
+def test_a_queued_trial_is_started_by_one_process_only(tmp_path):
+    """Two processes popping one queued trial: the claim is one conditional UPDATE, so only the first
+    starts it (Optuna's read-then-write let both start it on SQLite, and the second to end it failed
+    with 'Cannot tell a COMPLETE trial'); a finished trial is not claimed, and nothing is raised."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    first, second = make_storage(url, heartbeat=None), make_storage(url, heartbeat=None)
+    study = optuna.create_study(storage=first, study_name="q")
+    study.enqueue_trial({"x": 1.0})
+    (waiting,) = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    running = optuna.trial.TrialState.RUNNING
+    assert first.set_trial_state_values(waiting._trial_id, running) is True
+    assert second.set_trial_state_values(waiting._trial_id, running) is False  # already started
+    assert first.get_trial(waiting._trial_id).state == running
+    first.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.COMPLETE, [1.0])
+    assert second.set_trial_state_values(waiting._trial_id, running) is False  # finished: not claimed
+    assert first.get_trial(waiting._trial_id).state == optuna.trial.TrialState.COMPLETE
+    trial = optuna.load_study(study_name="q", storage=second).ask()  # Optuna's own pop still works
+    assert trial.number == 1

@@ -12,6 +12,7 @@ import re
 import sqlite3
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -235,6 +236,23 @@ def retry_from_first_rung(retry: Callable[[optuna.Study, optuna.trial.FrozenTria
     return callback
 
 
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, a queued (waiting) trial claimed by one conditional UPDATE. Optuna reads
+    the trial's state and then writes it, locking the row on PostgreSQL and MySQL only: on SQLite two
+    processes could both start one queued trial, and the second to end it failed ('Cannot tell a
+    COMPLETE trial'). False, as Optuna's: the trial is no longer waiting."""
+
+    def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState, values=None) -> bool:
+        if state != optuna.trial.TrialState.RUNNING or values is not None:
+            return super().set_trial_state_values(trial_id, state, values)
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                sqlalchemy.text("UPDATE trials SET state = 'RUNNING', datetime_start = :now "
+                                "WHERE trial_id = :trial_id AND state = 'WAITING'"),
+                {"now": datetime.now(), "trial_id": trial_id}).rowcount
+        return claimed == 1
+
+
 def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeats and retries are 'experimental' in Optuna's words
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -248,7 +266,7 @@ def _rdb_storage(url: str, heartbeat: int | None, kwargs: dict) -> optuna.storag
             kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat)
         for attempt in range(5):
             try:
-                return optuna.storages.RDBStorage(url, **kwargs)
+                return _Storage(url, **kwargs)
             except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
                 # two processes creating a new database at once: the second finds the first's tables
                 # (or schema version row) half made; once the first is done, opening it again works
