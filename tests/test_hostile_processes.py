@@ -160,7 +160,9 @@ def test_storage_faults_are_one_line_and_leave_nothing_running(run, tmp_path, ti
     one_line_error(run("dashboard", "--host", ""), "--host: an empty host", "127.0.0.1")
 
     # the disk fills when a trial's end is written: one line, no trial left RUNNING, the run resumes
-    storage_cls = optuna.storages.RDBStorage
+    from skiptune_search.search import storage as S
+
+    storage_cls = type(S.make_storage(f"sqlite:///{tmp_path}/probe.db", heartbeat=None))  # the class a search uses
     real, calls = storage_cls.set_trial_state_values, []
 
     def disk_fills(self, trial_id, state, values=None):
