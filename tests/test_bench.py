@@ -713,7 +713,8 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     # a variant for some methods only is searched on those alone
     more = C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"), optimizers=("random",),
                       seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=3, blocks=2, batch=8,
-                      variants=(((2, 8), 3, None, ("random",)), ((4, 8), 8, ("linear",), ("random",))), progress=False)
+                      variants=(((2, 8), 3, None, ("random",)), ((4, 8), 8, ("linear", "per_level"), ("random",))),
+                      progress=False)  # per_level: not a method of this run, so not planned either
     assert sorted(more["variants"]) == ["freeu,random,2-8,rf3", "linear,random,2-8,rf3", "linear,random,4-8,rf8"]
     assert more["plan"]["variants"] == {"2-8,rf3": {"methods": ["linear", "freeu"], "optimizers": ["random"]},
                                         "4-8,rf8": {"methods": ["linear"], "optimizers": ["random"]}}

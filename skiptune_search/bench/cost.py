@@ -133,8 +133,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
     check_same_settings(path, "search-cost results", with_legacy_factor(results.get("settings")), settings)
     stamp_run(results, settings, command, machine)
     results["plan"] = {"methods": list(methods), "optimizers": list(optimizers), "seeds": seeds,
-                       "variants": {variant_key(r, f): {"methods": list(only or methods), "optimizers": list(opts)}
-                                    for r, f, only, opts in variants}}
+                       "variants": {variant_key(r, f): {"methods": [m for m in methods if only is None or m in only],
+                                                        "optimizers": list(opts)} for r, f, only, opts in variants}}
     cache = results.setdefault("cache", {})
     save = lambda: save_results(path, results)  # noqa: E731 - every finished number at once
     storage = make_storage(f"sqlite:///{Path(path).with_suffix('.db')}", heartbeat=None)
@@ -191,13 +191,13 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                                f"search {count}/{total} ({method}, {optimizer}, pruning {pruning}, seed {seed})")
         for measured in ("untuned", method):  # the method's rows are final from here on
             measure_spread(measured)
-        for variant_rungs, factor, only, variant_optimizers in variants:
-            if only is not None and method not in only:
-                continue
+        for variant_rungs, factor, *_ in variants:
             key = variant_key(variant_rungs, factor)
+            if method not in results["plan"]["variants"][key]["methods"]:
+                continue
             task = Task(model=model, nfe=nfe, n=n, rungs=tuple(variant_rungs))
             for seed in range(seeds):
-                for optimizer in variant_optimizers:
+                for optimizer in results["plan"]["variants"][key]["optimizers"]:
                     extra_count += 1
                     logs = by_variant.setdefault(f"{method},{optimizer},{key}", [])
                     if len(logs) <= seed:
