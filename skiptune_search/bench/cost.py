@@ -107,6 +107,17 @@ def variant_pruning(key: str) -> tuple[list[int], int]:
     return [int(r) for r in rungs.split("-")], int(factor.removeprefix("rf"))
 
 
+def row_key(method: str, optimizer: str, pruning: str) -> str:
+    """A row of the results ('per_level,tpe,on'; a variant's pruning is its ``variant_key``)."""
+    return f"{method},{optimizer},{pruning}"
+
+
+def row_of(key: str) -> tuple[str, str, str]:
+    """(method, optimizer, pruning) of a ``row_key``."""
+    method, optimizer, pruning = key.split(",", 2)
+    return method, optimizer, pruning
+
+
 def before_key(n: int) -> str:
     """The pruning of a search of N samples before issue 27 (rungs N/4 and N, keeping the best
     third), as ``variant_key`` names it; TPE was every family's optimizer then."""
@@ -184,7 +195,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
             for optimizer in optimizers:
                 for prune in (True, False):
                     pruning, count = "on" if prune else "off", count + 1
-                    logs = runs.setdefault(f"{method},{optimizer},{pruning}", [])
+                    logs = runs.setdefault(row_key(method, optimizer, pruning), [])
                     if len(logs) <= seed:
                         search(logs, space, optimizer, seed, tasks[prune], reduction_factor,
                                study_name(nfe, method, optimizer, prune, seed),
@@ -199,7 +210,7 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
             for seed in range(seeds):
                 for optimizer in results["plan"]["variants"][key]["optimizers"]:
                     extra_count += 1
-                    logs = by_variant.setdefault(f"{method},{optimizer},{key}", [])
+                    logs = by_variant.setdefault(row_key(method, optimizer, key), [])
                     if len(logs) <= seed:
                         search(logs, space, optimizer, seed, task, factor,
                                study_name(nfe, method, optimizer, True, seed, key),
@@ -219,7 +230,7 @@ def trial_log(study) -> list[dict]:
 
 def reference_best(results: dict, method: str) -> dict | None:
     """The best completed trial of any of ``method``'s searches: the target's anchor."""
-    done = [t for key, logs in results.get("runs", {}).items() if key.split(",")[0] == method
+    done = [t for key, logs in results.get("runs", {}).items() if row_of(key)[0] == method
             for log in logs for t in log["trials"] if t["value"] is not None]
     return min(done, key=lambda t: t["value"]) if done else None
 
@@ -249,7 +260,7 @@ def cost_rows(results: dict) -> list[dict]:
     to it (over those that did), and the samples to it seed by seed (for the saving of pruning)."""
     rows = []
     for key, logs in results.get("runs", {}).items():
-        method, optimizer, prune = key.split(",")
+        method, optimizer, prune = row_of(key)
         if not logs or (anchor := target_of(results, method)) is None:  # rows only once the spread is measured
             continue
         rows.append({"method": method, "optimizer": optimizer, "pruning": prune == "on", "best": anchor[0],
@@ -261,8 +272,8 @@ def variant_lines(results: dict) -> list[str]:
     """The pruning variants' rows: each beside the same optimizer's searches without pruning."""
     lines, before = [], before_key(results["settings"]["n"])
     for key, logs in results.get("variants", {}).items():
-        method, optimizer, pruning = key.split(",", 2)
-        off = results.get("runs", {}).get(f"{method},{optimizer},off", [])
+        method, optimizer, pruning = row_of(key)
+        off = results.get("runs", {}).get(row_key(method, optimizer, "off"), [])
         if len(logs) < results["plan"]["seeds"] or (anchor := target_of(results, method)) is None:
             continue  # a row once every search seed is done
         row, without = reach_summary(logs, anchor[1]), reach_summary(off, anchor[1])
@@ -289,7 +300,7 @@ def than_before(results: dict, row: dict) -> str:
     """'; median samples to target 3,306 (3/3 seeds) against 4,875 (2/3) for the search before issue
     27: fewer' for ``row`` (a method's optimizer with pruning), once that search (``before_key``) has
     every search seed; else ''."""
-    logs = results.get("variants", {}).get(f"{row['method']},tpe,{before_key(results['settings']['n'])}", [])
+    logs = results.get("variants", {}).get(row_key(row["method"], "tpe", before_key(results["settings"]["n"])), [])
     if len(logs) < results["plan"]["seeds"] or row["median_samples"] is None:
         return ""
     old = reach_summary(logs, row["target"])
@@ -329,7 +340,7 @@ def render(results: dict) -> list[str]:
         for optimizer in plan["optimizers"]:
             on, off = by_key.get((method, optimizer, True)), by_key.get((method, optimizer, False))
             for r, label in ((on, "on"), (off, "off")):
-                done = r["seeds"] if r else len(results.get("runs", {}).get(f"{method},{optimizer},{label}", []))
+                done = r["seeds"] if r else len(results.get("runs", {}).get(row_key(method, optimizer, label), []))
                 if done < plan["seeds"]:
                     missing.append(f"{method} {optimizer} pruning {label} ({done} of {plan['seeds']} seeds)")
             if not on or not off:
@@ -360,7 +371,7 @@ def render(results: dict) -> list[str]:
     for key, variant in plan.get("variants", {}).items():
         for method in variant["methods"]:
             for optimizer in variant["optimizers"]:
-                done = len(results.get("variants", {}).get(f"{method},{optimizer},{key}", []))
+                done = len(results.get("variants", {}).get(row_key(method, optimizer, key), []))
                 if done < plan["seeds"]:
                     missing.append(f"{method} {optimizer} {pruning_text(*variant_pruning(key))} "
                                    f"({done} of {plan['seeds']} seeds)")
