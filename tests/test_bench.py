@@ -779,6 +779,58 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
                    seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=8, blocks=2, batch=8, progress=False)
 
 
+def test_a_wilcoxon_variant_pairs_each_block_s_own_fid_with_the_best_trial_s(tmp_path, tiny_model_dir, monkeypatch):
+    """Table 4's WilcoxonPruner variant: each rung before the last reports the FID of its block of
+    samples alone (cached under the block's name), the last the trial's FID at N; a trial is pruned
+    only from the 4th block on (a one-sided signed-rank test over 3 blocks cannot reach p < 0.1),
+    where successive halving would prune at the first."""
+    from skiptune_search.bench import cost as C
+    from skiptune_search.scoring import evaluator as E
+    from skiptune_search.scoring.evaluator import Evaluator
+
+    stand_in = lambda features, reference: float(features.double().mean().abs())  # noqa: E731
+    monkeypatch.setattr(E, "fid_from_features", stand_in)
+    monkeypatch.setattr(C, "fid_from_features", stand_in)
+    features, score = [], Evaluator.score
+
+    def keeping(self, schedule, *args, **kwargs):  # the features of every schedule's 16 samples
+        for rung in score(self, schedule, *args, **kwargs):
+            if rung.n == 16:
+                features.append(rung.features)
+            yield rung
+
+    monkeypatch.setattr(Evaluator, "score", keeping)
+    path, rungs = tmp_path / "cost.json", C.blocks(16, 8)
+    assert rungs == (2, 4, 6, 8, 10, 12, 14, 16)
+    results = C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear",), optimizers=("random",),
+                         seeds=1, trials=12, n=16, rungs=(16,), reduction_factor=8, blocks=2, batch=16,
+                         variants=((rungs, C.WILCOXON, None, ("random",)),), progress=False)
+    key = C.variant_key(rungs, C.WILCOXON)
+    assert key == "2-4-6-8-10-12-14-16,wilcoxon" and C.variant_pruning(key) == (list(rungs), C.WILCOXON)
+    study = optuna.load_study(study_name=C.study_name(3, "linear", "random", True, 0, key),
+                              storage=f"sqlite:///{tmp_path / 'cost.db'}")
+    assert study.user_attrs["pruner"] == "wilcoxon"
+    trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and "same_as" not in t.user_attrs]
+    cache = [v for v in results["cache"].values() if "0-2" in v]  # the variant's schedules
+    for t in trials:  # each rung reports its block's FID, the last FID at N, the trial's value
+        scored = next(v for v in cache if v["0-2"] == t.intermediate_values[2])
+        assert all(t.intermediate_values[b] == scored[f"{a}-{b}" if b < 16 else "16"]
+                   for a, b in zip((0, *rungs), rungs) if b in t.intermediate_values)
+        if t.state.name == "COMPLETE":
+            assert t.value == scored["16"]
+    # a block's value is the FID of its own samples alone, not of all samples so far
+    entry = next(v for v in cache if v["16"] == stand_in(features[-1], None))
+    assert all(entry[f"{a}-{b}"] == stand_in(features[-1][a:b], None) for a, b in zip((0, *rungs), rungs[:-1]))
+    assert any(entry[f"{a}-{b}"] != entry[str(b)] for a, b in zip((0, *rungs), rungs[:-1]))
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and all(t.last_step >= 8 for t in pruned)  # the 4th block's rung, not before
+    assert [t["samples"] for t in results["variants"][f"linear,random,{key}"][0]["trials"] if t["value"] is None] == [
+        t.last_step for t in pruned]
+    text = "\n".join(C.render(json.loads(path.read_text())))
+    assert ("| linear | random | Optuna's WilcoxonPruner (p < 0.1) on the FID of each of 8 blocks of 2 samples, "
+            "against the best trial's |") in text
+
+
 def test_an_interrupted_search_s_process_time_is_counted_when_it_resumes(tmp_path, tiny_model_dir, monkeypatch):
     """Table 4's CPU-hours: the process time a search spent before an interruption (up to its last
     saved score) is kept and added to what it spends once resumed."""

@@ -20,13 +20,18 @@ written to the JSON results file at once: an interrupted run resumes where it st
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
+import warnings
 from pathlib import Path
+
+import optuna
 
 from ..core.schedule import RhoSchedule
 from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung
+from ..scoring.metrics import fid_from_features
 from ..scoring.task import Task, default_rungs
 from ..search.objective import calls_key, run_search
 from ..search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, pruning_text
@@ -35,6 +40,14 @@ from ..search.study import open_study
 from .headline import fixed_schedule, method_space
 from .search import (HELD_OUT_SEED, _reach, check_same_settings, fmt, load_results, pruning_saving, save_results,
                      stamp_run, with_legacy_factor)
+
+WILCOXON = "wilcoxon"  # a variant pruned by Optuna's WilcoxonPruner over blocks of samples (``CachedScorer``)
+
+
+def blocks(n: int, k: int) -> tuple[int, ...]:
+    """The rungs that split N samples into ``k`` blocks of N/k (rounded)."""
+    return tuple(round(n * (i + 1) / k) for i in range(k))
+
 
 # the protocol: full, at most about 20 CPU-hours on a 2-core machine, pruned as the tool prunes a
 # search of N = 500 by default; quick (nfe None: bench's --nfe), to keep it working
@@ -50,16 +63,20 @@ from .search import (HELD_OUT_SEED, _reach, check_same_settings, fmt, load_resul
 # - a third at 62 and again at 250: on linear and per_level, at every seed too, in more trials on
 #   linear (16 against 12) and saving 32% and 44%, so no other method has it;
 # - the search before issue 27 (``before_key``: TPE, rungs N/4 and N keeping the best third), what
-#   item 2 asks each method's default optimizer to spend fewer samples than
+#   item 2 asks each method's default optimizer to spend fewer samples than;
+# - Optuna's WilcoxonPruner over 16 blocks of N/16 samples (``WILCOXON``), which issue 27 names: it
+#   can prune only from the 4th block on (a one-sided signed-rank test over 3 blocks cannot reach
+#   p < 0.1), so 16 blocks, where 8 could save less than half of a pruned trial's samples
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
                      rungs=default_rungs(500), reduction_factor=REDUCTION_FACTOR, blocks=8, batch=250,
-                     variants=(((125, 500), REDUCTION_FACTOR, ("linear", "per_level"), ("tpe", "cmaes")),
+                     variants=((blocks(500, 16), WILCOXON, ("linear", "per_level"), ("tpe",)),
+                               ((125, 500), REDUCTION_FACTOR, ("linear", "per_level"), ("tpe", "cmaes")),
                                ((62, 500), LEGACY_REDUCTION_FACTOR, None, ("tpe",)),
                                ((62, 250, 500), LEGACY_REDUCTION_FACTOR, ("linear", "per_level"), ("tpe",)),
                                ((125, 500), LEGACY_REDUCTION_FACTOR, None, ("tpe",)))),
          True: dict(nfe=None, methods=("linear", "freeu"), optimizers=("tpe",), seeds=1, trials=3, n=16, rungs=(4, 16),
                     reduction_factor=REDUCTION_FACTOR, blocks=2, batch=16,
-                    variants=(((4, 16), LEGACY_REDUCTION_FACTOR, None, ("tpe",)),))}
+                    variants=(((4, 16), LEGACY_REDUCTION_FACTOR, None, ("tpe",)), (blocks(16, 4), WILCOXON, None, ("tpe",))))}
 METHODS = ("linear", "per_level", "freeu_allsteps", "per_layer", "per_noise", "freeu", "linear_freeu")
 # item 2 of issue 27: the trials a method's default optimizer should need, as a median over search seeds
 TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer": 25, "per_noise": 25,
@@ -69,25 +86,45 @@ TRIAL_TARGETS = {"linear": 10, "per_level": 10, "freeu_allsteps": 10, "per_layer
 class CachedScorer:
     """The evaluator of one search, its scores taken from ``cache`` where the same model calls were
     scored before (by any search of the run) and added to it where not. ``cache`` maps a schedule's
-    ``calls_key`` to its FID at each rung scored so far."""
+    ``calls_key`` to its FID at each rung scored so far ('500'), and to the FID of a block of samples
+    alone ('250-281').
 
-    def __init__(self, evaluator: Evaluator, task: Task, cache: dict, save) -> None:
-        self.evaluator, self.task, self.cache, self.save = evaluator, task, cache, save
+    ``blocks`` (for ``WILCOXON``): each rung before the last yields the FID of its own samples alone
+    (those after the previous rung), the per-block values Optuna's WilcoxonPruner pairs with the
+    best trial's; the last rung yields FID at N, the trial's value, as without."""
+
+    def __init__(self, evaluator: Evaluator, task: Task, cache: dict, save, blocks: bool = False) -> None:
+        self.evaluator, self.task, self.cache, self.save, self.blocks = evaluator, task, cache, save, blocks
 
     def __getattr__(self, name):  # the controller, call_sigmas, ... of the evaluator
         return getattr(self.evaluator, name)
 
     def score(self, schedule: RhoSchedule, progress: bool | str = False):
         key = calls_key(schedule, self.evaluator.call_sigmas, self.evaluator.controller.hidden_channels())
+        rungs = self.task.rungs
+        names = [f"{start}-{n}" if self.blocks and n != rungs[-1] else str(n) for start, n in zip((0, *rungs), rungs)]
         known = self.cache.get(key, {})
-        if all(str(n) in known for n in self.task.rungs):
-            for n in self.task.rungs:
-                yield Rung(n, known[str(n)])
+        if all(name in known for name in names):
+            for n, name in zip(rungs, names):
+                yield Rung(n, known[name])
             return
-        for rung in self.evaluator.score(schedule, rungs=self.task.rungs, progress=progress, kid=False):
-            self.cache.setdefault(key, {})[str(rung.n)] = rung.fid
+        start = 0
+        for rung, name in zip(self.evaluator.score(schedule, rungs=rungs, progress=progress, kid=False), names):
+            entry = self.cache.setdefault(key, {})
+            entry[str(rung.n)] = rung.fid
+            if name != str(rung.n):
+                entry[name] = fid_from_features(rung.features[start:], self.evaluator.reference)
+                rung = dataclasses.replace(rung, fid=entry[name])
+            start = rung.n
             self.save()
             yield rung
+
+
+def wilcoxon_pruner() -> optuna.pruners.BasePruner:
+    """Optuna's WilcoxonPruner at its defaults (p < 0.1)."""
+    with warnings.catch_warnings():  # 'experimental' in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.WilcoxonPruner()
 
 
 def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int, variant: str = "") -> str:
@@ -96,15 +133,24 @@ def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int, va
     return f"cost-nfe{nfe}-{method}-{optimizer}-{'on' if prune else 'off'}-seed{seed}{tail}"
 
 
-def variant_key(rungs, reduction_factor: int) -> str:
-    """A pruning variant as results name it: '125-500,rf8'."""
-    return "-".join(map(str, rungs)) + f",rf{reduction_factor}"
+def variant_key(rungs, reduction_factor: int | str) -> str:
+    """A pruning variant as results name it: '125-500,rf8'; '31-62-...-500,wilcoxon'."""
+    return "-".join(map(str, rungs)) + (f",{reduction_factor}" if reduction_factor == WILCOXON
+                                        else f",rf{reduction_factor}")
 
 
-def variant_pruning(key: str) -> tuple[list[int], int]:
-    """The rungs and reduction factor of a ``variant_key``."""
+def variant_pruning(key: str) -> tuple[list[int], int | str]:
+    """The rungs and reduction factor (or ``WILCOXON``) of a ``variant_key``."""
     rungs, factor = key.split(",")
-    return [int(r) for r in rungs.split("-")], int(factor.removeprefix("rf"))
+    return [int(r) for r in rungs.split("-")], factor if factor == WILCOXON else int(factor.removeprefix("rf"))
+
+
+def variant_text(rungs, factor: int | str) -> str:
+    """A variant's pruning as the table says it."""
+    if factor == WILCOXON:
+        return (f"Optuna's WilcoxonPruner (p < 0.1) on the FID of each of {len(rungs)} blocks of "
+                f"{rungs[-1] / len(rungs):g} samples, against the best trial's")
+    return pruning_text(rungs, factor)
 
 
 def row_key(method: str, optimizer: str, pruning: str) -> str:
@@ -175,15 +221,19 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
 
     def search(logs: list, space, optimizer: str, seed: int, task: Task, factor: int, name: str,
                label: str) -> None:  # one search, resumed where it stopped; its log appended to logs
+        wilcoxon = factor == WILCOXON
         study = open_study(storage, name, task, space, ctl, seed, optimizer, warm_start=False,
-                           reduction_factor=factor)
+                           reduction_factor=REDUCTION_FACTOR if wilcoxon else factor)
+        if wilcoxon:  # the study records successive halving's factor; this one searches with the pruner here
+            study.pruner = wilcoxon_pruner()
+            study.set_user_attr("pruner", WILCOXON)
         start = time.process_time() - partial.get(name, 0.0)  # an interrupted run's share counts
 
         def save_search() -> None:
             partial[name] = round(time.process_time() - start, 1)
             save()
 
-        run_search(CachedScorer(evaluator, task, cache, save_search), study, space, trials,
+        run_search(CachedScorer(evaluator, task, cache, save_search, blocks=wilcoxon), study, space, trials,
                    progress=progress and label)
         logs.append({"seed": seed, "trials": trial_log(study), "cpu_seconds": round(time.process_time() - start, 1)})
         partial.pop(name, None)
@@ -214,9 +264,14 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                     if len(logs) <= seed:
                         search(logs, space, optimizer, seed, task, factor,
                                study_name(nfe, method, optimizer, True, seed, key),
-                               f"variant {extra_count}/{extra} ({method}, {optimizer}, rungs "
-                               f"{','.join(map(str, variant_rungs))} rf{factor}, seed {seed})")
+                               f"variant {extra_count}/{extra} ({method}, {optimizer}, "
+                               f"{variant_label(variant_rungs, factor)}, seed {seed})")
     return results
+
+
+def variant_label(rungs, factor: int | str) -> str:
+    """A variant's pruning in a progress bar: 'rungs 62,500 rf3', 'wilcoxon on 16 blocks'."""
+    return f"wilcoxon on {len(rungs)} blocks" if factor == WILCOXON else f"rungs {','.join(map(str, rungs))} rf{factor}"
 
 
 def trial_log(study) -> list[dict]:
@@ -280,14 +335,15 @@ def variant_lines(results: dict) -> list[str]:
         cut = pruning_saving(row["samples_to_target"], without["samples_to_target"])
         rungs, factor = variant_pruning(pruning)
         mark = " (the search before issue 27)" if pruning == before else ""
-        lines.append(f"| {method} | {optimizer} | {','.join(map(str, rungs))}: {pruning_text(rungs, factor)}{mark} | "
+        shown = "" if factor == WILCOXON else f"{','.join(map(str, rungs))}: "  # 16 rungs: the text says them
+        lines.append(f"| {method} | {optimizer} | {shown}{variant_text(rungs, factor)}{mark} | "
                      f"{row['reached']}/{row['seeds']} | {fmt(row['median_trials'], 'g')} | "
                      f"{fmt(row['median_samples'], ',.0f')} | "
                      f"{f'{cut[0]:.0f}% ({cut[1]} seed' + 's' * (cut[1] > 1) + ')' if cut else '–'} |")
     if not lines:
         return []
     plan = results["plan"]
-    only = [f"{pruning_text(*variant_pruning(key))} on {', '.join(v['methods'])} only"
+    only = [f"{variant_text(*variant_pruning(key))} on {', '.join(v['methods'])} only"
             for key, v in plan.get("variants", {}).items() if set(v["methods"]) != set(plan["methods"])]
     return ["", "Pruning variants: the same searches with another pruning, against the same target; samples saved "
                 "vs the same optimizer and search seed without pruning" + (f" ({'; '.join(only)})" if only else "")
@@ -373,7 +429,7 @@ def render(results: dict) -> list[str]:
             for optimizer in variant["optimizers"]:
                 done = len(results.get("variants", {}).get(row_key(method, optimizer, key), []))
                 if done < plan["seeds"]:
-                    missing.append(f"{method} {optimizer} {pruning_text(*variant_pruning(key))} "
+                    missing.append(f"{method} {optimizer} {variant_text(*variant_pruning(key))} "
                                    f"({done} of {plan['seeds']} seeds)")
     if missing:
         lines += ["", f"Not measured yet (rerun the same command to go on): {', '.join(missing)}."]
