@@ -23,10 +23,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-import warnings
 from pathlib import Path
-
-import optuna
 
 from ..core.schedule import RhoSchedule
 from ..models.loaders import weights_fingerprint
@@ -34,7 +31,7 @@ from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.metrics import fid_from_features
 from ..scoring.task import Task, default_rungs
 from ..search.objective import calls_key, run_search
-from ..search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, pruning_text
+from ..search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, pruning_text, wilcoxon_pruner
 from ..search.storage import make_storage
 from ..search.study import open_study
 from .headline import fixed_schedule, method_space
@@ -122,13 +119,6 @@ class CachedScorer:
             start = rung.n
             self.save()
             yield rung
-
-
-def wilcoxon_pruner() -> optuna.pruners.BasePruner:
-    """Optuna's WilcoxonPruner at its defaults (p < 0.1)."""
-    with warnings.catch_warnings():  # 'experimental' in Optuna's words
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.pruners.WilcoxonPruner()
 
 
 def study_name(nfe: int, method: str, optimizer: str, prune: bool, seed: int, variant: str = "") -> str:

@@ -100,6 +100,14 @@ def make_pruner(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR,
                                                   reduction_factor=reduction_factor)
 
 
+def wilcoxon_pruner() -> optuna.pruners.BasePruner:
+    """Optuna's WilcoxonPruner at its defaults (p < 0.1): BENCHMARKS.md table 4 searches with it over
+    blocks of samples, each rung reporting its block's own FID (``bench.cost.CachedScorer``)."""
+    with warnings.catch_warnings():  # 'experimental' in Optuna's words
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.WilcoxonPruner()
+
+
 def checked_rungs(rungs: Sequence[int], reduction_factor: int = REDUCTION_FACTOR,
                   min_resource: int | None = None) -> list[int]:
     """The rungs before the last at which successive halving checks a trial: it checks the k-th
