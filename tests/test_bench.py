@@ -485,15 +485,16 @@ def test_a_trial_left_running_by_a_killed_run_is_failed_and_queued_again(tmp_pat
 
 
 def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path, monkeypatch):
-    """A seed that reached the target only without pruning is left out of the comparison; the
-    default pruning's rows, then each variant the grid holds FID for, then no pruning."""
+    """A seed that reached the target only without pruning is left out of the comparison; each
+    optimizer's own default pruning's rows (TPE's a third at N/8, CMA-ES's an eighth), then each
+    variant the grid holds FID for, then no pruning."""
     from skiptune_search.bench import run as bench
     from skiptune_search.scoring.task import default_rungs
-    from skiptune_search.search.optimizers import REDUCTION_FACTOR, pruning_text
+    from skiptune_search.search.optimizers import default_reduction_factor, pruning_text
 
     grid = {"grid": _bowl_grid(), "settings": {"points": 11, "placement": "input", "task": {
         "rungs": [250, 1000], "seed": 0, "sampler": "heun", "nfe": 9}}, "command": "c", "machine": "m", "date": "d"}
-    default = BS.pruning_key(default_rungs(1000), REDUCTION_FACTOR)  # the tool's pruning for the grid's N
+    default = BS.pruning_key(default_rungs(1000), default_reduction_factor("tpe"))  # TPE's for the grid's N
     row = {"optimizer": "tpe", "seeds": 3, "median_trials": 5, "median_best_at_default": 100,
            "median_samples_at_default": 1}
     rows = [{**row, "pruning": True, "pruner": default, "reached": 2, "median_samples": 600,
@@ -511,13 +512,14 @@ def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path,
     lines = bench._table4(grid, size, tmp_path)
     text = "\n".join(lines)
     # the grid holds no FID at 63: that variant is not replayed
-    assert asked[-1][2] == 3 and asked[-1][5] == ((default_rungs(1000), REDUCTION_FACTOR), ((250, 1000), 3))
+    assert asked[-1][2] == 3 and asked[-1][5] == ((default_rungs(1000), 3), (default_rungs(1000), 8), ((250, 1000), 3))
     assert "tpe 40% (2 seeds)." in text  # seeds 0 and 2: 50% and 30% saved
     assert "| tpe | on | 2/3 |" in text and "| tpe | off | 3/3 |" in text and "250-1000" not in text
-    assert f"pruning on: rungs {','.join(map(str, default_rungs(1000)))}, {pruning_text(default_rungs(1000))}" in text
+    assert (f"pruning on: rungs 125,1000, each optimizer's own pruning, the tool's default for N = 1000 (tpe, "
+            f"random: {pruning_text((125, 1000), 3)}; cmaes: {pruning_text((125, 1000), 8)}; gp: no pruning)") in text
     variants = [line for line in lines if line.startswith("| tpe |")][2:]  # after the rows of the first table
     assert variants == [
-        f"| tpe | {','.join(map(str, default_rungs(1000)))} | {pruning_text(default_rungs(1000))} (default) | "
+        f"| tpe | {','.join(map(str, default_rungs(1000)))} | {pruning_text(default_rungs(1000), 3)} (default) | "
         f"2/3 | 5 | 600 | 40% |",
         "| tpe | 250,1000 | successive halving keeping the best third at 250 (the default before) | 3/3 | 5 | 800 | "
         "10% |",  # 10%, 0%, 20%
@@ -739,7 +741,15 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     assert "Pruning variants" in text
     # rungs N/4 and N keeping a third: how every search pruned before issue 27, and the row says so
     assert "| linear | random | 2,8: successive halving keeping the best third at 2 (the search before issue 27) |" in text
-    assert "Fewest trials to target per method" in text
+    assert "Each method's pick among the optimizers that reached its target at every search seed" in text
+    assert "(random: successive halving keeping the best third at 4;" in text  # random's own pruning: the protocol's
+    assert "linear: random (median" in text
+    # an optimizer whose own pruning is not the protocol's is picked from the variant row with it, once it has one
+    other = json.loads(path.read_text())
+    other["settings"]["reduction_factor"] = 8
+    assert "linear: random" not in "\n".join(C.render(other))  # no row with random's own pruning (a third at 4)
+    other["variants"]["linear,random,4-8,rf3"] = other["runs"]["linear,random,on"]
+    assert "linear: random (median" in "\n".join(C.render(other))
     # a method under way (its search running, no spread yet) renders no row, only what is missing
     under_way = json.loads(path.read_text())
     under_way["plan"]["methods"].append("per_level")
@@ -777,6 +787,24 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     with pytest.raises(InputError, match=r"of other settings \(reduction_factor: 3 \(now 8\)\)"):
         C.run_cost(str(tiny_model_dir), path, "c", "box", nfe=3, methods=("linear", "freeu"), optimizers=("random",),
                    seeds=1, trials=3, n=8, rungs=(4, 8), reduction_factor=8, blocks=2, batch=8, progress=False)
+
+
+def test_a_method_s_pick_meets_more_of_issue_27_s_targets_then_needs_fewest_trials(monkeypatch):
+    """Of the optimizers reaching a method's target at every seed: the one meeting more of its
+    trial target and fewer samples than the search before issue 27, then the fewest trials."""
+    from skiptune_search.bench import cost as C
+
+    tpe = {"method": "linear", "optimizer": "tpe", "median_trials": 12, "median_samples": 4248}
+    cmaes = {"method": "linear", "optimizer": "cmaes", "median_trials": 18, "median_samples": 3306}
+    fewer = {"cmaes"}
+    monkeypatch.setattr(C, "versus_before", lambda results, row: ("", "fewer" if row["optimizer"] in fewer
+                                                                   else "not fewer"))
+    assert C.pick_of({}, [tpe, cmaes]) is cmaes  # fewer samples than before: one target met against none
+    fewer = {"cmaes", "tpe"}
+    assert C.pick_of({}, [cmaes, tpe]) is tpe  # as many targets met: the fewest trials
+    fewer = {"cmaes"}
+    assert C.pick_of({}, [cmaes, tpe | {"median_trials": 10}])["optimizer"] == "tpe"  # ≤ 10 trials: one target each
+    assert C.pick_of({}, [cmaes | {"median_trials": 12}, tpe])["optimizer"] == "cmaes"  # one target against none
 
 
 def test_a_wilcoxon_variant_pairs_each_block_s_own_fid_with_the_best_trial_s(tmp_path, tiny_model_dir, monkeypatch):

@@ -299,22 +299,24 @@ def _optuna_checks(rungs, reduction_factor, min_resource=None):
 
 def test_rungs_that_successive_halving_never_checks_are_named():
     from skiptune_search.scoring.task import default_rungs
-    from skiptune_search.search.optimizers import REDUCTION_FACTOR, checked_rungs, pruning_text, unpruned_rungs
+    from skiptune_search.search.optimizers import checked_rungs, default_reduction_factor, pruning_text, unpruned_rungs
 
-    assert unpruned_rungs((125, 1000)) == [] and unpruned_rungs((1000,)) == []
-    assert unpruned_rungs(default_rungs(1000)) == unpruned_rungs(default_rungs(500)) == []  # one check, at N/8
-    assert unpruned_rungs((15, 125, 1000)) == []  # 125 ≥ 15 x 8
-    assert unpruned_rungs((250, 500, 1000)) == [500]
+    for optimizer in ("tpe", "cmaes", "gp", "random"):  # one check, at N/8, whatever the optimizer's share
+        factor = default_reduction_factor(optimizer)
+        assert unpruned_rungs((125, 1000), factor) == [] and unpruned_rungs((1000,), factor) == []
+        assert unpruned_rungs(default_rungs(1000), factor) == unpruned_rungs(default_rungs(500), factor) == []
+    assert unpruned_rungs((15, 125, 1000), 8) == []  # 125 ≥ 15 x 8
+    assert unpruned_rungs((250, 500, 1000), 8) == [500]
     assert unpruned_rungs((111, 333, 1000), 3) == [] and unpruned_rungs((250, 500, 1000), 3) == [500]
     assert unpruned_rungs((250, 800, 1000), 3) == []  # 800 ≥ 750: the second check falls there
-    for rungs, factor, start in (((125, 1000), REDUCTION_FACTOR, None), ((15, 125, 1000), 8, None),
+    for rungs, factor, start in (((125, 1000), 3, None), ((15, 125, 1000), 8, None),
                                  ((250, 500, 1000), 8, None), ((250, 500, 800, 1000), 3, None),
                                  ((63, 250, 1000), 4, None), ((63, 250, 1000), 4, 62), ((4, 5, 16), 2, 2)):
         assert checked_rungs(rungs, factor, start) == _optuna_checks(rungs, factor, start), (rungs, factor, start)
     assert checked_rungs((63, 250, 1000), 4, 62) == [63, 250] and checked_rungs((63, 250, 1000), 4) == [63]
     assert pruning_text((250, 1000), 3) == "successive halving keeping the best third at 250"
     assert pruning_text((63, 250, 1000), 4, 62) == "successive halving keeping the best quarter at 63 and 250"
-    assert pruning_text((1000,)) == "no pruning"
+    assert pruning_text((1000,), 3) == "no pruning" and pruning_text((125, 1000), 0) == "no pruning"  # GP's
     # and Optuna's pruner agrees: a trial worse than two others is not pruned at 500, is at 750
     study = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=250, reduction_factor=3))
     for value in (1.0, 2.0):
@@ -333,18 +335,23 @@ def test_rungs_that_successive_halving_never_checks_are_named():
 
 
 def test_a_study_keeps_the_pruning_it_was_created_with(evaluator, tmp_path):
-    """A new study records its successive halving factor; resumed, it keeps it whatever the caller
-    (a later default) asks for; a study from before the factor was recorded resumes with 3."""
-    from skiptune_search.search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR
+    """A new study records its successive halving factor, its optimizer's unless told (TPE keeps a
+    third, CMA-ES an eighth); resumed, it keeps it whatever the caller (a later default) asks for; a
+    study from before the factor was recorded resumes with 3."""
+    from skiptune_search.search.optimizers import LEGACY_REDUCTION_FACTOR
 
     task = Task(model=evaluator.task.model, nfe=3, n=12, seed=100, rungs=(6, 12))
     storage = make_storage(f"sqlite:///{tmp_path}/s.db")
-    study = open_study(storage, "new", task, SPACE, evaluator.controller, 0)
-    assert study.user_attrs["reduction_factor"] == REDUCTION_FACTOR
-    assert study.pruner._reduction_factor == REDUCTION_FACTOR  # Optuna's pruner, as built
-    other = REDUCTION_FACTOR + 2
+    study = open_study(storage, "new", task, SPACE, evaluator.controller, 0)  # TPE
+    assert study.user_attrs["reduction_factor"] == 3
+    assert study.pruner._reduction_factor == 3  # Optuna's pruner, as built
+    cma = open_study(storage, "cma", task, SPACE, evaluator.controller, 0, optimizer="cmaes")
+    assert cma.user_attrs["reduction_factor"] == cma.pruner._reduction_factor == 8
+    gp = open_study(storage, "gp", task, SPACE, evaluator.controller, 0, optimizer="gp")  # models completed trials only
+    assert gp.user_attrs["reduction_factor"] == 0 and isinstance(gp.pruner, optuna.pruners.NopPruner)
+    other = 5
     resumed = open_study(storage, "new", task, SPACE, evaluator.controller, 0, reduction_factor=other)
-    assert resumed.pruner._reduction_factor == REDUCTION_FACTOR
+    assert resumed.pruner._reduction_factor == 3
     assert open_study(storage, "other", task, SPACE, evaluator.controller, 0,
                       reduction_factor=other).pruner._reduction_factor == other
     old = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "old")  # as made before the factor
@@ -383,7 +390,7 @@ def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_p
     from skiptune_search.search import default_optimizer
     from skiptune_search.search.tune import prepare
 
-    assert default_optimizer("linear") == "cmaes"  # table 4's pick
+    assert default_optimizer("linear") == "cmaes" and default_optimizer("per_layer") == "gp"  # table 4's picks
     monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "gp"})  # as when it picks another
     assert default_optimizer("linear") == "gp"
     monkeypatch.undo()  # the real table again
@@ -481,7 +488,7 @@ def test_cmaes_counts_pruned_trials_toward_its_generations():
     generations = {}
     for name, sampler in (("ours", CmaEs(seed=0, popsize=4)),
                           ("plain", optuna.samplers.CmaEsSampler(seed=0, popsize=4))):
-        study = optuna.create_study(sampler=sampler, pruner=make_pruner((2, 16)))
+        study = optuna.create_study(sampler=sampler, pruner=make_pruner((2, 16), 8))
         study.optimize(toy, n_trials=24)
         assert sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials) >= 12  # mostly pruned
         generations[name] = max(t.system_attrs.get("cma:generation", -1) for t in study.trials)

@@ -32,7 +32,7 @@ from ..scoring.metrics import extract_features, fid_from_features, kid_from_feat
 from ..scoring.objectives import objective as objective_of
 from ..scoring.task import Task, default_rungs
 from ..search.objective import Objective
-from ..search.optimizers import LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, pruning_text
+from ..search.optimizers import LEGACY_REDUCTION_FACTOR, NO_PRUNING, default_reduction_factor, pruning_text
 from ..search.space import PAPER_RAMP, Space, log_spaced_knots
 from ..search.storage import make_storage
 from ..search.study import open_study
@@ -513,19 +513,24 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
     best_key = min(grid["grid"], key=lambda k: grid["grid"][k]["fid"][n])
     best = grid["grid"][best_key]["fid"][n]
     base = grid["grid"][BS.point_key(1.0, 1.0)]["fid"][n]
-    default = (default_rungs(int(n)), REDUCTION_FACTOR)  # the tool's own pruning for the grid's N
+    # each optimizer's own pruning, as the tool searches the grid's N with it (GP's: none)
+    first = default_rungs(int(n))
+    defaults = {o: (first, f) for o in OPTIMIZERS if (f := default_reduction_factor(o)) != NO_PRUNING}
     held = lambda p: all(str(r) in point["fid"] for point in grid["grid"].values() for r in p[0])  # noqa: E731
-    pruners = {BS.pruning_key(*p): p for p in (default, *size["pruners"]) if held(p)}
+    pruners = {BS.pruning_key(*p): p for p in (*dict.fromkeys(defaults.values()), *size["pruners"]) if held(p)}
     seeds = size["replay_seeds"]
     every = [r for r in BS.search_efficiency(grid, BS.replays(grid, OPTIMIZERS, seeds, size["trials"],
                                                               work / "replays.json", tuple(pruners.values())))
              if r["pruner"] is None or r["pruner"] in pruners]
-    on = BS.pruning_key(*default)
+    own = {o: BS.pruning_key(*defaults[o]) if o in defaults else None for o in OPTIMIZERS}
     before = BS.pruning_key(s["task"]["rungs"], size.get("reduction_factor", LEGACY_REDUCTION_FACTOR))
-    rows = [r for r in every if r["pruner"] in (None, on)]
-    with_pruning = (f"pruning on: rungs {','.join(map(str, default[0]))}, {pruning_text(*default)} (the tool's "
-                    f"default for N = {n})" if on in pruners else
-                    f"pruning on not replayed yet: the grid lacks FID at {default[0][0]} samples for some points")
+    rows = [r for r in every if r["pruner"] in (None, own[r["optimizer"]])]
+    shown = "; ".join(f"{', '.join(o for o in OPTIMIZERS if defaults.get(o) == p)}: {pruning_text(*p)}"
+                      for p in dict.fromkeys(defaults.values()))
+    shown += "".join(f"; {o}: no pruning" for o in OPTIMIZERS if o not in defaults)
+    with_pruning = (f"pruning on: rungs {','.join(map(str, first))}, each optimizer's own pruning, the tool's default "
+                    f"for N = {n} ({shown})" if set(own.values()) - {None} <= set(pruners) else
+                    f"pruning on not replayed yet: the grid lacks FID at {first[0]} samples for some points")
     lines = [_header(grid), "",
              f"Ground truth: all {points}x{points} (ρ_inner, ρ_outer) of the linear family in [0.5, 1.5], "
              f"{s['placement']} placement, FID at N = {n} on seeds {s['task']['seed']}-"
@@ -544,13 +549,13 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
     per_seed = {(r["optimizer"], r["pruner"]): r.get("samples_to_target", []) for r in every}
     saved = []
     for o in OPTIMIZERS:
-        if cut := BS.pruning_saving(per_seed.get((o, on), []), per_seed.get((o, None), [])):
+        if own[o] and (cut := BS.pruning_saving(per_seed.get((o, own[o]), []), per_seed.get((o, None), []))):
             saved.append(f"{o} {cut[0]:.0f}% ({cut[1]} seed{'s' * (cut[1] > 1)})")
     if saved:
         lines += ["", "Samples saved by successive halving on the way to the same target (per search seed, "
                   "samples with pruning vs without, median over the seeds that got there both ways): "
                   + ", ".join(saved) + "."]
-    if any(r["pruner"] not in (None, on) for r in every):
+    if any(r["pruner"] not in (None, own[r["optimizer"]]) for r in every):
         lines += ["", f"Pruning variants, the default first (rungs below {s['task']['rungs'][0]} are answered by the "
                   f"grid's FID on each point's first samples, the same seeds). Saving: samples to target vs the same "
                   f"search seed without pruning (median over seeds reaching it both ways).", "",
@@ -559,13 +564,13 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
         for o in OPTIMIZERS:
             off = per_seed.get((o, None), [])
             for r in sorted((x for x in every if x["optimizer"] == o),
-                            key=lambda x: (x["pruner"] is None, x["pruner"] != on)):
+                            key=lambda x: (x["pruner"] is None, x["pruner"] != own[o])):
                 if r["pruner"] is None:
                     rungs, text, cut = s["task"]["rungs"][-1:], "none", None
                 else:
                     rungs, text = pruners[r["pruner"]][0], pruning_text(*pruners[r["pruner"]])
                     cut = BS.pruning_saving(r["samples_to_target"], off)
-                mark = {on: " (default)", before: " (the default before)"}.get(r["pruner"], "")
+                mark = {own[o]: " (default)", before: " (the default before)"}.get(r["pruner"], "")
                 lines.append(f"| {o} | {','.join(map(str, rungs))} | {text}{mark} | "
                              f"{r['reached']}/{r['seeds']} | {BS.fmt(r['median_trials'], 'g')} | "
                              f"{BS.fmt(r['median_samples'], ',.0f')} | {f'{cut[0]:.0f}%' if cut else '–'} |")

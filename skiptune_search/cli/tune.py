@@ -48,9 +48,9 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
               help="Samples per trial (proxy FID's N).")
 @click.option("--rungs", default=None,
               help="Sample counts at which a trial reports FID, ending at N, e.g. 125,1000 [default: N/8,N]. "
-                   "Successive halving keeps the best eighth at the first rung and at first rung x 8^k (a "
-                   "resumed study keeps the share it was made with: the best third if made before this default); "
-                   "a single number turns pruning off.")
+                   "Successive halving keeps the best third at the first rung and at first rung x 3^k; with "
+                   "CMA-ES the best eighth, at first rung x 8^k; GP never prunes (a resumed study keeps the "
+                   "pruning it was made with); a single number turns pruning off.")
 @click.option("--objective", default="fid", show_default=True, type=click.Choice(objective_names()),
               help=objectives_help())
 @click.option("--rho-min", default=0.5, show_default=True, type=RHO, help="Lower bound of each ρ, in (0, 4].")
@@ -67,11 +67,11 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Where to export the best schedule [default: studies/STUDY.best.json].")
 @click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
-              help="Optuna sampler proposing the trials (grid: 11 values per ρ; gp: at random until its start-up trials have "
-                   "completed, so mostly at random with pruning) [default: per family, the one "
-                   "that needed the fewest trials in BENCHMARKS.md table 4"
+              help="Optuna sampler proposing the trials (grid: 11 values per ρ; gp: without pruning, as it "
+                   "models completed trials only) [default: per family, the one BENCHMARKS.md "
+                   "table 4 picked"
                    + "".join(f", {method} {name}" for method, name in DEFAULT_OPTIMIZERS.items())
-                   + f"; {FALLBACK_OPTIMIZER} for the families it has not decided and for --placement search; a "
+                   + f"; {FALLBACK_OPTIMIZER} for the others and for --placement search; a "
                    "resumed study keeps the one it was made with].")
 @click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEARCH_SEED),
               help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "

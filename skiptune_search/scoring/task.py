@@ -147,7 +147,7 @@ class Task:
 
 def default_rungs(n: int) -> tuple[int, ...]:
     """A search's rungs when none are given: (N/8, N), or just (N) when N/8 < 2. Successive halving
-    checks a trial once, at N/8 (``search.optimizers.REDUCTION_FACTOR``)."""
+    checks a trial once, at N/8 (whatever the optimizer's share, ``search.optimizers``)."""
     return (n // 8, n) if n // 8 >= 2 else (n,)
 
 

@@ -22,7 +22,7 @@ from ..core.schedule import RhoSchedule, SkipInfo
 from ..models.loaders import DEFAULT_MODEL_NAME, weights_fingerprint
 from ..scoring.task import Task, default_sigma_grid, with_legacy_defaults
 from . import default_optimizer
-from .optimizers import LEGACY_OPTIMIZER, LEGACY_REDUCTION_FACTOR, REDUCTION_FACTOR, make_pruner, make_sampler
+from .optimizers import LEGACY_OPTIMIZER, LEGACY_REDUCTION_FACTOR, default_reduction_factor, make_pruner, make_sampler
 from .space import Space, mark_attrs
 from .storage import shown_url, storage_faults
 
@@ -88,7 +88,7 @@ def load_own_study(storage: optuna.storages.BaseStorage, name: str, where: str) 
 @storage_faults
 def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, space: Space, controller,
                seed: int, optimizer: str | None = "tpe", parallel: bool = False, warm_start: bool = True,
-               reduction_factor: int = REDUCTION_FACTOR) -> optuna.Study:
+               reduction_factor: int | None = None) -> optuna.Study:
     """Create the study, or load it and check it is this tool's and was run with the same task,
     space and weights (of ``controller``'s model: its ``arch``, ``skips`` and ``unet``); nothing
     is written to a study that fails a check. Trials a dead process
@@ -103,8 +103,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     study of this tool in the same storage that differs from it only in the NFE (``siblings``),
     its parameters carried over to this space and marked ``warm_start``.
 
-    ``reduction_factor``: a new study's successive halving, recorded in it; a resumed study keeps
-    the one it was created with (``reduction_factor_of``).
+    ``reduction_factor``: a new study's successive halving, recorded in it (None: its optimizer's,
+    ``default_reduction_factor``); a resumed study keeps the one it was created with
+    (``reduction_factor_of``).
 
     ``optimizer``: a new study's, recorded in it (None: the method's default, ``default_optimizer``);
     a resumed study keeps its own (``optimizer_of``): None resumes with it, another is refused."""
@@ -113,6 +114,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, task: Task, spac
     arch, skips, weights = controller.arch, controller.skips, weights_fingerprint(controller.unet)
     settings = json.loads(json.dumps({"task": task.scoring_key(), **space.as_dict()}))
     chosen = optimizer or default_optimizer(space.family, space.freeu_window, space.placement)
+    reduction_factor = default_reduction_factor(chosen) if reduction_factor is None else reduction_factor
     created = _create_or_wait(storage, name, {"weights": weights, "created_by": MARKER, "settings": settings,
                                               "reduction_factor": reduction_factor, "optimizer": chosen,
                                               "layout": {"arch": arch, "skips": [s.as_dict() for s in skips]}})
@@ -253,13 +255,16 @@ def _create_or_wait(storage: optuna.storages.BaseStorage, name: str, attrs: dict
 
 
 def memory_study(space: Space, skips: list[SkipInfo], optimizer: str, seed: int, rungs,
-                 reduction_factor: int = REDUCTION_FACTOR, min_resource: int | None = None) -> optuna.Study:
-    """A study in memory with the search's optimizer, pruner (``make_pruner``) and first trials: what
+                 reduction_factor: int | None = None, min_resource: int | None = None) -> optuna.Study:
+    """A study in memory with the search's optimizer, pruner (``make_pruner``, with ``optimizer``'s
+    factor where ``reduction_factor`` is None) and first trials: what
     the benchmarks replay a search on (Optuna's own log set to warnings, as ``make_storage`` does)."""
     space.check(skips)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=make_sampler(optimizer, space, skips, seed),
-                                pruner=make_pruner(rungs, reduction_factor, min_resource))
+                                pruner=make_pruner(rungs, default_reduction_factor(optimizer) if reduction_factor is None
+                                                   else reduction_factor,
+                                                   min_resource))
     for attr, params in space.first_trials(skips, optimizer):
         study.enqueue_trial(params, user_attrs=space.marks(attr))
     return study

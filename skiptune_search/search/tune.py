@@ -11,7 +11,6 @@ and sampling loop of your own:
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +224,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     first (a loop of your own, checked before any trial)."""
     from . import workers as W
     from .objective import trial_line
-    from .optimizers import checked_rungs, unpruned_rungs
+    from .optimizers import unpruned_rungs
     from .storage import check_storage_url, run_files
     from .study import baseline_trial, finished_trials, optimizer_of, queued_warm_starts, reduction_factor_of
 
@@ -278,12 +277,6 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
         if unchecked := unpruned_rungs(task.rungs, factor):
             say(f"note: successive halving checks a trial as its samples reach N = {task.rungs[0]} x {factor}^k, "
                 f"so rung(s) {','.join(map(str, unchecked))} report FID but never prune")
-        if optimizer_of(opened.user_attrs) == "gp" and checked_rungs(task.rungs, factor):
-            # Optuna's GPSampler models completed trials only, sampling at random until it has enough
-            startup = inspect.signature(optuna.samplers.GPSampler).parameters["n_startup_trials"].default
-            say(f"note: GP proposes at random until {startup} trials have completed, and successive halving "
-                f"completes about one trial in {factor}: with pruning it searches mostly at random (BENCHMARKS.md "
-                f"table 4); --rungs {task.n} turns pruning off")
 
         def report(study, trial) -> None:
             if line := trial_line(study, trial, task.objective):
