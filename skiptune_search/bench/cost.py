@@ -315,11 +315,18 @@ def cost_rows(results: dict) -> list[dict]:
     rows = []
     for key, logs in results.get("runs", {}).items():
         method, optimizer, prune = row_of(key)
-        if not logs or (anchor := target_of(results, method)) is None:  # rows only once the spread is measured
-            continue
-        rows.append({"method": method, "optimizer": optimizer, "pruning": prune == "on", "best": anchor[0],
-                     "target": anchor[1], **reach_summary(logs, anchor[1])})
+        if logs and (row := summary_row(results, method, optimizer, prune == "on", logs)):
+            rows.append(row)
     return rows
+
+
+def summary_row(results: dict, method: str, optimizer: str, pruning: bool, logs: list[dict]) -> dict | None:
+    """A row of ``method``'s searches (``logs``) against its target (``reach_summary``), with the
+    target and its anchor; None until the method's spread is measured."""
+    if (anchor := target_of(results, method)) is None:
+        return None
+    return {"method": method, "optimizer": optimizer, "pruning": pruning, "best": anchor[0], "target": anchor[1],
+            **reach_summary(logs, anchor[1])}
 
 
 def variant_lines(results: dict) -> list[str]:
@@ -383,10 +390,7 @@ def default_pruning_row(results: dict, method: str, optimizer: str, by_key: dict
     if factor in (s["reduction_factor"], NO_PRUNING):  # the main rows: pruning on (the protocol's) or off
         return by_key.get((method, optimizer, factor != NO_PRUNING))
     logs = results.get("variants", {}).get(row_key(method, optimizer, variant_key(s["rungs"], factor)), [])
-    if len(logs) < results["plan"]["seeds"] or (anchor := target_of(results, method)) is None:
-        return None
-    return {"method": method, "optimizer": optimizer, "pruning": True, "best": anchor[0], "target": anchor[1],
-            **reach_summary(logs, anchor[1])}
+    return summary_row(results, method, optimizer, True, logs) if len(logs) >= results["plan"]["seeds"] else None
 
 
 def pick_of(results: dict, rows: list[dict]) -> dict:
