@@ -390,7 +390,8 @@ def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_p
     from skiptune_search.search import default_optimizer
     from skiptune_search.search.tune import prepare
 
-    assert default_optimizer("linear") == "cmaes" and default_optimizer("per_layer") == "gp"  # table 4's picks
+    assert default_optimizer("linear") == "cmaes"  # table 4's picks
+    assert default_optimizer("per_layer") == default_optimizer("per_noise") == "gp"
     monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "gp"})  # as when it picks another
     assert default_optimizer("linear") == "gp"
     monkeypatch.undo()  # the real table again
