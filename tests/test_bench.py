@@ -728,28 +728,29 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     before["variants"]["linear,tpe,2-8,rf3"] = before["variants"]["linear,random,2-8,rf3"]
     first = before["variants"]["linear,tpe,2-8,rf3"][0]["trials"][0]["samples"]  # the untuned model, never pruned
     pick = {"method": "linear", "target": float("inf"), "median_samples": first - 1, "reached": 1, "seeds": 1}
-    assert C.than_before(before, pick) == (f"; median samples to target {first - 1:,} (1/1 seeds) against {first:,} "
-                                           f"(1/1) for the search before issue 27: fewer")
-    assert C.than_before(before, pick | {"median_samples": first}).endswith(": not fewer")
-    assert C.than_before(before, pick | {"reached": 0}).endswith(": at fewer search seeds")  # whatever its samples
-    assert C.than_before(before, pick | {"target": float("-inf")}) == (
-        "; the search before issue 27 reached the target at no search seed")
-    assert C.than_before(before | {"plan": before["plan"] | {"seeds": 2}}, pick) == ""  # not every seed yet
-    assert C.than_before(results, pick) == ""  # never searched
+    assert C.versus_before(before, pick) == (f"{first - 1:,} (1/1 seeds) against {first:,} (1/1): fewer", "fewer")
+    assert C.versus_before(before, pick | {"median_samples": first})[1] == "not fewer"
+    assert C.versus_before(before, pick | {"reached": 0})[1] == "at fewer search seeds"  # whatever its samples
+    assert C.versus_before(before, pick | {"target": float("-inf")}) == (
+        f"{first - 1:,} (1/1 seeds); the search before issue 27 reached the target at no search seed", None)
+    assert C.versus_before(before | {"plan": before["plan"] | {"seeds": 2}}, pick) == (f"{first - 1:,} (1/1 seeds)",
+                                                                                       None)  # not every seed yet
+    assert C.versus_before(results, pick) == (f"{first - 1:,} (1/1 seeds)", None)  # never searched
     text = "\n".join(C.render(json.loads(path.read_text())))
     assert "| linear | random |" in text and "| freeu | random |" in text and "Not measured yet" not in text
     assert "Pruning variants" in text
     # rungs N/4 and N keeping a third: how every search pruned before issue 27, and the row says so
     assert "| linear | random | 2,8: successive halving keeping the best third at 2 (the search before issue 27) |" in text
-    assert "Each method's pick among the optimizers that reached its target at every search seed" in text
-    assert "(random: successive halving keeping the best third at 4;" in text  # random's own pruning: the protocol's
-    assert "linear: random (median" in text
+    assert "Issue 27's targets per method. The pick:" in text
+    # random's own pruning is the protocol's; the tool searches linear with CMA-ES, freeu (windowed) with TPE
+    assert "| linear | random, successive halving keeping the best third at 4 | 1/1 | " in text
+    assert text.count(" | cmaes |\n") == 1 and "| freeu | random, successive" in text and " | tpe |\n" in text
     # an optimizer whose own pruning is not the protocol's is picked from the variant row with it, once it has one
     other = json.loads(path.read_text())
     other["settings"]["reduction_factor"] = 8
-    assert "linear: random" not in "\n".join(C.render(other))  # no row with random's own pruning (a third at 4)
+    assert "| linear | random," not in "\n".join(C.render(other))  # no row with random's own pruning (a third at 4)
     other["variants"]["linear,random,4-8,rf3"] = other["runs"]["linear,random,on"]
-    assert "linear: random (median" in "\n".join(C.render(other))
+    assert "| linear | random, successive halving keeping the best third at 4 |" in "\n".join(C.render(other))
     # a method under way (its search running, no spread yet) renders no row, only what is missing
     under_way = json.loads(path.read_text())
     under_way["plan"]["methods"].append("per_level")
@@ -776,7 +777,8 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
         for t in missed["runs"][key][0]["trials"]:
             t["value"] = None if t["value"] is None else best + 10 ** 6  # far above any target
     text = "\n".join(C.render(missed))
-    assert "linear: none (no optimizer reached it at every search seed; TPE stays)" in text and "| linear | random |" in text
+    assert ("| linear | none: no optimizer reached it at every search seed | – | – | – | – | cmaes |" in text
+            and "| linear | random |" in text)
     assert ("N = 8 (rungs 4,8, successive halving keeping the best third at 4, CMA-ES counting a pruned trial "
             "toward its generation at its rung's FID; pruning off: N only)") in text
     from skiptune_search.core.errors import InputError

@@ -30,6 +30,7 @@ from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.metrics import fid_from_features
 from ..scoring.task import Task, default_rungs
+from ..search import DEFAULT_OPTIMIZERS, FALLBACK_OPTIMIZER
 from ..search.objective import calls_key, run_search
 from ..search.optimizers import (LEGACY_REDUCTION_FACTOR, NO_PRUNING, default_reduction_factor, pruning_text,
                                  wilcoxon_pruner)
@@ -358,27 +359,23 @@ def variant_lines(results: dict) -> list[str]:
             "| --- | --- | --- | :---: | ---: | ---: | ---: |", *lines]
 
 
-def than_before(results: dict, row: dict) -> str:
-    """'; median samples to target 3,306 (3/3 seeds) against 4,875 (2/3) for the search before issue
-    27: fewer' for ``row`` (a method's optimizer with pruning), once that search (``before_key``) has
-    every search seed; else ''."""
-    return versus_before(results, row)[0]
-
-
 def versus_before(results: dict, row: dict) -> tuple[str, str | None]:
-    """``than_before``'s text, and its verdict: 'fewer', 'not fewer', 'at fewer search seeds', or None
-    where there is none (that search not done, or never reaching the target)."""
+    """``row``'s (a method's optimizer with its pruning) median samples to target beside the search
+    before issue 27's (``before_key``), '3,306 (3/3 seeds) against 4,000 (3/3): fewer', and the
+    verdict: 'fewer', 'not fewer', 'at fewer search seeds', or None where there is none (that search
+    without every search seed yet, or never reaching the target); ('', None) where ``row`` never did."""
     logs = results.get("variants", {}).get(row_key(row["method"], "tpe", before_key(results["settings"]["n"])), [])
-    if len(logs) < results["plan"]["seeds"] or row["median_samples"] is None:
+    if row["median_samples"] is None:
         return "", None
+    mine = f"{row['median_samples']:,.0f} ({row['reached']}/{row['seeds']} seeds)"
+    if len(logs) < results["plan"]["seeds"]:
+        return mine, None
     old = reach_summary(logs, row["target"])
     if old["median_samples"] is None:
-        return "; the search before issue 27 reached the target at no search seed", None
+        return f"{mine}; the search before issue 27 reached the target at no search seed", None
     word = ("at fewer search seeds" if row["reached"] < old["reached"]
             else "fewer" if row["median_samples"] < old["median_samples"] else "not fewer")
-    return (f"; median samples to target {row['median_samples']:,.0f} ({row['reached']}/{row['seeds']} seeds) against "
-            f"{old['median_samples']:,.0f} ({old['reached']}/{old['seeds']}) for the search before issue 27: {word}",
-            word)
+    return f"{mine} against {old['median_samples']:,.0f} ({old['reached']}/{old['seeds']}): {word}", word
 
 
 def default_pruning_row(results: dict, method: str, optimizer: str, by_key: dict) -> dict | None:
@@ -405,6 +402,58 @@ def pick_of(results: dict, rows: list[dict]) -> dict:
     return min(rows, key=lambda r: (-met(r), r["median_trials"], r["median_samples"]))
 
 
+def pick_row(results: dict, method: str, by_key: dict) -> tuple[str, dict | None] | None:
+    """``method``'s pick: ('pick', its row) among the optimizers reaching the target at every seed with
+    their own pruning (``default_pruning_row``, ``pick_of``); ('none', None) once every optimizer has
+    its rows and none did; None while that is not known yet."""
+    optimizers = results["plan"]["optimizers"]
+    rows_of = {o: default_pruning_row(results, method, o, by_key) for o in optimizers}
+    done = [r for r in rows_of.values() if r is not None]
+    full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
+    if full:
+        return "pick", pick_of(results, full)
+    if done and all((method, o, True) in by_key for o in optimizers):
+        return "none", None
+    return None
+
+
+def pick_lines(results: dict, by_key: dict) -> list[str]:
+    """Issue 27's targets per method: each method's pick (``pick_row``) with its pruning, its trials
+    against the trial target, its samples against the search before issue 27, what its pruning saved,
+    and the optimizer the tool searches the method with (``DEFAULT_OPTIMIZERS``)."""
+    s, plan, cells = results["settings"], results["plan"], []
+    for method in plan["methods"]:
+        if (found := pick_row(results, method, by_key)) is None:
+            continue
+        kind, row = found
+        default = DEFAULT_OPTIMIZERS.get(method, FALLBACK_OPTIMIZER)
+        if kind == "none":
+            cells.append(f"| {method} | none: no optimizer reached it at every search seed | – | – | – | – | {default} |")
+            continue
+        goal, factor = TRIAL_TARGETS.get(method), default_reduction_factor(row["optimizer"])
+        trials = f"{row['median_trials']:g}" + ("" if goal is None else f" (≤ {goal}: " + (
+            "met)" if row["median_trials"] <= goal else f"missed by {row['median_trials'] - goal:g})"))
+        off = by_key.get((method, row["optimizer"], False))
+        cut = pruning_saving(row["samples_to_target"], off["samples_to_target"]) if off and row["pruning"] else None
+        saved = ("none: no pruning" if factor == NO_PRUNING
+                 else f"{cut[0]:.0f}% ({cut[1]} seed{'s' * (cut[1] > 1)})" if cut else "–")
+        cells.append(f"| {method} | {row['optimizer']}, {pruning_text(s['rungs'], factor)} | "
+                     f"{row['reached']}/{row['seeds']} | {trials} | {versus_before(results, row)[0]} | {saved} | "
+                     f"{default} |")
+    if not cells:
+        return []
+    return ["", "Issue 27's targets per method. The pick: among the optimizers that reached the method's target at "
+                "every search seed, each with the pruning the tool searches with it (the main rows, or the variant "
+                "row below where the optimizer's own pruning is not the protocol's), the one meeting more of the "
+                "targets (median trials within the method's target; fewer samples to target than the search before "
+                "issue 27: TPE, rungs N/4 and N keeping a third), then the one of fewest trials. Samples saved: by "
+                "the pick's pruning, against the same optimizer and search seeds without it. The tool's default: "
+                "the optimizer a search of the method uses unless told (`DEFAULT_OPTIMIZERS`).", "",
+            "| method | pick, its pruning | seeds reaching | median trials (target) | median samples to target, "
+            "against the search before issue 27 | samples saved by its pruning | the tool's default |",
+            "| --- | --- | :---: | ---: | --- | ---: | --- |", *cells]
+
+
 def render(results: dict) -> list[str]:
     """The per-family part of table 4: the protocol, a row per method and optimizer, the saving of
     pruning, which optimizer each method's target picks, and what is not measured yet."""
@@ -428,7 +477,7 @@ def render(results: dict) -> list[str]:
              "| method | optimizer | target (best + spread) | seeds reaching, pruning on / off | median trials on / off "
              "| median samples on / off | samples saved by pruning |",
              "| --- | --- | ---: | :---: | ---: | ---: | ---: |"]
-    choices, missing = [], []
+    missing = []
     for method in plan["methods"]:
         for optimizer in plan["optimizers"]:
             on, off = by_key.get((method, optimizer, True)), by_key.get((method, optimizer, False))
@@ -444,28 +493,7 @@ def render(results: dict) -> list[str]:
                          f"{on['target'] - on['best']:.3g}) | {on['reached']}/{on['seeds']} / {off['reached']}/"
                          f"{off['seeds']} | {fmt(on['median_trials'], 'g')} / {fmt(off['median_trials'], 'g')} | "
                          f"{fmt(on['median_samples'], ',.0f')} / {fmt(off['median_samples'], ',.0f')} | {saved} |")
-        rows_of = {o: default_pruning_row(results, method, o, by_key) for o in plan["optimizers"]}
-        done = [r for r in rows_of.values() if r is not None]
-        full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
-        if done and not full and all((method, o, True) in by_key for o in plan["optimizers"]):
-            fallback = rows_of.get("tpe")
-            choices.append(f"{method}: none (no optimizer reached it at every search seed; TPE stays"
-                           f"{than_before(results, fallback) if fallback else ''})")
-        if full:
-            goal, pick = TRIAL_TARGETS.get(method), pick_of(results, full)
-            verdict = ("" if goal is None else f", target ≤ {goal}: " +
-                       ("met" if pick["median_trials"] <= goal else f"missed by {pick['median_trials'] - goal:g}"))
-            choices.append(f"{method}: {pick['optimizer']} (median {pick['median_trials']:g} trials with its pruning"
-                           f"{verdict}{than_before(results, pick)})")
-    if choices:
-        own = sorted({default_reduction_factor(o) for o in plan["optimizers"]})
-        pruned = "; ".join(f"{', '.join(o for o in plan['optimizers'] if default_reduction_factor(o) == f)}: "
-                           f"{pruning_text(s['rungs'], f)}" for f in own)
-        lines += ["", f"Each method's pick among the optimizers that reached its target at every search seed, each "
-                      f"with the pruning the tool searches with it ({pruned}; a row of the variants below where that "
-                      f"is not the protocol's): the one meeting more of issue 27's targets (its median trials, and "
-                      f"fewer samples than the search before issue 27), then the one of fewest trials: "
-                      + "; ".join(choices) + "."]
+    lines += pick_lines(results, by_key)
     lines += variant_lines(results)
     for key, variant in plan.get("variants", {}).items():
         for method in variant["methods"]:
