@@ -1097,3 +1097,21 @@ def test_the_warm_part_renders_a_search_that_never_reached_and_lists_the_missing
     text = "\n".join(W.render(results))
     assert "| linear | 0 | 15 / 16 | 3 / not in 3 | 20 / – | – | trial 2: 16, the best |" in text
     assert "Not measured yet: linear seed 1, per_layer seed 0, per_layer seed 1 (" in text
+
+
+def test_each_method_s_default_optimizer_is_the_pick_of_the_committed_table_4():
+    """A search naming no optimizer uses the one table 4 picked for its method (``DEFAULT_OPTIMIZERS``),
+    and TPE where table 4 picked none or has not decided yet, as the committed results stand."""
+    from pathlib import Path
+
+    from skiptune_search.bench import cost as C
+    from skiptune_search.search import FALLBACK_OPTIMIZER, default_optimizer
+
+    results = C.load_results(Path(__file__).parents[1] / "studies" / "bench" / "cost.json")
+    by_key = {(r["method"], r["optimizer"], r["pruning"]): r for r in C.cost_rows(results)}
+    picks = {m: C.pick_row(results, m, by_key) for m in results["plan"]["methods"]}
+    assert sum(found is not None and found[0] == "pick" for found in picks.values()) >= 5  # decided so far
+    for method, found in picks.items():
+        family, window = (method.removesuffix("_allsteps"), False) if method.endswith("_allsteps") else (method, True)
+        wanted = found[1]["optimizer"] if found and found[0] == "pick" else FALLBACK_OPTIMIZER
+        assert default_optimizer(family, freeu_window=window) == wanted, method
