@@ -502,6 +502,10 @@ def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path,
             {**row, "pruning": True, "pruner": "250-1000,rf3", "reached": 3, "median_samples": 800,
              "samples_to_target": [900, 200, 800]},
             {**row, "pruning": False, "pruner": None, "reached": 3, "median_samples": 900,
+             "samples_to_target": [1000, 200, 1000]},
+            {**row, "optimizer": "gp", "pruning": True, "pruner": default, "reached": 1, "median_samples": 400,
+             "samples_to_target": [400, None, None]},
+            {**row, "optimizer": "gp", "pruning": False, "pruner": None, "reached": 3, "median_samples": 900,
              "samples_to_target": [1000, 200, 1000]}]
     asked = []
     monkeypatch.setattr(BS, "replays", lambda *a, **k: asked.append(a) or {})
@@ -524,6 +528,9 @@ def test_samples_saved_by_pruning_compare_each_search_seed_with_itself(tmp_path,
         "| tpe | 250,1000 | successive halving keeping the best third at 250 (the default before) | 3/3 | 5 | 800 | "
         "10% |",  # 10%, 0%, 20%
         "| tpe | 1000 | none | 3/3 | 5 | 900 | – |"]
+    # GP's own pruning is none: its row comes first
+    assert [line.split(" | ")[2] for line in lines if line.startswith("| gp |")][-2:] == [
+        "none (default)", pruning_text(default_rungs(1000), 3)]
     for point in grid["grid"].values():
         del point["fid"]["125"]
     assert "pruning on not replayed yet: the grid lacks FID at 125 samples" in "\n".join(bench._table4(grid, size,
@@ -748,9 +755,13 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
     # an optimizer whose own pruning is not the protocol's is picked from the variant row with it, once it has one
     other = json.loads(path.read_text())
     other["settings"]["reduction_factor"] = 8
-    assert "| linear | random," not in "\n".join(C.render(other))  # no row with random's own pruning (a third at 4)
+    text = "\n".join(C.render(other))  # no search with random's own pruning (a third at 4): no candidate, no pick
+    assert "| linear | random," not in text and "| linear | none" not in text
+    other["plan"]["variants"]["4-8,rf3"] = {"methods": ["linear"], "optimizers": ["random"]}
+    assert "| linear | random," not in "\n".join(C.render(other))  # planned, not searched yet: undecided
     other["variants"]["linear,random,4-8,rf3"] = other["runs"]["linear,random,on"]
-    assert "| linear | random, successive halving keeping the best third at 4 |" in "\n".join(C.render(other))
+    text = "\n".join(C.render(other))
+    assert "| linear | random, successive halving keeping the best third at 4 |" in text and "Not a candidate" not in text
     # a method under way (its search running, no spread yet) renders no row, only what is missing
     under_way = json.loads(path.read_text())
     under_way["plan"]["methods"].append("per_level")

@@ -26,6 +26,7 @@ def test_a_gp_search_prunes_nothing(run, tiny_model_dir):
     assert study.user_attrs["reduction_factor"] == 0
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4 and "pruned" not in result.output
     assert all(2 in t.intermediate_values for t in study.trials)  # the rung still reports
+    assert ", optimizer gp, no pruning" in result.output  # the first line says how the study prunes
 
 
 def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
@@ -33,7 +34,7 @@ def test_search_export_sample_end_to_end(run, tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "baseline FID (ρ = 1):" in out and "best FID:" in out and "best ρ (outer→inner):" in out
-    assert "sqlite:///studies/skiptune.db" in out and ", optimizer cmaes" in out  # the linear family's default
+    assert "sqlite:///studies/skiptune.db" in out and ", optimizer cmaes, no pruning" in out  # linear's default; one rung
     exported = tmp_path / "studies" / "tiny-model-heun-nfe3-linear-input.best.json"
     assert exported.is_file() and str(exported.relative_to(tmp_path)) in out
     assert (tmp_path / "studies" / "skiptune.db").is_file()

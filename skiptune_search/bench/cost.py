@@ -30,7 +30,7 @@ from ..models.loaders import weights_fingerprint
 from ..scoring.evaluator import Evaluator, Rung
 from ..scoring.metrics import fid_from_features
 from ..scoring.task import Task, default_rungs
-from ..search import DEFAULT_OPTIMIZERS, FALLBACK_OPTIMIZER
+from ..search import default_optimizer
 from ..search.objective import calls_key, run_search
 from ..search.optimizers import (LEGACY_REDUCTION_FACTOR, NO_PRUNING, default_reduction_factor, pruning_text,
                                  wilcoxon_pruner)
@@ -69,9 +69,9 @@ def blocks(n: int, k: int) -> tuple[int, ...]:
 #   can prune only from the 4th block on (a one-sided signed-rank test over 3 blocks cannot reach
 #   p < 0.1), so 16 blocks, where 8 could save less than half of a pruned trial's samples. On linear
 #   and per_level it reached the target at every seed in as many trials as without pruning, but
-#   saved 27% and 17% (a third at 62: 36% and 39%), at twice the process time per search: TPE's
-#   trials cluster near the best, where blocks of 31 samples seldom tell them apart (2026-12-03),
-#   so no other method has it
+#   saved 27% and 17% (a third at 62: 36% and 39%): TPE's trials cluster near the best, where
+#   blocks of 31 samples seldom tell them apart (2026-12-03), so no other method has it. Its searches
+#   took about twice the process time, partly the results file saved after each of 16 rungs
 SIZES = {False: dict(nfe=5, methods=None, optimizers=("tpe", "cmaes", "gp", "random"), seeds=3, trials=30, n=500,
                      rungs=default_rungs(500), reduction_factor=EIGHTH, blocks=8, batch=250,
                      variants=((blocks(500, 16), WILCOXON, ("linear", "per_level"), ("tpe",)),
@@ -378,16 +378,28 @@ def versus_before(results: dict, row: dict) -> tuple[str, str | None]:
     return f"{mine} against {old['median_samples']:,.0f} ({old['reached']}/{old['seeds']}): {word}", word
 
 
+def own_pruning_planned(results: dict, method: str, optimizer: str) -> bool:
+    """Whether the plan searches ``method`` with ``optimizer`` under the pruning the tool gives it
+    (``default_reduction_factor``): the protocol's, none, or a variant of the protocol's rungs."""
+    s, plan = with_legacy_factor(results["settings"]), results["plan"]
+    factor = default_reduction_factor(optimizer)
+    if factor in (s["reduction_factor"], NO_PRUNING):
+        return True
+    variant = plan.get("variants", {}).get(variant_key(s["rungs"], factor), {})
+    return method in variant.get("methods", ()) and optimizer in variant.get("optimizers", ())
+
+
 def default_pruning_row(results: dict, method: str, optimizer: str, by_key: dict) -> dict | None:
     """``method``'s row of ``optimizer`` with the pruning the tool searches with it
     (``default_reduction_factor``): the main row where that is the protocol's, else the variant of
     the same rungs with the optimizer's factor (TPE's a third at 62); None until it has every seed."""
-    s = results["settings"]
+    s, seeds = with_legacy_factor(results["settings"]), results["plan"]["seeds"]
     factor = default_reduction_factor(optimizer)
     if factor in (s["reduction_factor"], NO_PRUNING):  # the main rows: pruning on (the protocol's) or off
-        return by_key.get((method, optimizer, factor != NO_PRUNING))
+        row = by_key.get((method, optimizer, factor != NO_PRUNING))
+        return row if row and row["seeds"] >= seeds else None
     logs = results.get("variants", {}).get(row_key(method, optimizer, variant_key(s["rungs"], factor)), [])
-    return summary_row(results, method, optimizer, True, logs) if len(logs) >= results["plan"]["seeds"] else None
+    return summary_row(results, method, optimizer, True, logs) if len(logs) >= seeds else None
 
 
 def pick_of(results: dict, rows: list[dict]) -> dict:
@@ -403,30 +415,30 @@ def pick_of(results: dict, rows: list[dict]) -> dict:
 
 
 def pick_row(results: dict, method: str, by_key: dict) -> tuple[str, dict | None] | None:
-    """``method``'s pick: ('pick', its row) among the optimizers reaching the target at every seed with
-    their own pruning (``default_pruning_row``, ``pick_of``); ('none', None) once every optimizer has
-    its rows and none did; None while that is not known yet."""
-    optimizers = results["plan"]["optimizers"]
-    rows_of = {o: default_pruning_row(results, method, o, by_key) for o in optimizers}
-    done = [r for r in rows_of.values() if r is not None]
-    full = [r for r in done if r["reached"] == r["seeds"] and r["median_trials"] is not None]
-    if full:
-        return "pick", pick_of(results, full)
-    if done and all((method, o, True) in by_key for o in optimizers):
-        return "none", None
-    return None
+    """``method``'s pick among the optimizers the plan searches with their own pruning
+    (``own_pruning_planned``), once each has its row (``default_pruning_row``): ('pick', the row
+    ``pick_of`` picks among those reaching the target at every seed), or ('none', None) where none
+    did; None while a row is still to come."""
+    candidates = [o for o in results["plan"]["optimizers"] if own_pruning_planned(results, method, o)]
+    rows = [default_pruning_row(results, method, o, by_key) for o in candidates]
+    if not rows or None in rows:
+        return None
+    full = [r for r in rows if r["reached"] == r["seeds"] and r["median_trials"] is not None]
+    return ("pick", pick_of(results, full)) if full else ("none", None)
 
 
 def pick_lines(results: dict, by_key: dict) -> list[str]:
     """Issue 27's targets per method: each method's pick (``pick_row``) with its pruning, its trials
     against the trial target, its samples against the search before issue 27, what its pruning saved,
-    and the optimizer the tool searches the method with (``DEFAULT_OPTIMIZERS``)."""
+    and the optimizer the tool searches the method with (``default_optimizer``)."""
     s, plan, cells = results["settings"], results["plan"], []
+    left_out = {o: pruning_text(s["rungs"], default_reduction_factor(o)) for o in plan["optimizers"]
+                if not any(own_pruning_planned(results, m, o) for m in plan["methods"])}
     for method in plan["methods"]:
         if (found := pick_row(results, method, by_key)) is None:
             continue
         kind, row = found
-        default = DEFAULT_OPTIMIZERS.get(method, FALLBACK_OPTIMIZER)
+        default = default_optimizer(method.removesuffix("_allsteps"), freeu_window=not method.endswith("_allsteps"))
         if kind == "none":
             cells.append(f"| {method} | none: no optimizer reached it at every search seed | – | – | – | – | {default} |")
             continue
@@ -448,7 +460,10 @@ def pick_lines(results: dict, by_key: dict) -> list[str]:
                 "targets (median trials within the method's target; fewer samples to target than the search before "
                 "issue 27: TPE, rungs N/4 and N keeping a third), then the one of fewest trials. Samples saved: by "
                 "the pick's pruning, against the same optimizer and search seeds without it. The tool's default: "
-                "the optimizer a search of the method uses unless told (`DEFAULT_OPTIMIZERS`).", "",
+                "the optimizer a search of the method uses unless told (`DEFAULT_OPTIMIZERS`)."
+            + "".join(f" Not a candidate: {o} (the tool searches with it keeping "
+                      f"{text.removeprefix('successive halving keeping ')}, which no search here does)."
+                      for o, text in left_out.items()), "",
             "| method | pick, its pruning | seeds reaching | median trials (target) | median samples to target, "
             "against the search before issue 27 | samples saved by its pruning | the tool's default |",
             "| --- | --- | :---: | ---: | --- | ---: | --- |", *cells]

@@ -564,7 +564,7 @@ def _table4(grid: dict, size: dict, work: Path) -> list[str]:
         for o in OPTIMIZERS:
             off = per_seed.get((o, None), [])
             for r in sorted((x for x in every if x["optimizer"] == o),
-                            key=lambda x: (x["pruner"] is None, x["pruner"] != own[o])):
+                            key=lambda x: (x["pruner"] != own[o], x["pruner"] is None)):
                 if r["pruner"] is None:
                     rungs, text, cut = s["task"]["rungs"][-1:], "none", None
                 else:

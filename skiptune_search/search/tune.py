@@ -224,7 +224,7 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
     first (a loop of your own, checked before any trial)."""
     from . import workers as W
     from .objective import trial_line
-    from .optimizers import unpruned_rungs
+    from .optimizers import pruning_text, unpruned_rungs
     from .storage import check_storage_url, run_files
     from .study import baseline_trial, finished_trials, optimizer_of, queued_warm_starts, reduction_factor_of
 
@@ -265,15 +265,15 @@ def run(task: dict, source: ModelSource | OwnModel | None = None, *, storage: st
         if out is None and default_out:  # the default beside the study, checked as soon as its name is known
             out = Path("studies") / f"{name}.best.json"
             check_output(out, read)
-        label = objective_label(task.objective)
+        label, factor = objective_label(task.objective), reduction_factor_of(opened.user_attrs)
         say(f"study {name!r} in {shown_url(storage)}: {finished_trials(opened)} finished trials so far; "
             f"{task.sampler} NFE {task.nfe} ({task.sigma_grid} σ grid), N = {task.n} samples "
             f"(rungs {','.join(map(str, task.rungs))}), seeds {task.seed_label}, "
-            f"objective {task.objective}, {task.precision}, optimizer {optimizer_of(opened.user_attrs)}")
+            f"objective {task.objective}, {task.precision}, optimizer {optimizer_of(opened.user_attrs)}, "
+            f"{pruning_text(task.rungs, factor)}")
         if warm := queued_warm_starts(opened):
             say("warm start: after the baseline, the best of " + ", ".join(
                 f"NFE {w['nfe']} ({label} {w['value']:.4g}, trial {w['trial']} of {w['study']})" for w in warm))
-        factor = reduction_factor_of(opened.user_attrs)
         if unchecked := unpruned_rungs(task.rungs, factor):
             say(f"note: successive halving checks a trial as its samples reach N = {task.rungs[0]} x {factor}^k, "
                 f"so rung(s) {','.join(map(str, unchecked))} report FID but never prune")
