@@ -850,7 +850,7 @@ def test_a_wilcoxon_variant_pairs_each_block_s_own_fid_with_the_best_trial_s(tmp
     assert key == "2-4-6-8-10-12-14-16,wilcoxon" and C.variant_pruning(key) == (list(rungs), C.WILCOXON)
     study = optuna.load_study(study_name=C.study_name(3, "linear", "random", True, 0, key),
                               storage=f"sqlite:///{tmp_path / 'cost.db'}")
-    assert study.user_attrs["pruner"] == "wilcoxon"
+    assert study.user_attrs["pruner"] == "wilcoxon" and study.user_attrs["reduction_factor"] == 0  # no halving
     trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and "same_as" not in t.user_attrs]
     cache = [v for v in results["cache"].values() if "0-2" in v]  # the variant's schedules
     for t in trials:  # each rung reports its block's FID, the last FID at N, the trial's value

@@ -223,8 +223,8 @@ def run_cost(model: str, path: Path, command: str, machine: str, *, nfe: int, me
                label: str) -> None:  # one search, resumed where it stopped; its log appended to logs
         wilcoxon = factor == WILCOXON
         study = open_study(storage, name, task, space, ctl, seed, optimizer, warm_start=False,
-                           reduction_factor=None if wilcoxon else factor)
-        if wilcoxon:  # the study records successive halving's factor; this one searches with the pruner here
+                           reduction_factor=NO_PRUNING if wilcoxon else factor)
+        if wilcoxon:  # no successive halving (recorded 0; studies before 2026-12-03: TPE's 3, unused): the pruner here
             study.pruner = wilcoxon_pruner()
             study.set_user_attr("pruner", WILCOXON)
         start = time.process_time() - partial.get(name, 0.0)  # an interrupted run's share counts
