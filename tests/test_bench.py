@@ -91,6 +91,23 @@ def test_replays_are_saved_and_rerun_only_when_the_grid_changes(tmp_path, monkey
     assert len(calls) == 8
 
 
+def test_the_search_code_digest_follows_code_not_comments_or_docstrings(monkeypatch):
+    """Table 4's replays rerun when the search code changes, not when a comment or docstring does."""
+    import inspect
+
+    sources = {}
+    monkeypatch.setattr(inspect, "getsource", lambda m: sources.get(m.__name__.rsplit(".", 1)[-1], "x = 1\n"))
+    code = 'class C:\n    """a class"""\n\n    def f(self, x):\n        """doc"""\n        return x + 1  # one\n'
+    sources["objective"] = code
+    first = BS.search_code_digest()
+    sources["objective"] = code.replace("doc", "other words").replace("# one", "# two").replace("a class", "C")
+    assert BS.search_code_digest() == first
+    sources["objective"] = code.replace("x + 1", "x + 2")
+    assert BS.search_code_digest() != first
+    sources["objective"], sources["study"] = code, code
+    assert BS.search_code_digest() != first  # each module counts
+
+
 def test_replays_run_the_search_s_own_objective_and_first_trials(monkeypatch):
     """Table 4 replays a search through the real objective: its enqueued first trials and its
     pruning rule (the baseline is never pruned) show in the replay, and a change to them does too."""
