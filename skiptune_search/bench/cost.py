@@ -378,27 +378,32 @@ def versus_before(results: dict, row: dict) -> tuple[str, str | None]:
     return f"{mine} against {old['median_samples']:,.0f} ({old['reached']}/{old['seeds']}): {word}", word
 
 
+def own_variant(results: dict, optimizer: str) -> str | None:
+    """The variant key of the rows searched with the pruning the tool gives ``optimizer``
+    (``default_reduction_factor``): the protocol's rungs with its factor; None where the main rows
+    hold them (the protocol's factor, pruning on; none, pruning off)."""
+    s = with_legacy_factor(results["settings"])
+    factor = default_reduction_factor(optimizer)
+    return None if factor in (s["reduction_factor"], NO_PRUNING) else variant_key(s["rungs"], factor)
+
+
 def own_pruning_planned(results: dict, method: str, optimizer: str) -> bool:
     """Whether the plan searches ``method`` with ``optimizer`` under the pruning the tool gives it
-    (``default_reduction_factor``): the protocol's, none, or a variant of the protocol's rungs."""
-    s, plan = with_legacy_factor(results["settings"]), results["plan"]
-    factor = default_reduction_factor(optimizer)
-    if factor in (s["reduction_factor"], NO_PRUNING):
+    (``own_variant``): the main rows always, a variant where the plan has it for both."""
+    if (key := own_variant(results, optimizer)) is None:
         return True
-    variant = plan.get("variants", {}).get(variant_key(s["rungs"], factor), {})
+    variant = results["plan"].get("variants", {}).get(key, {})
     return method in variant.get("methods", ()) and optimizer in variant.get("optimizers", ())
 
 
 def default_pruning_row(results: dict, method: str, optimizer: str, by_key: dict) -> dict | None:
-    """``method``'s row of ``optimizer`` with the pruning the tool searches with it
-    (``default_reduction_factor``): the main row where that is the protocol's, else the variant of
-    the same rungs with the optimizer's factor (TPE's a third at 62); None until it has every seed."""
-    s, seeds = with_legacy_factor(results["settings"]), results["plan"]["seeds"]
-    factor = default_reduction_factor(optimizer)
-    if factor in (s["reduction_factor"], NO_PRUNING):  # the main rows: pruning on (the protocol's) or off
-        row = by_key.get((method, optimizer, factor != NO_PRUNING))
+    """``method``'s row of ``optimizer`` with the pruning the tool searches with it (``own_variant``:
+    a main row, or a variant's, TPE's a third at 62); None until it has every seed."""
+    seeds = results["plan"]["seeds"]
+    if (key := own_variant(results, optimizer)) is None:
+        row = by_key.get((method, optimizer, default_reduction_factor(optimizer) != NO_PRUNING))
         return row if row and row["seeds"] >= seeds else None
-    logs = results.get("variants", {}).get(row_key(method, optimizer, variant_key(s["rungs"], factor)), [])
+    logs = results.get("variants", {}).get(row_key(method, optimizer, key), [])
     return summary_row(results, method, optimizer, True, logs) if len(logs) >= seeds else None
 
 
