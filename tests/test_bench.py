@@ -837,6 +837,38 @@ def test_a_method_s_pick_meets_more_of_issue_27_s_targets_then_needs_fewest_tria
     assert C.pick_of({}, [cmaes | {"median_trials": 12}, tpe])["optimizer"] == "cmaes"  # one target against none
 
 
+def test_table_4_says_how_near_issue_27_s_targets_any_search_came(monkeypatch):
+    """Beside each method's pick: the fewest median trials of any optimizer and pruning reaching the
+    target at every seed, and the most any pruning saved at every seed in no more trials than without."""
+    from skiptune_search.bench import cost as C
+
+    def row(optimizer, pruning, trials, samples, reached=3):
+        return {"method": "linear", "optimizer": optimizer, "pruning": pruning, "median_trials": trials,
+                "median_samples": samples, "reached": reached, "seeds": 3, "samples_to_target": [samples] * 3}
+
+    cmaes, tpe, gp = row("cmaes", True, 18, 3000), row("tpe", True, 12, 3000), row("gp", True, 9, 1000, reached=2)
+    by_key = {(r["method"], r["optimizer"], r["pruning"]): r
+              for r in (cmaes, row("cmaes", False, 25, 12000), tpe, row("tpe", False, 11, 6000), gp,
+                        row("gp", False, 20, 10000))}
+    results = {"plan": {"methods": ["linear"], "seeds": 3}, "settings": {"rungs": [62, 500], "reduction_factor": 8},
+               "variants": {}}
+    pick = cmaes
+    monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: ("pick", pick))
+    # gp pruned reached 9 trials at 2 seeds only; tpe pruned saved 50% but in more trials than without
+    assert C.nearest_lines(results, by_key)[-1] == (
+        "| linear | 18 (≤ 10: missed by 8) | 11: tpe, no pruning | 75% (≥ 50%: met); 18 trials against 25 without | "
+        "75%: cmaes, successive halving keeping the best eighth at 62 |")
+    pick = tpe
+    assert "| 50% (≥ 50%: in more trials); 12 trials against 11 without |" in C.nearest_lines(results, by_key)[-1]
+    by_key[("other", "cmaes", True)] = by_key.pop(("linear", "cmaes", True)) | {"method": "other"}  # the only saving
+    pick = by_key[("linear", "gp", False)]
+    assert C.nearest_lines(results, by_key)[-1].endswith(
+        "| none: gp searches without pruning | none: no pruning here reached the target at every seed in no more "
+        "trials than without |")
+    monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: ("none", None))
+    assert C.nearest_lines(results, by_key) == []  # no pick, nothing to set beside it
+
+
 def test_a_wilcoxon_variant_pairs_each_block_s_own_fid_with_the_best_trial_s(tmp_path, tiny_model_dir, monkeypatch):
     """Table 4's WilcoxonPruner variant: each rung before the last reports the FID of its block of
     samples alone (cached under the block's name), the last the trial's FID at N; a trial is pruned
