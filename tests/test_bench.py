@@ -844,19 +844,20 @@ def test_table_4_says_how_near_issue_27_s_targets_any_search_came(monkeypatch):
 
     def row(optimizer, pruning, trials, samples, reached=3):
         return {"method": "linear", "optimizer": optimizer, "pruning": pruning, "median_trials": trials,
-                "median_samples": samples, "reached": reached, "seeds": 3, "samples_to_target": [samples] * 3}
+                "median_samples": samples, "reached": reached, "seeds": 3, "samples_to_target": [samples] * 3,
+                "best": 3033.3, "target": 3054.2}
 
     cmaes, tpe, gp = row("cmaes", True, 18, 3000), row("tpe", True, 12, 3000), row("gp", True, 9, 1000, reached=2)
     by_key = {(r["method"], r["optimizer"], r["pruning"]): r
               for r in (cmaes, row("cmaes", False, 25, 12000), tpe, row("tpe", False, 11, 6000), gp,
                         row("gp", False, 20, 10000))}
     results = {"plan": {"methods": ["linear"], "seeds": 3}, "settings": {"rungs": [62, 500], "reduction_factor": 8},
-               "variants": {}}
+               "variants": {}, "spread": {"linear": {"fids": [3060.0, 3076.2]}}}
     pick = cmaes
     monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: ("pick", pick))
     # gp pruned reached 9 trials at 2 seeds only; tpe pruned saved 50% but in more trials than without
     assert C.nearest_lines(results, by_key)[-1] == (
-        "| linear | 18 (≤ 10: missed by 8) | 11: tpe, no pruning | 75% (≥ 50%: met); 18 trials against 25 without | "
+        "| linear | 3033 / 3068 (3054) | 18 (≤ 10: missed by 8) | 11: tpe, no pruning | 75% (≥ 50%: met); 18 trials against 25 without | "
         "75%: cmaes, successive halving keeping the best eighth at 62 |")
     pick = tpe
     assert "| 50% (≥ 50%: in more trials); 12 trials against 11 without |" in C.nearest_lines(results, by_key)[-1]
