@@ -337,9 +337,9 @@ def variant_lines(results: dict) -> list[str]:
     for key, logs in results.get("variants", {}).items():
         method, optimizer, pruning = row_of(key)
         off = results.get("runs", {}).get(row_key(method, optimizer, "off"), [])
-        if len(logs) < results["plan"]["seeds"] or (anchor := target_of(results, method)) is None:
+        if len(logs) < results["plan"]["seeds"] or (row := summary_row(results, method, optimizer, True, logs)) is None:
             continue  # a row once every search seed is done
-        row, without = reach_summary(logs, anchor[1]), reach_summary(off, anchor[1])
+        without = reach_summary(off, row["target"])
         cut = pruning_saving(row["samples_to_target"], without["samples_to_target"])
         rungs, factor = variant_pruning(pruning)
         mark = " (the search before issue 27)" if pruning == before else ""
