@@ -838,34 +838,54 @@ def test_a_method_s_pick_meets_more_of_issue_27_s_targets_then_needs_fewest_tria
 
 
 def test_table_4_says_how_near_issue_27_s_targets_any_search_came(monkeypatch):
-    """Beside each method's pick: the fewest median trials of any optimizer and pruning reaching the
-    target at every seed, and the most any pruning saved at every seed in no more trials than without."""
+    """Beside each method's pick: how many of random's proposals reached the target, the fewest median
+    trials of any optimizer and pruning reaching it at every seed, and the most any pruning saved at
+    every seed in no more trials than without."""
     from skiptune_search.bench import cost as C
 
-    def row(optimizer, pruning, trials, samples, reached=3):
+    def row(optimizer, pruning, trials, samples, reached=3, seeds=3):
         return {"method": "linear", "optimizer": optimizer, "pruning": pruning, "median_trials": trials,
-                "median_samples": samples, "reached": reached, "seeds": 3, "samples_to_target": [samples] * 3,
+                "median_samples": samples, "reached": reached, "seeds": seeds, "samples_to_target": [samples] * seeds,
                 "best": 3033.3, "target": 3054.2}
 
     cmaes, tpe, gp = row("cmaes", True, 18, 3000), row("tpe", True, 12, 3000), row("gp", True, 9, 1000, reached=2)
     by_key = {(r["method"], r["optimizer"], r["pruning"]): r
               for r in (cmaes, row("cmaes", False, 25, 12000), tpe, row("tpe", False, 11, 6000), gp,
                         row("gp", False, 20, 10000))}
+    queued = [{"params": {"rho": 1.0}, "value": 3000.0}]  # the same at every seed: not random's proposal
+    runs = {"linear,random,off": [{"trials": queued + [{"params": {"rho": r}, "value": v} for r, v in trial_values]}
+                                  for trial_values in ([(0.6, 3054.2), (0.7, 3100.0)], [(0.8, 3200.0), (0.9, None)],
+                                                       [(1.1, 3000.0), (1.2, 3300.0)])]}
     results = {"plan": {"methods": ["linear"], "seeds": 3}, "settings": {"rungs": [62, 500], "reduction_factor": 8},
-               "variants": {}, "spread": {"linear": {"fids": [3060.0, 3076.2]}}}
+               "variants": {}, "runs": runs}
     pick = cmaes
     monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: ("pick", pick))
     # gp pruned reached 9 trials at 2 seeds only; tpe pruned saved 50% but in more trials than without
     assert C.nearest_lines(results, by_key)[-1] == (
-        "| linear | 3033 / 3068 (3054) | 18 (≤ 10: missed by 8) | 11: tpe, no pruning | 75% (≥ 50%: met); 18 trials against 25 without | "
-        "75%: cmaes, successive halving keeping the best eighth at 62 |")
+        "| linear | 2 of 5 | 18 (≤ 10: missed by 8) | 11: tpe, no pruning | 75% (≥ 50%: met); 18 trials against 25 "
+        "without | 75%: cmaes, successive halving keeping the best eighth at 62 |")
     pick = tpe
     assert "| 50% (≥ 50%: in more trials); 12 trials against 11 without |" in C.nearest_lines(results, by_key)[-1]
+    # a variant row counts as the main rows do: here the fewest trials, and short of half in as many as without
+    trials = [{"params": {"rho": 1.0}, "value": 3000.0, "samples": 4000}]
+    results["variants"] = {"linear,tpe,62-500,rf3": [{"trials": trials}] * 3}
+    monkeypatch.setattr(C, "summary_row", lambda results, method, optimizer, pruning, logs: row(
+        optimizer, pruning, 1, 4000))
+    last = C.nearest_lines(results, by_key)[-1]
+    assert "| 1: tpe, successive halving keeping the best third at 62 |" in last and "| 75%: cmaes," in last
+    pick = row("tpe", True, 11, 4000)
+    assert "| 33% (≥ 50%: short by 17 points); 11 trials against 11 without |" in C.nearest_lines(results, by_key)[-1]
+    results["variants"] = {}
     by_key[("other", "cmaes", True)] = by_key.pop(("linear", "cmaes", True)) | {"method": "other"}  # the only saving
     pick = by_key[("linear", "gp", False)]
     assert C.nearest_lines(results, by_key)[-1].endswith(
         "| none: gp searches without pruning | none: no pruning here reached the target at every seed in no more "
         "trials than without |")
+    # results holding more search seeds than the plan (a rerun with fewer): every seed held must reach the target
+    by_key[("linear", "tpe", False)] = row("tpe", False, 11, 6000, reached=3, seeds=4)
+    by_key[("linear", "tpe", True)] = row("tpe", True, 9, 3000, reached=4, seeds=4)
+    results["plan"]["seeds"] = 2
+    assert "| 9: tpe, successive halving keeping the best eighth at 62 |" in C.nearest_lines(results, by_key)[-1]
     monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: ("none", None))
     assert C.nearest_lines(results, by_key) == []  # no pick, nothing to set beside it
 
