@@ -392,6 +392,7 @@ def test_a_search_naming_no_optimizer_gets_its_family_s_default(evaluator, tmp_p
 
     assert default_optimizer("linear") == "cmaes"  # table 4's picks
     assert default_optimizer("per_layer") == default_optimizer("per_noise") == "gp"
+    assert default_optimizer("freeu") == default_optimizer("linear_freeu") == "gp"  # FreeU's σ window searched
     monkeypatch.setattr(search, "DEFAULT_OPTIMIZERS", {"linear": "gp"})  # as when it picks another
     assert default_optimizer("linear") == "gp"
     monkeypatch.undo()  # the real table again

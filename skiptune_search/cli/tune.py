@@ -71,7 +71,8 @@ SEARCH_OPTIONS = ("storage", "study", "family", "placement", "knots", "freeu_win
                    "models completed trials only) [default: per family, the one BENCHMARKS.md "
                    "table 4 picked"
                    + "".join(f", {method} {name}" for method, name in DEFAULT_OPTIMIZERS.items())
-                   + f"; {FALLBACK_OPTIMIZER} for the others and for --placement search; a "
+                   + f"; {FALLBACK_OPTIMIZER} for the others (FreeU with --no-window among them) and for --placement "
+                   "search; a "
                    "resumed study keeps the one it was made with].")
 @click.option("--search-seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEARCH_SEED),
               help="Seed of the optimizer for a new study (a resumed or shared one reseeds, so as not to "

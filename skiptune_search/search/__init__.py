@@ -13,18 +13,20 @@ OPTIMIZERS = ("tpe", "cmaes", "gp", "random", "grid")
 
 # The optimizer of a search that names none (--optimizer), per searched method: a family, or
 # FAMILY_allsteps for a FreeU family acting at every σ (--no-window). Each is the optimizer that
-# BENCHMARKS.md table 4 found reaching the method's target at every search seed with its own pruning
-# (``optimizers.REDUCTION_FACTORS``), meeting more of issue 27's targets (trials to target, fewer
-# samples than before), then in the fewest trials. TPE is the others' (per_level, FreeU at every σ:
-# TPE), and a method table 4 has not decided yet keeps it, and so does a searched placement:
-# a categorical parameter, which Optuna's CMA-ES and GP leave to random sampling. linear: CMA-ES,
-# first on the NFE 9 grid (20 seeds); at NFE 5 it reached the target at all 3 seeds spending fewer
-# samples than the search before issue 27 (once a pruned trial counts toward its generation,
-# ``CmaEs``), where TPE keeping a third took fewer trials but more samples than before. per_layer:
-# GP (without pruning), the only one to reach its target at every seed (16 trials). per_noise: GP
-# (without pruning), with TPE without pruning the only ones to reach it at every seed (12 trials,
-# 6,000 samples, where TPE keeping a third reached it at 2 of 3 seeds).
-DEFAULT_OPTIMIZERS: dict[str, str] = {"linear": "cmaes", "per_layer": "gp", "per_noise": "gp"}
+# BENCHMARKS.md table 4 found reaching the method's target at the most search seeds with its own
+# pruning (``optimizers.REDUCTION_FACTORS``), meeting more of issue 27's targets (trials to target,
+# fewer samples than before), then in the fewest trials. TPE is the others' (per_level, FreeU at
+# every σ: TPE), and so is a searched placement's: a categorical parameter, which Optuna's CMA-ES
+# and GP leave to random sampling. linear: CMA-ES, first on the NFE 9 grid (20 seeds); at NFE 5 it
+# reached the target at all 3 seeds spending fewer samples than the search before issue 27 (once a
+# pruned trial counts toward its generation, ``CmaEs``), where TPE keeping a third took fewer trials
+# but more samples than before. per_layer: GP (without pruning), the only one to reach its target
+# at every seed (16 trials). per_noise: GP (without pruning), with TPE without pruning the only ones
+# to reach it at every seed (12 trials, 6,000 samples, where TPE keeping a third reached it at 2 of
+# 3 seeds). freeu (its σ window searched) and linear_freeu: GP (without pruning), the only one to
+# reach its target at any seed (1 and 2 of 3); its searches' best lay nearest the target too.
+DEFAULT_OPTIMIZERS: dict[str, str] = {"linear": "cmaes", "per_layer": "gp", "per_noise": "gp", "freeu": "gp",
+                                      "linear_freeu": "gp"}
 FALLBACK_OPTIMIZER = "tpe"
 
 
