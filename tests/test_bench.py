@@ -807,7 +807,7 @@ def test_search_cost_runs_every_search_once_sampling_each_schedule_once(tmp_path
         for t in missed["runs"][key][0]["trials"]:
             t["value"] = None if t["value"] is None else best + 10 ** 6  # far above any target
     text = "\n".join(C.render(missed))
-    assert ("| linear | none: no optimizer reached it at any search seed | – | – | – | – | cmaes |" in text
+    assert ("| linear | none: no optimizer, with its own pruning, reached it at any search seed | – | – | – | – | cmaes |" in text
             and "| linear | random |" in text)
     assert ("N = 8 (rungs 4,8, successive halving keeping the best third at 4, CMA-ES counting a pruned trial "
             "toward its generation at its rung's FID; pruning off: N only)") in text
@@ -857,12 +857,21 @@ def test_where_no_optimizer_reached_a_target_at_every_seed_the_pick_is_the_one_r
     assert C.pick_row(results, "freeu", {}) == ("pick", rows["gp"])  # 2 seeds against 1, in more trials
     rows["tpe"]["reached"] = 2
     assert C.pick_row(results, "freeu", {}) == ("pick", rows["tpe"])  # as many seeds: the fewest trials
+    rows["tpe"] |= {"reached": 3, "seeds": 4}  # results holding a seed more than the plan: the share counts
+    rows["gp"] |= {"reached": 3}
+    assert C.pick_row(results, "freeu", {}) == ("pick", rows["gp"])  # every seed against 3 of 4
+    rows["tpe"] |= {"reached": 2, "seeds": 3}
     rows["tpe"]["reached"] = rows["gp"]["reached"] = 0
     assert C.pick_row(results, "freeu", {}) == ("none", None)
     rows["gp"] = None
     assert C.pick_row(results, "freeu", {}) is None
     assert C.trials_text(rows["tpe"] | {"reached": 1}) == "5, at 1 of 3 search seeds (≤ 25: not at every seed)"
     assert C.trials_text(rows["tpe"] | {"reached": 3, "median_trials": 26}) == "26 (≤ 25: missed by 1)"
+    # each search's best FID, which the nearest-to-target table shows where no row reached it at every seed
+    logs = [{"trials": [{"value": 3100.0, "samples": 500}, {"value": None, "samples": 62},
+                        {"value": 3000.0, "samples": 500}]}, {"trials": [{"value": None, "samples": 62}]}]
+    summary = C.reach_summary(logs, 3050.0)
+    assert summary["bests"] == [3000.0, None] and summary["reached"] == 1 and summary["median_trials"] == 3
 
 
 def test_table_4_says_how_near_issue_27_s_targets_any_search_came(monkeypatch):
@@ -920,10 +929,16 @@ def test_table_4_says_how_near_issue_27_s_targets_any_search_came(monkeypatch):
     by_key[("linear", "gp", False)]["bests"] = [3200.0, 3050.0, 3070.0]
     pick = by_key[("linear", "gp", False)]
     assert C.nearest_lines(results, by_key)[-1].startswith(
-        "| linear | 2 of 5 | 20, at 1 of 3 search seeds (≤ 10: not at every seed) | none; nearest: gp, no pruning, "
+        "| linear | 2 of 5 | 20, at 1 of 3 search seeds (≤ 10: not at every seed) | none; lowest: gp, no pruning, "
         "its searches' best 3050, 3070, 3200 against 3054 (median 16 above) | none: gp searches without pruning |")
+    by_key[("linear", "tpe", True)]["bests"] = [3000.0, 3040.0, 3300.0]  # the lowest median, below the target
+    assert "| none; lowest: tpe, successive halving keeping the best eighth at 62, its searches' best 3000, 3040, " \
+           "3300 against 3054 (median 14 below) |" in C.nearest_lines(results, by_key)[-1]
     monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: ("none", None))
-    assert "| linear | 2 of 5 | none reached it | none; nearest: gp," in C.nearest_lines(results, by_key)[-1]
+    assert "| linear | 2 of 5 | none reached it | none; lowest: tpe," in C.nearest_lines(results, by_key)[-1]
+    for key in [k for k in by_key if k[0] == "linear"]:
+        by_key[key]["bests"] = [None, None, None]  # no search completed a trial
+    assert "| linear | 2 of 5 | none reached it | none | – |" in C.nearest_lines(results, by_key)[-1]
     monkeypatch.setattr(C, "pick_row", lambda results, method, by_key: None)
     assert C.nearest_lines(results, by_key) == []  # undecided, nothing to set beside it
 

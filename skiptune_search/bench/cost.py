@@ -411,8 +411,8 @@ def default_pruning_row(results: dict, method: str, optimizer: str, by_key: dict
 
 
 def pick_of(results: dict, rows: list[dict]) -> dict:
-    """The default optimizer's row among a method's ``rows`` (each reaching the target at every
-    seed): the one meeting more of issue 27's targets (median trials within ``TRIAL_TARGETS``,
+    """The default optimizer's row among a method's ``rows`` (each reaching the target at the same,
+    largest share of search seeds): the one meeting more of issue 27's targets (median trials within ``TRIAL_TARGETS``,
     fewer samples than the search before issue 27, ``versus_before``), then of fewest trials, then
     of fewest samples."""
     def met(row: dict) -> int:
@@ -425,14 +425,16 @@ def pick_of(results: dict, rows: list[dict]) -> dict:
 def pick_row(results: dict, method: str, by_key: dict) -> tuple[str, dict | None] | None:
     """``method``'s pick among the optimizers the plan searches with their own pruning
     (``own_pruning_planned``), once each has its row (``default_pruning_row``): ('pick', the row
-    ``pick_of`` picks among those reaching the target at the most search seeds: every seed where
-    any did), or ('none', None) where none reached it at any seed; None while a row is still to come."""
+    ``pick_of`` picks among those reaching the target at the largest share of their search seeds),
+    or ('none', None) where none reached it at any seed; None while a row is still to come."""
     candidates = [o for o in results["plan"]["optimizers"] if own_pruning_planned(results, method, o)]
     rows = [default_pruning_row(results, method, o, by_key) for o in candidates]
     if not rows or None in rows:
         return None
-    most = max(r["reached"] for r in rows)
-    return ("pick", pick_of(results, [r for r in rows if r["reached"] == most])) if most else ("none", None)
+    share = {id(r): r["reached"] / r["seeds"] for r in rows}  # a row may hold more seeds than the plan
+    if not (most := max(share.values())):
+        return "none", None
+    return "pick", pick_of(results, [r for r in rows if share[id(r)] == most])
 
 
 def trials_text(row: dict) -> str:
@@ -459,7 +461,8 @@ def pick_lines(results: dict, by_key: dict) -> list[str]:
         kind, row = found
         default = default_optimizer(method.removesuffix("_allsteps"), freeu_window=not method.endswith("_allsteps"))
         if kind == "none":
-            cells.append(f"| {method} | none: no optimizer reached it at any search seed | – | – | – | – | {default} |")
+            cells.append(f"| {method} | none: no optimizer, with its own pruning, reached it at any search seed | "
+                         f"– | – | – | – | {default} |")
             continue
         factor = default_reduction_factor(row["optimizer"])
         off = by_key.get((method, row["optimizer"], False))
@@ -472,7 +475,7 @@ def pick_lines(results: dict, by_key: dict) -> list[str]:
     if not cells:
         return []
     return ["", "Issue 27's targets per method. The pick: among the optimizers that reached the method's target at "
-                "the most search seeds (every seed where any did), each with the pruning the tool searches with it (the main rows, or the variant "
+                "the most search seeds, each with the pruning the tool searches with it (the main rows, or the variant "
                 "row below where the optimizer's own pruning is not the protocol's), the one meeting more of the "
                 "targets (median trials within the method's target; fewer samples to target than the search before "
                 "issue 27: TPE, rungs N/4 and N keeping a third), then the one of fewest trials. Samples saved: by "
@@ -499,16 +502,18 @@ def done_rows(results: dict, method: str, by_key: dict) -> list[tuple[str, str, 
     return rows
 
 
-def nearest_miss(rows: list[tuple[str, str, dict]]) -> str:
-    """Where no row reached the target at every seed: the row whose searches' best FIDs lie nearest
-    it (the lowest median), 'nearest: gp, no pruning, its searches' best 3005, 3040, 3075 against
-    3038 (median 2 above)'."""
+def best_searches(rows: list[tuple[str, str, dict]]) -> str:
+    """Where no row reached the target at every seed: the row whose searches found the lowest FIDs
+    (the lowest median of each seed's best), 'none; lowest: gp, no pruning, its searches' best
+    3005, 3040, 3075 against 3038 (median 2 above)'."""
     scored = [(o, text, r, sorted(b for b in r["bests"] if b is not None)) for o, text, r in rows]
-    o, text, row, bests = min((f for f in scored if f[3]), key=lambda f: statistics.median(f[3]))
+    if not (scored := [f for f in scored if f[3]]):
+        return "none"
+    o, text, row, bests = min(scored, key=lambda f: statistics.median(f[3]))
     median = statistics.median(bests)
-    bests = ", ".join(f"{b:.0f}" for b in bests)
-    return (f"none; nearest: {o}, {text}, its searches' best {bests} against {row['target']:.0f} "
-            f"(median {abs(median - row['target']):.0f} {'above' if median > row['target'] else 'below'})")
+    return (f"none; lowest: {o}, {text}, its searches' best {', '.join(f'{b:.0f}' for b in bests)} against "
+            f"{row['target']:.0f} (median {abs(median - row['target']):.0f} "
+            f"{'above' if median > row['target'] else 'below'})")
 
 
 def pruning_cost(row: dict, by_key: dict) -> tuple[int, float] | None:
@@ -540,8 +545,8 @@ def random_hits(results: dict, method: str, target: float) -> str:
 def nearest_lines(results: dict, by_key: dict) -> list[str]:
     """How near issue 27's targets any search here came, per decided method (``pick_row``): how many
     of random's proposals reached the target (``random_hits``); the pick's trials beside the fewest
-    of any row reaching the target at every seed (``done_rows``), or the nearest miss where none did
-    (``nearest_miss``); what the pick's pruning saved beside the most any pruning saved at every seed
+    of any row reaching the target at every seed (``done_rows``), or where none did the row whose
+    searches found the lowest FIDs (``best_searches``); what the pick's pruning saved beside the most any pruning saved at every seed
     in no more trials than without it (``pruning_cost``). Where both fall short, nothing measured
     here meets the target."""
     cells = []
@@ -554,7 +559,7 @@ def nearest_lines(results: dict, by_key: dict) -> list[str]:
             o, text, fewest = min(full, key=lambda f: (f[2]["median_trials"], f[2]["median_samples"]))
             nearest = f"{fewest['median_trials']:g}: {o}, {text}"
         else:
-            nearest = nearest_miss(done)
+            nearest = best_searches(done)
         target = done[0][2]["target"]
         if pick is None:
             mine = "–"
@@ -567,7 +572,8 @@ def nearest_lines(results: dict, by_key: dict) -> list[str]:
             verdict = ("met" if own[0] >= PRUNING_TARGET and fewer
                        else f"short by {PRUNING_TARGET - own[0]} points" if fewer else "in more trials")
             mine = (f"{own[0]}% (≥ {PRUNING_TARGET}%: {verdict}); {pick['median_trials']:g} trials against "
-                    f"{own[1]:g} without")
+                    f"{own[1]:g} without" + (f", at {pick['reached']} of {pick['seeds']} search seeds"
+                                             if pick["reached"] < pick["seeds"] else ""))
         saving = [(cost[0], o2, text2) for o2, text2, r in full if r["pruning"]
                   and (cost := pruning_cost(r, by_key)) and r["median_trials"] <= cost[1]]
         most = max(saving, key=lambda c: c[0], default=None)
@@ -581,7 +587,7 @@ def nearest_lines(results: dict, by_key: dict) -> list[str]:
                 "(without pruning; its queued first trials left out) scored at or below the target, that is how "
                 "small a part of the space the target is; the pick's median trials beside the fewest of any "
                 "optimizer and pruning above that reached the target at every search seed (where none did, the "
-                "one whose searches' best FIDs lie nearest it); what the pick's pruning "
+                "one whose searches' best FIDs have the lowest median); what the pick's pruning "
                 "saved (item 3: at least half, in no more trials than without it) beside the most any pruning above "
                 "saved while reaching the target at every seed in no more median trials than the same optimizer "
                 "without pruning. Where the nearest falls short too, no optimizer and pruning measured here meets "
@@ -592,6 +598,24 @@ def nearest_lines(results: dict, by_key: dict) -> list[str]:
             "| --- | ---: | ---: | --- | --- | --- |", *cells]
 
 
+def missing_searches(results: dict) -> list[str]:
+    """The plan's rows, main and variant, with a search seed still to search: 'freeu tpe pruning off
+    (2 of 3 seeds)'."""
+    plan, runs, missing = results["plan"], results.get("runs", {}), []
+    for method in plan["methods"]:
+        for optimizer in plan["optimizers"]:
+            for label in ("on", "off"):
+                if (done := len(runs.get(row_key(method, optimizer, label), []))) < plan["seeds"]:
+                    missing.append(f"{method} {optimizer} pruning {label} ({done} of {plan['seeds']} seeds)")
+    for key, variant in plan.get("variants", {}).items():
+        for method in variant["methods"]:
+            for optimizer in variant["optimizers"]:
+                if (done := len(results.get("variants", {}).get(row_key(method, optimizer, key), []))) < plan["seeds"]:
+                    missing.append(f"{method} {optimizer} {variant_text(*variant_pruning(key))} "
+                                   f"({done} of {plan['seeds']} seeds)")
+    return missing
+
+
 def render(results: dict) -> list[str]:
     """The per-family part of table 4: the protocol, a row per method and optimizer, the saving of
     pruning, which optimizer each method's target picks, and what is not measured yet."""
@@ -599,6 +623,7 @@ def render(results: dict) -> list[str]:
     rows = cost_rows(results)
     by_key = {(r["method"], r["optimizer"], r["pruning"]): r for r in rows}
     every = [*results.get("runs", {}).values(), *results.get("variants", {}).values()]
+    missing = missing_searches(results)
     cpu_h = (sum(log.get("cpu_seconds", 0) for logs in every for log in logs)
              + sum(results.get("partial", {}).values())) / 3600  # and the search under way, up to its last score
     lines = [f"Written by `{results['command']}` on {results['date']}. Machine: {'; '.join(results['machines'])}.", "",
@@ -611,18 +636,13 @@ def render(results: dict) -> list[str]:
              f"best N-sample FID of all its searches here) plus the proxy's seed-to-seed spread (std of FID at N over "
              f"{s['blocks']} blocks of N held-out samples, median of the untuned model's and the reference best's). "
              f"Trials and samples to target: medians over the search seeds that reached it. "
-             f"Searches so far took {cpu_h:.1f} CPU-hours (process time).", "",
+             f"{'Searches so far' if missing else 'The searches'} took {cpu_h:.1f} CPU-hours (process time).", "",
              "| method | optimizer | target (best + spread) | seeds reaching, pruning on / off | median trials on / off "
              "| median samples on / off | samples saved by pruning |",
              "| --- | --- | ---: | :---: | ---: | ---: | ---: |"]
-    missing = []
     for method in plan["methods"]:
         for optimizer in plan["optimizers"]:
             on, off = by_key.get((method, optimizer, True)), by_key.get((method, optimizer, False))
-            for r, label in ((on, "on"), (off, "off")):
-                done = r["seeds"] if r else len(results.get("runs", {}).get(row_key(method, optimizer, label), []))
-                if done < plan["seeds"]:
-                    missing.append(f"{method} {optimizer} pruning {label} ({done} of {plan['seeds']} seeds)")
             if not on or not off:
                 continue
             cut = pruning_saving(on["samples_to_target"], off["samples_to_target"])
@@ -634,15 +654,6 @@ def render(results: dict) -> list[str]:
     lines += pick_lines(results, by_key)
     lines += nearest_lines(results, by_key)
     lines += variant_lines(results)
-    for key, variant in plan.get("variants", {}).items():
-        for method in variant["methods"]:
-            for optimizer in variant["optimizers"]:
-                done = len(results.get("variants", {}).get(row_key(method, optimizer, key), []))
-                if done < plan["seeds"]:
-                    missing.append(f"{method} {optimizer} {variant_text(*variant_pruning(key))} "
-                                   f"({done} of {plan['seeds']} seeds)")
     if missing:
         lines += ["", f"Not measured yet (rerun the same command to go on): {', '.join(missing)}."]
-    else:  # the protocol's line: every search is done
-        lines[2] = lines[2].replace("Searches so far took", "The searches took")
     return lines

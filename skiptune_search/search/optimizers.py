@@ -21,8 +21,9 @@ from .space import Space
 # at none, in as many trials as without pruning; CMA-ES, counting a pruned trial toward its
 # generation, keeps an eighth: it lost no seed to it and saved 68% on linear. GP does not prune
 # (``NO_PRUNING``): Optuna's GPSampler models completed trials only, so with pruning it proposed at
-# random and reached those targets at every seed on no method, without at every seed on all five
-# measured (linear, per_level, per_layer, per_noise, FreeU at every σ). Random keeps a third as TPE.
+# random and reached those targets at every seed on no method, without at every seed on five of the
+# seven (linear, per_level, per_layer, per_noise, FreeU at every σ; windowed freeu and linear_freeu at
+# 1 and 2 of 3, the most of any optimizer with its own pruning). Random keeps a third as TPE.
 NO_PRUNING = 0  # a factor that prunes nothing: the rungs report FID only
 REDUCTION_FACTORS = {"cmaes": 8, "gp": NO_PRUNING}
 REDUCTION_FACTOR = 3  # every other optimizer's
