@@ -431,10 +431,12 @@ def pick_row(results: dict, method: str, by_key: dict) -> tuple[str, dict | None
     rows = [default_pruning_row(results, method, o, by_key) for o in candidates]
     if not rows or None in rows:
         return None
-    share = {id(r): r["reached"] / r["seeds"] for r in rows}  # a row may hold more seeds than the plan
-    if not (most := max(share.values())):
+    def share(row: dict) -> float:  # of its search seeds: a row may hold more than the plan
+        return row["reached"] / row["seeds"]
+
+    if not (most := max(map(share, rows))):
         return "none", None
-    return "pick", pick_of(results, [r for r in rows if share[id(r)] == most])
+    return "pick", pick_of(results, [r for r in rows if share(r) == most])
 
 
 def trials_text(row: dict) -> str:
@@ -506,11 +508,10 @@ def best_searches(rows: list[tuple[str, str, dict]]) -> str:
     """Where no row reached the target at every seed: the row whose searches found the lowest FIDs
     (the lowest median of each seed's best), 'none; lowest: gp, no pruning, its searches' best
     3005, 3040, 3075 against 3038 (median 2 above)'."""
-    scored = [(o, text, r, sorted(b for b in r["bests"] if b is not None)) for o, text, r in rows]
-    if not (scored := [f for f in scored if f[3]]):
+    scored = [(sorted(b for b in r["bests"] if b is not None), o, text, r) for o, text, r in rows]
+    if not (scored := [(statistics.median(bests), bests, o, text, r) for bests, o, text, r in scored if bests]):
         return "none"
-    o, text, row, bests = min(scored, key=lambda f: statistics.median(f[3]))
-    median = statistics.median(bests)
+    median, bests, o, text, row = min(scored, key=lambda f: f[0])
     return (f"none; lowest: {o}, {text}, its searches' best {', '.join(f'{b:.0f}' for b in bests)} against "
             f"{row['target']:.0f} (median {abs(median - row['target']):.0f} "
             f"{'above' if median > row['target'] else 'below'})")
@@ -546,9 +547,9 @@ def nearest_lines(results: dict, by_key: dict) -> list[str]:
     """How near issue 27's targets any search here came, per decided method (``pick_row``): how many
     of random's proposals reached the target (``random_hits``); the pick's trials beside the fewest
     of any row reaching the target at every seed (``done_rows``), or where none did the row whose
-    searches found the lowest FIDs (``best_searches``); what the pick's pruning saved beside the most any pruning saved at every seed
-    in no more trials than without it (``pruning_cost``). Where both fall short, nothing measured
-    here meets the target."""
+    searches found the lowest FIDs (``best_searches``); what the pick's pruning saved beside the
+    most any pruning saved at every seed in no more trials than without it (``pruning_cost``).
+    Where both fall short, nothing measured here meets the target."""
     cells = []
     for method in results["plan"]["methods"]:
         if not (found := pick_row(results, method, by_key)):
